@@ -1,0 +1,23 @@
+"""Hydra/OmegaConf glue: resolvers and the config directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _tiny_vlm(cache_dir: str) -> str:
+    from cwdpo.tiny import ensure_tiny_vlm
+
+    return str(ensure_tiny_vlm(cache_dir))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tiny_vlm"):
+        OmegaConf.register_new_resolver("tiny_vlm", _tiny_vlm)
+
+
+register_resolvers()

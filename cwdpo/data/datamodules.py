@@ -1,0 +1,255 @@
+"""LightningDataModules: records → (positives, negatives) → collated batches.
+
+Images load in DataLoader workers (bounded pool); negatives are chosen and batches are
+collated in `on_before_batch_transfer`, i.e. in the main process, because on-policy
+negatives live in a buffer that the refresh callback updates during training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cwdpo.data.records import CaptionRecord, DataError
+from cwdpo.data.sources import CaptionSource
+
+Collate = Callable[..., dict[str, torch.Tensor]]
+
+
+class _Indexed(Dataset):
+    """Yields (index, loaded image): the only per-item work worth a worker process."""
+
+    def __init__(self, records: Sequence[CaptionRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.records[i].image.load()
+
+
+def _as_lists(items: list[tuple[int, Any]]) -> tuple[list[int], list[Any]]:
+    return [i for i, _ in items], [im for _, im in items]
+
+
+def split_records(records: list[CaptionRecord], fractions: dict[str, float]) -> dict[str, list]:
+    """Contiguous split of train records between stages (the paper's 75% / 25%)."""
+    total = sum(fractions.values())
+    if total <= 0:
+        raise DataError(f"data.stage_split fractions must sum to > 0, got {fractions}")
+    out, start = {}, 0
+    for k, f in fractions.items():
+        n = round(len(records) * f / total)
+        out[k] = records[start : start + n]
+        start += n
+    return out
+
+
+@dataclass
+class NegativeConfig:
+    """`negatives=dataset|on_policy|mixed` — one knob, `dataset_fraction`, blends them."""
+
+    kind: str = "dataset"
+    dataset_fraction: float = 1.0
+    easy_fraction: float = 0.5  # among dataset negatives: easy vs hard/gentle
+    num_samples: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    refresh_every_n_steps: int = 50
+    generation_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dataset_fraction <= 1.0:
+            raise ValueError(f"negatives.dataset_fraction must be in [0, 1], got {self.dataset_fraction}")
+        if not 0.0 <= self.easy_fraction <= 1.0:
+            raise ValueError(f"negatives.easy_fraction must be in [0, 1], got {self.easy_fraction}")
+        if self.kind not in ("dataset", "on_policy", "mixed"):
+            raise ValueError(f"negatives.kind must be dataset|on_policy|mixed, got {self.kind!r}")
+
+
+class _Base(L.LightningDataModule):
+    def __init__(
+        self,
+        source: CaptionSource,
+        train_records: Sequence[CaptionRecord],
+        val_records: Sequence[CaptionRecord] = (),
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not train_records:
+            raise DataError("the training split for this stage has no rows")
+        self.source = source
+        self.train_records = list(train_records)
+        self.val_records = list(val_records)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.collate: Collate | None = None
+        self.rng = random.Random(seed)
+        self.records_by_loader: dict[str, list[CaptionRecord]] = {}
+
+    def attach(self, collate: Collate, collate_pairs: Collate) -> None:
+        self.collate, self.collate_pairs = collate, collate_pairs
+
+    def _loader(self, records: list[CaptionRecord], shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            _Indexed(records),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=g,
+            num_workers=self.num_workers,
+            collate_fn=_as_lists,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(records) >= self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_records, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_records, shuffle=False) if self.val_records else []
+
+    def _records(self) -> list[CaptionRecord]:
+        trainer = getattr(self, "trainer", None)
+        training = trainer is None or trainer.training
+        return self.train_records if training else self.val_records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            st = state["rng"]
+            self.rng.setstate((st[0], tuple(st[1]), st[2]))
+
+
+class CaptionDataModule(_Base):
+    """Base SFT and Stage 1 (SFT-C): positives, plus one gentle negative per image if asked."""
+
+    def __init__(self, *args: Any, gentle_negatives: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gentle_negatives = gentle_negatives
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+        if self.collate is None:
+            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
+        idx, images = batch
+        recs = self._records()
+        rows = [recs[i] for i in idx]
+        prompts = [self.source.prompt] * len(rows)
+        pos = [self.rng.choice(r.references) for r in rows]
+        if not self.gentle_negatives:
+            return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
+        neg = [self.source.negative(r, self.rng, hard=True)[0] for r in rows]
+        return {"pairs": self.collate_pairs(images, prompts, pos, neg), "n": len(rows)}
+
+
+@dataclass
+class NegativeStats:
+    counts: Counter = field(default_factory=Counter)
+    refresh_steps: list[int] = field(default_factory=list)
+    rejected_as_positive: int = 0
+    on_policy_fallback: int = 0
+
+
+class PreferenceDataModule(_Base):
+    """Stage 2 (CW-DPO): (chosen, rejected) pairs with dataset, on-policy or mixed negatives.
+
+    Each pair draws its negative from the dataset with probability `dataset_fraction`, else
+    from the on-policy buffer, so the fraction holds in expectation; the realised fraction is
+    in every batch (`neg_is_dataset`) for logging. On-policy samples that the source judges
+    to be positives are never used as negatives.
+    """
+
+    def __init__(self, *args: Any, negatives: NegativeConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.neg = negatives or NegativeConfig()
+        if self.neg.kind == "dataset":
+            self.neg.dataset_fraction = 1.0
+        elif self.neg.kind == "on_policy":
+            self.neg.dataset_fraction = 0.0
+        self.buffer: dict[str, list[str]] = {}
+        self.stats = NegativeStats()
+
+    @property
+    def needs_on_policy(self) -> bool:
+        return self.neg.dataset_fraction < 1.0
+
+    @torch.no_grad()
+    def refresh_on_policy(self, generate: Callable[..., list[str]], step: int) -> dict[str, float]:
+        """Sample fresh negatives for every training image from the current policy."""
+        n, bs = self.neg.num_samples, self.neg.generation_batch_size
+        buffer: dict[str, list[str]] = {}
+        kept = dropped = 0
+        for s in range(0, len(self.train_records), bs):
+            chunk = self.train_records[s : s + bs]
+            images = [r.image.load() for r in chunk]
+            outs = generate(
+                images,
+                [self.source.prompt] * len(chunk),
+                max_new_tokens=self.neg.max_new_tokens,
+                do_sample=True,
+                temperature=self.neg.temperature,
+                top_p=self.neg.top_p,
+                num_return_sequences=n,
+            )
+            for j, r in enumerate(chunk):
+                samples = [t for t in outs[j * n : (j + 1) * n] if t.strip()]
+                good = [t for t in samples if not self.source.is_positive(t, r)]
+                dropped += len(samples) - len(good)
+                kept += len(good)
+                buffer[r.image_id] = good
+        self.buffer = buffer
+        self.stats.refresh_steps.append(step)
+        self.stats.rejected_as_positive += dropped
+        return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
+
+    def _negative(self, rec: CaptionRecord, chosen: str) -> tuple[str, str]:
+        if self.rng.random() >= self.neg.dataset_fraction:
+            pool = [t for t in self.buffer.get(rec.image_id, []) if t != chosen]
+            if pool:
+                return self.rng.choice(pool), "on_policy"
+            self.stats.on_policy_fallback += 1
+        for _ in range(5):
+            hard = self.rng.random() >= self.neg.easy_fraction
+            text, src = self.source.negative(rec, self.rng, hard=hard)
+            if not self.source.is_positive(text, rec) and text not in rec.references:
+                return text, src
+        raise DataError(f"could not draw a negative for image {rec.image_id} that is not a positive")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+        if self.collate is None:
+            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
+        idx, images = batch
+        recs = self._records()
+        rows = [recs[i] for i in idx]
+        chosen = [self.rng.choice(r.references) for r in rows]
+        negs = [self._negative(r, c) for r, c in zip(rows, chosen)]
+        for _, src in negs:
+            self.stats.counts[src] += 1
+        prompts = [self.source.prompt] * len(rows)
+        pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
+        is_dataset = torch.tensor([0.0 if s == "on_policy" else 1.0 for _, s in negs])
+        is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
+        return {"pairs": pairs, "n": len(rows), "neg_is_dataset": is_dataset, "neg_is_easy": is_easy,
+                "sources": [s for _, s in negs], "rejected": [t for t, _ in negs],
+                "image_ids": [r.image_id for r in rows]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "buffer": self.buffer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.buffer = dict(state.get("buffer", {}))

@@ -1,0 +1,98 @@
+"""Record types: the one vocabulary every reader produces and every collator consumes.
+
+Readers (ShapesWorld, Karpathy, NoCaps, TRL pairs, MMBench, MMMU) turn files into these
+records; negative sources turn caption records into preference records. Images are held
+as an `ImageRef` so that a dataset of 100k images costs nothing until a batch asks for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file / row / field and what was expected."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A lazily loaded image: a path on disk, encoded bytes, or an in-memory factory.
+
+    `load()` returns an RGB `PIL.Image`; a missing or corrupt file raises `DataError`
+    naming the file (never a raw PIL traceback).
+    """
+
+    path: str | None = None
+    data: bytes | None = None
+    factory: Callable[[], Image.Image] | None = None
+    name: str = ""
+
+    def load(self) -> Image.Image:
+        where = self.name or self.path or "<in-memory image>"
+        try:
+            if self.factory is not None:
+                img = self.factory()
+            elif self.data is not None:
+                import io
+
+                img = Image.open(io.BytesIO(self.data))
+                img.load()
+            elif self.path is not None:
+                if not Path(self.path).is_file():
+                    raise DataError(f"image file not found: {self.path}")
+                with Image.open(self.path) as f:
+                    f.load()
+                    img = f.copy()
+            else:
+                raise DataError(f"image reference {where!r} has no path, data or factory")
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise DataError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+        return img.convert("RGB")
+
+
+@dataclass
+class CaptionRecord:
+    """One image with its reference captions (COCO/Flickr30k/NoCaps/ShapesWorld)."""
+
+    image_id: str
+    image: ImageRef
+    references: list[str]
+    split: str = "train"
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"domain": "near-domain"}
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair for an image: `chosen` preferred over `rejected`.
+
+    `source` records where the negative came from: "dataset", "easy", "hard:<kind>",
+    "on_policy", "trl" ... so every negative can be traced.
+    """
+
+    image_id: str
+    image: ImageRef
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str = "dataset"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MCQuestion:
+    """A multiple-choice question (MMBench / MMMU): options keyed by letter."""
+
+    qid: str
+    image: ImageRef | None
+    question: str
+    options: dict[str, str]
+    answer: str
+    category: str = ""
+    hint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,111 @@
+"""End-of-stage evaluation: generate captions, score them, compare with the stage's start.
+
+Kept outside Lightning so `cwdpo.eval` and the training pipeline share one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cwdpo.backbone import VLMBackbone
+from cwdpo.data.records import CaptionRecord
+from cwdpo.data.sources import CaptionSource
+
+
+@torch.no_grad()
+def generate_captions(
+    backbone: VLMBackbone,
+    records: Sequence[CaptionRecord],
+    prompt: str,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    out: list[str] = []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        out += backbone.generate(
+            [r.image.load() for r in chunk], [prompt] * len(chunk), max_new_tokens=max_new_tokens
+        )
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_calibration(
+    backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Token-level ECE / entropy / top-1 prob on the first reference of each held-out image."""
+    from cwdpo.metrics.calibration import TokenCalibration
+
+    metric = TokenCalibration()
+    was = backbone.model.training
+    backbone.model.eval()
+    try:
+        for s in range(0, len(records), batch_size):
+            chunk = records[s : s + batch_size]
+            enc = backbone.collate(
+                [r.image.load() for r in chunk], [prompt] * len(chunk), [r.references[0] for r in chunk]
+            )
+            enc = {k: v.to(backbone.device) for k, v in enc.items()}
+            _, logits, labels = backbone.logps_and_logits(enc)
+            metric.update(logits.float().cpu(), labels.cpu())
+    finally:
+        backbone.model.train(was)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def evaluate_captioning(
+    backbone: VLMBackbone,
+    source: CaptionSource,
+    records: Sequence[CaptionRecord],
+    baseline: Sequence[str] | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    calibration: bool = True,
+    caption_metrics: bool = True,
+) -> tuple[dict[str, Any], list[str]]:
+    """Metrics for one model state, plus its outputs (the next stage's win-rate baseline)."""
+    outputs = generate_captions(backbone, records, source.prompt, batch_size, max_new_tokens)
+    res: dict[str, Any] = {}
+    scores = [source.score(o, r) for o, r in zip(outputs, records)]
+    if all(s is not None for s in scores):
+        res["fact_accuracy"] = 100.0 * sum(scores) / len(scores)
+        res["exact"] = 100.0 * sum(source.is_positive(o, r) for o, r in zip(outputs, records)) / len(records)
+    if caption_metrics:
+        from cwdpo.metrics.captioning import CaptionMetrics
+
+        m = CaptionMetrics()
+        groups = [r.meta.get("domain") for r in records]
+        m.update(outputs, [r.references for r in records],
+                 groups=groups if all(g is not None for g in groups) else None)
+        res.update({k: float(v) for k, v in m.compute().items()})
+    if calibration:
+        res.update({f"calib/{k}": v for k, v in teacher_forced_calibration(
+            backbone, records, source.prompt, batch_size).items()})
+    if baseline is not None:
+        res.update(win_rate(source, records, outputs, baseline))
+    res["samples"] = [
+        {"image_id": r.image_id, "output": o, "reference": r.references[0]}
+        for r, o in list(zip(records, outputs))[:8]
+    ]
+    return res, outputs
+
+
+def win_rate(
+    source: CaptionSource, records: Sequence[CaptionRecord], a: Sequence[str], b: Sequence[str]
+) -> dict[str, float]:
+    """Win-rate of outputs `a` over `b`: ground-truth facts where known, else reference CIDEr."""
+    from cwdpo.metrics.winrate import ReferenceJudge, ScoreJudge, WinRate
+
+    items = [{"references": r.references, "record": r} for r in records]
+    known = source.score(a[0], records[0]) is not None if records else False
+    if known:
+        judge = ScoreJudge(lambda text, item: source.score(text, item["record"]))
+    else:
+        judge = ReferenceJudge()
+    metric = WinRate()
+    metric.update(torch.tensor(judge(list(a), list(b), items), dtype=torch.float32))
+    out = metric.compute()
+    return {f"winrate/{k}": float(v) for k, v in out.items()}

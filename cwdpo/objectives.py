@@ -1,0 +1,226 @@
+"""The math of CW-DPO as pure tensor functions (no Lightning, no HF, no I/O).
+
+Notation follows DESIGN.md / arXiv 2510.11978:
+  ℓ̄_θ(y|x) = (1/L) Σ_l log π_θ(y_l | x, y_<l)          (confidence, `SeqLogps.mean`)
+  Δ(y)      = log π_θ(y|x) − log π_ref(y|x)              (sequence sums)
+  SFT-C:  L = E[−log π_θ(y⁺|x)] + λ · ReLU(C − E[−log π_θ(y⁻|x)])
+  CW-DPO: L = −E[log σ(β(Δ(y_w) − w_c · Δ(y_l)))],  w_c = sg[σ((ℓ̄_θ(y_l|x) − ℓ_floor)/τ)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SeqLogps:
+    """Per-sequence log-probabilities of the response tokens."""
+
+    sum: torch.Tensor  # [B] log π(y|x)
+    mean: torch.Tensor  # [B] ℓ̄ (average token log-prob)
+    count: torch.Tensor  # [B] number of response tokens L
+    token: torch.Tensor  # [B, T] per-token log-probs (0 where masked)
+    mask: torch.Tensor  # [B, T] bool, True on response tokens
+
+
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(label_t | ·) for every position, with labels *already aligned* to logits.
+
+    Callers shift once (logits[:, :-1] vs labels[:, 1:]); keeping the shift out of here lets
+    prefix-shared forwards hand over only the response slice. Returns (logps, mask).
+    """
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    # log_softmax in float32: bf16 logits lose ~2 digits in the normaliser.
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> SeqLogps:
+    """Sequence sum, per-token mean ℓ̄ and token count from aligned logits/labels."""
+    tok, mask = token_logps(logits, labels, ignore_index)
+    count = mask.sum(-1)
+    total = tok.sum(-1)
+    mean = total / count.clamp(min=1)
+    return SeqLogps(sum=total, mean=mean, count=count, token=tok, mask=mask)
+
+
+def smoothed_nll(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    reduction: Literal["sum", "mean"] = "sum",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-sequence NLL with optional label smoothing ε (uniform over the vocabulary).
+
+    ε = 0 gives exactly −log π(y|x) (sum) or −ℓ̄ (mean). Smoothing is the "gentle" form of
+    supervision: the target keeps ε mass off the top-1 token, which curbs overconfidence.
+    """
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing > 0:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    per_seq = (nll * mask).sum(-1)
+    if reduction == "mean":
+        per_seq = per_seq / mask.sum(-1).clamp(min=1)
+    elif reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return per_seq
+
+
+@dataclass
+class SFTCOutput:
+    loss: torch.Tensor
+    pos_nll: torch.Tensor  # batch-mean NLL of positives
+    neg_nll: torch.Tensor  # batch-mean NLL of negatives (nan if none)
+    penalty: torch.Tensor  # λ · ReLU(C − neg_nll), or the active hard-constraint term
+    violated: torch.Tensor  # 1.0 when neg_nll < C
+
+
+def sft_c_loss(
+    pos_nll: torch.Tensor,
+    neg_nll: torch.Tensor | None,
+    lam: float,
+    margin_c: float,
+    constraint: Literal["soft", "hard"] = "soft",
+) -> SFTCOutput:
+    """Constrained SFT: fit positives subject to E[NLL(y⁻)] ≥ C.
+
+    soft: the Lagrangian form L = E[NLL⁺] + λ·ReLU(C − E[NLL⁻]); λ = 0 is plain SFT.
+    hard: feasibility first — while the constraint is violated the step only restores it
+          (L = C − E[NLL⁻]), otherwise L = E[NLL⁺]. This is the paper's "w/o soft penalty".
+    """
+    pos = pos_nll.mean()
+    if neg_nll is None or neg_nll.numel() == 0 or (constraint == "soft" and lam == 0):
+        zero = pos.new_zeros(())
+        neg = pos.new_full((), float("nan")) if neg_nll is None or neg_nll.numel() == 0 else neg_nll.mean()
+        return SFTCOutput(pos, pos.detach(), neg.detach(), zero, zero)
+    neg = neg_nll.mean()
+    gap = margin_c - neg
+    violated = (gap > 0).to(pos.dtype)
+    if constraint == "soft":
+        penalty = lam * F.relu(gap)
+        loss = pos + penalty
+    elif constraint == "hard":
+        penalty = F.relu(gap)
+        loss = torch.where(gap > 0, penalty, pos)
+    else:
+        raise ValueError(f"constraint must be 'soft' or 'hard', got {constraint!r}")
+    return SFTCOutput(loss, pos.detach(), neg.detach(), penalty.detach(), violated.detach())
+
+
+def cooling_weight(
+    neg_mean_logps: torch.Tensor, floor: float | torch.Tensor, tau: float
+) -> torch.Tensor:
+    """w_c = sg[σ((ℓ̄_θ(y_l|x) − ℓ_floor)/τ)]: easy negatives (ℓ̄ ≪ floor) → 0, hard → 1.
+
+    Stop-gradient: the weight rescales the loser's signal but is not itself optimised —
+    otherwise the policy could lower the loss by pushing ℓ̄(y_l) down to shrink w_c.
+    """
+    if tau <= 0:
+        raise ValueError(f"cooling temperature tau must be > 0, got {tau}")
+    return torch.sigmoid((neg_mean_logps.detach().float() - floor) / tau)
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # scalar
+    losses: torch.Tensor  # [B]
+    chosen_rewards: torch.Tensor  # β·Δ(y_w), detached
+    rejected_rewards: torch.Tensor  # β·w_c·Δ(y_l), detached
+    logits: torch.Tensor  # Δ(y_w) − w_c·Δ(y_l), detached
+    weights: torch.Tensor  # w_c used ([B], ones for vanilla DPO)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    weights: torch.Tensor | None = None,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    mask: torch.Tensor | None = None,
+) -> DPOOutput:
+    """DPO on sequence log-probs, with the loser's log-ratio scaled by `weights` (w_c).
+
+    weights=None is vanilla DPO (TRL's "sigmoid" loss). `loss_type="ipo"` is IPO's squared
+    loss (logits − 1/(2β))² on the same (weighted) logits. `mask` drops filtered pairs.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    w = torch.ones_like(rejected_ratio) if weights is None else weights.to(rejected_ratio.dtype)
+    logits = chosen_ratio - w * rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    if mask is None:
+        loss = losses.mean()
+    else:
+        m = mask.to(losses.dtype)
+        loss = (losses * m).sum() / m.sum().clamp(min=1.0)
+    return DPOOutput(
+        loss=loss,
+        losses=losses,
+        chosen_rewards=(beta * chosen_ratio).detach(),
+        rejected_rewards=(beta * w * rejected_ratio).detach(),
+        logits=logits.detach(),
+        weights=w.detach(),
+    )
+
+
+@dataclass
+class CWDPOOutput(DPOOutput):
+    kept: torch.Tensor | None = None  # [B] bool: pairs surviving negative filtering
+    floor: torch.Tensor | None = None  # ℓ_floor actually used
+
+
+def cw_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    policy_rejected_mean: torch.Tensor,
+    beta: float,
+    cooling: bool = True,
+    floor: float | Literal["mean"] | torch.Tensor = -2.0,
+    tau: float = 0.5,
+    filter_threshold: float | None = None,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+) -> CWDPOOutput:
+    """CW-DPO: −log σ(β(Δ_w − w_c·Δ_l)), w_c from the policy's ℓ̄ on the negative.
+
+    floor="mean" uses the batch mean of ℓ̄ over negatives (callers keeping a running mean
+    pass it as a tensor). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
+    filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
+    """
+    ell = policy_rejected_mean.detach()
+    if isinstance(floor, str):
+        if floor != "mean":
+            raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
+        floor_t = ell.float().mean()
+    else:
+        floor_t = torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
+    weights = cooling_weight(ell, floor_t, tau) if cooling else None
+    kept = None if filter_threshold is None else ell >= filter_threshold
+    out = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
+        weights=weights, loss_type=loss_type, mask=kept,
+    )
+    return CWDPOOutput(**vars(out), kept=kept, floor=floor_t.detach())
