@@ -27,7 +27,9 @@ def generate_captions(
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
         out += backbone.generate(
-            [r.image.load() for r in chunk], [prompt] * len(chunk), max_new_tokens=max_new_tokens
+            [r.image.load() for r in chunk],
+            [r.meta.get("prompt") or prompt for r in chunk],
+            max_new_tokens=max_new_tokens,
         )
     return out
 
@@ -46,7 +48,9 @@ def teacher_forced_calibration(
         for s in range(0, len(records), batch_size):
             chunk = records[s : s + batch_size]
             enc = backbone.collate(
-                [r.image.load() for r in chunk], [prompt] * len(chunk), [r.references[0] for r in chunk]
+                [r.image.load() for r in chunk],
+                [r.meta.get("prompt") or prompt for r in chunk],
+                [r.references[0] for r in chunk],
             )
             enc = {k: v.to(backbone.device) for k, v in enc.items()}
             _, logits, labels = backbone.logps_and_logits(enc)
@@ -109,3 +113,64 @@ def win_rate(
     metric.update(torch.tensor(judge(list(a), list(b), items), dtype=torch.float32))
     out = metric.compute()
     return {f"winrate/{k}": float(v) for k, v in out.items()}
+
+
+def mc_prompt(q: Any) -> str:
+    """MMBench/MMMU-style prompt: hint, question, lettered options, answer-with-letter."""
+    parts = [q.hint] if q.hint else []
+    parts.append(q.question)
+    parts += [f"{k}. {v}" for k, v in sorted(q.options.items())]
+    parts.append("Answer with the option's letter from the given choices directly.")
+    return "\n".join(parts)
+
+
+@torch.no_grad()
+def predict_multiple_choice(
+    backbone: VLMBackbone, questions: Sequence[Any], scoring: str = "letter", batch_size: int = 32
+) -> list[str]:
+    """Pick the option with the highest log-likelihood: of its letter, or (scoring="text") of
+    its text's average token log-prob — one teacher-forced forward per (question, option)."""
+    from cwdpo.data.records import DataError
+
+    if scoring not in ("letter", "text"):
+        raise ValueError(f"scoring must be 'letter' or 'text', got {scoring!r}")
+    rows: list[tuple[int, str, Any, str, str]] = []
+    for i, q in enumerate(questions):
+        if q.image is None:
+            raise DataError(f"question {q.qid}: no image (multiple-choice evaluation needs one)")
+        for letter, text in sorted(q.options.items()):
+            rows.append((i, letter, q.image, mc_prompt(q), letter if scoring == "letter" else text))
+    scores: list[float] = []
+    was = backbone.model.training
+    backbone.model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            enc = backbone.collate([r[2].load() for r in chunk], [r[3] for r in chunk], [r[4] for r in chunk])
+            enc = {k: v.to(backbone.device) for k, v in enc.items()}
+            lp = backbone.logps(enc)
+            # letter: the letter token(s) only, without the appended end-of-turn token
+            vals = lp.token[:, :-1].sum(-1) if scoring == "letter" else lp.mean
+            scores += vals.float().cpu().tolist()
+    finally:
+        backbone.model.train(was)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, letter, *_), sc in zip(rows, scores):
+        if i not in best or sc > best[i][0]:
+            best[i] = (sc, letter)
+    return [best[i][1] for i in range(len(questions))]
+
+
+def evaluate_multiple_choice(
+    backbone: VLMBackbone, questions: Sequence[Any], circular: bool = False,
+    scoring: str = "letter", batch_size: int = 32,
+) -> dict[str, float]:
+    from cwdpo.data.multiple_choice import circular_variants
+    from cwdpo.metrics.multiple_choice import MultipleChoiceAccuracy
+
+    qs = [v for q in questions for v in circular_variants(q)] if circular else list(questions)
+    groups = [q.meta.get("circular_group", q.qid) if circular else q.qid for q in qs]
+    preds = predict_multiple_choice(backbone, qs, scoring, batch_size)
+    m = MultipleChoiceAccuracy()
+    m.update(preds, [q.answer for q in qs], [q.category for q in qs], [str(g) for g in groups])
+    return m.compute()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.data.records import CaptionRecord, DataError
-from cwdpo.data.sources import CaptionSource
+from cwdpo.data.sources import CaptionSource, prompt_of
 
 Collate = Callable[..., dict[str, torch.Tensor]]
 
@@ -148,7 +148,7 @@ class CaptionDataModule(_Base):
         idx, images = batch
         recs = self._records()
         rows = [recs[i] for i in idx]
-        prompts = [self.source.prompt] * len(rows)
+        prompts = [prompt_of(self.source, r) for r in rows]
         pos = [self.rng.choice(r.references) for r in rows]
         if not self.gentle_negatives:
             return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
@@ -198,7 +198,7 @@ class PreferenceDataModule(_Base):
             images = [r.image.load() for r in chunk]
             outs = generate(
                 images,
-                [self.source.prompt] * len(chunk),
+                [prompt_of(self.source, r) for r in chunk],
                 max_new_tokens=self.neg.max_new_tokens,
                 do_sample=True,
                 temperature=self.neg.temperature,
@@ -239,7 +239,7 @@ class PreferenceDataModule(_Base):
         negs = [self._negative(r, c) for r, c in zip(rows, chosen)]
         for _, src in negs:
             self.stats.counts[src] += 1
-        prompts = [self.source.prompt] * len(rows)
+        prompts = [prompt_of(self.source, r) for r in rows]
         pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
         is_dataset = torch.tensor([0.0 if s == "on_policy" else 1.0 for _, s in negs])
         is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])

@@ -81,3 +81,130 @@ class ShapesSource:
 
     def score(self, text: str, record: CaptionRecord) -> float | None:
         return shapes.fact_accuracy(text, record.meta["scene"])
+
+
+@dataclass
+class CaptionFileSource:
+    """COCO / Flickr30k (Karpathy JSON) or NoCaps captions read from a user-given root.
+
+    Dataset negatives: easy = a caption of another image, hard/gentle = one object noun,
+    colour, number or spatial word swapped using vocabulary mined from the training captions.
+    A sample counts as a positive when it matches a reference after normalisation.
+    """
+
+    format: str  # "karpathy" | "nocaps"
+    annotations: str
+    image_root: str
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    prompt: str = "Describe the image in one sentence."
+    max_per_split: dict[str, int] | None = None
+    skip_bad_images: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in ("karpathy", "nocaps"):
+            raise DataError(f"data.source.format must be 'karpathy' or 'nocaps', got {self.format!r}")
+        self._cache: dict[str, list[CaptionRecord]] = {}
+        self._vocab = None
+
+    def captions(self, split: str) -> list[CaptionRecord]:
+        if split not in self._cache:
+            if split not in self.splits:
+                raise DataError(f"no file split mapped for {split!r}; data.source.splits = {self.splits}")
+            if self.format == "karpathy":
+                from cwdpo.data.karpathy import read_karpathy
+
+                recs = read_karpathy(self.annotations, self.image_root, splits=(self.splits[split],),
+                                     skip_bad_images=self.skip_bad_images)
+            else:
+                from cwdpo.data.nocaps import read_nocaps
+
+                recs = read_nocaps(self.annotations, self.image_root, split=self.splits[split],
+                                   skip_bad_images=self.skip_bad_images)
+            limit = (self.max_per_split or {}).get(split)
+            recs = recs[: int(limit)] if limit else recs
+            if not recs:
+                raise DataError(f"{self.annotations}: split {split!r} has no rows")
+            self._cache[split] = recs
+        return self._cache[split]
+
+    @property
+    def vocab(self):
+        from cwdpo.data.caption_negatives import CaptionVocab
+
+        if self._vocab is None:
+            self._vocab = CaptionVocab.mine(self.captions("train"))
+        return self._vocab
+
+    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+        from cwdpo.data.caption_negatives import easy_negative, hard_negative
+
+        if hard:
+            out = hard_negative(rng.choice(record.references), self.vocab, rng, record.references)
+            if out is not None:
+                return out
+        pool = self.captions("train") if record.split == "train" else self.captions(record.split)
+        return easy_negative(record, pool, rng)
+
+    def is_positive(self, text: str, record: CaptionRecord) -> bool:
+        return normalize(text) in {normalize(r) for r in record.references}
+
+    def score(self, text: str, record: CaptionRecord) -> float | None:
+        return None
+
+
+def prompt_of(source: CaptionSource, record: CaptionRecord) -> str:
+    """Per-record prompt (preference data carries its own), else the source's."""
+    return record.meta.get("prompt") or source.prompt
+
+
+@dataclass
+class PreferenceFileSource:
+    """TRL-style preference data (JSONL or a local HF `datasets` dir: images/prompt/chosen/rejected).
+
+    Each pair becomes a caption record whose reference is `chosen` and whose dataset negative
+    is its own `rejected` (source "trl"), so stage 1 (gentle negatives) and stage 2 (pairs) use
+    RLAIF-V-style data unchanged. Held-out splits are the last rows, by `holdout` counts.
+    """
+
+    path: str
+    image_root: str | None = None
+    holdout: dict[str, int] = field(default_factory=lambda: {"val": 32, "test": 64, "probe": 32})
+    prompt: str = "Describe the image."
+    skip_bad_images: bool = False
+
+    def __post_init__(self) -> None:
+        from cwdpo.data.trl_pairs import read_preference_pairs
+
+        pairs = read_preference_pairs(self.path, self.image_root, skip_bad_images=self.skip_bad_images)
+        recs = [
+            CaptionRecord(
+                image_id=p.image_id, image=p.image, references=[p.chosen], split="train",
+                meta={"prompt": p.prompt, "rejected": p.rejected, **p.meta},
+            )
+            for p in pairs
+        ]
+        n_hold = sum(self.holdout.values())
+        if len(recs) <= n_hold:
+            raise DataError(
+                f"{self.path}: {len(recs)} pairs, not enough for the held-out splits {self.holdout} "
+                "plus training rows (lower data.source.holdout)"
+            )
+        self._splits: dict[str, list[CaptionRecord]] = {"train": recs[: len(recs) - n_hold]}
+        start = len(recs) - n_hold
+        for name, n in self.holdout.items():
+            self._splits[name] = recs[start : start + n]
+            start += n
+
+    def captions(self, split: str) -> list[CaptionRecord]:
+        if not self._splits.get(split):
+            raise DataError(f"{self.path}: split {split!r} has no rows (data.source.holdout)")
+        return self._splits[split]
+
+    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+        return record.meta["rejected"], "trl"
+
+    def is_positive(self, text: str, record: CaptionRecord) -> bool:
+        return normalize(text) in {normalize(r) for r in record.references}
+
+    def score(self, text: str, record: CaptionRecord) -> float | None:
+        return None
