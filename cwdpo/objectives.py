@@ -103,22 +103,23 @@ def sft_c_loss(
     hard: feasibility first — while the constraint is violated the step only restores it
           (L = C − E[NLL⁻]), otherwise L = E[NLL⁺]. This is the paper's "w/o soft penalty".
     """
+    if constraint not in ("soft", "hard"):
+        raise ValueError(f"constraint must be 'soft' or 'hard', got {constraint!r}")
     pos = pos_nll.mean()
-    if neg_nll is None or neg_nll.numel() == 0 or (constraint == "soft" and lam == 0):
-        zero = pos.new_zeros(())
-        neg = pos.new_full((), float("nan")) if neg_nll is None or neg_nll.numel() == 0 else neg_nll.mean()
-        return SFTCOutput(pos, pos.detach(), neg.detach(), zero, zero)
+    zero = pos.new_zeros(())
+    if neg_nll is None or neg_nll.numel() == 0:
+        return SFTCOutput(pos, pos.detach(), pos.new_full((), float("nan")), zero, zero)
     neg = neg_nll.mean()
     gap = margin_c - neg
     violated = (gap > 0).to(pos.dtype)
+    if constraint == "soft" and lam == 0:  # exactly plain SFT, but still report the constraint
+        return SFTCOutput(pos, pos.detach(), neg.detach(), zero, violated.detach())
     if constraint == "soft":
         penalty = lam * F.relu(gap)
         loss = pos + penalty
     elif constraint == "hard":
         penalty = F.relu(gap)
         loss = torch.where(gap > 0, penalty, pos)
-    else:
-        raise ValueError(f"constraint must be 'soft' or 'hard', got {constraint!r}")
     return SFTCOutput(loss, pos.detach(), neg.detach(), penalty.detach(), violated.detach())
 
 

@@ -45,10 +45,10 @@ class TinySpec:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 256
-    vocab_size: int = 400
+    vocab_size: int = 512
     max_positions: int = 512
     seed: int = 0
-    version: int = 1  # bump when the builder changes
+    version: int = 2  # bump when the builder changes
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

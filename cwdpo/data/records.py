@@ -7,9 +7,10 @@ as an `ImageRef` so that a dataset of 100k images costs nothing until a batch as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 

@@ -175,40 +175,39 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
     """Precision of the caption's stated facts and recall of the scene's objects.
 
     A fact is one attribute of one mentioned object (colour, shape, size, position) or the
-    stated count. Each mentioned object is matched to the scene object it agrees with most.
+    stated count. Mentions are matched one-to-one to scene objects to maximise agreement.
     `accuracy` = correct facts / stated facts (0 when nothing parseable is stated);
     `exact` = every object described exactly and nothing extra.
     """
     facts = parse_caption(text)
-    stated = correct = 0
-    matched: set[int] = set()
-    exact_objs = 0
+    objs = scene.objects
+    agree, stated = [], 0
     for size, colour, shape, pos in facts.objects:
-        best, best_i, best_n = -1, -1, 0
-        for i, o in enumerate(scene.objects):
-            if i in matched:
-                continue
-            checks = [colour == o.colour, shape == o.shape]
-            if size is not None:
-                checks.append(size == o.size)
-            if pos is not None:
-                checks.append(pos == o.position)
-            if sum(checks) > best:
-                best, best_i, best_n = sum(checks), i, len(checks)
-        n_checks = 2 + (size is not None) + (pos is not None)
-        stated += n_checks
-        if best_i >= 0:
-            matched.add(best_i)
-            correct += best
-            if best == best_n == 4:
-                exact_objs += 1
+        stated += 2 + (size is not None) + (pos is not None)
+        agree.append([(colour == o.colour) + (shape == o.shape)
+                      + (size is not None and size == o.size)
+                      + (pos is not None and pos == o.position) for o in objs])
+    # Optimal one-to-one matching of mentions to scene objects (≤ 4 objects: ≤ 16 states),
+    # so mention order can never steal the object another mention describes exactly.
+    best = {0: (0, 0)}  # used-object bitmask -> (correct facts, exact objects)
+    for row in agree:
+        nxt: dict[int, tuple[int, int]] = {}
+        for used, (c, e) in best.items():
+            free = [i for i in range(len(objs)) if not used >> i & 1]
+            for i in free or [None]:
+                key = used if i is None else used | 1 << i
+                val = (c, e) if i is None else (c + row[i], e + (row[i] == 4))
+                if val > nxt.get(key, (-1, -1)):
+                    nxt[key] = val
+        best = nxt
+    correct, exact_objs = max(best.values())
     if facts.count is not None:
         stated += 1
         correct += facts.count == NUMBERS[len(scene.objects)]
     n_mentioned = len(facts.objects)
     return {
         "accuracy": correct / stated if stated else 0.0,
-        "recall": len(matched) / len(scene.objects),
+        "recall": min(n_mentioned, len(objs)) / len(objs),
         "exact": float(exact_objs == len(scene.objects) == n_mentioned),
         "stated": float(stated),
     }
