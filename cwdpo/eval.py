@@ -25,7 +25,6 @@ def _load(cfg: DictConfig, path: str | None):
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from cwdpo.evaluation import (
         evaluate_captioning,
-        evaluate_multiple_choice,
         generate_captions,
         teacher_forced_calibration,
     )

@@ -69,6 +69,7 @@ def evaluate_captioning(
     max_new_tokens: int = 32,
     calibration: bool = True,
     caption_metrics: bool = True,
+    meteor: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
     """Metrics for one model state, plus its outputs (the next stage's win-rate baseline)."""
     outputs = generate_captions(backbone, records, source.prompt, batch_size, max_new_tokens)
@@ -80,7 +81,7 @@ def evaluate_captioning(
     if caption_metrics:
         from cwdpo.metrics.captioning import CaptionMetrics
 
-        m = CaptionMetrics()
+        m = CaptionMetrics(meteor=meteor)
         groups = [r.meta.get("domain") for r in records]
         m.update(outputs, [r.references for r in records],
                  groups=groups if all(g is not None for g in groups) else None)

@@ -97,7 +97,7 @@ class CaptionFileSource:
     image_root: str
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     prompt: str = "Describe the image in one sentence."
-    max_per_split: dict[str, int] | None = None
+    sizes: dict[str, int] | None = None  # cap on rows per split (same knob as ShapesWorld's)
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class CaptionFileSource:
 
                 recs = read_nocaps(self.annotations, self.image_root, split=self.splits[split],
                                    skip_bad_images=self.skip_bad_images)
-            limit = (self.max_per_split or {}).get(split)
+            limit = (self.sizes or {}).get(split)
             recs = recs[: int(limit)] if limit else recs
             if not recs:
                 raise DataError(f"{self.annotations}: split {split!r} has no rows")
@@ -170,6 +170,7 @@ class PreferenceFileSource:
     image_root: str | None = None
     holdout: dict[str, int] = field(default_factory=lambda: {"val": 32, "test": 64, "probe": 32})
     prompt: str = "Describe the image."
+    sizes: dict[str, int] | None = None  # cap on rows per split (same knob as ShapesWorld's)
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
@@ -198,7 +199,8 @@ class PreferenceFileSource:
     def captions(self, split: str) -> list[CaptionRecord]:
         if not self._splits.get(split):
             raise DataError(f"{self.path}: split {split!r} has no rows (data.source.holdout)")
-        return self._splits[split]
+        limit = (self.sizes or {}).get(split)
+        return self._splits[split][: int(limit)] if limit else self._splits[split]
 
     def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
         return record.meta["rejected"], "trl"

@@ -1,0 +1,95 @@
+"""`python -m cwdpo.eval` end to end, and multiple-choice scoring against a direct recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cwdpo.data.multiple_choice import read_mmbench, read_mmmu
+from cwdpo.eval import run_eval
+from cwdpo.evaluation import mc_prompt, predict_multiple_choice
+from tests.formats import write_mmbench_tsv, write_mmmu_parquet
+from tests.helpers import compose_cfg
+
+SMALL = ["eval.n_records=6", "eval.max_new_tokens=6", "data.source.sizes={train:8,val:4,test:6,probe:4}"]
+
+
+def _brute_force_letters(backbone, questions, scoring):
+    """One forward per option, no batching: the option with the highest log-likelihood."""
+    preds = []
+    for q in questions:
+        best, best_letter = -float("inf"), None
+        for letter, text in sorted(q.options.items()):
+            enc = backbone.collate([q.image.load()], [mc_prompt(q)], [letter if scoring == "letter" else text])
+            with torch.no_grad():
+                lp = backbone.logps(enc)
+            score = lp.token[0, : int(lp.count[0]) - 1].sum().item() if scoring == "letter" else lp.mean[0].item()
+            if score > best:
+                best, best_letter = score, letter
+        preds.append(best_letter)
+    return preds
+
+
+@pytest.mark.parametrize("scoring", ["letter", "text"])
+def test_multiple_choice_prediction_equals_brute_force(backbone, perturb, tmp_path, scoring):
+    perturb(backbone.model, 0.3, 1)
+    backbone.max_length = 256  # MMBench prompts (hint + options) exceed the fixture's 128
+    qs = read_mmbench(write_mmbench_tsv(tmp_path).path)
+    assert predict_multiple_choice(backbone, qs, scoring, batch_size=3) == _brute_force_letters(backbone, qs, scoring)
+
+
+def test_eval_entry_point_captioning_calibration_winrate(tmp_path, tiny_cache_dir, tiny_vlm_path):
+    cfg = compose_cfg(
+        [*SMALL, "eval.tasks=[captioning,calibration,winrate]", f"compare={tiny_vlm_path}",
+         f"ckpt={tiny_vlm_path}"],
+        tmp_path, tiny_cache_dir, name="eval",
+    )
+    res = run_eval(cfg)
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("cider", "bleu_4", "rouge_l", "fact_accuracy", "calib/ece", "winrate/win_rate"):
+        assert key in on_disk, key
+    # the same model against itself: every item is a tie
+    assert res["winrate/win_rate"] == pytest.approx(0.5)
+    assert "| " in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["mmbench", "mmmu"])
+def test_eval_entry_point_multiple_choice(fmt, tmp_path, tiny_cache_dir, tiny_vlm_path):
+    if fmt == "mmbench":
+        path, qs = write_mmbench_tsv(tmp_path / "mc").path, None
+        qs = read_mmbench(path)
+        extra = ["mc.circular=true"]
+    else:
+        fx = write_mmmu_parquet(tmp_path / "mc")
+        path, qs = fx.path, read_mmmu(fx.path)
+        extra = []
+    cfg = compose_cfg(
+        ["eval.tasks=[multiple_choice]", f"mc.format={fmt}", f"mc.path={path}",
+         f"ckpt={tiny_vlm_path}", *extra],
+        tmp_path / "out", tiny_cache_dir, name="eval",
+    )
+    res = run_eval(cfg)
+    assert 0.0 <= res["mc/accuracy"] <= 100.0
+    cats = {q.category for q in qs if q.category}
+    assert {f"mc/accuracy/{c}" for c in cats} <= set(res)
+    written = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert written["mc/accuracy"] == res["mc/accuracy"]
+
+
+def test_multiple_choice_accuracy_metric_circular_and_categories():
+    from cwdpo.metrics.multiple_choice import MultipleChoiceAccuracy
+
+    m = MultipleChoiceAccuracy()
+    # group g1: 2 rotations, one wrong -> wrong under circular eval; g2 right; g3 right
+    m.update(["A", "B", "C", "D"], ["A", "C", "C", "D"], ["x", "x", "y", "y"], ["g1", "g1", "g2", "g3"])
+    out = m.compute()
+    assert out["accuracy"] == pytest.approx(100 * 2 / 3)
+    assert out["accuracy/x"] == 0.0 and out["accuracy/y"] == 100.0
+
+
+def test_unknown_eval_task_is_rejected(tmp_path, tiny_cache_dir):
+    cfg = compose_cfg(["eval.tasks=[captioning,bleurt]", "ckpt=x"], tmp_path, tiny_cache_dir, name="eval")
+    with pytest.raises(ValueError, match="bleurt"):
+        run_eval(cfg)
