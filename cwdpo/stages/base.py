@@ -60,6 +60,13 @@ class StageModule(L.LightningModule):
             self.log(f"{prefix}/{k}", v, on_step=on_step, on_epoch=not on_step,
                      prog_bar=k == "loss", batch_size=n, sync_dist=not on_step)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Total gradient norm every step: the stability statistics in `cwdpo.report` use it."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
         self.log_metrics("train", {"loss": loss, **metrics}, batch["n"])
