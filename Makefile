@@ -36,3 +36,10 @@ bench:
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+## experiments: the full ShapesWorld grid (SEEDS=0,1,2) + report into experiments/shapes/
+experiments:
+	bash experiments/shapes/run.sh
+
+report:
+	$(PYTHON) -m cwdpo.report $(DIR)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The ShapesWorld grid (`make experiments`): every baseline and ablation × SEEDS.
+# All settings of one seed start from the same base-SFT policy (the stand-in for a pretrained
+# VLM), so they differ only in what the method changes. Then `cwdpo.report` aggregates.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-experiments/shapes/runs}
+SEEDS=${SEEDS:-0,1,2}
+EXTRA=${EXTRA:-}   # e.g. EXTRA="eval.n_records=100" for a cheaper pass
+COMMON="eval.meteor=false $EXTRA"
+BASE="$PWD/$OUT/base"
+
+for s in ${SEEDS//,/ }; do
+  if [ ! -f "$BASE/seed$s/results.json" ]; then
+    python -m cwdpo.train stage.run=[base_sft] seed="$s" eval.caption_metrics=false \
+      eval.winrate=false hydra.run.dir="$BASE/seed$s" $EXTRA
+  fi
+done
+
+FROM="model.path=$BASE/seed\${seed}/checkpoints/base_sft_hf stage.skip=[base_sft]"
+sweep() {  # sweep <name> <overrides...>
+  local name=$1; shift
+  python -m cwdpo.train -m seed="$SEEDS" $FROM $COMMON "$@" \
+    hydra.sweep.dir="$OUT/grid/$name"
+}
+sweep main +experiment=cw_dpo,dpo,ablation_cooling,sft_only,ablation_smooth_sft,ablation_soft_penalty,ablation_negative_filtering,rpo,ipo
+sweep mix +experiment=ablation_mix negatives.dataset_fraction=0,0.25,0.5,1
+sweep gentle +experiment=ablation_gentle_weight stage.sft_c.lam=0,0.5,2
+
+python -m cwdpo.report "$OUT/grid" --out experiments/shapes
