@@ -38,6 +38,20 @@ class LoRASettings:
     target_modules: Sequence[str] | str = "all-linear"
 
 
+def _in_hf_cache(repo_id: str) -> bool:
+    """A hub id counts only if it is already cached (or downloads are explicitly allowed)."""
+    import os
+
+    if os.environ.get("CWDPO_ALLOW_DOWNLOAD") == "1":
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
 def load_model_and_processor(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -48,9 +62,13 @@ def load_model_and_processor(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     p = Path(str(path))
-    if p.is_absolute() or str(path).startswith("."):
-        if not p.exists():
-            raise ModelLoadError(f"model path does not exist: {p}")
+    if not p.exists():
+        if p.is_absolute() or str(path).startswith(".") or not _in_hf_cache(str(path)):
+            raise ModelLoadError(
+                f"model path {path} is neither an existing directory nor a hub id in the local "
+                "HF cache (set CWDPO_ALLOW_DOWNLOAD=1 to let transformers download a hub id)"
+            )
+    else:
         if p.is_dir() and not any(
             (p / f).is_file()
             for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -212,10 +230,10 @@ class VLMBackbone(nn.Module):
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, l) in enumerate(zip(rows, labels)):
+        for i, (r, lb) in enumerate(zip(rows, labels)):
             input_ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
-            lab[i, : len(l)] = torch.tensor(l)
+            lab[i, : len(lb)] = torch.tensor(lb)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": lab, **vision}
 
     def collate_pairs(
@@ -226,6 +244,14 @@ class VLMBackbone(nn.Module):
         rejected: Sequence[str],
     ) -> dict[str, torch.Tensor]:
         """Chosen rows first, rejected rows second: one forward serves both."""
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected responses")
+        for i, (c, r) in enumerate(zip(chosen, rejected)):
+            if " ".join(c.split()) == " ".join(r.split()):
+                raise DataError(
+                    f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
+                    f"rejected are identical ({c!r}); a pair needs two different responses"
+                )
         return self.collate(
             list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected)
         )
@@ -256,6 +282,25 @@ class VLMBackbone(nn.Module):
         labels = batch["labels"][:, start + 1 :]
         logits = logits[:, :-1]
         return sequence_logps(logits, labels), logits, labels
+
+    def pair_logps(
+        self,
+        batch: dict[str, torch.Tensor],
+        n: int,
+        reference: bool = False,
+        prefix_sharing: bool = False,
+    ) -> SeqLogps:
+        """Log-probs of a `collate_pairs` batch (n pairs, 2n rows). prefix_sharing=True runs
+        image + prompt once per pair (`cwdpo.prefix`) where the model supports it (else, and
+        with gradient checkpointing in training mode, the plain `logps` path)."""
+        if prefix_sharing:
+            from cwdpo.prefix import shared_prefix_logps, supports_prefix_sharing
+
+            ctx = self._reference_ctx() if reference else nullcontext(self.model)
+            with ctx as model, torch.no_grad() if reference else nullcontext():
+                if supports_prefix_sharing(model):
+                    return shared_prefix_logps(model, batch, n)
+        return self.logps(batch, reference=reference)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -19,15 +19,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.backbone import VLMBackbone
+from cwdpo.callbacks.faults import NonFiniteGuard, reliability_callbacks
+from cwdpo.callbacks.probes import probe_summary
+from cwdpo.callbacks.wandb_logger import finish_run
 from cwdpo.data.datamodules import (
     CaptionDataModule,
     NegativeConfig,
     PreferenceDataModule,
     split_records,
 )
+from cwdpo.data.records import DataError
 from cwdpo.evaluation import evaluate_captioning
+from cwdpo.plot import write_run_plots
 from cwdpo.stages import CWDPOModule, SFTCModule
-from cwdpo.utils.io import atomic_write_json, atomic_write_text
+from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
+from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,18 @@ def _check_stage_order(run: list[str]) -> None:
     order = [STAGES.index(s) for s in run]
     if order != sorted(order) or len(set(run)) != len(run):
         raise ValueError(f"stage.run must follow base_sft → sft_c → cw_dpo without repeats, got {run}")
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def stages_to_run(cfg: DictConfig) -> list[str]:
+    """`stage.run` minus `stage.skip` (e.g. skip base_sft when starting from a trained policy)."""
+    skip = set(cfg.stage.get("skip") or [])
+    return [s for s in cfg.stage.run if s not in skip]
 
 
 def build_datamodule(name: str, cfg: DictConfig, source: Any, records: dict[str, list]) -> L.LightningDataModule:
@@ -58,23 +76,35 @@ def build_datamodule(name: str, cfg: DictConfig, source: Any, records: dict[str,
     return CaptionDataModule(source, train, gentle_negatives=bool(st.get("gentle_negatives", False)), **common)
 
 
+PLUMBING = {"steps", "optimizer", "scheduler", "gentle_negatives"}  # read by the pipeline itself
+
+
+def stage_knobs(name: str, cfg: DictConfig) -> tuple[type, dict[str, Any]]:
+    """(module class, loss knobs) of a stage; unknown keys raise, naming them."""
+    import inspect
+
+    cls = CWDPOModule if name == "cw_dpo" else SFTCModule
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    st = OmegaConf.to_container(cfg.stage[name], resolve=True)
+    knobs = {k: v for k, v in st.items() if k not in PLUMBING}
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ValueError(f"stage.{name} has unknown key(s) {unknown}; accepted: "
+                         f"{sorted(accepted | PLUMBING)}")
+    return cls, knobs
+
+
 def build_module(name: str, cfg: DictConfig, backbone: VLMBackbone) -> L.LightningModule:
+    """The stage's LightningModule; every other key of `stage.<name>` is a module argument, so a
+    typo (even one added with `+`) fails here, naming the key and the accepted ones."""
     st = cfg.stage[name]
-    common = {
-        "optimizer": hydra.utils.instantiate(st.optimizer),
-        "scheduler": hydra.utils.instantiate(st.scheduler) if st.get("scheduler") else None,
-        "total_steps": int(st.steps),
-    }
-    if name == "cw_dpo":
-        return CWDPOModule(
-            backbone, beta=st.beta, cooling=st.cooling, floor=st.floor, tau=st.tau,
-            filter_threshold=st.filter_threshold, loss_type=st.loss_type, rpo_alpha=st.rpo_alpha,
-            **common,
-        )
-    return SFTCModule(
-        backbone, lam=st.get("lam", 0.0), margin_c=st.get("margin_c", 0.0),
-        reduction=st.get("reduction", "mean"), label_smoothing=st.get("label_smoothing", 0.0),
-        constraint=st.get("constraint", "soft"), **common,
+    cls, knobs = stage_knobs(name, cfg)
+    return cls(
+        backbone,
+        optimizer=hydra.utils.instantiate(st.optimizer),
+        scheduler=hydra.utils.instantiate(st.scheduler) if st.get("scheduler") else None,
+        total_steps=int(st.steps),
+        **knobs,
     )
 
 
@@ -87,9 +117,14 @@ def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: li
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
             cb.dirpath = str(out_dir / "checkpoints" / name)
+    first = name == stages_to_run(cfg)[0]
+    for obj in loggers + callbacks:  # probes / dynamics / W&B: stage name, run dir, first stage?
+        if hasattr(obj, "set_stage"):
+            obj.set_stage(name, out_dir, first)
     return hydra.utils.instantiate(
         cfg.trainer, max_steps=int(cfg.stage[name].steps), logger=loggers,
         callbacks=callbacks + extra_callbacks, default_root_dir=str(out_dir),
+        plugins=[AtomicCheckpointIO()],  # temp file + fsync + rename; weights_only loads
     )
 
 
@@ -104,10 +139,15 @@ def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> li
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages and return (and write) the results dict."""
     t0 = time.time()
+    resume_to = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
+    if resume_to is not None and resume_to != Path(cfg.paths.output_dir):
+        cfg.paths.output_dir = str(resume_to)  # resume=<run dir>: everything goes there
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = list(cfg.stage.run)
+    run = stages_to_run(cfg)
     _check_stage_order(run)
+    for name in run:  # config typos fail before any model is loaded
+        stage_knobs(name, cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(max(1, int(cfg.get("num_threads") or torch.get_num_threads())))
 
@@ -116,6 +156,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     train = source.captions("train")
     parts = split_records(train, dict(cfg.data.stage_split))
     records = {"all": train, "val": source.captions("val"), **parts}
+    for name in run:  # fail before any training, naming the stage that would get no rows
+        if not records.get("all" if name == "base_sft" else name):
+            raise DataError(f"stage {name} gets no training rows: data.stage_split="
+                            f"{dict(cfg.data.stage_split)} of {len(train)} train rows")
     ev = cfg.eval
     test = source.captions(ev.split)[: ev.n_records]
 
@@ -123,26 +167,56 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         return evaluate_captioning(
             backbone, source, test, baseline=baseline, batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens, calibration=ev.calibration,
-            caption_metrics=ev.caption_metrics,
+            caption_metrics=ev.caption_metrics, meteor=ev.get("meteor", True),
         )
 
     results: dict[str, Any] = {"config": {"experiment": cfg.get("experiment_name", "default"),
                                           "stages": run, "seed": cfg.seed}, "stages": {}}
-    metrics, outputs = evaluate(None)
+    # Resume (docs/reliability.md): finished stages are skipped (results from their markers),
+    # an unfinished one continues from its last.ckpt; a fresh run drops stale markers/ckpts.
+    state = RunState(out_dir)
+    resuming = resume_to is not None
+    if not resuming:
+        state.clear(run)
+    done = state.load_done("start") if resuming else None
+    if done is None:
+        metrics, outputs = evaluate(None)
+        state.mark_done("start", metrics, outputs)
+    else:
+        metrics, outputs = done["metrics"], done["outputs"]
     results["stages"]["start"] = metrics
+    policy_from: Path | None = None  # HF dir of the last finished (skipped) stage
     for name in run:
+        done = state.load_done(name) if resuming else None
+        if done is not None:
+            log.info("resume: stage %s already done (%s): skipped", name, state.marker(name))
+            results["stages"][name], outputs = done["metrics"], done["outputs"]
+            policy_from = state.hf_dir(name)
+            continue
+        if policy_from is not None:  # π_θ ← the policy saved by the last finished stage
+            backbone = hydra.utils.instantiate(cfg.model, path=str(policy_from))
+            policy_from = None
+        L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
         ts = time.time()
         if name == "cw_dpo" and not backbone.has_reference:
-            backbone.snapshot_reference()  # π_ref ← π_θ
+            backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
         dm = build_datamodule(name, cfg, source, records)
         dm.attach(backbone.collate, backbone.collate_pairs)
         module = build_module(name, cfg, backbone)
-        trainer = build_trainer(name, cfg, out_dir, stage_callbacks(name, cfg, dm))
-        trainer.fit(module, datamodule=dm)
-        backbone.save_pretrained(out_dir / "checkpoints" / f"{name}_hf")
+        trainer = build_trainer(name, cfg, out_dir,
+                                stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg))
+        ckpt = state.last_checkpoint(name) if resuming else None
+        if ckpt is not None:
+            log.info("resume: stage %s continues from %s", name, ckpt)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        if trainer.is_global_zero:  # under DDP every rank runs the pipeline; one writes
+            atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
         metrics, new_outputs = evaluate(outputs if ev.winrate else None)
         metrics["train_seconds"] = time.time() - ts
         metrics["steps"] = int(trainer.global_step)
+        metrics["nonfinite_skipped_steps"] = sum(
+            cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+        metrics.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
         if isinstance(dm, PreferenceDataModule):
             total = sum(dm.stats.counts.values())
             metrics["negatives"] = {
@@ -153,19 +227,25 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 "on_policy_fallback": dm.stats.on_policy_fallback,
             }
         results["stages"][name] = metrics
+        if trainer.is_global_zero:
+            state.mark_done(name, metrics, new_outputs)  # after the HF save and the evaluation
+        trainer.strategy.barrier("cwdpo-stage-done")
         outputs = new_outputs
         log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
     results["wall_seconds"] = time.time() - t0
-    atomic_write_json(out_dir / "results.json", results)
     table = results_table(results)
-    atomic_write_text(out_dir / "results.md", table)
+    if _is_rank_zero():
+        atomic_write_json(out_dir / "results.json", results)
+        atomic_write_text(out_dir / "results.md", table)
+        write_run_plots(out_dir)
+    finish_run(results)  # closes the pipeline's single wandb run, if logger=wandb
     print("\n" + table)
     return results
 
 
 TABLE_KEYS = (
-    ("fact_accuracy", "facts %"), ("exact", "exact %"), ("CIDEr", "CIDEr"), ("BLEU-4", "BLEU-4"),
-    ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
+    ("fact_accuracy", "facts %"), ("exact", "exact %"), ("cider", "CIDEr"), ("bleu_4", "BLEU-4"),
+    ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
     ("calib/mean_top1_prob", "top-1 p"), ("winrate/win_rate", "win vs prev"),
 )
 

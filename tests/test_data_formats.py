@@ -184,7 +184,7 @@ def test_trl_jsonl_plain_and_conversational_agree(tmp_path):
     plain = write_trl_jsonl(tmp_path / "plain", conversational_format=False)
     conv = write_trl_jsonl(tmp_path / "conv", conversational_format=True)
     a = read_preference_pairs(plain.path, plain.image_root)
-    b = read_preference_pairs(conv.path)  # relative paths resolve next to the file by default
+    b = read_preference_pairs(conv.path, conv.image_root)
     assert _texts(a) == _texts(b) == plain.expected["texts"]
     assert all(r.source == "trl" for r in a + b)
     assert a[0].image.path == str(plain.expected["images"][0])
@@ -233,6 +233,18 @@ def test_trl_single_image_column_and_multi_images(tmp_path):
     assert r0.image.path.endswith("img_1.png")
     assert r1.meta["num_images"] == 2 and r1.meta["images"][1].path.endswith("img_3.png")
     assert stats["multi_image_rows"] == 1
+    # without image_root, relative paths resolve next to the data file
+    row = {"images": ["trl_images/img_2.png"], "prompt": "p", "chosen": "a", "rejected": "b"}
+    (r,) = read_preference_pairs(write_trl_jsonl(tmp_path, rows=[row], name="rel.jsonl").path)
+    assert r.image.path == str(tmp_path / "trl_images" / "img_2.png")
+
+
+def test_trl_invalid_json_line(tmp_path):
+    fx = write_trl_jsonl(tmp_path, rows=[_row()], name="broken.jsonl")
+    with fx.path.open("a", encoding="utf-8") as f:
+        f.write("\n{not json\n")
+    with pytest.raises(DataError, match=r"broken.jsonl: line 3 \(row 1\): invalid JSON"):
+        read_preference_pairs(fx.path, fx.image_root)
 
 
 def _row(**kw):
@@ -374,6 +386,11 @@ def test_mmmu_directory(tmp_path):
     write_mmmu_parquet(tmp_path, rows=rows, subject="Biology")
     qs = read_mmmu(tmp_path)
     assert len(qs) == 4 and qs[-1].qid == "validation_Biology_1"
+    write_mmmu_parquet(tmp_path, rows=rows, subject="Biology", name="dev-00000-of-00001.parquet")
+    assert len(read_mmmu(tmp_path, split="validation")) == 4
+    assert [q.qid for q in read_mmmu(tmp_path, split="dev")] == ["validation_Biology_1"]
+    with pytest.raises(DataError, match="split 'test'"):
+        read_mmmu(tmp_path, split="test")
 
 
 @pytest.mark.parametrize(

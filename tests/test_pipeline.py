@@ -81,3 +81,9 @@ def test_cli_entry_point(tmp_path, tiny_cache_dir):
     cfg = (tmp_path / "config.yaml").read_text()
     assert "cooling: false" in cfg
     assert "| cw_dpo |" in proc.stdout
+
+
+def test_typo_added_with_plus_fails_before_training(tmp_path, tiny_cache_dir):
+    cfg = compose_cfg([*FAST, "+stage.cw_dpo.betaa=0.2"], tmp_path, tiny_cache_dir)
+    with pytest.raises(ValueError, match=r"stage.cw_dpo has unknown key\(s\) \['betaa'\]"):
+        run_pipeline(cfg)

@@ -269,7 +269,8 @@ def _match_case(src: str, word: str) -> str:
     return word[:1].upper() + word[1:] if src[:1].isupper() else word
 
 
-def _substitute(text: str, occ: _Occurrence, word: str) -> str:
+def _substitute(text: str, occ: _Occurrence, word: str) -> tuple[str, str]:
+    """`text` with `occ` replaced by `word` (case matched, "a"/"an" fixed) and the inserted word."""
     original = text[occ.start : occ.end]
     new = _match_case(original, word)
     head = text[: occ.start]
@@ -278,7 +279,18 @@ def _substitute(text: str, occ: _Occurrence, word: str) -> str:
         art = "an" if new[:1].lower() in "aeiou" else "a"
         art = _match_case(article.group(1), art)
         head = head[: article.start(1)] + art + article.group(2)
-    return head + new + text[occ.end :]
+    return head + new + text[occ.end :], new
+
+
+def _meaning(kind: str, word: str, forms: dict[str, tuple[str, bool]]) -> str:
+    """What a word denotes, so synonyms compare equal (bike/bicycle, grey/gray)."""
+    if kind == "object":
+        return forms[word][0]
+    if kind == "colour":
+        return COLOURS[word]
+    if kind == "number":
+        return str(NUMBERS[word][0])
+    return word
 
 
 def perturb(
@@ -295,8 +307,11 @@ def perturb(
     differs from `caption` and from every one of `references`.
     """
     forbidden = {normalize(caption), *(normalize(r) for r in references)}
+    forms = {**OBJECTS, **vocab.object_forms}
+    occurrences = _occurrences(caption, vocab.object_forms)
+    present = {(o.kind, _meaning(o.kind, o.key, forms)) for o in occurrences}
     by_kind: dict[str, list[tuple[_Occurrence, list[str]]]] = {}
-    for occ in _occurrences(caption, vocab.object_forms):
+    for occ in occurrences:
         if occ.kind in kinds:
             cands = vocab.candidates(occ.kind, occ.key)
             if cands:
@@ -309,10 +324,12 @@ def perturb(
         for occ, cands in occs:
             cands = list(cands)
             rng.shuffle(cands)
+            # prefer words not already in the caption ("a man on a bike" -> not "a bike on a bike")
+            cands.sort(key=lambda w, k=kind: (k, _meaning(k, w, forms)) in present)
             for word in cands:
-                text = _substitute(caption, occ, word)
+                text, new = _substitute(caption, occ, word)
                 if normalize(text) not in forbidden:
-                    return Perturbation(text, kind, caption[occ.start : occ.end], word, occ.start)
+                    return Perturbation(text, kind, caption[occ.start : occ.end], new, occ.start)
     return None
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.data.records import CaptionRecord, DataError
 from cwdpo.data.sources import CaptionSource, prompt_of
+from cwdpo.utils.checkpoint import ResumableSampler, train_position
 
 Collate = Callable[..., dict[str, torch.Tensor]]
 
@@ -76,6 +77,14 @@ class NegativeConfig:
             raise ValueError(f"negatives.kind must be dataset|on_policy|mixed, got {self.kind!r}")
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class _Base(L.LightningDataModule):
     def __init__(
         self,
@@ -98,16 +107,32 @@ class _Base(L.LightningDataModule):
         self.collate: Collate | None = None
         self.rng = random.Random(seed)
         self.records_by_loader: dict[str, list[CaptionRecord]] = {}
+        self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
+        self._resume_position: dict[str, int] | None = None
 
     def attach(self, collate: Collate, collate_pairs: Collate) -> None:
         self.collate, self.collate_pairs = collate, collate_pairs
 
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = _dist_rank_world()
+        if world > 1:  # decorrelate negative draws across ranks (single process: unchanged)
+            self.rng = random.Random(self.seed * 1_000_003 + rank)
+
     def _loader(self, records: list[CaptionRecord], shuffle: bool) -> DataLoader:
+        # The order comes from ResumableSampler (seeded per epoch, restartable mid-epoch); the
+        # generator only seeds worker base seeds, so loaders never draw from the global RNG.
         g = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if shuffle:
+            sampler = ResumableSampler(len(records), self.seed, self.batch_size)
+            if self._resume_position:
+                sampler.start_at(**self._resume_position)
+                self._resume_position = None
+            self.train_sampler = sampler
         return DataLoader(
             _Indexed(records),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=g,
             num_workers=self.num_workers,
             collate_fn=_as_lists,
@@ -127,12 +152,14 @@ class _Base(L.LightningDataModule):
         return self.train_records if training else self.val_records
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(),
+                "train_position": train_position(self.train_sampler, getattr(self, "trainer", None))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "rng" in state:
             st = state["rng"]
             self.rng.setstate((st[0], tuple(st[1]), st[2]))
+        self._resume_position = state.get("train_position")
 
 
 class CaptionDataModule(_Base):
@@ -191,10 +218,12 @@ class PreferenceDataModule(_Base):
     def refresh_on_policy(self, generate: Callable[..., list[str]], step: int) -> dict[str, float]:
         """Sample fresh negatives for every training image from the current policy."""
         n, bs = self.neg.num_samples, self.neg.generation_batch_size
+        rank, world = _dist_rank_world()
+        mine = self.train_records[rank::world]  # each rank samples its own shard
         buffer: dict[str, list[str]] = {}
         kept = dropped = 0
-        for s in range(0, len(self.train_records), bs):
-            chunk = self.train_records[s : s + bs]
+        for s in range(0, len(mine), bs):
+            chunk = mine[s : s + bs]
             images = [r.image.load() for r in chunk]
             outs = generate(
                 images,
@@ -211,6 +240,13 @@ class PreferenceDataModule(_Base):
                 dropped += len(samples) - len(good)
                 kept += len(good)
                 buffer[r.image_id] = good
+        if world > 1:  # every rank needs every image's negatives: merge the shards
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, (buffer, kept, dropped))
+            buffer = {k: v for b, _, _ in parts for k, v in b.items()}
+            kept, dropped = sum(p[1] for p in parts), sum(p[2] for p in parts)
         self.buffer = buffer
         self.stats.refresh_steps.append(step)
         self.stats.rejected_as_positive += dropped
@@ -248,8 +284,16 @@ class PreferenceDataModule(_Base):
                 "image_ids": [r.image_id for r in rows]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buffer": self.buffer}
+        st = self.stats
+        stats = {"counts": dict(st.counts), "refresh_steps": list(st.refresh_steps),
+                 "rejected_as_positive": st.rejected_as_positive,
+                 "on_policy_fallback": st.on_policy_fallback}
+        return {**super().state_dict(), "buffer": self.buffer, "stats": stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        if "stats" in state:
+            st = state["stats"]
+            self.stats = NegativeStats(Counter(st["counts"]), list(st["refresh_steps"]),
+                                       int(st["rejected_as_positive"]), int(st["on_policy_fallback"]))
         self.buffer = dict(state.get("buffer", {}))

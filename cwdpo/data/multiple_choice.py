@@ -147,12 +147,15 @@ def circular_variants(q: MCQuestion) -> list[MCQuestion]:
     return out
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def _parquet_files(path: Path, split: str | None) -> list[Path]:
     if path.is_file():
         return [path]
     files = sorted(path.rglob("*.parquet"))
+    if split is not None:  # HF layout: <Subject>/<split>-00000-of-00001.parquet
+        files = [f for f in files if f.name.startswith(f"{split}-")]
     if not files:
-        raise DataError(f"{path}: no .parquet files found")
+        where = f" for split {split!r}" if split is not None else ""
+        raise DataError(f"{path}: no .parquet files found{where}")
     return files
 
 
@@ -167,9 +170,12 @@ def _image_cell(v: Any) -> bytes | None:
     return None
 
 
-def read_mmmu(parquet_path_or_dir: str | Path, *, stats: Stats | None = None) -> list[MCQuestion]:
+def read_mmmu(
+    parquet_path_or_dir: str | Path, *, split: str | None = None, stats: Stats | None = None
+) -> list[MCQuestion]:
     """Read MMMU parquet shard(s) (a file, or a directory searched recursively) into
-    `MCQuestion`s.
+    `MCQuestion`s. For a directory, `split` (e.g. "validation") keeps only `<split>-*.parquet`
+    shards, the layout of the HF MMMU repo (whose dev/validation/test shards sit side by side).
 
     `options` is a string holding a Python list, mapped to letters A, B, ...; `<image k>`
     placeholders stay in the question. The first non-null `image_1..image_7` is the question's
@@ -182,7 +188,7 @@ def read_mmmu(parquet_path_or_dir: str | Path, *, stats: Stats | None = None) ->
     root = require_path(parquet_path_or_dir, "MMMU parquet file or directory")
     out: list[MCQuestion] = []
     open_ended = 0
-    for f in _parquet_files(root):
+    for f in _parquet_files(root, split):
         try:
             rows = pq.read_table(f).to_pylist()
         except Exception as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,12 +26,22 @@ class CWDPOModule(StageModule):
         filter_threshold: float | None = None,
         loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
         rpo_alpha: float = 0.0,
+        prefix_sharing: bool = False,
+        ref_cache: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.prefix), and reuse
+        # reference log-probs of dataset pairs across epochs (cwdpo.ref_cache: a directory or
+        # a RefLogpCache). Both are exact up to float rounding; both default off.
+        from cwdpo.ref_cache import RefLogpCache
+
+        self.prefix_sharing = prefix_sharing
+        self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
         self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
         self.filter_threshold, self.loss_type, self.rpo_alpha = filter_threshold, loss_type, rpo_alpha
         self.last_output = None  # for diagnostics callbacks
+        self.last_logps = None  # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
 
     def on_fit_start(self) -> None:
         if not self.backbone.has_reference:
@@ -38,14 +49,34 @@ class CWDPOModule(StageModule):
                 "CW-DPO stage started without a reference policy: run stage 1 first, or start "
                 "stage=cw_dpo from a checkpoint (the pipeline snapshots π_ref ← π_θ)"
             )
+        if self.ref_cache is not None:
+            from cwdpo.ref_cache import reference_fingerprint
+
+            self.ref_cache.rank = self.global_rank
+            self.ref_cache.bind(reference_fingerprint(self.backbone))
+
+    def on_train_epoch_end(self) -> None:
+        if self.ref_cache is not None:
+            self.ref_cache.flush()
+
+    def on_fit_end(self) -> None:
+        if self.ref_cache is not None:
+            self.ref_cache.flush()
 
     def pair_logps(self, batch: dict[str, Any]):
         enc, n = batch["pairs"], batch["n"]
-        pol = self.backbone.logps(enc)
+        shared = self.prefix_sharing
+        pol = self.backbone.pair_logps(enc, n, prefix_sharing=shared)
         if "ref_logps" in batch:  # precomputed / cached reference log-probs
             ref = batch["ref_logps"]
+        elif self.ref_cache is not None and self.ref_cache.fingerprint is not None:
+            from cwdpo.ref_cache import cached_reference_logps
+
+            ref = cached_reference_logps(  # on-policy negatives: computed, never stored
+                self.backbone, self.ref_cache, enc, n, batch.get("neg_is_dataset"), shared
+            )
         else:
-            ref = self.backbone.logps(enc, reference=True).sum
+            ref = self.backbone.pair_logps(enc, n, reference=True, prefix_sharing=shared).sum
         return pol, ref, n
 
     def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,7 +89,7 @@ class CWDPOModule(StageModule):
         loss = out.loss
         if self.rpo_alpha > 0:  # RPO: DPO + NLL (per token) on the chosen response
             loss = loss + self.rpo_alpha * (-pol.mean[:n]).mean()
-        self.last_output = out
+        self.last_output, self.last_logps = out, pol
         w = out.weights
         metrics = {
             "rewards/chosen": out.chosen_rewards.mean(),

@@ -1,0 +1,183 @@
+"""Numerical-fault handling (non-finite loss / gradients) and test-only fault injection.
+
+`NonFiniteGuard` checks the loss before backward and every gradient before the optimizer
+step (`faults.policy`):
+
+- ``skip``: drop the update — all gradients are set to None, so the optimizer leaves the
+  weights *and* its moments untouched — count it (`faults/skipped_steps`, in the stage's
+  results as `nonfinite_skipped_steps`) and go on. Like AMP's GradScaler, a skipped step still
+  uses up one of the stage's `steps` and advances the LR schedule. More than
+  `max_consecutive_skips` in a row escalates to ``stop``.
+- ``stop``: save `<run>/checkpoints/<stage>/nonfinite-step=<N>.ckpt` (weights before the bad
+  update) and raise `NonFiniteError` naming the stage, step, what was non-finite and where.
+- ``off``: no checks.
+
+With `16-mixed` precision the gradient check is left to the GradScaler (inf/NaN gradients
+are part of its loss-scale search); the loss check still applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("skip", "stop", "off")
+KILL_ENV = "CWDPO_FAULT_KILL_AT"
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (faults.policy=stop)."""
+
+
+class NonFiniteGuard(L.Callback):
+    def __init__(self, policy: str = "skip", check_grads: bool = True, max_consecutive_skips: int = 10,
+                 stage: str = "") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"faults.policy must be one of {list(POLICIES)}, got {policy!r}")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"faults.max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
+        self.policy, self.check_grads = policy, check_grads
+        self.max_consecutive_skips = max_consecutive_skips
+        self.stage = stage
+        self.skipped = 0
+        self.consecutive = 0
+        self._bad_loss: float | None = None
+
+    # -------------------------------------------------------------- checks
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # Not reset here: with gradient accumulation one bad micro-batch spoils the whole step.
+        if self.policy == "off" or bool(torch.isfinite(loss.detach()).all()):
+            return
+        if self._bad_loss is None:
+            self._bad_loss = float(loss.detach().float().reshape(-1)[0])
+        if self.policy == "stop":
+            self._stop(trainer, f"non-finite loss ({self._bad_loss})")
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.policy == "off":
+            return
+        what = []
+        if self._bad_loss is not None:
+            what.append(f"non-finite loss ({self._bad_loss})")
+        if self.check_grads and not _grad_scaler_active(trainer):
+            bad = _nonfinite_grads(pl_module)
+            if bad:
+                shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                what.append(f"non-finite gradients in {len(bad)} parameter(s): {shown}")
+        self._bad_loss = None
+        if not what:
+            self.consecutive = 0
+            return
+        reason = "; ".join(what)
+        if self.policy == "stop":
+            self._stop(trainer, reason)
+        self.consecutive += 1
+        if self.consecutive > self.max_consecutive_skips:
+            self._stop(trainer, f"{reason} — {self.consecutive} non-finite steps in a row "
+                                f"(faults.max_consecutive_skips={self.max_consecutive_skips})")
+        for group in optimizer.param_groups:  # no update: AdamW skips parameters without grad
+            for p in group["params"]:
+                p.grad = None
+        self.skipped += 1
+        log.warning("%s step %d: %s — update skipped (%d so far; faults.policy=skip)",
+                    self._where(trainer), trainer.global_step + 1, reason, self.skipped)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.policy != "off":
+            pl_module.log("faults/skipped_steps", float(self.skipped), on_step=True, on_epoch=False,
+                          batch_size=1)
+
+    # -------------------------------------------------------------- stop
+    def _where(self, trainer: L.Trainer) -> str:
+        return f"stage {self.stage}" if self.stage else "training"
+
+    def _stop(self, trainer: L.Trainer, reason: str) -> None:
+        step = trainer.global_step + 1  # the step being computed
+        ckpt_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None)
+                        or Path(trainer.default_root_dir) / "checkpoints" / (self.stage or "stage"))
+        path = ckpt_dir / f"nonfinite-step={step}.ckpt"
+        saved = f"the state before this update is saved in {path}"
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as e:  # never hide the numerical error behind a saving error
+            saved = f"saving a checkpoint to {path} failed too ({type(e).__name__}: {e})"
+        raise NonFiniteError(
+            f"{self._where(trainer)}, step {step}: {reason}. Training stopped (faults.policy="
+            f"{self.policy}); {saved}. Resume from the last periodic checkpoint with resume=true, "
+            "e.g. with a lower learning rate, or set faults.policy=skip to skip such steps."
+        )
+
+    # -------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+def _grad_scaler_active(trainer: L.Trainer) -> bool:
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def _nonfinite_grads(module: torch.nn.Module) -> list[str]:
+    params = [(n, p) for n, p in module.named_parameters() if p.grad is not None]
+    if not params:
+        return []
+    ok = torch.stack([torch.isfinite(p.grad).all() for _, p in params])
+    if bool(ok.all()):
+        return []
+    return [n for (n, _), good in zip(params, ok.tolist()) if not good]
+
+
+class KillAt(L.Callback):
+    """Test-only fault injection: SIGKILL this process at `<stage>:<step>` (from the env var
+    CWDPO_FAULT_KILL_AT), i.e. when stage `stage` is about to compute step `step + 1` — right
+    after the checkpoint for `step` was written — or `<stage>:start`, before its first step."""
+
+    def __init__(self, stage: str, spec: str) -> None:
+        target, _, at = spec.partition(":")
+        self.active = target == stage
+        self.at = at
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active and self.at == "start":
+            _kill()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.active and self.at != "start" and trainer.global_step == int(self.at):
+            _kill()
+
+
+def _kill() -> None:
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reliability_callbacks(stage: str, cfg: Any) -> list[L.Callback]:
+    """The callbacks every stage gets: non-finite guard, global RNG state for resume, and
+    (tests only) the kill switch."""
+    from cwdpo.utils.checkpoint import GlobalRNGState
+
+    f = cfg.get("faults") or {}
+    cbs: list[L.Callback] = [
+        NonFiniteGuard(policy=f.get("policy", "skip"), check_grads=bool(f.get("check_grads", True)),
+                       max_consecutive_skips=int(f.get("max_consecutive_skips", 10)), stage=stage),
+        GlobalRNGState(),
+    ]
+    if os.environ.get(KILL_ENV):
+        cbs.append(KillAt(stage, os.environ[KILL_ENV]))
+    return cbs
+
+
+__all__ = ["POLICIES", "KillAt", "NonFiniteError", "NonFiniteGuard", "reliability_callbacks"]

@@ -1,0 +1,53 @@
+"""`python -m cwdpo.bench` runs end to end (smallest settings) and writes the JSON it prints:
+every variant (ours plain / prefix / prefix+cache, cooling on/off, TRL, LoRA), the ratios
+against the targets and generation tokens/s. A smoke test, not a timed test."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cwdpo.bench import PeakMemory, main, state_bytes
+
+
+def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    res = main(["--cache", str(tiny_cache_dir), "--pairs", "2", "--rounds", "2", "--warmup", "0",
+                "--gen-tokens", "4", "--gen-rounds", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "vs TRL" in printed and "targets:" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["variants"]) == {
+        "dpo/plain", "cwdpo/plain", "dpo/prefix", "cwdpo/prefix", "dpo/prefix+cache",
+        "cwdpo/prefix+cache", "trl/dpo", "lora/cwdpo/prefix+cache", "lora/dpo/prefix+cache",
+    }
+    for v in saved["variants"].values():
+        assert v["median_s"] > 0 and v["samples_per_s"] > 0 and v["state_mb"]["total"] > 0
+    full = saved["variants"]["dpo/prefix"]["state_mb"]
+    lora = saved["variants"]["lora/dpo/prefix+cache"]["state_mb"]
+    assert full["reference"] > 0 and lora["reference"] == 0  # LoRA: no second model
+    assert lora["total"] < full["total"]
+    r = saved["ratios"]
+    assert set(r["cw_overhead_vs_our_dpo"]) == {"plain", "prefix", "prefix+cache"}
+    assert r["throughput_vs_trl"]["dpo/prefix+cache"] > 0
+    assert saved["targets"]["our_best_dpo"].startswith("dpo/")
+    assert saved["generation"]["tokens_per_s"] > 0
+    c = saved["setup"]["composition"]
+    assert c["image_tokens_per_row"] > c["response_tokens_per_row"]  # the captioning case
+    assert res["ratios"] == r
+
+
+def test_state_bytes_and_peak_memory():
+    model = torch.nn.Linear(10, 10)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()
+    s = state_bytes(model, None, opt)
+    assert s["weights"] == 110 * 4 and s["grads"] == 110 * 4 and s["reference"] == 0
+    assert s["optimizer"] >= 2 * 110 * 4  # exp_avg + exp_avg_sq (+ step counters)
+    with PeakMemory(torch.device("cpu")) as pm:
+        x = torch.ones(8 * 2**20 // 4)  # 8 MiB, touched
+        x += 1
+        del x
+    assert pm.peak >= 6 * 2**20

@@ -1,0 +1,254 @@
+"""Scale: trainer configs compose, our datamodules shard under DistributedSampler, and a real
+2-process DDP run (gloo, CPU) of the CW-DPO stage equals the 1-process run with the same global
+batch, with outputs (checkpoint, logs, saved policy) written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINERS = ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "deepspeed", "multinode")
+
+# One CW-DPO stage on fixed ShapesWorld pairs, run by the test in-process (1 device) and as a
+# subprocess under Lightning's DDP launcher (2 CPU processes, gloo). Rank-zero-only outputs are
+# recorded in writes.log so the test can check each is written exactly once.
+SCRIPT = textwrap.dedent(
+    '''
+    import json, sys
+    from functools import partial
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+    from cwdpo.backbone import VLMBackbone
+    from cwdpo.data.shapes import ShapesWorld
+    from cwdpo.stages import CWDPOModule
+
+
+    class GlobalOrder(Sampler):
+        """Single process: the order in which `world` DDP ranks (per-rank batch b) see the data
+        under the DistributedSampler Lightning injects (shuffle, seed = PL_GLOBAL_SEED):
+        step s = rank 0's batch s, then rank 1's batch s, ..."""
+
+        def __init__(self, n, world, b, seed=0):
+            self.n, self.world, self.b, self.seed = n, world, b, seed
+
+        def __iter__(self):
+            shards = [list(DistributedSampler(range(self.n), num_replicas=self.world, rank=r,
+                                              shuffle=True, seed=self.seed))
+                      for r in range(self.world)]
+            for s in range(len(shards[0]) // self.b):
+                for r in range(self.world):
+                    yield from shards[r][s * self.b:(s + 1) * self.b]
+
+        def __len__(self):
+            return self.n
+
+
+    class FixedPairs(L.LightningDataModule):
+        """Fixed dataset pairs; under DDP Lightning shards them with its DistributedSampler."""
+
+        def __init__(self, backbone, n_pairs, batch_size, mirror_world=None):
+            super().__init__()
+            self.pairs = ShapesWorld().pairs("train", n_pairs)
+            self.images = [p.image.load() for p in self.pairs]
+            self.backbone, self.batch_size, self.mirror = backbone, batch_size, mirror_world
+
+        def train_dataloader(self):
+            ds = list(range(len(self.pairs)))
+            if self.mirror:  # 1 process with the global batch of `mirror` DDP ranks
+                b = self.batch_size // self.mirror
+                return DataLoader(ds, batch_size=self.batch_size, collate_fn=list,
+                                  sampler=GlobalOrder(len(ds), self.mirror, b))
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=list)
+
+        def on_before_batch_transfer(self, idx, dataloader_idx):
+            ps = [self.pairs[i] for i in idx]
+            enc = self.backbone.collate_pairs([self.images[i] for i in idx], [p.prompt for p in ps],
+                                              [p.chosen for p in ps], [p.rejected for p in ps])
+            return {"pairs": enc, "n": len(ps), "neg_is_dataset": torch.ones(len(ps)),
+                    "neg_is_easy": torch.zeros(len(ps))}
+
+
+    def run(tiny, out, devices, batch_size, steps=3, prefix_sharing=False, ref_cache=False,
+            mirror_world=None):
+        torch.set_num_threads(1)
+        out = Path(out)
+        L.seed_everything(0)
+        bb = VLMBackbone.from_pretrained(tiny, max_length=128)
+        bb.snapshot_reference()
+        module = CWDPOModule(bb, optimizer=partial(torch.optim.AdamW, lr=2e-3), beta=0.5,
+                             prefix_sharing=prefix_sharing,
+                             ref_cache=str(out / "ref_cache") if ref_cache else None)
+        strategy = (DDPStrategy(process_group_backend="gloo", find_unused_parameters=True)
+                    if devices > 1 else "auto")
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
+            logger=CSVLogger(str(out), name="logs", version="cw_dpo"), log_every_n_steps=1,
+            callbacks=[ModelCheckpoint(dirpath=str(out / "ckpt"), save_last=True, save_top_k=0,
+                                       every_n_train_steps=steps)],
+            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+            default_root_dir=str(out),
+        )
+        dm = FixedPairs(bb, steps * batch_size * devices, batch_size, mirror_world)
+        trainer.fit(module, datamodule=dm)
+        if trainer.is_global_zero:  # what the pipeline does: rank zero writes the outputs once
+            with open(out / "writes.log", "a") as f:
+                f.write(f"rank{trainer.global_rank}\\n")
+            torch.save({k: v.detach().clone() for k, v in bb.model.state_dict().items()},
+                       out / "weights.pt")
+            (out / "results.json").write_text(json.dumps(
+                {"world_size": trainer.world_size, "steps": trainer.global_step}))
+        return bb
+
+
+    if __name__ == "__main__":
+        a = json.loads(sys.argv[1])
+        run(**a)
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("ddp") / "ddp_run.py"
+    p.write_text(SCRIPT)
+    return p
+
+
+def test_trainer_configs_compose():
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from cwdpo.config import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        for name in TRAINERS:
+            t = compose("train", overrides=[f"trainer={name}"]).trainer
+            assert t._target_ == "lightning.Trainer"
+            for key in ("precision", "accumulate_grad_batches", "num_nodes", "strategy"):
+                assert key in t, (name, key)
+            if name in ("ddp", "ddp_cpu", "fsdp", "multinode"):
+                strategy = hydra.utils.instantiate(t.strategy)  # constructible without GPUs
+                assert type(strategy).__name__ in ("DDPStrategy", "FSDPStrategy")
+        t = compose("train", overrides=["trainer=fsdp"]).trainer
+        fsdp = hydra.utils.instantiate(t.strategy)
+        assert callable(fsdp.kwargs["auto_wrap_policy"])
+        assert fsdp.kwargs["use_orig_params"] is True
+        assert compose("train", overrides=["trainer=deepspeed"]).trainer.strategy.stage == 2
+        ddp_cpu = compose("train", overrides=["trainer=ddp_cpu"]).trainer
+        assert ddp_cpu.strategy.process_group_backend == "gloo" and ddp_cpu.devices == 2
+
+
+def test_multinode_reads_slurm_and_torchrun_env(monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cwdpo.config import CONFIG_DIR
+
+    for var in ("SLURM_NNODES", "NNODES", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        def trainer():
+            t = compose("train", overrides=["trainer=multinode"]).trainer
+            return OmegaConf.to_container(t, resolve=True)
+
+        assert (trainer()["num_nodes"], trainer()["devices"]) == (1, "auto")
+        monkeypatch.setenv("SLURM_NNODES", "4")
+        monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+        assert (trainer()["num_nodes"], trainer()["devices"]) == (4, 8)
+        monkeypatch.delenv("SLURM_NNODES")
+        monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+        monkeypatch.setenv("NNODES", "2")  # torchrun: export NNODES; LOCAL_WORLD_SIZE is set
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert (trainer()["num_nodes"], trainer()["devices"]) == (2, 4)
+
+
+def test_datamodule_loader_shards_under_distributed_sampler():
+    """Lightning re-creates our DataLoader with its distributed sampler (exactly as under
+    `Trainer(strategy="ddp")`): it must accept our loader (sampler, generator, collate_fn,
+    drop_last) and give each rank a disjoint shard, together covering the data."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    from cwdpo.data.datamodules import PreferenceDataModule
+    from cwdpo.data.sources import ShapesSource
+
+    src = ShapesSource(sizes={"train": 16, "val": 4, "test": 4, "probe": 4})
+    dm = PreferenceDataModule(src, src.captions("train"), batch_size=4)
+    loader = dm.train_dataloader()
+    shards = []
+    for rank in range(2):
+        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0,
+                                           mode=RunningStage.TRAINING, num_replicas=2, rank=rank)
+        dl = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        shards.append([i for idx, _ in dl for i in idx])
+        assert all(len(idx) == 4 for idx, _ in dl)  # per-rank batch size kept
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(16))
+
+
+def _load_script(script: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddp_run", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
+    """Global batch 4: 1 process × 4 pairs vs 2 gloo processes × 2 pairs, 3 AdamW steps.
+    The DDP run also uses the prefix-shared forward and the reference cache."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
+                             mirror_world=2)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    args = {"tiny": str(tiny_vlm_path), "out": str(ddp), "devices": 2, "batch_size": 2,
+            "prefix_sharing": True, "ref_cache": True}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    assert json.loads((ddp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
+    # outputs written once: one rank wrote, one checkpoint set, one metrics log
+    assert (ddp / "writes.log").read_text().split() == ["rank0"]
+    assert sorted(p.name for p in (ddp / "ckpt").iterdir()) == sorted(
+        p.name for p in (single / "ckpt").iterdir())
+    assert len(list(ddp.rglob("metrics.csv"))) == 1
+    # each rank keeps its own reference-cache shard (2 pairs × 3 steps each)
+    shards = sorted(p.name for p in (ddp / "ref_cache").rglob("*.safetensors"))
+    assert shards == ["rank0.safetensors", "rank1.safetensors"]
+
+    w1 = torch.load(single / "weights.pt")
+    w2 = torch.load(ddp / "weights.pt")
+    w0 = _initial_weights(tiny_vlm_path)
+    assert w1.keys() == w2.keys()
+    moved = max((w1[k].float() - w0[k].float()).abs().max().item() for k in w1)
+    assert moved > 1e-3  # training really changed the weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def _initial_weights(path):
+    from cwdpo.backbone import VLMBackbone
+
+    bb = VLMBackbone.from_pretrained(path, max_length=128)
+    return {k: v.detach().clone() for k, v in bb.model.state_dict().items()}

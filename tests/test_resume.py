@@ -1,0 +1,301 @@
+"""Resume guarantees (docs/reliability.md).
+
+A run SIGKILLed between stages and then mid-stage, resumed twice (once with `resume=<run dir>`,
+once with `hydra.run.dir=<run dir> resume=true`), ends with the same results and bitwise-equal
+weights as an uninterrupted run (CPU, deterministic settings), and never redoes a finished
+stage. Runs are forked from the test process (imports already paid), with on-policy negatives
+refreshed every step so the negative buffer, the global RNG and the data order all matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+KILL_ENV = "CWDPO_FAULT_KILL_AT"
+SECRET = "sk-cwdpo-reliability-test-4f9c2b7e1d"  # in every run's env; must never reach a file
+STAGES = ("base_sft", "sft_c", "cw_dpo")
+TIMING = ("seconds", "cost_frac")  # wall-clock measurements: the only values allowed to differ
+ARGS = [
+    "+debug=fast", "num_threads=1", "trainer.deterministic=true", "trainer.limit_val_batches=0",
+    "eval.caption_metrics=false", "eval.n_records=4", "eval.max_new_tokens=6",
+    "negatives=mixed", "negatives.refresh_every_n_steps=1", "negatives.num_samples=1",
+    "negatives.max_new_tokens=6", "stage.base_sft.steps=2", "stage.cw_dpo.steps=3",
+    "callbacks.probes.n_items=4", "callbacks.probes.n_samples=2",
+    "callbacks.dynamics.grad_split_every_n_steps=0",
+]
+
+_RUNS: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------- forked CLI runs
+def _child(args: list[str], env: dict[str, str], log: Path) -> None:
+    code = 1
+    try:
+        torch.set_num_threads(1)  # before any op: no OpenMP pool is used across the fork
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(env)
+        from cwdpo.train import main
+
+        sys.argv = ["cwdpo.train", *args]
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path) -> int:
+    """`python -m cwdpo.train *args` in a forked child (so it can be SIGKILLed); returns the pid."""
+    import cwdpo.pipeline  # noqa: F401  (heavy imports once, in the parent)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _child(args, env, log)
+    return pid
+
+
+def wait(pid: int) -> int:
+    return os.waitpid(pid, 0)[1]
+
+
+def _mtimes(run: Path, stage: str) -> dict[str, int]:
+    ck = run / "checkpoints"
+    return {p.name: p.stat().st_mtime_ns for p in (ck / f"{stage}.done.json", ck / f"{stage}_hf" / "model.safetensors")}
+
+
+def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
+    """The reference run and the killed-and-resumed run, once per session (shared with
+    tests/test_safe_loading.py, which checks that SECRET reached no file)."""
+    if _RUNS:
+        return _RUNS
+    root = tmp_path_factory.mktemp("resume")
+    ref, run, run2 = root / "ref", root / "run", root / "resume-hydra-dir"
+    common = [*ARGS, f"paths.cache_dir={cache_dir}"]
+    env = {"OPENAI_API_KEY": SECRET, "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
+    logs = {k: root / f"{k}.log" for k in ("ref", "kill1", "kill2", "resume")}
+    # Uninterrupted reference (also logging to W&B, offline), in parallel with the killed run.
+    p_ref = start_cli([*common, f"hydra.run.dir={ref}", "logger=wandb"],
+                      {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}, logs["ref"])
+    # 1. killed between stages: base_sft and sft_c finished, cw_dpo about to start.
+    s1 = wait(start_cli([*common, f"hydra.run.dir={run}"], {**env, KILL_ENV: "cw_dpo:start"}, logs["kill1"]))
+    m1 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
+    # 2. resume=<run dir>: cw_dpo starts from the saved sft_c policy in a fresh process and is
+    #    killed right after its step-1 checkpoint.
+    s2 = wait(start_cli([*common, f"hydra.run.dir={run2}", f"resume={run}"],
+                        {**env, KILL_ENV: "cw_dpo:1"}, logs["kill2"]))
+    m2 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
+    ckpt_path = run / "checkpoints" / "cw_dpo" / "last.ckpt"
+    killed_ckpt = None
+    if ckpt_path.is_file():
+        from cwdpo.utils.checkpoint import safe_torch_load
+
+        killed_ckpt = safe_torch_load(ckpt_path)
+    s_ref = wait(p_ref)
+    # 3. hydra.run.dir=<run dir> resume=true: cw_dpo continues from last.ckpt (step 1).
+    s3 = wait(start_cli([*common, f"hydra.run.dir={run}", "resume=true"], env, logs["resume"]))
+    m3 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
+    _RUNS.update(root=root, ref=ref, run=run, run2=run2, logs=logs, status=(s_ref, s1, s2, s3),
+                 mtimes=(m1, m2, m3), killed_ckpt=killed_ckpt)
+    return _RUNS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_vlm_path) -> dict[str, Any]:
+    return pipeline_runs(tmp_path_factory, Path(tiny_vlm_path).parent)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else "<no log>"
+
+
+def _strip_timing(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _strip_timing(v) for k, v in x.items() if not any(t in k for t in TIMING)}
+    if isinstance(x, list):
+        return [_strip_timing(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------- the guarantees
+def test_runs_were_killed_where_asked(runs):
+    s_ref, s1, s2, s3 = runs["status"]
+    logs = runs["logs"]
+    assert os.WIFEXITED(s_ref) and os.WEXITSTATUS(s_ref) == 0, _tail(logs["ref"])
+    assert os.WIFSIGNALED(s1) and os.WTERMSIG(s1) == signal.SIGKILL, _tail(logs["kill1"])
+    assert os.WIFSIGNALED(s2) and os.WTERMSIG(s2) == signal.SIGKILL, _tail(logs["kill2"])
+    assert os.WIFEXITED(s3) and os.WEXITSTATUS(s3) == 0, _tail(logs["resume"])
+    assert runs["killed_ckpt"] is not None and runs["killed_ckpt"]["global_step"] == 1
+
+
+def test_resume_mid_stage_gives_bitwise_identical_results(runs):
+    from safetensors.torch import load_file
+
+    a = json.loads((runs["ref"] / "results.json").read_text())
+    b = json.loads((runs["run"] / "results.json").read_text())
+    assert list(a["stages"]) == list(b["stages"]) == ["start", *STAGES]
+    for stage in a["stages"]:
+        assert _strip_timing(b["stages"][stage]) == _strip_timing(a["stages"][stage]), stage
+    # The resumed stage really used refreshed on-policy negatives across the kill.
+    assert b["stages"]["cw_dpo"]["negatives"]["refresh_steps"] == [0, 1, 2]
+    for stage in STAGES:
+        wa = load_file(runs["ref"] / "checkpoints" / f"{stage}_hf" / "model.safetensors")
+        wb = load_file(runs["run"] / "checkpoints" / f"{stage}_hf" / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not diff, f"{stage}: {len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def test_killed_between_stages_does_not_redo_finished_stages(runs):
+    m1, m2, m3 = runs["mtimes"]
+    assert m1 == m2 == m3  # base_sft and sft_c (marker and weights) never rewritten
+    second = (runs["run2"] / "train.log").read_text()
+    assert "resume: stage base_sft already done" in second
+    assert "resume: stage sft_c already done" in second
+    assert "stage base_sft done in" not in second and "stage sft_c done in" not in second
+    assert "resume: stage cw_dpo continues" not in second  # killed before its first checkpoint
+    third = (runs["run"] / "train.log").read_text().split("resume: stage base_sft already done")[-1]
+    assert "resume: stage sft_c already done" in third and "stage sft_c done in" not in third
+    assert "resume: stage cw_dpo continues from" in third and "last.ckpt" in third
+
+
+def test_checkpoint_holds_the_state_resume_needs(runs):
+    """Optimizer, scheduler, loops (Lightning), data position + RNG + negative buffer and stats
+    (datamodule), global RNG and the fault counter (callbacks) — all weights_only-loadable."""
+    ck = runs["killed_ckpt"]
+    assert ck["optimizer_states"] and ck["lr_schedulers"]
+    dm = ck["PreferenceDataModule"]
+    assert dm["train_position"] == {"epoch": 0, "batches": 1}
+    assert dm["buffer"] and dm["stats"]["refresh_steps"] == [0, 1]
+    names = " ".join(ck["callbacks"])
+    assert "GlobalRNGState" in names and "NonFiniteGuard" in names and "OnPolicyNegatives" in names
+
+
+def test_resumed_cw_dpo_reference_is_the_sft_c_policy(runs):
+    """The Lightning ckpt restores π_ref too; it must equal the saved stage-1 output."""
+    from cwdpo.backbone import VLMBackbone
+
+    saved = VLMBackbone.from_pretrained(runs["run"] / "checkpoints" / "sft_c_hf")
+    sft_c = saved.model.state_dict()  # HF files use the legacy key layout: load, then compare
+    state = runs["killed_ckpt"]["state_dict"]
+    ref = {k.removeprefix("backbone.reference."): v for k, v in state.items()
+           if k.startswith("backbone.reference.")}
+    assert ref and ref.keys() == sft_c.keys()
+    assert all(torch.equal(ref[k], sft_c[k]) for k in ref)
+    policy = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
+    assert any(not torch.equal(policy[k], sft_c[k]) for k in policy)  # the policy moved on
+
+
+def test_resumed_probe_deltas_match_the_uninterrupted_run(runs):
+    import csv
+
+    def last_rows(path: Path) -> dict[tuple[str, str], float]:
+        with path.open() as f:  # the last row per (step, group) wins (a resume may repeat steps)
+            return {(r["step"], r["group"]): float(r["mean"]) for r in csv.DictReader(f)
+                    if r["stage"] == "cw_dpo"}
+
+    assert last_rows(runs["run"] / "probes.csv") == last_rows(runs["ref"] / "probes.csv")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def test_sampler_restarts_mid_epoch_and_reshuffles_per_epoch():
+    from cwdpo.utils.checkpoint import ResumableSampler
+
+    s = ResumableSampler(10, seed=3, batch_size=4)
+    epoch0 = list(s)
+    again = ResumableSampler(10, seed=3, batch_size=4)
+    again.start_at(epoch=0, batches=1)
+    assert list(again) == epoch0[4:]
+    s.set_epoch(1)
+    assert list(s) != epoch0 and sorted(s) == list(range(10))
+    other = ResumableSampler(10, seed=3, batch_size=4)
+    other.start_at(epoch=1, batches=0)
+    assert list(other) == list(s)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from cwdpo.utils import checkpoint as ck
+
+    io_ = ck.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"w": torch.arange(4.0), "global_step": 1}, path)
+
+    def crash(obj, f, *a, **k):  # half a file, then the process "dies"
+        f.write(b"\x80\x02half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io_.save_checkpoint({"w": torch.zeros(4), "global_step": 2}, path)
+    monkeypatch.undo()
+    loaded = io_.load_checkpoint(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+    # A temp file left behind by a SIGKILL mid-write is never what resume reads.
+    state = ck.RunState(tmp_path / "run")
+    state.stage_ckpt_dir("sft_c").mkdir(parents=True)
+    (state.stage_ckpt_dir("sft_c") / ".last.ckpt.abc.tmp").write_bytes(b"garbage")
+    assert state.last_checkpoint("sft_c") is None
+
+
+def test_result_and_directory_writes_are_atomic(tmp_path, monkeypatch):
+    from cwdpo.utils import io
+
+    target = tmp_path / "results.json"
+    io.atomic_write_json(target, {"a": 1})
+
+    def crash(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(io.os, "replace", crash)
+    with pytest.raises(OSError):
+        io.atomic_write_json(target, {"a": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+    hf = tmp_path / "sft_c_hf"
+    io.atomic_save_dir(hf, lambda d: (d / "model.safetensors").write_bytes(b"v1"))
+
+    def half(d: Path) -> None:
+        (d / "model.safetensors").write_bytes(b"v2-partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_save_dir(hf, half)
+    assert (hf / "model.safetensors").read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "sft_c_hf"]
+
+
+def test_stage_marker_needs_the_saved_policy_and_fresh_runs_drop_stale_state(tmp_path):
+    from cwdpo.utils.checkpoint import RunState, resume_dir
+
+    st = RunState(tmp_path)
+    st.mark_done("sft_c", {"x": 1.0}, ["a"])
+    assert not st.is_done("sft_c")  # marker without <stage>_hf: not done
+    (st.hf_dir("sft_c")).mkdir(parents=True)
+    (st.hf_dir("sft_c") / "config.json").write_text("{}")
+    assert st.load_done("sft_c")["metrics"] == {"x": 1.0}
+    (st.stage_ckpt_dir("cw_dpo")).mkdir(parents=True)
+    (st.stage_ckpt_dir("cw_dpo") / "last.ckpt").write_bytes(b"old")
+    st.clear(["sft_c", "cw_dpo"])
+    assert not st.is_done("sft_c") and st.last_checkpoint("cw_dpo") is None
+    assert resume_dir(None, tmp_path) is None and resume_dir(True, tmp_path) == tmp_path
+    assert resume_dir(str(tmp_path), "/elsewhere") == tmp_path
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        resume_dir(str(tmp_path / "missing"), tmp_path)
