@@ -20,9 +20,8 @@ from PIL import Image
 from torch import nn
 
 from cwdpo.data.records import DataError
-from cwdpo.objectives import IGNORE_INDEX, SeqLogps, sequence_logps
+from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS, SeqLogps, sequence_logps
 
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 DROP_KEYS = ("token_type_ids",)
 
 
@@ -57,6 +56,7 @@ def load_model_and_processor(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    chat_template: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load through AutoModelForImageTextToText / AutoProcessor, with errors that name the path."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -81,6 +81,13 @@ def load_model_and_processor(
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load a processor from {path}: {type(e).__name__}: {e}") from e
+    if chat_template:
+        processor.chat_template = chat_template
+    if not getattr(processor, "chat_template", None):
+        raise ModelLoadError(
+            f"{path}: the processor has no chat template (cwdpo builds prompts with "
+            "apply_chat_template); set model.chat_template to a Jinja template"
+        )
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise ModelLoadError(
             f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal "
@@ -137,9 +144,10 @@ class VLMBackbone(nn.Module):
         lora: LoRASettings | dict | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        chat_template: str | None = None,
     ) -> VLMBackbone:
         model, processor = load_model_and_processor(
-            path, dtype, trust_remote_code, attn_implementation
+            path, dtype, trust_remote_code, attn_implementation, chat_template
         )
         if isinstance(lora, dict):
             lora = LoRASettings(**lora)

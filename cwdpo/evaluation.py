@@ -150,8 +150,9 @@ def predict_multiple_choice(
             enc = backbone.collate([r[2].load() for r in chunk], [r[3] for r in chunk], [r[4] for r in chunk])
             enc = {k: v.to(backbone.device) for k, v in enc.items()}
             lp = backbone.logps(enc)
-            # letter: the letter token(s) only, without the appended end-of-turn token
-            vals = lp.token[:, :-1].sum(-1) if scoring == "letter" else lp.mean
+            # letter: the letter token(s) only, without each row's appended end-of-turn token
+            last = lp.mask & (lp.mask.cumsum(-1) == lp.count[:, None])
+            vals = (lp.token * (lp.mask & ~last)).sum(-1) if scoring == "letter" else lp.mean
             scores += vals.float().cpu().tolist()
     finally:
         backbone.model.train(was)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")  # the collated batch's non-vision keys
 
 
 @dataclass
@@ -212,14 +213,15 @@ def cw_dpo_loss(
     filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
     """
     ell = policy_rejected_mean.detach()
+    kept = None if filter_threshold is None else ell >= filter_threshold
     if isinstance(floor, str):
         if floor != "mean":
             raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
-        floor_t = ell.float().mean()
+        pool = ell if kept is None or not kept.any() else ell[kept]  # filtered pairs don't count
+        floor_t = pool.float().mean()
     else:
         floor_t = torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
     weights = cooling_weight(ell, floor_t, tau) if cooling else None
-    kept = None if filter_threshold is None else ell >= filter_threshold
     out = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
         weights=weights, loss_type=loss_type, mask=kept,

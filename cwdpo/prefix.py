@@ -28,11 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cwdpo.objectives import IGNORE_INDEX, SeqLogps, sequence_logps
+from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS, SeqLogps, sequence_logps
 
 #: model_type values whose prefix-shared forward is tested equal to the plain forward.
 SHARED_PREFIX_MODEL_TYPES = frozenset({"llava"})
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass

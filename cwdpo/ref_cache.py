@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cwdpo.objectives import IGNORE_INDEX
+from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS
 from cwdpo.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -85,6 +84,12 @@ def pair_keys(batch: dict[str, torch.Tensor], n: int, fingerprint: str) -> list[
                 h.update(_tensor_bytes(v))
         keys.append(h.digest())
     return keys
+
+
+def _packed_vision(batch: dict[str, torch.Tensor]) -> bool:
+    rows = batch["input_ids"].shape[0]
+    return any(torch.is_tensor(v) and v.ndim and v.shape[0] != rows
+               for k, v in batch.items() if k not in TEXT_KEYS)
 
 
 def select_pairs(batch: dict[str, torch.Tensor], n: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -189,8 +194,10 @@ def cached_reference_logps(
     dev = batch["input_ids"].device
     ref = torch.cat([vals[:, 0], vals[:, 1]]).to(dev)
     miss = (~hit).nonzero().flatten()
+    if len(miss) and len(miss) < n and _packed_vision(batch):
+        miss = torch.arange(n)  # packed patches (Qwen2-VL) cannot be sub-batched: run all pairs
     if len(miss):
-        sub = select_pairs(batch, n, miss)
+        sub = select_pairs(batch, n, miss) if len(miss) < n else batch
         out = backbone.pair_logps(sub, len(miss), reference=True, prefix_sharing=prefix_sharing)
         m = len(miss)
         ref = ref.clone()

@@ -22,7 +22,7 @@ from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
 COLUMNS = (  # (key, header, scale)
     ("fact_accuracy", "facts %", 1.0), ("exact", "exact %", 1.0), ("cider", "CIDEr", 1.0),
-    ("winrate/win_rate", "win vs SFT %", 100.0), ("calib/ece", "ECE", 1.0),
+    ("winrate/win_rate", "win vs prev stage %", 100.0), ("calib/ece", "ECE", 1.0),
     ("calib/entropy", "entropy", 1.0), ("calib/mean_top1_prob", "top-1 p", 1.0),
     ("loss_std", "loss std", 1.0), ("grad_norm_std", "‖g‖ std", 1.0),
     ("loss_spikes", "spikes", 1.0), ("steps_to_target", "steps→target", 1.0),

@@ -25,11 +25,13 @@ def main(cfg: DictConfig) -> float | None:
     if run_dir is not None:  # resume=<run dir>: everything (ckpts, results, CSV logs) goes there
         cfg.paths.output_dir = str(run_dir)
         warn_config_changes(cfg, run_dir)
-    dump_config(cfg, Path(cfg.paths.output_dir))
+    out = Path(cfg.paths.output_dir)
+    if run_dir is None or not (out / "config.json").is_file():
+        dump_config(cfg, out)  # a resume keeps the run's original config as the baseline
     results = run_pipeline(cfg)
     last = list(results["stages"].values())[-1]
     # Returned for Hydra sweepers (Optuna maximises the last stage's fact accuracy / CIDEr).
-    return last.get("fact_accuracy", last.get("CIDEr"))
+    return last.get("fact_accuracy", last.get("cider"))
 
 
 def check_no_secrets(cfg: DictConfig) -> None:

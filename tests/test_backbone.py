@@ -312,3 +312,17 @@ def test_trust_remote_code_defaults_to_false(tiny_vlm_path, monkeypatch):
         monkeypatch.setattr(cls, "from_pretrained", spy)
     VLMBackbone.from_pretrained(tiny_vlm_path)
     assert len(seen) == 2 and all(v is False or v == "<not passed>" for v in seen)
+
+
+def test_processor_without_chat_template_needs_model_chat_template(tiny_vlm_path, tmp_path):
+    import shutil
+
+    from cwdpo.backbone import ModelLoadError, VLMBackbone
+
+    d = tmp_path / "no-template"
+    shutil.copytree(tiny_vlm_path, d)
+    (d / "chat_template.jinja").unlink()
+    with pytest.raises(ModelLoadError, match="no chat template"):
+        VLMBackbone.from_pretrained(d)
+    b = VLMBackbone.from_pretrained(d, chat_template="{{ messages[0]['content'][1]['text'] }}|")
+    assert b.prompt_text("Describe.") == "Describe.|"

@@ -75,6 +75,10 @@ class NegativeConfig:
             raise ValueError(f"negatives.easy_fraction must be in [0, 1], got {self.easy_fraction}")
         if self.kind not in ("dataset", "on_policy", "mixed"):
             raise ValueError(f"negatives.kind must be dataset|on_policy|mixed, got {self.kind!r}")
+        fixed = {"dataset": 1.0, "on_policy": 0.0}.get(self.kind)
+        if fixed is not None and self.dataset_fraction != fixed:
+            raise ValueError(f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
+                             f"negatives=mixed (negatives={self.kind} means {fixed})")
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -107,6 +111,7 @@ class _Base(L.LightningDataModule):
         self.collate: Collate | None = None
         self.rng = random.Random(seed)
         self.records_by_loader: dict[str, list[CaptionRecord]] = {}
+        self.negative_sources: Counter = Counter()  # stage 1 gentle negatives, by source
         self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
         self._resume_position: dict[str, int] | None = None
 
@@ -146,10 +151,30 @@ class _Base(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_records, shuffle=False) if self.val_records else []
 
-    def _records(self) -> list[CaptionRecord]:
+    def _training(self) -> bool:
         trainer = getattr(self, "trainer", None)
-        training = trainer is None or trainer.training
-        return self.train_records if training else self.val_records
+        return trainer is None or trainer.training
+
+    def _records(self) -> list[CaptionRecord]:
+        return self.train_records if self._training() else self.val_records
+
+    def _batch_rng(self, idx: list[int]) -> random.Random:
+        """Training draws advance the (checkpointed) RNG; validation draws are fixed per batch,
+        so val/loss compares like with like and validation never shifts the training stream."""
+        if self._training():
+            return self.rng
+        return random.Random(self.seed * 7919 + 104_729 + sum((i + 1) * 31**k for k, i in enumerate(idx)))
+
+    def _gentle_negative(self, rec: CaptionRecord, rng: random.Random) -> tuple[str, str]:
+        """A hard (one-fact-off) negative that is not a positive; sources are counted."""
+        for _ in range(5):
+            text, src = self.source.negative(rec, rng, hard=True)
+            if not self.source.is_positive(text, rec) and text not in rec.references:
+                if self._training():
+                    self.negative_sources[src] += 1
+                return text, src
+        raise DataError(f"could not draw a gentle negative for image {rec.image_id} that is not "
+                        "a positive (does the record have a rejected text equal to a reference?)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.getstate(),
@@ -175,11 +200,12 @@ class CaptionDataModule(_Base):
         idx, images = batch
         recs = self._records()
         rows = [recs[i] for i in idx]
+        rng = self._batch_rng(idx)
         prompts = [prompt_of(self.source, r) for r in rows]
-        pos = [self.rng.choice(r.references) for r in rows]
+        pos = [rng.choice(r.references) for r in rows]
         if not self.gentle_negatives:
             return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
-        neg = [self.source.negative(r, self.rng, hard=True)[0] for r in rows]
+        neg = [self._gentle_negative(r, rng)[0] for r in rows]
         return {"pairs": self.collate_pairs(images, prompts, pos, neg), "n": len(rows)}
 
 
@@ -203,10 +229,6 @@ class PreferenceDataModule(_Base):
     def __init__(self, *args: Any, negatives: NegativeConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.neg = negatives or NegativeConfig()
-        if self.neg.kind == "dataset":
-            self.neg.dataset_fraction = 1.0
-        elif self.neg.kind == "on_policy":
-            self.neg.dataset_fraction = 0.0
         self.buffer: dict[str, list[str]] = {}
         self.stats = NegativeStats()
 
@@ -252,15 +274,16 @@ class PreferenceDataModule(_Base):
         self.stats.rejected_as_positive += dropped
         return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
 
-    def _negative(self, rec: CaptionRecord, chosen: str) -> tuple[str, str]:
-        if self.rng.random() >= self.neg.dataset_fraction:
+    def _negative(self, rec: CaptionRecord, chosen: str, rng: random.Random) -> tuple[str, str]:
+        if rng.random() >= self.neg.dataset_fraction:
             pool = [t for t in self.buffer.get(rec.image_id, []) if t != chosen]
             if pool:
-                return self.rng.choice(pool), "on_policy"
-            self.stats.on_policy_fallback += 1
+                return rng.choice(pool), "on_policy"
+            if self._training():
+                self.stats.on_policy_fallback += 1
         for _ in range(5):
-            hard = self.rng.random() >= self.neg.easy_fraction
-            text, src = self.source.negative(rec, self.rng, hard=hard)
+            hard = rng.random() >= self.neg.easy_fraction
+            text, src = self.source.negative(rec, rng, hard=hard)
             if not self.source.is_positive(text, rec) and text not in rec.references:
                 return text, src
         raise DataError(f"could not draw a negative for image {rec.image_id} that is not a positive")
@@ -271,10 +294,12 @@ class PreferenceDataModule(_Base):
         idx, images = batch
         recs = self._records()
         rows = [recs[i] for i in idx]
-        chosen = [self.rng.choice(r.references) for r in rows]
-        negs = [self._negative(r, c) for r, c in zip(rows, chosen)]
-        for _, src in negs:
-            self.stats.counts[src] += 1
+        rng = self._batch_rng(idx)
+        chosen = [rng.choice(r.references) for r in rows]
+        negs = [self._negative(r, c, rng) for r, c in zip(rows, chosen)]
+        if self._training():
+            for _, src in negs:
+                self.stats.counts[src] += 1
         prompts = [prompt_of(self.source, r) for r in rows]
         pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
         is_dataset = torch.tensor([0.0 if s == "on_policy" else 1.0 for _, s in negs])

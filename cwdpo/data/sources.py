@@ -37,6 +37,11 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def matches_reference(text: str, record: CaptionRecord) -> bool:
+    """A sample counts as a positive when it equals a reference after normalisation."""
+    return normalize(text) in {normalize(r) for r in record.references}
+
+
 @dataclass
 class ShapesSource:
     """ShapesWorld captions; sizes per split are config values."""
@@ -146,7 +151,7 @@ class CaptionFileSource:
         return easy_negative(record, pool, rng)
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:
-        return normalize(text) in {normalize(r) for r in record.references}
+        return matches_reference(text, record)
 
     def score(self, text: str, record: CaptionRecord) -> float | None:
         return None
@@ -177,6 +182,10 @@ class PreferenceFileSource:
         from cwdpo.data.trl_pairs import read_preference_pairs
 
         pairs = read_preference_pairs(self.path, self.image_root, skip_bad_images=self.skip_bad_images)
+        for i, p in enumerate(pairs):
+            if normalize(p.chosen) == normalize(p.rejected):
+                raise DataError(f"{self.path}: row {i} ({p.image_id}): chosen and rejected are the "
+                                f"same text after normalisation ({p.chosen!r})")
         recs = [
             CaptionRecord(
                 image_id=p.image_id, image=p.image, references=[p.chosen], split="train",
@@ -206,7 +215,7 @@ class PreferenceFileSource:
         return record.meta["rejected"], "trl"
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:
-        return normalize(text) in {normalize(r) for r in record.references}
+        return matches_reference(text, record)
 
     def score(self, text: str, record: CaptionRecord) -> float | None:
         return None

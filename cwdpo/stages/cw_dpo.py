@@ -81,14 +81,18 @@ class CWDPOModule(StageModule):
 
     def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pol, ref, n = self.pair_logps(batch)
+        ps, rs = pol.sum, ref
+        if self.loss_type == "ipo":  # IPO (as in TRL) works on per-token average log-ratios
+            count = pol.count.clamp(min=1).to(pol.sum.dtype)
+            ps, rs = pol.sum / count, ref / count
         out = cw_dpo_loss(
-            pol.sum[:n], pol.sum[n:], ref[:n], ref[n:], pol.mean[n:],
+            ps[:n], ps[n:], rs[:n], rs[n:], pol.mean[n:],
             beta=self.beta, cooling=self.cooling, floor=self.floor, tau=self.tau,
             filter_threshold=self.filter_threshold, loss_type=self.loss_type,
         )
         loss = out.loss
-        if self.rpo_alpha > 0:  # RPO: DPO + NLL (per token) on the chosen response
-            loss = loss + self.rpo_alpha * (-pol.mean[:n]).mean()
+        if self.rpo_alpha > 0:  # RPO (as in TRL): DPO + token-mean NLL of the chosen responses
+            loss = loss + self.rpo_alpha * (-pol.sum[:n].sum() / pol.count[:n].sum().clamp(min=1))
         self.last_output, self.last_logps = out, pol
         w = out.weights
         metrics = {

@@ -19,7 +19,7 @@ class SFTCModule(StageModule):
         self,
         *args: Any,
         lam: float = 0.0,
-        margin_c: float = 0.0,
+        margin_c: float = 1.0,
         reduction: Literal["sum", "mean"] = "mean",
         label_smoothing: float = 0.0,
         constraint: Literal["soft", "hard"] = "soft",

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/shapes/runs}
 SEEDS=${SEEDS:-0,1,2}
 EXTRA=${EXTRA:-}   # e.g. EXTRA="eval.n_records=100" for a cheaper pass
-COMMON="eval.meteor=false $EXTRA"
+COMMON="eval.meteor=false num_threads=1 hydra/launcher=local_parallel $EXTRA"
+MAIN=${MAIN:-cw_dpo,dpo,ablation_cooling,sft_only,ablation_smooth_sft,ablation_soft_penalty,ablation_negative_filtering,rpo,ipo}
+SWEEPS=${SWEEPS:-main highlr mix gentle}
 BASE="$PWD/$OUT/base"
 
 for s in ${SEEDS//,/ }; do
@@ -23,8 +25,14 @@ sweep() {  # sweep <name> <overrides...>
   python -m cwdpo.train -m seed="$SEEDS" $FROM $COMMON "$@" \
     hydra.sweep.dir="$OUT/grid/$name"
 }
-sweep main +experiment=cw_dpo,dpo,ablation_cooling,sft_only,ablation_smooth_sft,ablation_soft_penalty,ablation_negative_filtering,rpo,ipo
-sweep mix +experiment=ablation_mix negatives.dataset_fraction=0,0.25,0.5,1
-sweep gentle +experiment=ablation_gentle_weight stage.sft_c.lam=0,0.5,2
+for sw in $SWEEPS; do
+  case $sw in
+    main) sweep main +experiment="$MAIN" ;;
+    # the paper's stability claim: a 5x larger stage-2 learning rate, DPO vs CW-DPO
+    highlr) sweep highlr +experiment=cw_dpo,ablation_cooling stage.cw_dpo.optimizer.lr=1e-3 ;;
+    mix) sweep mix +experiment=ablation_mix negatives.dataset_fraction=0,0.25,0.5,1 ;;
+    gentle) sweep gentle +experiment=ablation_gentle_weight stage.sft_c.lam=0,0.5,2 ;;
+  esac
+done
 
 python -m cwdpo.report "$OUT/grid" --out experiments/shapes
