@@ -176,3 +176,31 @@ def evaluate_multiple_choice(
     m = MultipleChoiceAccuracy()
     m.update(preds, [q.answer for q in qs], [q.category for q in qs], [str(g) for g in groups])
     return m.compute()
+
+
+@torch.no_grad()
+def preference_calibration(backbone: VLMBackbone, dm: Any, beta: float, max_batches: int = 8) -> dict[str, float]:
+    """Preference-level ECE on held-out pairs: p = σ(β·margin) vs "chosen is preferred"."""
+    from cwdpo.metrics.calibration import PreferenceCalibration
+
+    loader = dm.val_dataloader()
+    if not loader:
+        return {}
+    metric = PreferenceCalibration()
+    was = backbone.model.training
+    backbone.model.eval()
+    try:
+        with dm.evaluating():
+            for b, raw in enumerate(loader):
+                if b >= max_batches:
+                    break
+                batch = dm.on_before_batch_transfer(raw, 0)
+                enc = {k: v.to(backbone.device) for k, v in batch["pairs"].items()}
+                n = batch["n"]
+                pol = backbone.logps(enc).sum
+                ref = backbone.logps(enc, reference=True).sum
+                margin = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+                metric.update(margin.float().cpu(), beta)
+    finally:
+        backbone.model.train(was)
+    return {f"pref_calib/{k}": float(v) for k, v in metric.compute().items()}

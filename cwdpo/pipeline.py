@@ -29,7 +29,7 @@ from cwdpo.data.datamodules import (
     split_records,
 )
 from cwdpo.data.records import DataError
-from cwdpo.evaluation import evaluate_captioning
+from cwdpo.evaluation import evaluate_captioning, preference_calibration
 from cwdpo.plot import write_run_plots
 from cwdpo.stages import CWDPOModule, SFTCModule
 from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
@@ -218,6 +218,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
         metrics.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
         if isinstance(dm, PreferenceDataModule):
+            metrics.update(preference_calibration(backbone, dm, float(cfg.stage[name].beta)))
             total = sum(dm.stats.counts.values())
             metrics["negatives"] = {
                 "sources": dict(dm.stats.counts),
@@ -246,7 +247,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 TABLE_KEYS = (
     ("fact_accuracy", "facts %"), ("exact", "exact %"), ("cider", "CIDEr"), ("bleu_4", "BLEU-4"),
     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
-    ("calib/mean_top1_prob", "top-1 p"), ("winrate/win_rate", "win vs prev"),
+    ("calib/mean_top1_prob", "top-1 p"), ("pref_calib/ece", "pref ECE"),
+    ("winrate/win_rate", "win vs prev"),
 )
 
 

@@ -159,3 +159,16 @@ def test_coco_hard_negatives_swap_mined_words(tmp_path):
         assert not src.is_positive(text, r)
     easy = src.negative(recs[0], rng, hard=False)
     assert easy[1] == "easy:other_image" and easy[0] not in recs[0].references
+
+
+def test_validation_draws_are_fixed_and_leave_training_state_alone():
+    dm = _dm("dataset", 1.0, n=8)
+    dm.val_records = dm.source.captions("val")
+    dm.attach(lambda *a: {}, lambda *a: {})
+    before = (dm.rng.getstate(), dict(dm.stats.counts))
+    raw = next(iter(dm.val_dataloader()))
+    with dm.evaluating():
+        a = dm.on_before_batch_transfer(raw, 0)
+        b = dm.on_before_batch_transfer(raw, 0)
+    assert a["rejected"] == b["rejected"] and a["image_ids"] == [r.image_id for r in dm.val_records[:4]]
+    assert (dm.rng.getstate(), dict(dm.stats.counts)) == before

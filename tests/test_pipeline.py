@@ -36,6 +36,8 @@ def test_pipeline_runs_every_stage_and_writes_outputs(fast_run):
         for key in ("fact_accuracy", "cider", "bleu_4", "rouge_l", "calib/ece", "winrate/win_rate"):
             assert key in m, key
     assert "| cw_dpo |" in (out / "results.md").read_text()
+    pc = res["stages"]["cw_dpo"]
+    assert 0.0 <= pc["pref_calib/ece"] <= 1.0 and pc["pref_calib/n"] > 0
 
 
 def test_cw_dpo_logs_the_required_quantities(fast_run):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,7 @@ class _Base(L.LightningDataModule):
         self.rng = random.Random(seed)
         self.records_by_loader: dict[str, list[CaptionRecord]] = {}
         self.negative_sources: Counter = Counter()  # stage 1 gentle negatives, by source
+        self._evaluating = False
         self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
         self._resume_position: dict[str, int] | None = None
 
@@ -152,8 +154,19 @@ class _Base(L.LightningDataModule):
         return self._loader(self.val_records, shuffle=False) if self.val_records else []
 
     def _training(self) -> bool:
+        if self._evaluating:
+            return False
         trainer = getattr(self, "trainer", None)
         return trainer is None or trainer.training
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Draw validation batches outside `Trainer.fit` (fixed negatives, no stats/RNG use)."""
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
 
     def _records(self) -> list[CaptionRecord]:
         return self.train_records if self._training() else self.val_records
