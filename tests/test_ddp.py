@@ -252,3 +252,56 @@ def _initial_weights(path):
 
     bb = VLMBackbone.from_pretrained(path, max_length=128)
     return {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
+
+
+ON_POLICY_SCRIPT = textwrap.dedent(
+    '''
+    import json, os, sys
+    import torch.distributed as dist
+    from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
+    from cwdpo.data.shapes import WorldConfig
+    from cwdpo.data.sources import ShapesSource
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    src = ShapesSource(WorldConfig(), seed=0, sizes={"train": 10, "val": 2, "test": 2, "probe": 2})
+    dm = PreferenceDataModule(src, src.captions("train"), batch_size=2,
+                              negatives=NegativeConfig(kind="on_policy", dataset_fraction=0.0))
+    seen = []
+
+    def generate(images, prompts, num_return_sequences=1, **kw):
+        seen.append(len(images))  # a deterministic stand-in: the prompt index, per sample
+        return [f"a red circle on the left {len(seen)}-{i}-{rank}"
+                for i in range(len(images) * num_return_sequences)]
+
+    stats = dm.refresh_on_policy(generate, step=0)
+    json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]},
+              open(out, "w"))
+    '''
+)
+
+
+def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
+    """Each rank generates for its own shard of the images; after the gather every rank holds
+    the negatives of every image, and the kept count is global."""
+    import socket
+
+    script = tmp_path / "onpolicy.py"
+    script.write_text(ON_POLICY_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port,
+                               str(tmp_path / f"r{r}.json")], env=env, cwd=REPO)
+             for r in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    assert r0["generated"] == 5 and r1["generated"] == 5  # 10 images split 5 / 5
+    assert r0["buffer"] == r1["buffer"] and len(r0["buffer"]) == 10
+    assert r0["kept"] == r1["kept"] == 20.0  # 10 images × 2 samples, summed over ranks
+    # rank 0 sampled the even images, rank 1 the odd ones
+    ids = [f"shapes-train-{i}" for i in range(10)]
+    assert all(r0["buffer"][ids[i]][0].endswith(f"-{i % 2}") for i in range(10))
