@@ -178,6 +178,17 @@ class _Base(L.LightningDataModule):
             return self.rng
         return random.Random(self.seed * 7919 + 104_729 + sum((i + 1) * 31**k for k, i in enumerate(idx)))
 
+    def _unpack(self, batch: Any) -> tuple[list[CaptionRecord], list[Any], list[str], list[str], random.Random]:
+        """(records, images, prompts, one positive per record, the batch's RNG)."""
+        if self.collate is None:
+            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
+        idx, images = batch
+        recs = self._records()
+        rows = [recs[i] for i in idx]
+        rng = self._batch_rng(idx)
+        prompts = [prompt_of(self.source, r) for r in rows]
+        return rows, images, prompts, [rng.choice(r.references) for r in rows], rng
+
     def _gentle_negative(self, rec: CaptionRecord, rng: random.Random) -> tuple[str, str]:
         """A hard (one-fact-off) negative that is not a positive; sources are counted."""
         for _ in range(5):
@@ -208,14 +219,7 @@ class CaptionDataModule(_Base):
         self.gentle_negatives = gentle_negatives
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
-        if self.collate is None:
-            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
-        idx, images = batch
-        recs = self._records()
-        rows = [recs[i] for i in idx]
-        rng = self._batch_rng(idx)
-        prompts = [prompt_of(self.source, r) for r in rows]
-        pos = [rng.choice(r.references) for r in rows]
+        rows, images, prompts, pos, rng = self._unpack(batch)
         if not self.gentle_negatives:
             return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
         neg = [self._gentle_negative(r, rng)[0] for r in rows]
@@ -302,18 +306,11 @@ class PreferenceDataModule(_Base):
         raise DataError(f"could not draw a negative for image {rec.image_id} that is not a positive")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
-        if self.collate is None:
-            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
-        idx, images = batch
-        recs = self._records()
-        rows = [recs[i] for i in idx]
-        rng = self._batch_rng(idx)
-        chosen = [rng.choice(r.references) for r in rows]
+        rows, images, prompts, chosen, rng = self._unpack(batch)
         negs = [self._negative(r, c, rng) for r, c in zip(rows, chosen)]
         if self._training():
             for _, src in negs:
                 self.stats.counts[src] += 1
-        prompts = [prompt_of(self.source, r) for r in rows]
         pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
         is_dataset = torch.tensor([0.0 if s == "on_policy" else 1.0 for _, s in negs])
         is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
