@@ -262,7 +262,7 @@ def results_table(results: dict[str, Any]) -> str:
         cells = []
         for k, _ in keys:
             v = m.get(k)
-            cells.append("–" if v is None else f"{v:.3f}" if k.startswith("calib") or k.startswith("win") else f"{v:.1f}")
+            cells.append("–" if v is None else f"{v:.3f}" if "calib" in k or k.startswith("win") else f"{v:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
