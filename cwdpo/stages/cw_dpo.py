@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from cwdpo.objectives import cw_dpo_loss
+from cwdpo.ref_cache import RefLogpCache, cached_reference_logps, reference_fingerprint
 from cwdpo.stages.base import StageModule
 
 
@@ -34,8 +35,6 @@ class CWDPOModule(StageModule):
         # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.prefix), and reuse
         # reference log-probs of dataset pairs across epochs (cwdpo.ref_cache: a directory or
         # a RefLogpCache). Both are exact up to float rounding; both default off.
-        from cwdpo.ref_cache import RefLogpCache
-
         self.prefix_sharing = prefix_sharing
         self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
         self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
@@ -50,8 +49,6 @@ class CWDPOModule(StageModule):
                 "stage=cw_dpo from a checkpoint (the pipeline snapshots π_ref ← π_θ)"
             )
         if self.ref_cache is not None:
-            from cwdpo.ref_cache import reference_fingerprint
-
             self.ref_cache.rank = self.global_rank
             self.ref_cache.bind(reference_fingerprint(self.backbone))
 
@@ -70,8 +67,6 @@ class CWDPOModule(StageModule):
         if "ref_logps" in batch:  # precomputed / cached reference log-probs
             ref = batch["ref_logps"]
         elif self.ref_cache is not None and self.ref_cache.fingerprint is not None:
-            from cwdpo.ref_cache import cached_reference_logps
-
             ref = cached_reference_logps(  # on-policy negatives: computed, never stored
                 self.backbone, self.ref_cache, enc, n, batch.get("neg_is_dataset"), shared
             )
