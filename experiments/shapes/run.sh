@@ -27,7 +27,7 @@ sweep() {  # sweep <name> <overrides...>
 }
 for sw in $SWEEPS; do
   case $sw in
-    main) sweep main +experiment="$MAIN" ;;
+    main) sweep "${MAIN_NAME:-main}" +experiment="$MAIN" ;;
     # the paper's stability claim: a 5x larger stage-2 learning rate, DPO vs CW-DPO
     highlr) sweep highlr +experiment=cw_dpo,ablation_cooling stage.cw_dpo.optimizer.lr=1e-3 ;;
     mix) sweep mix +experiment=ablation_mix negatives.dataset_fraction=0,0.25,0.5,1 ;;
