@@ -33,6 +33,7 @@ from cwdpo.evaluation import evaluate_captioning, preference_calibration
 from cwdpo.plot import write_run_plots
 from cwdpo.stages import CWDPOModule, SFTCModule
 from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
+from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ def _check_stage_order(run: list[str]) -> None:
     order = [STAGES.index(s) for s in run]
     if order != sorted(order) or len(set(run)) != len(run):
         raise ValueError(f"stage.run must follow base_sft → sft_c → cw_dpo without repeats, got {run}")
-
-
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def stages_to_run(cfg: DictConfig) -> list[str]:
@@ -181,7 +176,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     done = state.load_done("start") if resuming else None
     if done is None:
         metrics, outputs = evaluate(None)
-        state.mark_done("start", metrics, outputs)
+        if is_rank_zero():
+            state.mark_done("start", metrics, outputs)
     else:
         metrics, outputs = done["metrics"], done["outputs"]
     results["stages"]["start"] = metrics
@@ -209,7 +205,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         if ckpt is not None:
             log.info("resume: stage %s continues from %s", name, ckpt)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-        if trainer.is_global_zero:  # under DDP every rank runs the pipeline; one writes
+        if is_rank_zero():  # under DDP every rank runs the pipeline; one writes
             atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
         metrics, new_outputs = evaluate(outputs if ev.winrate else None)
         metrics["train_seconds"] = time.time() - ts
@@ -228,14 +224,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 "on_policy_fallback": dm.stats.on_policy_fallback,
             }
         results["stages"][name] = metrics
-        if trainer.is_global_zero:
+        if is_rank_zero():
             state.mark_done(name, metrics, new_outputs)  # after the HF save and the evaluation
         trainer.strategy.barrier("cwdpo-stage-done")
         outputs = new_outputs
         log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
     results["wall_seconds"] = time.time() - t0
     table = results_table(results)
-    if _is_rank_zero():
+    if is_rank_zero():
         atomic_write_json(out_dir / "results.json", results)
         atomic_write_text(out_dir / "results.md", table)
         write_run_plots(out_dir)

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 
 from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, quantile_key, support
+from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def stage_offset(out_dir: str | Path, stage: str, first: bool) -> int:
 
 def record_stage(out_dir: str | Path, stage: str, offset: int, steps: int, **extra: Any) -> None:
     """Add/update this stage's entry in `<run>/stages.json` (offset, steps, stop reason…)."""
-    if not _rank_zero():
+    if not is_rank_zero():
         return
     stages = read_stages(out_dir)
     entry = next((s for s in stages if s["stage"] == stage), None)
@@ -102,15 +103,9 @@ def record_stage(out_dir: str | Path, stage: str, offset: int, steps: int, **ext
     atomic_write_text(Path(out_dir) / STAGES_JSON, json.dumps(stages, indent=2) + "\n")
 
 
-def _rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
 def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append rows; the header is the first writer's (later unknown keys are dropped)."""
-    if not rows or not _rank_zero():  # under DDP one rank writes the run dir
+    if not rows or not is_rank_zero():  # under DDP one rank writes the run dir
         return
     exists = path.is_file() and path.stat().st_size > 0
     if exists:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from cwdpo.data.records import CaptionRecord, DataError
 from cwdpo.data.sources import CaptionSource, prompt_of
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
+from cwdpo.utils.dist import rank_world
 
 Collate = Callable[..., dict[str, torch.Tensor]]
 
@@ -82,14 +83,6 @@ class NegativeConfig:
                              f"negatives=mixed (negatives={self.kind} means {fixed})")
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Base(L.LightningDataModule):
     def __init__(
         self,
@@ -121,7 +114,7 @@ class _Base(L.LightningDataModule):
         self.collate, self.collate_pairs = collate, collate_pairs
 
     def setup(self, stage: str | None = None) -> None:
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         if world > 1:  # decorrelate negative draws across ranks (single process: unchanged)
             self.rng = random.Random(self.seed * 1_000_003 + rank)
 
@@ -257,7 +250,7 @@ class PreferenceDataModule(_Base):
     def refresh_on_policy(self, generate: Callable[..., list[str]], step: int) -> dict[str, float]:
         """Sample fresh negatives for every training image from the current policy."""
         n, bs = self.neg.num_samples, self.neg.generation_batch_size
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         mine = self.train_records[rank::world]  # each rank samples its own shard
         buffer: dict[str, list[str]] = {}
         kept = dropped = 0
