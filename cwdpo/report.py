@@ -2,7 +2,9 @@
 
 Runs are grouped by experiment and their Hydra overrides minus `seed`; every number is
 mean ± std over the seeds of a group. Final metrics come from each run's results.json (last
-stage); stability and steps-to-target from the last stage's metrics CSV.
+stage); stability and steps-to-target from the last stage's metrics CSV; the win-rate against a
+baseline experiment (default `sft_only`) re-judges each run's saved test captions against the
+baseline run of the same seed and data, so every setting is compared with the same policy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
 COLUMNS = (  # (key, header, scale)
     ("fact_accuracy", "facts %", 1.0), ("exact", "exact %", 1.0), ("cider", "CIDEr", 1.0),
+    ("win_vs_baseline", "win vs baseline %", 100.0),
     ("winrate/win_rate", "win vs prev stage %", 100.0), ("calib/ece", "ECE", 1.0),
     ("calib/entropy", "entropy", 1.0), ("calib/mean_top1_prob", "top-1 p", 1.0),
     ("loss_std", "loss std", 1.0), ("grad_norm_std", "‖g‖ std", 1.0),
@@ -91,33 +94,119 @@ def load_run(run: Path) -> tuple[tuple[str, list[str]], dict[str, float]]:
     return run_setting(run, res), row
 
 
-def aggregate(runs: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    loaded = [load_run(r) for r in runs]
+def final_outputs(run: Path) -> list[str] | None:
+    """The last stage's test captions, from its done-marker (None for runs without one)."""
+    stages = json.loads((run / "results.json").read_text())["stages"]
+    marker = run / "checkpoints" / f"{list(stages)[-1]}.done.json"
+    if not marker.is_file():
+        return None
+    outputs = json.loads(marker.read_text()).get("outputs")
+    return list(outputs) if outputs else None
+
+
+def _eval_data(run: Path) -> dict[str, Any] | None:
+    """What fixes a run's test set: its data source config, eval split and record count."""
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    ev = cfg.get("eval", {})
+    return {"source": cfg.get("data", {}).get("source"), "split": ev.get("split"),
+            "n_records": ev.get("n_records")}
+
+
+def win_vs_baseline(loaded: Sequence[tuple[Path, tuple[str, list[str]], dict[str, float]]],
+                    baseline: str) -> None:
+    """Adds `win_vs_baseline` to each non-baseline row, in place.
+
+    A run's baseline is the `baseline`-experiment run with the same seed and test data whose
+    overrides are the largest subset of the run's own (so a sweep that also ran the baseline
+    under its own setting, e.g. harder negatives, is compared with that one). The judge is the
+    pipeline's: ground-truth facts where the source knows them, else reference CIDEr.
+    """
+    import hydra.utils
+
+    from cwdpo.evaluation import win_rate
+
+    bases = [(run, set(ov), row) for run, (name, ov), row in loaded if name == baseline]
+    data_cache: dict[str, tuple[Any, list[Any]]] = {}
+    for run, (name, ov), row in loaded:
+        if name == baseline:
+            continue
+        data = _eval_data(run)
+        outputs = final_outputs(run)
+        if data is None or outputs is None:
+            continue
+        match = [(len(b_ov), b_run) for b_run, b_ov, b_row in bases
+                 if b_row["seed"] == row["seed"] and b_ov <= set(ov) and _eval_data(b_run) == data]
+        if not match:
+            continue
+        base_outputs = final_outputs(max(match, key=lambda m: m[0])[1])
+        if base_outputs is None or len(base_outputs) != len(outputs):
+            continue
+        key = json.dumps(data, sort_keys=True)
+        if key not in data_cache:
+            source = hydra.utils.instantiate(data["source"])
+            records = source.captions(data["split"])[: data["n_records"]]
+            data_cache[key] = (source, records)
+        source, records = data_cache[key]
+        if len(records) != len(outputs):
+            raise ValueError(f"{run}: {len(outputs)} saved test captions but the config gives "
+                             f"{len(records)} records ({data['split']}, n_records={data['n_records']})")
+        row["win_vs_baseline"] = win_rate(source, records, outputs, base_outputs)["winrate/win_rate"]
+
+
+def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only") -> dict[str, dict[str, Any]]:
+    loaded = [(r, *load_run(r)) for r in runs]
+    if baseline:
+        win_vs_baseline(loaded, baseline)
     # overrides shared by every run (e.g. a budget) do not name a setting: drop them
-    common = set.intersection(*(set(ov) for (_, ov), _ in loaded)) if loaded else set()
+    common = set.intersection(*(set(ov) for _, (_, ov), _ in loaded)) if loaded else set()
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for (name, ov), row in loaded:
+    for _, (name, ov), row in loaded:
         extra = [o for o in ov if o not in common]
         groups[name + (" " + " ".join(extra) if extra else "")].append(row)
     out = {}
     for key, rows in sorted(groups.items()):
         stats: dict[str, Any] = {"n": len(rows)}
         for k, _, scale in COLUMNS:
-            vals = np.array([row[k] * scale for row in rows if k in row and not math.isnan(row[k])])
+            present = [row[k] * scale for row in rows if k in row]
+            vals = np.array([v for v in present if not math.isnan(v)])
             if len(vals):
                 stats[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            if k == "steps_to_target" and present:  # runs that never reach it are not averaged
+                stats[k] = {**stats.get(k, {}), "reached": len(vals), "of": len(present)}
         out[key] = stats
     return out
 
 
-def markdown(agg: dict[str, dict[str, Any]]) -> str:
+def markdown(agg: dict[str, dict[str, Any]], baseline: str | None = None) -> str:
     cols = [(k, h) for k, h, _ in COLUMNS if any(k in g for g in agg.values())]
     lines = ["| setting | n | " + " | ".join(h for _, h in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for key, g in agg.items():
-        cells = [f"{g[k]['mean']:.3g} ± {g[k]['std']:.2g}" if k in g else "–" for k, _ in cols]
+        cells = [_cell(g.get(k)) for k, _ in cols]
         lines.append(f"| {key} | {g['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = []
+    if baseline and any("win_vs_baseline" in g for g in agg.values()):
+        notes.append(f"win vs baseline: win-rate of the final test captions against the `{baseline}` "
+                     "run of the same seed and test data (ties count half).")
+    if any("of" in g.get("steps_to_target", {}) for g in agg.values()):
+        notes.append("steps→target: mean over the seeds that reached the target (reached/runs).")
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if not stat or "mean" not in stat:
+        return f"– (0/{stat['of']})" if stat and "of" in stat else "–"
+    text = f"{stat['mean']:.3g} ± {stat['std']:.2g}"
+    return text + (f" ({stat['reached']}/{stat['of']})" if "of" in stat else "")
+
+
+PLOT_KEYS = ("fact_accuracy", "cider", "win_vs_baseline", "calib/ece", "calib/entropy",
+             "calib/mean_top1_prob", "loss_std", "grad_norm_std")
 
 
 def plot(agg: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -126,10 +215,10 @@ def plot(agg: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(k, h) for k, h, _ in COLUMNS[:7] if any(k in g for g in agg.values())]
+    keys = [(k, h) for k, h, _ in COLUMNS if k in PLOT_KEYS and any(k in g for g in agg.values())]
     if not keys:
         return []
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6 + 0.15 * len(agg)))
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 2.5, 1.5 + 0.22 * len(agg)))
     axes = np.atleast_1d(axes)
     names = list(agg)
     for ax, (k, h) in zip(axes, keys):
@@ -149,12 +238,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m cwdpo.report", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", help="run or multirun directories (searched recursively)")
     ap.add_argument("--out", default=None, help="output directory (default: the first dir)")
+    ap.add_argument("--baseline", default="sft_only",
+                    help="experiment the 'win vs baseline' column compares with ('' for none)")
     args = ap.parse_args(argv)
     runs = find_runs(args.dirs)
-    agg = aggregate(runs)
+    agg = aggregate(runs, baseline=args.baseline or None)
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(agg)
+    table = markdown(agg, args.baseline or None)
     atomic_write_text(out / "report.md", table)
     atomic_write_json(out / "report.json", agg)
     plot(agg, out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cwdpo.report import aggregate, find_runs, main, stability
+from cwdpo.report import aggregate, find_runs, main, markdown, stability
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["+debug=fast", "eval.caption_metrics=false", "eval.calibration=false"]
@@ -67,6 +67,67 @@ def test_report_groups_seeds_and_rejects_missing_dirs(tmp_path):
     assert agg["cw_dpo"]["n"] == 1
     with pytest.raises(FileNotFoundError, match="nope"):
         find_runs([tmp_path / "nope"])
+
+
+def _fake_run(d: Path, exp: str, seed: int, outputs: list[str], overrides: tuple[str, ...] = (),
+              steps_csv: str | None = None) -> None:
+    """A run directory as the pipeline writes it: overrides, resolved config, results, marker."""
+    import yaml
+
+    stage = "sft_c" if exp == "sft_only" else "cw_dpo"
+    (d / ".hydra").mkdir(parents=True)
+    (d / "checkpoints").mkdir()
+    (d / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([f"+experiment={exp}", f"seed={seed}", *overrides]))
+    source = {"_target_": "cwdpo.data.sources.ShapesSource", "seed": seed,
+              "sizes": {"test": len(outputs)}}
+    (d / "config.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": source}, "eval": {"split": "test", "n_records": len(outputs)}}))
+    (d / "results.json").write_text(json.dumps(
+        {"config": {"experiment": exp, "seed": seed}, "stages": {stage: {"fact_accuracy": 1.0}}}))
+    (d / "checkpoints" / f"{stage}.done.json").write_text(json.dumps({"outputs": outputs}))
+    if steps_csv is not None:
+        (d / "csv" / stage).mkdir(parents=True)
+        (d / "csv" / stage / "metrics.csv").write_text(steps_csv)
+
+
+def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
+    from cwdpo.data.sources import ShapesSource
+
+    n = 12
+    records = {s: ShapesSource(seed=s, sizes={"test": n}).captions("test") for s in (0, 1)}
+    truth = {s: [r.references[0] for r in records[s]] for s in (0, 1)}
+    wrong = "a large pink hexagon in the middle ."
+    # baseline: seed 0 right on the first half; seed 1 right everywhere
+    base = {0: truth[0][: n // 2] + [wrong] * (n - n // 2), 1: truth[1]}
+    # the method: right on the last 9 (seed 0) / right on the first 3 (seed 1)
+    ours = {0: [wrong] * 3 + truth[0][3:], 1: truth[1][:3] + [wrong] * (n - 3)}
+    # a harder-negatives sweep that ran its own baseline: must be compared with that one
+    hard_base = {0: [wrong] * n}
+    for s in (0, 1):
+        _fake_run(tmp_path / f"base{s}", "sft_only", s, base[s])
+        _fake_run(tmp_path / f"ours{s}", "cw_dpo", s, ours[s],
+                  steps_csv="step,train/rewards/accuracies\n" + "".join(
+                      f"{i},{1.0 if s == 0 else 0.0}\n" for i in range(5)))
+    _fake_run(tmp_path / "hbase0", "sft_only", 0, hard_base[0], ("negatives.easy_fraction=0.9",))
+    _fake_run(tmp_path / "hours0", "cw_dpo", 0, ours[0], ("negatives.easy_fraction=0.9",))
+
+    def brute(a: list[str], b: list[str], seed: int) -> float:  # facts judge, ties half
+        src = ShapesSource(seed=seed, sizes={"test": n})
+        sa = [src.score(x, r) for x, r in zip(a, records[seed])]
+        sb = [src.score(x, r) for x, r in zip(b, records[seed])]
+        return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(sa, sb)) / n
+
+    w0, w1, w_hard = brute(ours[0], base[0], 0), brute(ours[1], base[1], 1), brute(ours[0], hard_base[0], 0)
+    assert len({w0, w1, w_hard}) == 3  # the three comparisons are distinguishable
+    agg = aggregate(find_runs([tmp_path]))
+    assert agg["cw_dpo"]["win_vs_baseline"]["mean"] == pytest.approx(100 * (w0 + w1) / 2)
+    assert agg["cw_dpo negatives.easy_fraction=0.9"]["win_vs_baseline"]["mean"] == pytest.approx(100 * w_hard)
+    assert "win_vs_baseline" not in agg["sft_only"]
+    # steps→target counts the seeds that never reached it instead of hiding them
+    assert agg["cw_dpo"]["steps_to_target"] == {"mean": 0.0, "std": 0.0, "reached": 1, "of": 2}
+    assert "(1/2)" in markdown(agg, "sft_only")
+    assert "win_vs_baseline" not in aggregate(find_runs([tmp_path]), baseline=None)["cw_dpo"]
 
 
 @pytest.mark.parametrize("launcher", ["local_parallel", "slurm"])
