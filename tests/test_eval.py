@@ -93,3 +93,29 @@ def test_unknown_eval_task_is_rejected(tmp_path, tiny_cache_dir):
     cfg = compose_cfg(["eval.tasks=[captioning,bleurt]", "ckpt=x"], tmp_path, tiny_cache_dir, name="eval")
     with pytest.raises(ValueError, match="bleurt"):
         run_eval(cfg)
+
+
+def test_eval_winrate_with_a_configured_http_judge(tmp_path, tiny_cache_dir, tiny_vlm_path, monkeypatch):
+    """`judge=http` replaces the facts judge: every pair goes to the (fake) endpoint."""
+    import random
+
+    from tests.test_metrics_winrate import SECRET, FakeJudgeServer
+
+    server = FakeJudgeServer()
+    try:
+        monkeypatch.setenv("JUDGE_KEY", SECRET)
+        cfg = compose_cfg(
+            [*SMALL, "eval.tasks=[winrate]", f"compare={tiny_vlm_path}", f"ckpt={tiny_vlm_path}",
+             "judge=http", f"judge.url={server.url}", "judge.api_key_env=JUDGE_KEY", "seed=5"],
+            tmp_path, tiny_cache_dir, name="eval",
+        )
+        res = run_eval(cfg)
+    finally:
+        server.close()
+    assert len(server.requests) == 6 and server.requests[0]["body"]["model"] == "gpt-4o"
+    # no caption has GOOD in it, so the fake answers "B" every time: A wins exactly when the
+    # judge showed A second (its seeded order swap), whatever the facts say
+    rng = random.Random(5)
+    expected = sum(rng.random() < 0.5 for _ in range(6)) / 6
+    assert res["winrate/win_rate"] == pytest.approx(expected)
+    assert "HttpJudge" in res["winrate/judge"] and SECRET not in json.dumps(res)
