@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {list(TASKS)}")
     if "winrate" in tasks and not cfg.compare:
         raise ValueError("eval.tasks includes winrate but no `compare=<model dir>` was given")
+    judge = hydra.utils.instantiate(cfg.judge) if "winrate" in tasks and cfg.get("judge") else None
+    key_env = getattr(judge, "api_key_env", None)
+    if key_env and not os.environ.get(key_env):  # fail before any model runs, not at request 1
+        raise ValueError(f"judge: the environment variable {key_env} (judge.api_key_env) is not set; "
+                         "export it, or set judge.api_key_env=null for a server without auth")
     out_dir = Path(cfg.paths.output_dir)
     backbone = _load(cfg, cfg.ckpt)
     results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
@@ -50,7 +56,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                                          cfg.eval.max_new_tokens)
             results["compare"] = cfg.compare
             del other
-        judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
         if "captioning" in tasks or baseline is not None:
             metrics, outputs = evaluate_captioning(
                 backbone, source, records, baseline=baseline if judge is None else None,

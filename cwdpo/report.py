@@ -4,23 +4,29 @@ Runs are grouped by experiment and their Hydra overrides minus `seed`; every num
 mean ± std over the seeds of a group. Final metrics come from each run's results.json (last
 stage); stability and steps-to-target from the last stage's metrics CSV; the win-rate against a
 baseline experiment (default `sft_only`) re-judges each run's saved test captions against the
-baseline run of the same seed and data, so every setting is compared with the same policy.
+baseline run of the same seed and test data (a sweep that also ran the baseline under its own
+setting is compared with that one). A value a run cannot give is left out and counted: "(k/n)".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra.utils
 import numpy as np
 import pandas as pd
 
+from cwdpo.evaluation import win_rate
 from cwdpo.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (  # (key, header, scale)
     ("fact_accuracy", "facts %", 1.0), ("exact", "exact %", 1.0), ("cider", "CIDEr", 1.0),
@@ -126,12 +132,8 @@ def win_vs_baseline(loaded: Sequence[tuple[Path, tuple[str, list[str]], dict[str
     under its own setting, e.g. harder negatives, is compared with that one). The judge is the
     pipeline's: ground-truth facts where the source knows them, else reference CIDEr.
     """
-    import hydra.utils
-
-    from cwdpo.evaluation import win_rate
-
     bases = [(run, set(ov), row) for run, (name, ov), row in loaded if name == baseline]
-    data_cache: dict[str, tuple[Any, list[Any]]] = {}
+    data_cache: dict[str, tuple[Any, list[Any]] | str] = {}
     for run, (name, ov), row in loaded:
         if name == baseline:
             continue
@@ -139,23 +141,36 @@ def win_vs_baseline(loaded: Sequence[tuple[Path, tuple[str, list[str]], dict[str
         outputs = final_outputs(run)
         if data is None or outputs is None:
             continue
-        match = [(len(b_ov), b_run) for b_run, b_ov, b_row in bases
-                 if b_row["seed"] == row["seed"] and b_ov <= set(ov) and _eval_data(b_run) == data]
+        match = sorted((-len(b_ov), str(b_run), b_run) for b_run, b_ov, b_row in bases
+                       if b_row["seed"] == row["seed"] and b_ov <= set(ov) and _eval_data(b_run) == data)
         if not match:
             continue
-        base_outputs = final_outputs(max(match, key=lambda m: m[0])[1])
+        if len(match) > 1 and match[0][0] == match[1][0]:
+            log.warning("%s: several %s runs fit as its baseline; using %s", run, baseline, match[0][1])
+        base_outputs = final_outputs(match[0][2])
         if base_outputs is None or len(base_outputs) != len(outputs):
             continue
         key = json.dumps(data, sort_keys=True)
         if key not in data_cache:
-            source = hydra.utils.instantiate(data["source"])
-            records = source.captions(data["split"])[: data["n_records"]]
-            data_cache[key] = (source, records)
+            data_cache[key] = _test_records(data)
+        if isinstance(data_cache[key], str):  # the data is not readable here: skip, said once
+            continue
         source, records = data_cache[key]
         if len(records) != len(outputs):
-            raise ValueError(f"{run}: {len(outputs)} saved test captions but the config gives "
-                             f"{len(records)} records ({data['split']}, n_records={data['n_records']})")
+            log.warning("%s: %d saved test captions but its config gives %d records; no win-rate",
+                        run, len(outputs), len(records))
+            continue
         row["win_vs_baseline"] = win_rate(source, records, outputs, base_outputs)["winrate/win_rate"]
+
+
+def _test_records(data: dict[str, Any]) -> tuple[Any, list[Any]] | str:
+    """(source, test records) of a run's config, or why they cannot be read on this machine."""
+    try:
+        source = hydra.utils.instantiate(data["source"])
+        return source, source.captions(data["split"])[: data["n_records"]]
+    except Exception as err:  # e.g. a cluster's COCO path: the report still runs without it
+        log.warning("win vs baseline skipped for data %s: %s", data["source"].get("_target_"), err)
+        return f"{type(err).__name__}: {err}"
 
 
 def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only") -> dict[str, dict[str, Any]]:
@@ -176,6 +191,8 @@ def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only") -> dict[s
             vals = np.array([v for v in present if not math.isnan(v)])
             if len(vals):
                 stats[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+                if k != "steps_to_target" and len(vals) < len(rows):
+                    stats[k].update(reached=len(vals), of=len(rows))
             if k == "steps_to_target" and present:  # runs that never reach it are not averaged
                 stats[k] = {**stats.get(k, {}), "reached": len(vals), "of": len(present)}
         out[key] = stats
@@ -193,8 +210,9 @@ def markdown(agg: dict[str, dict[str, Any]], baseline: str | None = None) -> str
     if baseline and any("win_vs_baseline" in g for g in agg.values()):
         notes.append(f"win vs baseline: win-rate of the final test captions against the `{baseline}` "
                      "run of the same seed and test data (ties count half).")
-    if any("of" in g.get("steps_to_target", {}) for g in agg.values()):
-        notes.append("steps→target: mean over the seeds that reached the target (reached/runs).")
+    if any("of" in v for g in agg.values() for v in g.values() if isinstance(v, dict)):
+        notes.append("(k/n): the mean is over the k of n runs that gave a value; for steps→target, "
+                     "the runs that reached the target.")
     return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 

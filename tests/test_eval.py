@@ -95,27 +95,43 @@ def test_unknown_eval_task_is_rejected(tmp_path, tiny_cache_dir):
         run_eval(cfg)
 
 
-def test_eval_winrate_with_a_configured_http_judge(tmp_path, tiny_cache_dir, tiny_vlm_path, monkeypatch):
-    """`judge=http` replaces the facts judge: every pair goes to the (fake) endpoint."""
+def test_eval_winrate_with_a_configured_http_judge(tmp_path, tiny_cache_dir, tiny_vlm_path, backbone,
+                                                  perturb, monkeypatch):
+    """`judge=http` replaces the facts judge: every pair goes to the (fake) endpoint, with
+    ckpt's caption as A unless the judge's seeded order swap put it second."""
     import random
 
+    import hydra.utils
+
+    from cwdpo.evaluation import generate_captions
     from tests.test_metrics_winrate import SECRET, FakeJudgeServer
 
+    perturb(backbone.model, 0.3, 7)  # a second, different policy to compare with
+    other = tmp_path / "other"
+    backbone.save_pretrained(other)
+    args = [*SMALL, "eval.tasks=[winrate]", f"compare={other}", f"ckpt={tiny_vlm_path}",
+            "judge=http", "judge.api_key_env=JUDGE_KEY", "seed=5"]
     server = FakeJudgeServer()
     try:
+        cfg = compose_cfg([*args, f"judge.url={server.url}"], tmp_path / "out", tiny_cache_dir, name="eval")
+        with pytest.raises(ValueError, match="JUDGE_KEY"):  # no key: refused before any model runs
+            run_eval(cfg)
+        assert not server.requests
         monkeypatch.setenv("JUDGE_KEY", SECRET)
-        cfg = compose_cfg(
-            [*SMALL, "eval.tasks=[winrate]", f"compare={tiny_vlm_path}", f"ckpt={tiny_vlm_path}",
-             "judge=http", f"judge.url={server.url}", "judge.api_key_env=JUDGE_KEY", "seed=5"],
-            tmp_path, tiny_cache_dir, name="eval",
-        )
         res = run_eval(cfg)
     finally:
         server.close()
-    assert len(server.requests) == 6 and server.requests[0]["body"]["model"] == "gpt-4o"
-    # no caption has GOOD in it, so the fake answers "B" every time: A wins exactly when the
-    # judge showed A second (its seeded order swap), whatever the facts say
+    source = hydra.utils.instantiate(cfg.data.source)
+    records = source.captions("test")[:6]
+    mine = generate_captions(type(backbone).from_pretrained(tiny_vlm_path), records, source.prompt, 6, 6)
+    theirs = generate_captions(type(backbone).from_pretrained(other), records, source.prompt, 6, 6)
+    assert mine != theirs and len(server.requests) == 6
+    assert server.requests[0]["body"]["model"] == "gpt-4o"
     rng = random.Random(5)
-    expected = sum(rng.random() < 0.5 for _ in range(6)) / 6
-    assert res["winrate/win_rate"] == pytest.approx(expected)
+    swaps = [rng.random() < 0.5 for _ in range(6)]
+    for req, m, t, swap in zip(server.requests, mine, theirs, swaps):
+        prompt = req["body"]["messages"][-1]["content"]
+        assert f"Caption A: {t if swap else m}\n" in prompt and f"Caption B: {m if swap else t}\n" in prompt
+    # no caption has GOOD in it, so the fake answers "B" every time: A wins exactly when swapped
+    assert res["winrate/win_rate"] == pytest.approx(sum(swaps) / 6)
     assert "HttpJudge" in res["winrate/judge"] and SECRET not in json.dumps(res)

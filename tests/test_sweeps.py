@@ -70,7 +70,7 @@ def test_report_groups_seeds_and_rejects_missing_dirs(tmp_path):
 
 
 def _fake_run(d: Path, exp: str, seed: int, outputs: list[str], overrides: tuple[str, ...] = (),
-              steps_csv: str | None = None) -> None:
+              steps_csv: str | None = None, source: dict | None = None) -> None:
     """A run directory as the pipeline writes it: overrides, resolved config, results, marker."""
     import yaml
 
@@ -79,8 +79,8 @@ def _fake_run(d: Path, exp: str, seed: int, outputs: list[str], overrides: tuple
     (d / "checkpoints").mkdir()
     (d / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump([f"+experiment={exp}", f"seed={seed}", *overrides]))
-    source = {"_target_": "cwdpo.data.sources.ShapesSource", "seed": seed,
-              "sizes": {"test": len(outputs)}}
+    source = source or {"_target_": "cwdpo.data.sources.ShapesSource", "seed": seed,
+                        "sizes": {"test": len(outputs)}}
     (d / "config.yaml").write_text(yaml.safe_dump(
         {"data": {"source": source}, "eval": {"split": "test", "n_records": len(outputs)}}))
     (d / "results.json").write_text(json.dumps(
@@ -111,6 +111,11 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
                       f"{i},{1.0 if s == 0 else 0.0}\n" for i in range(5)))
     _fake_run(tmp_path / "hbase0", "sft_only", 0, hard_base[0], ("negatives.easy_fraction=0.9",))
     _fake_run(tmp_path / "hours0", "cw_dpo", 0, ours[0], ("negatives.easy_fraction=0.9",))
+    # seed 2: its data (a cluster path) is not readable here: no win-rate, no crash, counted
+    gone = {"_target_": "cwdpo.data.sources.CaptionFileSource", "format": "karpathy",
+            "annotations": str(tmp_path / "gone.json"), "image_root": str(tmp_path)}
+    _fake_run(tmp_path / "base2", "sft_only", 2, truth[0], source=gone)
+    _fake_run(tmp_path / "ours2", "cw_dpo", 2, truth[0], source=gone)
 
     def brute(a: list[str], b: list[str], seed: int) -> float:  # facts judge, ties half
         src = ShapesSource(seed=seed, sizes={"test": n})
@@ -122,6 +127,7 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
     assert len({w0, w1, w_hard}) == 3  # the three comparisons are distinguishable
     agg = aggregate(find_runs([tmp_path]))
     assert agg["cw_dpo"]["win_vs_baseline"]["mean"] == pytest.approx(100 * (w0 + w1) / 2)
+    assert agg["cw_dpo"]["win_vs_baseline"]["reached"] == 2 and agg["cw_dpo"]["win_vs_baseline"]["of"] == 3
     assert agg["cw_dpo negatives.easy_fraction=0.9"]["win_vs_baseline"]["mean"] == pytest.approx(100 * w_hard)
     assert "win_vs_baseline" not in agg["sft_only"]
     # steps→target counts the seeds that never reached it instead of hiding them
