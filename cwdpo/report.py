@@ -68,7 +68,7 @@ def stability(csv: Path, window: int = 50, spike_z: float = 3.0, target: float =
               target_key: str = "train/rewards/accuracies") -> dict[str, float]:
     """Std of loss and gradient norm over the last `window` steps; loss spikes = steps whose
     loss exceeds the trailing-window mean by `spike_z` trailing stds; steps to target = first
-    step where the 10-step rolling mean of `target_key` reaches `target`."""
+    step where the rolling mean of `target_key` over 10 logged values reaches `target`."""
     if not csv.is_file():
         return {}
     df = pd.read_csv(csv)
@@ -83,7 +83,7 @@ def stability(csv: Path, window: int = 50, spike_z: float = 3.0, target: float =
         out["loss_spikes"] = float(((s - mean) > spike_z * std.clip(lower=1e-8)).sum())
     if target_key in df:
         t = df[["step", target_key]].dropna().drop_duplicates("step")
-        roll = t[target_key].rolling(10, min_periods=1).mean()
+        roll = t[target_key].rolling(10, min_periods=10).mean()  # a full window, not one lucky batch
         hit = t["step"][roll >= target]
         out["steps_to_target"] = float(hit.iloc[0]) if len(hit) else math.nan
     return out

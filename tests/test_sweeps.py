@@ -45,7 +45,8 @@ def test_stability_statistics_on_a_constructed_log(tmp_path):
     rows = ["step,train/loss,train/grad_norm,train/rewards/accuracies"]
     for s in range(60):
         loss = 1.0 + (5.0 if s == 40 else 0.0) + 0.01 * (s % 3)
-        rows.append(f"{s},{loss},{2.0 + 0.1 * (s % 2)},{min(1.0, s / 30)}")
+        acc = 1.0 if s == 0 else min(1.0, s / 30)  # one lucky first batch must not count
+        rows.append(f"{s},{loss},{2.0 + 0.1 * (s % 2)},{acc}")
     csv = tmp_path / "metrics.csv"
     csv.write_text("\n".join(rows) + "\n")
     out = stability(csv, window=10, target=0.9)
