@@ -9,7 +9,7 @@ SEEDS=${SEEDS:-0,1,2}
 EXTRA=${EXTRA:-}   # e.g. EXTRA="eval.n_records=100" for a cheaper pass
 COMMON="eval.meteor=false num_threads=1 hydra/launcher=local_parallel $EXTRA"
 MAIN=${MAIN:-cw_dpo,dpo,ablation_cooling,sft_only,ablation_smooth_sft,ablation_soft_penalty,ablation_negative_filtering,rpo,ipo}
-SWEEPS=${SWEEPS:-main highlr mix gentle easy90}
+SWEEPS=${SWEEPS:-main highlr mix gentle easy90 easy90_highlr}
 BASE="$PWD/$OUT/base"
 
 for s in ${SEEDS//,/ }; do
@@ -34,6 +34,9 @@ for sw in $SWEEPS; do
     gentle) sweep gentle +experiment=ablation_gentle_weight stage.sft_c.lam=0,0.5,2 ;;
     # the harder testbed: 90% trivially wrong negatives instead of 50% (stage 1 and stage 2)
     easy90) sweep easy90 +experiment=cw_dpo,ablation_cooling,dpo,sft_only negatives.easy_fraction=0.9 ;;
+    # both stressors at once: 90% trivially wrong negatives and the 5x stage-2 learning rate
+    easy90_highlr) sweep easy90_highlr +experiment=cw_dpo,ablation_cooling negatives.easy_fraction=0.9 \
+      stage.cw_dpo.optimizer.lr=1e-3 ;;
   esac
 done
 
