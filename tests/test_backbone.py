@@ -326,3 +326,31 @@ def test_processor_without_chat_template_needs_model_chat_template(tiny_vlm_path
         VLMBackbone.from_pretrained(d)
     b = VLMBackbone.from_pretrained(d, chat_template="{{ messages[0]['content'][1]['text'] }}|")
     assert b.prompt_text("Describe.") == "Describe.|"
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_cw_dpo_turns_policy_dropout_off(tiny_vlm_path, pair_batch, perturb, disable):
+    """With LoRA dropout the train-mode policy is noisy; `disable_dropout` (the default) makes
+    it deterministic and equal to its own eval-mode output."""
+    from functools import partial
+
+    from cwdpo.stages.cw_dpo import CWDPOModule
+
+    lora = LoRASettings(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"])
+    bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, lora=lora)
+    bb.snapshot_reference()
+    perturb(bb.model, 0.05, 2)  # LoRA's B starts at 0: make the adapters (and dropout) matter
+    module = CWDPOModule(bb, optimizer=partial(torch.optim.SGD, lr=0.1), disable_dropout=disable)
+    module.on_fit_start()
+    module.train()
+    batch = _pairs2(bb, pair_batch)
+    with torch.no_grad():
+        a, b = bb.logps(batch).sum, bb.logps(batch).sum
+    module.eval()
+    with torch.no_grad():
+        evaluated = bb.logps(batch).sum
+    if disable:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, evaluated, rtol=0, atol=1e-5)
+    else:
+        assert (a - b).abs().max() > 1e-4

@@ -187,18 +187,47 @@ def test_checkpoint_holds_the_state_resume_needs(runs):
 
 
 def test_resumed_cw_dpo_reference_is_the_sft_c_policy(runs):
-    """The Lightning ckpt restores π_ref too; it must equal the saved stage-1 output."""
+    """The Lightning ckpt leaves the frozen π_ref out and records its fingerprint: that of the
+    saved stage-1 output, which the resumed run re-snapshots (and which test_resume_mid_stage
+    shows gives bitwise-equal results)."""
     from cwdpo.backbone import VLMBackbone
+    from cwdpo.ref_cache import module_fingerprint
 
     saved = VLMBackbone.from_pretrained(runs["run"] / "checkpoints" / "sft_c_hf")
     sft_c = saved.model.state_dict()  # HF files use the legacy key layout: load, then compare
     state = runs["killed_ckpt"]["state_dict"]
-    ref = {k.removeprefix("backbone.reference."): v for k, v in state.items()
-           if k.startswith("backbone.reference.")}
-    assert ref and ref.keys() == sft_c.keys()
-    assert all(torch.equal(ref[k], sft_c[k]) for k in ref)
+    assert not [k for k in state if k.startswith("backbone.reference.")]
+    assert runs["killed_ckpt"]["cwdpo_reference_fingerprint"] == module_fingerprint(saved.model)
     policy = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
+    assert policy.keys() == sft_c.keys()
     assert any(not torch.equal(policy[k], sft_c[k]) for k in policy)  # the policy moved on
+
+
+def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, perturb):
+    """Save: no reference tensors, its fingerprint instead. Load: the live reference goes back
+    in (strict loading passes); a different reference is refused, naming the cause."""
+    from functools import partial
+
+    from cwdpo.stages.cw_dpo import CWDPOModule
+
+    backbone.snapshot_reference()
+    module = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
+    full = {k: v.clone() for k, v in module.state_dict().items()}
+    ckpt = {"state_dict": dict(full)}
+    module.on_save_checkpoint(ckpt)
+    n_ref = sum(k.startswith("backbone.reference.") for k in full)
+    assert n_ref > 0 and len(ckpt["state_dict"]) == len(full) - n_ref
+    module.on_load_checkpoint(ckpt)
+    assert ckpt["state_dict"].keys() == full.keys()
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    assert all(torch.equal(module.state_dict()[k], full[k]) for k in full)
+
+    other = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
+    perturb(backbone.reference.requires_grad_(True), 0.01, 3)  # another π_ref
+    stale = {"state_dict": {k: v for k, v in full.items() if not k.startswith("backbone.reference.")},
+             "cwdpo_reference_fingerprint": ckpt["cwdpo_reference_fingerprint"]}
+    with pytest.raises(RuntimeError, match="different reference policy"):
+        other.on_load_checkpoint(stale)
 
 
 def test_resumed_probe_deltas_match_the_uninterrupted_run(runs):

@@ -12,6 +12,19 @@ from cwdpo.ref_cache import RefLogpCache, cached_reference_logps, reference_fing
 from cwdpo.stages.base import StageModule
 
 
+def disable_dropout_(model: torch.nn.Module) -> int:
+    """Dropout off in the policy (as TRL's `disable_dropout`): the reference runs in eval mode,
+    so with dropout the log-ratios would be noisy and nonzero at step 0. Covers nn.Dropout
+    (LoRA's lora_dropout included) and HF attention modules' float `attention_dropout`."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+            m.attention_dropout, n = 0.0, n + 1
+    return n
+
+
 class CWDPOModule(StageModule):
     """−log σ(β(Δ_w − w_c·Δ_l)); reference log-probs from the backbone's reference policy."""
 
@@ -29,9 +42,11 @@ class CWDPOModule(StageModule):
         rpo_alpha: float = 0.0,
         prefix_sharing: bool = False,
         ref_cache: Any = None,
+        disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.disable_dropout = disable_dropout
         # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.prefix), and reuse
         # reference log-probs of dataset pairs across epochs (cwdpo.ref_cache: a directory or
         # a RefLogpCache). Both are exact up to float rounding; both default off.
@@ -48,9 +63,42 @@ class CWDPOModule(StageModule):
                 "CW-DPO stage started without a reference policy: run stage 1 first, or start "
                 "stage=cw_dpo from a checkpoint (the pipeline snapshots π_ref ← π_θ)"
             )
+        if self.disable_dropout:
+            disable_dropout_(self.backbone.model)
         if self.ref_cache is not None:
             self.ref_cache.rank = self.global_rank
             self.ref_cache.bind(reference_fingerprint(self.backbone))
+
+    # π_ref is not training state: before fit it is re-created from the stage's starting policy
+    # (the pipeline snapshots it from the saved stage-1 output, also on resume). So checkpoints
+    # leave the frozen copy out (full fine-tuning: about half the weights on disk) and record
+    # its fingerprint; loading checks the fingerprint and puts the live copy back, so strict
+    # loading still catches a policy that does not fit.
+    REFERENCE_PREFIX = "backbone.reference."
+
+    def _reference_fp(self) -> str:
+        if getattr(self, "_ref_fp", None) is None:  # frozen: hash once (large models: seconds)
+            self._ref_fp = reference_fingerprint(self.backbone)
+        return self._ref_fp
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self.REFERENCE_PREFIX)]:
+            del state[key]
+        if self.backbone.has_reference:
+            checkpoint["cwdpo_reference_fingerprint"] = self._reference_fp()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("cwdpo_reference_fingerprint")
+        if saved is not None and self.backbone.has_reference and saved != self._reference_fp():
+            raise RuntimeError(
+                "this CW-DPO checkpoint was trained against a different reference policy than the "
+                "one loaded now (fingerprints differ): resume from the run directory whose stage-1 "
+                "output it started from (`resume=<run dir>`), or start the stage fresh")
+        ref = self.backbone.reference
+        if ref is not None and not any(k.startswith(self.REFERENCE_PREFIX) for k in checkpoint["state_dict"]):
+            checkpoint["state_dict"].update(
+                {self.REFERENCE_PREFIX + k: v for k, v in ref.state_dict().items()})
 
     def on_train_epoch_end(self) -> None:
         if self.ref_cache is not None:
