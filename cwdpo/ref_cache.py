@@ -61,6 +61,26 @@ def reference_fingerprint(backbone: Any) -> str:
     return module_fingerprint(backbone.model, skip=("lora_",))
 
 
+def reference_signature(backbone: Any, samples: int = 256) -> str:
+    """A cheap identity check of π_ref for checkpoints: tensor names, shapes and `samples`
+    evenly spaced values per tensor, as bfloat16 (so fp32 vs bf16 storage does not matter).
+    Milliseconds even for a 70B model, but it can miss a change between the sampled values:
+    cache keys use the exact `reference_fingerprint`."""
+    if not getattr(backbone, "has_reference", False):
+        raise RuntimeError("no reference policy to sign: call snapshot_reference() first")
+    ref = getattr(backbone, "reference", None)
+    module, skip = (ref, ()) if ref is not None else (backbone.model, ("lora_",))
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if any(s in name for s in skip) or not torch.is_tensor(t):
+            continue
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(flat[idx.to(flat.device)].to(torch.bfloat16)))
+    return h.hexdigest()
+
+
 def pair_keys(batch: dict[str, torch.Tensor], n: int, fingerprint: str) -> list[bytes]:
     """One 32-byte key per pair of a `collate_pairs` batch (rows i and n+i)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

@@ -187,31 +187,34 @@ def test_checkpoint_holds_the_state_resume_needs(runs):
 
 
 def test_resumed_cw_dpo_reference_is_the_sft_c_policy(runs):
-    """The Lightning ckpt leaves the frozen π_ref out and records its fingerprint: that of the
+    """The Lightning ckpt leaves the frozen π_ref out and records its signature: that of the
     saved stage-1 output, which the resumed run re-snapshots (and which test_resume_mid_stage
     shows gives bitwise-equal results)."""
     from cwdpo.backbone import VLMBackbone
-    from cwdpo.ref_cache import module_fingerprint
+    from cwdpo.ref_cache import reference_signature
 
     saved = VLMBackbone.from_pretrained(runs["run"] / "checkpoints" / "sft_c_hf")
     sft_c = saved.model.state_dict()  # HF files use the legacy key layout: load, then compare
     state = runs["killed_ckpt"]["state_dict"]
     assert not [k for k in state if k.startswith("backbone.reference.")]
-    assert runs["killed_ckpt"]["cwdpo_reference_fingerprint"] == module_fingerprint(saved.model)
+    saved.snapshot_reference()
+    assert runs["killed_ckpt"]["cwdpo_reference_signature"] == reference_signature(saved)
     policy = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
     assert policy.keys() == sft_c.keys()
     assert any(not torch.equal(policy[k], sft_c[k]) for k in policy)  # the policy moved on
 
 
 def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, perturb):
-    """Save: no reference tensors, its fingerprint instead. Load: the live reference goes back
-    in (strict loading passes); a different reference is refused, naming the cause."""
+    """Save: no reference tensors, its signature instead. Load: the live reference (not the
+    policy) goes back in, strict loading passes; another reference is refused, naming why."""
     from functools import partial
 
     from cwdpo.stages.cw_dpo import CWDPOModule
 
     backbone.snapshot_reference()
     module = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
+    module.setup("fit")
+    perturb(backbone.model, 0.01, 2)  # the policy has moved away from π_ref
     full = {k: v.clone() for k, v in module.state_dict().items()}
     ckpt = {"state_dict": dict(full)}
     module.on_save_checkpoint(ckpt)
@@ -219,15 +222,29 @@ def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, p
     assert n_ref > 0 and len(ckpt["state_dict"]) == len(full) - n_ref
     module.on_load_checkpoint(ckpt)
     assert ckpt["state_dict"].keys() == full.keys()
+    assert all(torch.equal(ckpt["state_dict"][k], full[k]) for k in full)
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    assert all(torch.equal(module.state_dict()[k], full[k]) for k in full)
 
-    other = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
     perturb(backbone.reference.requires_grad_(True), 0.01, 3)  # another π_ref
+    other = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
+    other.setup("fit")
     stale = {"state_dict": {k: v for k, v in full.items() if not k.startswith("backbone.reference.")},
-             "cwdpo_reference_fingerprint": ckpt["cwdpo_reference_fingerprint"]}
+             "cwdpo_reference_signature": ckpt["cwdpo_reference_signature"]}
     with pytest.raises(RuntimeError, match="different reference policy"):
         other.on_load_checkpoint(stale)
+    other.on_load_checkpoint({"cwdpo_reference_signature": other._ref_signature})  # DeepSpeed: no state_dict
+
+
+def test_reference_signature_ignores_storage_dtype_and_sees_changes(backbone, perturb):
+    from cwdpo.ref_cache import reference_signature
+
+    backbone.snapshot_reference()
+    sig = reference_signature(backbone)
+    backbone.reference.to(torch.bfloat16)
+    bf16 = reference_signature(backbone)
+    assert bf16 == sig  # bf16-true precision casts after the signature is taken: same π_ref
+    perturb(backbone.reference.requires_grad_(True), 0.05, 4)
+    assert reference_signature(backbone) != sig
 
 
 def test_resumed_probe_deltas_match_the_uninterrupted_run(runs):

@@ -6,22 +6,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from cwdpo.objectives import cw_dpo_loss
-from cwdpo.ref_cache import RefLogpCache, cached_reference_logps, reference_fingerprint
+from cwdpo.ref_cache import (
+    RefLogpCache,
+    cached_reference_logps,
+    reference_fingerprint,
+    reference_signature,
+)
 from cwdpo.stages.base import StageModule
+
+DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_dropout")
 
 
 def disable_dropout_(model: torch.nn.Module) -> int:
     """Dropout off in the policy (as TRL's `disable_dropout`): the reference runs in eval mode,
     so with dropout the log-ratios would be noisy and nonzero at step 0. Covers nn.Dropout
-    (LoRA's lora_dropout included) and HF attention modules' float `attention_dropout`."""
+    (LoRA's lora_dropout included) and the float probabilities HF modules keep as attributes
+    (e.g. CLIP/SigLIP attention's `dropout`, Llama/Qwen attention's `attention_dropout`)."""
     n = 0
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             m.p, n = 0.0, n + 1
-        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
-            m.attention_dropout, n = 0.0, n + 1
+        for attr in DROPOUT_ATTRS:  # HF modules that pass a float p to F.dropout / SDPA
+            if isinstance(getattr(m, attr, None), float) and getattr(m, attr) > 0:
+                setattr(m, attr, 0.0)
+                n += 1
     return n
 
 
@@ -70,35 +81,40 @@ class CWDPOModule(StageModule):
             self.ref_cache.bind(reference_fingerprint(self.backbone))
 
     # π_ref is not training state: before fit it is re-created from the stage's starting policy
-    # (the pipeline snapshots it from the saved stage-1 output, also on resume). So checkpoints
-    # leave the frozen copy out (full fine-tuning: about half the weights on disk) and record
-    # its fingerprint; loading checks the fingerprint and puts the live copy back, so strict
-    # loading still catches a policy that does not fit.
+    # (the pipeline snapshots it from the saved stage-1 output, also on resume). Checkpoints
+    # record its signature, and under single-device / DDP leave the frozen copy out (full
+    # fine-tuning: about half the weights on disk); loading refuses a checkpoint trained against
+    # another reference and puts the live copy back, so strict loading still checks the policy.
+    # FSDP and DeepSpeed save and load weights themselves: the copy stays in their checkpoints.
     REFERENCE_PREFIX = "backbone.reference."
 
-    def _reference_fp(self) -> str:
-        if getattr(self, "_ref_fp", None) is None:  # frozen: hash once (large models: seconds)
-            self._ref_fp = reference_fingerprint(self.backbone)
-        return self._ref_fp
+    def setup(self, stage: str) -> None:
+        # before the strategy moves, casts or shards anything, and before a checkpoint is restored
+        self._ref_signature = reference_signature(self.backbone) if self.backbone.has_reference else None
+
+    def _drops_reference(self) -> bool:
+        trainer = self._trainer  # None outside a fit (e.g. a hand-made checkpoint)
+        return trainer is None or type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self.REFERENCE_PREFIX)]:
-            del state[key]
-        if self.backbone.has_reference:
-            checkpoint["cwdpo_reference_fingerprint"] = self._reference_fp()
+        signature = getattr(self, "_ref_signature", None)
+        if signature is not None:
+            checkpoint["cwdpo_reference_signature"] = signature
+        state = checkpoint.get("state_dict")
+        if state is not None and self._drops_reference():
+            for key in [k for k in state if k.startswith(self.REFERENCE_PREFIX)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("cwdpo_reference_fingerprint")
-        if saved is not None and self.backbone.has_reference and saved != self._reference_fp():
+        saved, live = checkpoint.get("cwdpo_reference_signature"), getattr(self, "_ref_signature", None)
+        if saved is not None and live is not None and saved != live:
             raise RuntimeError(
                 "this CW-DPO checkpoint was trained against a different reference policy than the "
-                "one loaded now (fingerprints differ): resume from the run directory whose stage-1 "
+                "one loaded now (signatures differ): resume from the run directory whose stage-1 "
                 "output it started from (`resume=<run dir>`), or start the stage fresh")
-        ref = self.backbone.reference
-        if ref is not None and not any(k.startswith(self.REFERENCE_PREFIX) for k in checkpoint["state_dict"]):
-            checkpoint["state_dict"].update(
-                {self.REFERENCE_PREFIX + k: v for k, v in ref.state_dict().items()})
+        state, ref = checkpoint.get("state_dict"), self.backbone.reference
+        if state is not None and ref is not None and not any(k.startswith(self.REFERENCE_PREFIX) for k in state):
+            state.update({self.REFERENCE_PREFIX + k: v for k, v in ref.state_dict().items()})
 
     def on_train_epoch_end(self) -> None:
         if self.ref_cache is not None:
