@@ -109,7 +109,7 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
         _fake_run(tmp_path / f"base{s}", "sft_only", s, base[s])
         _fake_run(tmp_path / f"ours{s}", "cw_dpo", s, ours[s],
                   steps_csv="step,train/rewards/accuracies\n" + "".join(
-                      f"{i},{1.0 if s == 0 else 0.0}\n" for i in range(5)))
+                      f"{i},{1.0 if s == 0 else 0.0}\n" for i in range(12)))
     _fake_run(tmp_path / "hbase0", "sft_only", 0, hard_base[0], ("negatives.easy_fraction=0.9",))
     _fake_run(tmp_path / "hours0", "cw_dpo", 0, ours[0], ("negatives.easy_fraction=0.9",))
     # seed 2: its data (a cluster path) is not readable here: no win-rate, no crash, counted
@@ -132,7 +132,7 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
     assert agg["cw_dpo negatives.easy_fraction=0.9"]["win_vs_baseline"]["mean"] == pytest.approx(100 * w_hard)
     assert "win_vs_baseline" not in agg["sft_only"]
     # steps→target counts the seeds that never reached it instead of hiding them
-    assert agg["cw_dpo"]["steps_to_target"] == {"mean": 0.0, "std": 0.0, "reached": 1, "of": 2}
+    assert agg["cw_dpo"]["steps_to_target"] == {"mean": 9.0, "std": 0.0, "reached": 1, "of": 2}  # full window
     assert "(1/2)" in markdown(agg, "sft_only")
     assert "win_vs_baseline" not in aggregate(find_runs([tmp_path]), baseline=None)["cw_dpo"]
 
