@@ -236,15 +236,21 @@ def plot(agg: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     keys = [(k, h) for k, h, _ in COLUMNS if k in PLOT_KEYS and any(k in g for g in agg.values())]
     if not keys:
         return []
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 2.5, 1.5 + 0.22 * len(agg)))
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 2.5, 1.5 + 0.22 * len(agg)),
+                             sharey=True)  # one row per setting in every panel, NaNs included
     axes = np.atleast_1d(axes)
     names = list(agg)
     for ax, (k, h) in zip(axes, keys):
         means = [agg[n].get(k, {}).get("mean", np.nan) for n in names]
         stds = [agg[n].get(k, {}).get("std", 0.0) for n in names]
         ax.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.8)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=7)
+        if k == "win_vs_baseline":
+            ax.axvline(50.0, color="k", lw=0.8, ls="--")  # = the baseline
+        if k in ("loss_std", "grad_norm_std"):
+            ax.set_xscale("log")  # IPO's loss is on another scale
         ax.set_title(h, fontsize=9)
+    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0].set_ylim(len(names) - 0.5, -0.5)  # first setting on top, as in report.md
     fig.tight_layout()
     path = out_dir / "report.png"
     fig.savefig(path, dpi=120)
