@@ -37,7 +37,7 @@ clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-## experiments: the full ShapesWorld grid (SEEDS=0,1,2) + report into experiments/shapes/
+## experiments: the full ShapesWorld grid (SEEDS=0,1,2; 72 runs, ≈ 1 h 50 min on 2 cores) + report
 experiments:
 	bash experiments/shapes/run.sh
 
