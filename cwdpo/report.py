@@ -89,13 +89,13 @@ def stability(csv: Path, window: int = 50, spike_z: float = 3.0, target: float =
     return out
 
 
-def load_run(run: Path) -> tuple[tuple[str, list[str]], dict[str, float]]:
+def load_run(run: Path, **target: Any) -> tuple[tuple[str, list[str]], dict[str, float]]:
     res = json.loads((run / "results.json").read_text())
     stages = res["stages"]
     last_name = list(stages)[-1]
     last = stages[last_name]
     row = {k: float(last[k]) for k, _, _ in COLUMNS if isinstance(last.get(k), int | float)}
-    row.update(stability(run / "csv" / last_name / "metrics.csv"))
+    row.update(stability(run / "csv" / last_name / "metrics.csv", **target))
     row["seed"] = float(res.get("config", {}).get("seed", math.nan))
     return run_setting(run, res), row
 
@@ -173,8 +173,9 @@ def _test_records(data: dict[str, Any]) -> tuple[Any, list[Any]] | str:
         return f"{type(err).__name__}: {err}"
 
 
-def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only") -> dict[str, dict[str, Any]]:
-    loaded = [(r, *load_run(r)) for r in runs]
+def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only",
+              target: float = 0.9, target_key: str = "train/rewards/accuracies") -> dict[str, dict[str, Any]]:
+    loaded = [(r, *load_run(r, target=target, target_key=target_key)) for r in runs]
     if baseline:
         win_vs_baseline(loaded, baseline)
     # overrides shared by every run (e.g. a budget) do not name a setting: drop them
@@ -264,9 +265,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--out", default=None, help="output directory (default: the first dir)")
     ap.add_argument("--baseline", default="sft_only",
                     help="experiment the 'win vs baseline' column compares with ('' for none)")
+    ap.add_argument("--target-key", default="train/rewards/accuracies",
+                    help="logged metric for steps→target (any column of the stage's metrics.csv)")
+    ap.add_argument("--target", type=float, default=0.9, help="value its rolling mean must reach")
     args = ap.parse_args(argv)
     runs = find_runs(args.dirs)
-    agg = aggregate(runs, baseline=args.baseline or None)
+    agg = aggregate(runs, baseline=args.baseline or None, target=args.target, target_key=args.target_key)
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(agg, args.baseline or None)

@@ -135,6 +135,9 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
     assert agg["cw_dpo"]["steps_to_target"] == {"mean": 9.0, "std": 0.0, "reached": 1, "of": 2}  # full window
     assert "(1/2)" in markdown(agg, "sft_only")
     assert "win_vs_baseline" not in aggregate(find_runs([tmp_path]), baseline=None)["cw_dpo"]
+    # another target: never reached
+    strict = aggregate(find_runs([tmp_path]), baseline=None, target=1.5)["cw_dpo"]["steps_to_target"]
+    assert strict == {"reached": 0, "of": 2}
 
 
 @pytest.mark.parametrize("launcher", ["local_parallel", "slurm"])
