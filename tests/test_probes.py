@@ -96,6 +96,31 @@ def test_stop_rule_sets_should_stop_and_records_the_reason(tmp_path):
     assert not t2.should_stop and other.stop_reason is None
 
 
+def test_rules_and_the_probe_schedule_are_decided_across_ranks(tmp_path):
+    """Under DDP a rule that holds on another rank fires here too (else a rank-local stop or
+    refresh would hang the others), and so does the cost-bound schedule change."""
+    asked = []
+
+    class OtherRankHolds:  # the strategy's all-reduce as another rank would answer it
+        def reduce_boolean_decision(self, decision, all=True):
+            asked.append((decision, all))
+            return True
+
+    rules = {"displacement": {"kind": "drop_from_best", "threshold": 0.5, "stages": ["cw_dpo"]}}
+    healthy = [0.0, 0.3, 0.5]
+    local = _fake_trainer(tmp_path)
+    _with_trajectory(tmp_path, rules, healthy).apply_rules(local, None, 40)
+    assert not local.should_stop  # one process: nothing holds
+    trainer = _fake_trainer(tmp_path)
+    trainer.strategy = OtherRankHolds()
+    cb = _with_trajectory(tmp_path, rules, healthy)
+    cb.apply_rules(trainer, None, 40)
+    assert trainer.should_stop and asked == [(False, False)]
+    cb.every_n_steps, cb.max_cost_frac = 10, 0.5
+    cb._bound_cost(trainer, 40)  # this rank is cheap, another is not: both slow down
+    assert cb.every_n_steps == 20
+
+
 def test_refresh_rule_calls_the_on_policy_callback_with_cooldown(tmp_path):
     from cwdpo.callbacks.on_policy import OnPolicyNegatives
 

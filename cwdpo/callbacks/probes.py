@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, quantile_key, support
-from cwdpo.utils.dist import is_rank_zero
+from cwdpo.utils.dist import any_rank, is_rank_zero
 from cwdpo.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -507,7 +507,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
         metrics.update({"probe/seconds": dt, "probe/periodic_cost_frac": self.cost_frac(),
                         "probe/every_n_steps": self.every_n_steps, "probe/run_step": self.offset + step})
         log_scalars(trainer, metrics, step)
-        self._bound_cost(step)
+        self._bound_cost(trainer, step)
         if not final:
             self.apply_rules(trainer, pl_module, step)
 
@@ -561,11 +561,12 @@ class DeltaLogpProbe(StageAware, L.Callback):
             return 0.0
         return self.periodic_seconds / max(time.perf_counter() - self.t_start, 1e-9)
 
-    def _bound_cost(self, step: int) -> None:
+    def _bound_cost(self, trainer: L.Trainer, step: int) -> None:
         """One-off costs (building the sets, the stage-start and final probes) are excluded:
         the bound is on the recurring share, which is what grows with the stage length."""
         frac = self.cost_frac()
-        if step > 0 and self.max_cost_frac and frac > self.max_cost_frac:
+        too_costly = bool(step > 0 and self.max_cost_frac and frac > self.max_cost_frac)
+        if any_rank(trainer, too_costly):  # timings differ per rank; the schedule must not
             self.every_n_steps *= 2
             log.info("periodic probes took %.0f%% of the stage's time: probing every %d steps now",
                      100 * frac, self.every_n_steps)
@@ -582,7 +583,10 @@ class DeltaLogpProbe(StageAware, L.Callback):
             if not rule.applies_to(self.stage) or rule.group not in self.sets:
                 continue
             steps, values = self.series(rule.group, rule.column)
-            holds = rule_fires(rule, steps, values)
+            # every rank probes the same weights, but float noise (GPU kernels) can put one rank
+            # across a threshold alone: decide together, or a rank-local refresh (a collective)
+            # or stop would hang the others
+            holds = any_rank(trainer, rule_fires(rule, steps, values))
             was_holding, self._holding[rule.name] = self._holding.get(rule.name, False), holds
             last = self._last_fired.get(rule.name)
             if not holds or (rule.action == "stop" and last is not None):
