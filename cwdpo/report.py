@@ -256,6 +256,49 @@ def plot(agg: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     path = out_dir / "report.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [path, *plot_sweeps(agg, out_dir)]
+
+
+def sweep_series(agg: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
+    """"experiment key" → [(value, setting)] for settings that differ from the rest of their
+    experiment in one numeric override only (e.g. ablation_mix's dataset fraction), ≥ 3 values."""
+    series: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for name in agg:
+        exp, *ov = name.split(" ")
+        if len(ov) != 1 or "=" not in ov[0]:
+            continue
+        key, value = ov[0].split("=", 1)
+        try:
+            series[f"{exp} {key}"].append((float(value), name))
+        except ValueError:
+            continue
+    return {k: sorted(v) for k, v in series.items() if len(v) >= 3}
+
+
+def plot_sweeps(agg: dict[str, dict[str, Any]], out_dir: Path,
+                keys: Sequence[str] = ("fact_accuracy", "win_vs_baseline", "calib/ece")) -> list[Path]:
+    """report_sweeps.png: each one-knob sweep as curves (mean ± std over seeds) of `keys`."""
+    import matplotlib.pyplot as plt
+
+    series = sweep_series(agg)
+    keys = [k for k in keys if any(k in g for g in agg.values())]
+    if not series or not keys:
+        return []
+    headers = {k: h for k, h, _ in COLUMNS}
+    fig, axes = plt.subplots(len(series), len(keys), figsize=(3.4 * len(keys), 2.6 * len(series)),
+                             squeeze=False)
+    for row, (title, points) in zip(axes, series.items()):
+        xs = [x for x, _ in points]
+        for ax, k in zip(row, keys):
+            ys = [agg[n].get(k, {}).get("mean", np.nan) for _, n in points]
+            es = [agg[n].get(k, {}).get("std", 0.0) for _, n in points]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
+            ax.set_xlabel(title.split(" ", 1)[1], fontsize=8)
+            ax.set_title(f"{title.split(' ')[0]}: {headers[k]}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "report_sweeps.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return [path]
 
 

@@ -148,3 +148,17 @@ def test_launcher_and_optuna_configs_compose(launcher, tmp_path):
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert ("launcher" in proc.stdout) and ("sweeper" in proc.stdout)
+
+
+def test_sweep_series_finds_one_knob_sweeps(tmp_path):
+    from cwdpo.report import plot_sweeps, sweep_series
+
+    stat = {"fact_accuracy": {"mean": 1.0, "std": 0.0}}
+    agg = {f"ablation_mix negatives.dataset_fraction={v}": stat for v in ("0", "0.25", "1")}
+    agg |= {"cw_dpo": stat, "cw_dpo a=1 b=2": stat, "dpo x=1": stat, "dpo x=2": stat,
+            "ipo loss=sigmoid": stat, "ipo loss=x": stat, "ipo loss=y": stat}
+    series = sweep_series(agg)
+    assert list(series) == ["ablation_mix negatives.dataset_fraction"]  # dpo: 2 values only
+    assert [x for x, _ in series["ablation_mix negatives.dataset_fraction"]] == [0.0, 0.25, 1.0]
+    (path,) = plot_sweeps(agg, tmp_path)
+    assert path.name == "report_sweeps.png" and path.stat().st_size > 0
