@@ -305,3 +305,80 @@ def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
     # rank 0 sampled the even images, rank 1 the odd ones
     ids = [f"shapes-train-{i}" for i in range(10)]
     assert all(r0["buffer"][ids[i]][0].endswith(f"-{i % 2}") for i in range(10))
+
+
+PROBE_RULES_SCRIPT = textwrap.dedent(
+    '''
+    import json, sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from cwdpo.callbacks.probes import DeltaLogpProbe
+
+    out = Path(sys.argv[1])
+
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+    class Rules(L.Callback):
+        """At step 2 each rank applies the probe rules to its own trajectory: only rank 1's
+        positives have fallen (float noise on a GPU could do that to one rank alone)."""
+
+        def __init__(self):
+            self.probe = DeltaLogpProbe(rules={"displacement": {
+                "kind": "drop_from_best", "threshold": 0.5, "stages": ["cw_dpo"]}})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, i):
+            if trainer.global_step != 2:
+                return
+            p = self.probe
+            (out / "run").mkdir(exist_ok=True)
+            p.set_stage("cw_dpo", out / "run", first=True)
+            p.sets = {"positives": None}
+            vals = [0.0, 0.8, 0.1] if trainer.global_rank == 1 else [0.0, 0.3, 0.5]
+            p.trajectory = [{"group": "positives", "step": s, "mean": v}
+                            for s, v in zip([0, 20, 40], vals)]
+            p.apply_rules(trainer, pl_module, trainer.global_step)
+
+
+    rules = Rules()
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=20, logger=False,
+                        strategy=DDPStrategy(process_group_backend="gloo"), callbacks=[rules],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Tiny(), DataLoader(torch.randn(200, 2), batch_size=2))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+        {"steps": trainer.global_step, "stop_reason": rules.probe.stop_reason}))
+    '''
+)
+
+
+def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
+    """2 gloo processes under Lightning's DDP: a stop rule that holds on rank 1 only stops both
+    ranks at the same step (a rank-local stop would leave rank 0 waiting in its next all-reduce)."""
+    script = tmp_path / "probe_rules.py"
+    script.write_text(PROBE_RULES_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["steps"] == r1["steps"] < 20  # stopped early, together
+    assert r1["stop_reason"].startswith("displacement: positives mean fell 0.700")
+    assert r0["stop_reason"] == "displacement: held on another rank at step 2"

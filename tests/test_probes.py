@@ -116,6 +116,7 @@ def test_rules_and_the_probe_schedule_are_decided_across_ranks(tmp_path):
     cb = _with_trajectory(tmp_path, rules, healthy)
     cb.apply_rules(trainer, None, 40)
     assert trainer.should_stop and asked == [(False, False)]
+    assert cb.stop_reason == "displacement: held on another rank at step 40"
     cb.every_n_steps, cb.max_cost_frac = 10, 0.5
     cb._bound_cost(trainer, 40)  # this rank is cheap, another is not: both slow down
     assert cb.every_n_steps == 20

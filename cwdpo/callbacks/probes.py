@@ -586,7 +586,8 @@ class DeltaLogpProbe(StageAware, L.Callback):
             # every rank probes the same weights, but float noise (GPU kernels) can put one rank
             # across a threshold alone: decide together, or a rank-local refresh (a collective)
             # or stop would hang the others
-            holds = any_rank(trainer, rule_fires(rule, steps, values))
+            here = rule_fires(rule, steps, values)
+            holds = any_rank(trainer, here)
             was_holding, self._holding[rule.name] = self._holding.get(rule.name, False), holds
             last = self._last_fired.get(rule.name)
             if not holds or (rule.action == "stop" and last is not None):
@@ -595,7 +596,8 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 continue
             if last is not None and step - last < max(rule.cooldown, 1):
                 continue
-            reason = describe_firing(rule, steps, values)
+            reason = (describe_firing(rule, steps, values) if here
+                      else f"{rule.name}: held on another rank at step {step}")
             self._last_fired[rule.name] = step
             self.events.append({"stage": self.stage, "step": step, "rule": rule.name,
                                 "action": rule.action, "reason": reason})
@@ -623,10 +625,12 @@ class DeltaLogpProbe(StageAware, L.Callback):
             log.warning("probe rule asked for a refresh, but this stage has no on-policy negatives")
 
     def _write_events(self) -> None:
+        if not is_rank_zero():  # every rank fires the same rules (apply_rules): one writes
+            return
         path = self.out_dir / EVENTS_JSON
         events = json.loads(path.read_text()) if path.is_file() else []
         events = [e for e in events if e["stage"] != self.stage] + self.events
-        path.write_text(json.dumps(events, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(events, indent=2) + "\n")
 
     # ------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
