@@ -529,7 +529,8 @@ class DeltaLogpProbe(StageAware, L.Callback):
         if not saved:
             state[group] = {"key": ps.key, "stage": self.stage, "ell": ell.tolist(),
                             "sum": sums.tolist()}
-            state_path.write_text(json.dumps(state) + "\n")
+            if is_rank_zero():  # every rank measured the same; one writes
+                atomic_write_text(state_path, json.dumps(state) + "\n")
 
     def _restore_starts(self) -> bool:
         """Resumed stage: take the checkpointed stage-start measurements of unchanged sets.
@@ -709,9 +710,11 @@ class DeltaLogpProbe(StageAware, L.Callback):
             score = source.score(o, r)
             rows.append({"image_id": r.image_id, "reference": r.references[0], "generated": o,
                          "score": score, "positive": bool(source.is_positive(o, r))})
+        if not is_rank_zero():  # all ranks generate (FSDP needs every rank in a forward); one writes
+            return
         d = self.out_dir / "samples"
         d.mkdir(exist_ok=True)
-        (d / f"{self.stage}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(d / f"{self.stage}.json", json.dumps(rows, indent=2) + "\n")
         from cwdpo.callbacks.wandb_logger import has_wandb, log_media
 
         if has_wandb(trainer):
