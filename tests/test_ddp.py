@@ -277,8 +277,11 @@ ON_POLICY_SCRIPT = textwrap.dedent(
                 for i in range(len(images) * num_return_sequences)]
 
     stats = dm.refresh_on_policy(generate, step=0)
-    json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]},
-              open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]}, f)
+    if world > 1:  # a clean teardown: gloo threads alive at interpreter exit can abort the process
+        dist.barrier()
+        dist.destroy_process_group()
     '''
 )
 
@@ -297,7 +300,8 @@ def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port,
                                str(tmp_path / f"r{r}.json")], env=env, cwd=REPO)
              for r in range(2)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], codes
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     assert r0["generated"] == 5 and r1["generated"] == 5  # 10 images split 5 / 5
     assert r0["buffer"] == r1["buffer"] and len(r0["buffer"]) == 10
