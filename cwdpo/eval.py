@@ -57,14 +57,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             results["compare"] = cfg.compare
             del other
         if "captioning" in tasks or baseline is not None:
-            metrics, outputs = evaluate_captioning(
-                backbone, source, records, baseline=baseline if judge is None else None,
-                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                calibration=False, caption_metrics="captioning" in tasks,
+            metrics, _ = evaluate_captioning(
+                backbone, source, records, baseline=baseline, batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens, calibration=False,
+                caption_metrics="captioning" in tasks, judge=judge,
             )
             results.update(metrics)
-            if judge is not None and baseline is not None:
-                results.update(_judged_win_rate(judge, source, records, outputs, baseline))
         if "calibration" in tasks:
             cal = teacher_forced_calibration(backbone, records, source.prompt, cfg.eval.batch_size)
             results.update({f"calib/{k}": v for k, v in cal.items()})
@@ -79,23 +77,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "eval.md", table)
     print("\n" + table)
     return results
-
-
-def _judged_win_rate(judge: Any, source: Any, records: list[Any], outputs: list[str],
-                     baseline: list[str]) -> dict[str, Any]:
-    """Win-rate of `outputs` over `baseline` by a configured judge (e.g. `judge=http`)."""
-    import torch
-
-    from cwdpo.metrics.winrate import WinRate
-
-    items = [{"references": r.references, "prompt": source.prompt, "record": r} for r in records]
-    metric = WinRate()
-    metric.update(torch.tensor(judge(list(outputs), list(baseline), items), dtype=torch.float32))
-    out: dict[str, Any] = {f"winrate/{k}": float(v) for k, v in metric.compute().items()}
-    out["winrate/judge"] = repr(judge)
-    if hasattr(judge, "n_unparsed"):
-        out["winrate/unparsed"] = int(judge.n_unparsed)
-    return out
 
 
 def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:

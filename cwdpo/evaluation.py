@@ -70,6 +70,7 @@ def evaluate_captioning(
     calibration: bool = True,
     caption_metrics: bool = True,
     meteor: bool = True,
+    judge: Any = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Metrics for one model state, plus its outputs (the next stage's win-rate baseline)."""
     outputs = generate_captions(backbone, records, source.prompt, batch_size, max_new_tokens)
@@ -90,7 +91,7 @@ def evaluate_captioning(
         res.update({f"calib/{k}": v for k, v in teacher_forced_calibration(
             backbone, records, source.prompt, batch_size).items()})
     if baseline is not None:
-        res.update(win_rate(source, records, outputs, baseline))
+        res.update(win_rate(source, records, outputs, baseline, judge))
     res["samples"] = [
         {"image_id": r.image_id, "output": o, "reference": r.references[0]}
         for r, o in list(zip(records, outputs))[:8]
@@ -99,21 +100,27 @@ def evaluate_captioning(
 
 
 def win_rate(
-    source: CaptionSource, records: Sequence[CaptionRecord], a: Sequence[str], b: Sequence[str]
-) -> dict[str, float]:
-    """Win-rate of outputs `a` over `b`: ground-truth facts where known, else reference CIDEr."""
+    source: CaptionSource, records: Sequence[CaptionRecord], a: Sequence[str], b: Sequence[str],
+    judge: Any = None,
+) -> dict[str, Any]:
+    """Win-rate of outputs `a` over `b`: by `judge` if given (e.g. an HttpJudge), else
+    ground-truth facts where the source knows them, else reference CIDEr."""
     from cwdpo.metrics.winrate import ReferenceJudge, ScoreJudge, WinRate
 
-    items = [{"references": r.references, "record": r} for r in records]
-    known = source.score(a[0], records[0]) is not None if records else False
-    if known:
+    items = [{"references": r.references, "prompt": source.prompt, "record": r} for r in records]
+    out: dict[str, Any] = {}
+    if judge is not None:
+        out["winrate/judge"] = repr(judge)
+    elif records and source.score(a[0], records[0]) is not None:
         judge = ScoreJudge(lambda text, item: source.score(text, item["record"]))
     else:
         judge = ReferenceJudge()
     metric = WinRate()
     metric.update(torch.tensor(judge(list(a), list(b), items), dtype=torch.float32))
-    out = metric.compute()
-    return {f"winrate/{k}": float(v) for k, v in out.items()}
+    out.update({f"winrate/{k}": float(v) for k, v in metric.compute().items()})
+    if hasattr(judge, "n_unparsed"):
+        out["winrate/unparsed"] = int(judge.n_unparsed)
+    return out
 
 
 def mc_prompt(q: Any) -> str:
