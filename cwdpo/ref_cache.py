@@ -52,13 +52,19 @@ def module_fingerprint(module: nn.Module, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
-def reference_fingerprint(backbone: Any) -> str:
-    """Fingerprint of π_ref: the frozen copy, or with LoRA the base weights (adapters off)."""
+def _reference_weights(backbone: Any) -> tuple[nn.Module, tuple[str, ...]]:
+    """(module, names to skip) holding π_ref: the frozen copy, or with LoRA the base weights
+    (the adapters are off for the reference)."""
     if not getattr(backbone, "has_reference", False):
-        raise RuntimeError("no reference policy to fingerprint: call snapshot_reference() first")
-    if getattr(backbone, "reference", None) is not None:
-        return module_fingerprint(backbone.reference)
-    return module_fingerprint(backbone.model, skip=("lora_",))
+        raise RuntimeError("no reference policy to identify: call snapshot_reference() first")
+    ref = getattr(backbone, "reference", None)
+    return (ref, ()) if ref is not None else (backbone.model, ("lora_",))
+
+
+def reference_fingerprint(backbone: Any) -> str:
+    """Exact fingerprint of π_ref (every byte): the key of reference-cache entries."""
+    module, skip = _reference_weights(backbone)
+    return module_fingerprint(module, skip=skip)
 
 
 def reference_signature(backbone: Any, samples: int = 256) -> str:
@@ -66,10 +72,7 @@ def reference_signature(backbone: Any, samples: int = 256) -> str:
     evenly spaced values per tensor, as bfloat16 (so fp32 vs bf16 storage does not matter).
     Milliseconds even for a 70B model, but it can miss a change between the sampled values:
     cache keys use the exact `reference_fingerprint`."""
-    if not getattr(backbone, "has_reference", False):
-        raise RuntimeError("no reference policy to sign: call snapshot_reference() first")
-    ref = getattr(backbone, "reference", None)
-    module, skip = (ref, ()) if ref is not None else (backbone.model, ("lora_",))
+    module, skip = _reference_weights(backbone)
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         if any(s in name for s in skip) or not torch.is_tensor(t):
