@@ -132,17 +132,18 @@ def win_vs_baseline(loaded: Sequence[tuple[Path, tuple[str, list[str]], dict[str
     under its own setting, e.g. harder negatives, is compared with that one). The judge is the
     pipeline's: ground-truth facts where the source knows them, else reference CIDEr.
     """
+    data_of = {run: _eval_data(run) for run, _, _ in loaded}  # each config parsed once
     bases = [(run, set(ov), row) for run, (name, ov), row in loaded if name == baseline]
     data_cache: dict[str, tuple[Any, list[Any]] | str] = {}
     for run, (name, ov), row in loaded:
         if name == baseline:
             continue
-        data = _eval_data(run)
+        data = data_of[run]
         outputs = final_outputs(run)
         if data is None or outputs is None:
             continue
         match = sorted((-len(b_ov), str(b_run), b_run) for b_run, b_ov, b_row in bases
-                       if b_row["seed"] == row["seed"] and b_ov <= set(ov) and _eval_data(b_run) == data)
+                       if b_row["seed"] == row["seed"] and b_ov <= set(ov) and data_of[b_run] == data)
         if not match:
             continue
         if len(match) > 1 and match[0][0] == match[1][0]:
