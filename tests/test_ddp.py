@@ -122,6 +122,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _launcher_env() -> dict[str, str]:
+    """This environment for a script that Lightning's DDP launcher starts: the repo importable,
+    and no rank variables of an outer launcher that would make it think it is already rank r."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def script(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("ddp") / "ddp_run.py"
@@ -218,9 +227,7 @@ def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
     _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
                              mirror_world=2)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = _launcher_env()
     args = {"tiny": str(tiny_vlm_path), "out": str(ddp), "devices": 2, "batch_size": 2,
             "prefix_sharing": True, "ref_cache": True}
     proc = subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, cwd=tmp_path,
@@ -376,9 +383,7 @@ def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
     ranks at the same step (a rank-local stop would leave rank 0 waiting in its next all-reduce)."""
     script = tmp_path / "probe_rules.py"
     script.write_text(PROBE_RULES_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = _launcher_env()
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
