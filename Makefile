@@ -1,12 +1,39 @@
 PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
+# The lock: every dependency version the suite was last tested with (torch aside: it is
+# platform-specific and installed first). `make lock` refreshes it with uv.
+LOCK ?= requirements.lock
+# Where the lock's resolver finds the CPU torch wheel (its metadata pulls no CUDA packages):
+# these machines carry it in /opt/wheels; elsewhere PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu)
+LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-slow lint format train train-ablation bench experiments report clean
+.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench experiments report clean
 
-## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras
+## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras, at the locked versions
 install:
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -c $(LOCK) -e ".[dev]"
+
+## lock: re-resolve requirements.lock from pyproject.toml, keeping existing pins where they fit
+## lock-upgrade: the same, every package at its newest release that fits (then run `make test`)
+lock-upgrade: LOCK_FLAGS = --upgrade
+lock lock-upgrade:
+	$(PYTHON) -m pip install -q $(if $(wildcard $(LOCK)),-c $(LOCK)) uv
+	echo "torch==$(TORCH_VERSION)+cpu" > .torch-override.txt
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		$(TORCH_SOURCE) --override .torch-override.txt --no-emit-package torch \
+		$(LOCK_FLAGS) --custom-compile-command "make lock" -o $(LOCK)
+	rm -f .torch-override.txt
+
+## test-latest: the suite against the newest releases pyproject.toml allows (drift shows here first)
+test-latest:
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/python -m pytest -q
 
 ## test: the default (fast) test suite — what CI runs
 test:
