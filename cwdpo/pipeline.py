@@ -35,6 +35,7 @@ from cwdpo.stages import CWDPOModule, SFTCModule
 from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
+from cwdpo.utils.safe_log import FAILURES, guard_logger
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ def build_module(name: str, cfg: DictConfig, backbone: VLMBackbone) -> L.Lightni
 
 
 def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: list) -> L.Trainer:
-    loggers = [
-        hydra.utils.instantiate(lg, **({"version": name} if "CSVLogger" in lg._target_ else {}))
+    loggers = [  # a failing logger write is a counted warning, never a stopped run
+        guard_logger(hydra.utils.instantiate(
+            lg, **({"version": name} if "CSVLogger" in lg._target_ else {})))
         for lg in cfg.logger.values()
     ] if cfg.get("logger") else []
     callbacks = [hydra.utils.instantiate(cb) for cb in (cfg.get("callbacks") or {}).values()]
@@ -132,13 +134,27 @@ def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> li
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stages and return (and write) the results dict."""
-    t0 = time.time()
+    """Run the configured stages and return (and write) the results dict.
+
+    The W&B run the pipeline opens is closed on success, on error and on Ctrl-C (as the
+    lightning-hydra-template's `task_wrapper` does), so nothing is left open in the process.
+    """
     resume_to = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
     if resume_to is not None and resume_to != Path(cfg.paths.output_dir):
         cfg.paths.output_dir = str(resume_to)  # resume=<run dir>: everything goes there
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    FAILURES.reset()
+    results: dict[str, Any] | None = None
+    try:
+        results = _run_stages(cfg, out_dir, resume_to)
+        return results
+    finally:
+        finish_run(out_dir, results, exit_code=0 if results is not None else 1)
+
+
+def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[str, Any]:
+    t0 = time.time()
     run = stages_to_run(cfg)
     _check_stage_order(run)
     for name in run:  # config typos fail before any model is loaded
@@ -193,7 +209,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             backbone = hydra.utils.instantiate(cfg.model, path=str(policy_from))
             policy_from = None
         L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
-        ts = time.time()
+        ts, failures_before = time.time(), FAILURES.snapshot()
         if name == "cw_dpo" and not backbone.has_reference:
             backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
         dm = build_datamodule(name, cfg, source, records)
@@ -213,6 +229,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         metrics["nonfinite_skipped_steps"] = sum(
             cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
         metrics.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
+        metrics["logging_failures"] = FAILURES.since(failures_before)
         if isinstance(dm, PreferenceDataModule):
             metrics.update(preference_calibration(backbone, dm, float(cfg.stage[name].beta)))
             total = sum(dm.stats.counts.values())
@@ -230,12 +247,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         outputs = new_outputs
         log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
     results["wall_seconds"] = time.time() - t0
+    results["logging_failures"] = FAILURES.snapshot()
     table = results_table(results)
     if is_rank_zero():
         atomic_write_json(out_dir / "results.json", results)
         atomic_write_text(out_dir / "results.md", table)
         write_run_plots(out_dir)
-    finish_run(results)  # closes the pipeline's single wandb run, if logger=wandb
+        if FAILURES.snapshot() != results["logging_failures"]:  # a plot failed: count it too
+            results["logging_failures"] = FAILURES.snapshot()
+            atomic_write_json(out_dir / "results.json", results)
     print("\n" + table)
     return results
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from cwdpo.utils.safe_log import FAILURES
+
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("probes.csv", "dynamics.csv")
@@ -255,7 +257,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
         run_dir = Path(run_dir)
         return plot_run(load_run(run_dir)) if is_run(run_dir) else []
     except Exception as e:  # a plotting bug must not lose a finished run
-        log.warning("could not write plots for %s: %s: %s", run_dir, type(e).__name__, e)
+        FAILURES.record(f"plots of {run_dir}", e)
         return []
 
 

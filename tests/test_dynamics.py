@@ -199,7 +199,7 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
         obj.set_stage("cw_dpo", tmp_path, first=True)
     trainer, module, dm = _cw_dpo_trainer(backbone, tmp_path, steps, [probe, dyn], loggers)
     trainer.fit(module, datamodule=dm)
-    finish_run({"stages": {"cw_dpo": {"steps": steps}}})
+    finish_run(tmp_path, {"stages": {"cw_dpo": {"steps": steps}}})
 
     # the split adds up to the optimizer's gradient, at the sampled steps only
     assert [s["step"] for s in dyn.splits] == [0, 2]

@@ -31,6 +31,7 @@ from cwdpo.callbacks.probes import (
     stage_offset,
 )
 from cwdpo.diagnostics import VULNERABLE_REGION, GradSplit, gradient_split, group_stats
+from cwdpo.utils.safe_log import never_fatal, wandb_histogram
 
 DYNAMICS_CSV = "dynamics.csv"
 WEIGHTS_CSV = "cooling_weights.csv"
@@ -77,6 +78,7 @@ class DynamicsMonitor(StageAware, L.Callback):
         k = self.grad_split_every_n_steps
         return k > 0 and self._step % k == 0
 
+    @never_fatal("dynamics/gradsplit")
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            loss: torch.Tensor) -> None:
         pol = getattr(pl_module, "last_logps", None)
@@ -87,6 +89,7 @@ class DynamicsMonitor(StageAware, L.Callback):
         self._split = gradient_split(loss, [pol.token], self._params, n, retain_graph=True,
                                      return_grads=self.check_residual)
 
+    @never_fatal("dynamics/gradsplit")
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self._split
         if s is None or s.grads_w is None:
@@ -106,6 +109,7 @@ class DynamicsMonitor(StageAware, L.Callback):
         s.grads_w = s.grads_l = None  # free the copies
         self._params = []
 
+    @never_fatal("dynamics/stats")
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         out = getattr(pl_module, "last_output", None)
@@ -173,15 +177,16 @@ class DynamicsMonitor(StageAware, L.Callback):
                 m["dynamics/cooling/hard_mean"] = float(w[~easy].mean())
         return m
 
+    @never_fatal("dynamics histograms")
     def log_histograms(self, trainer: L.Trainer, out: Any, pl_module: L.LightningModule,
                        step: int) -> None:
+        """W&B histograms on the project's own bins: at the first CW-DPO step every
+        a = σ(β·margin) is ≈ 0.5, a range numpy's 20 float32 bins cannot split."""
         from cwdpo.callbacks.wandb_logger import has_wandb, log_media
 
         if not has_wandb(trainer):
             return
-        import wandb
-
         log_media(trainer, {
-            "dynamics/cooling_weights": wandb.Histogram(out.weights.float().cpu().numpy(), num_bins=20),
-            "dynamics/dpo_a": wandb.Histogram(self._a(out, pl_module).cpu().numpy(), num_bins=20),
+            "dynamics/cooling_weights": wandb_histogram(out.weights.float().cpu().numpy()),
+            "dynamics/dpo_a": wandb_histogram(self._a(out, pl_module).cpu().numpy()),
         }, step)

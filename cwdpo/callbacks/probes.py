@@ -35,6 +35,7 @@ import torch
 from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, quantile_key, support
 from cwdpo.utils.dist import any_rank, is_rank_zero
 from cwdpo.utils.io import atomic_write_text
+from cwdpo.utils.safe_log import FAILURES, never_fatal
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append rows; the header is the first writer's (later unknown keys are dropped)."""
     if not rows or not is_rank_zero():  # under DDP one rank writes the run dir
         return
+    with FAILURES.guard(f"csv {path.name}"):
+        _append_csv(path, rows)
+
+
+def _append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     exists = path.is_file() and path.stat().st_size > 0
     if exists:
         with path.open(newline="") as f:
@@ -124,7 +130,8 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> 
     """To every logger directly: also allowed in hooks where `LightningModule.log` is not."""
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     for lg in trainer.loggers:
-        lg.log_metrics(clean, step=step)
+        with FAILURES.guard(f"{type(lg).__name__} scalars"):
+            lg.log_metrics(clean, step=step)
 
 
 # ================================================================ rules (pure)
@@ -662,6 +669,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 "probe_cost_frac": round(self.probe_seconds / max(wall, 1e-9), 4),
                 "probe_every_n_steps": self.every_n_steps}
 
+    @never_fatal("probe/delta_logp curves")
     def log_curves(self, trainer: L.Trainer) -> None:
         """W&B line series of the Δlogp curves: this stage, and the run so far."""
         from cwdpo.callbacks.wandb_logger import has_wandb, log_media
@@ -693,6 +701,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 return r[column]
         return float("nan")
 
+    @never_fatal("samples/captions")
     @torch.no_grad()
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A few greedy captions of probe images: `<run>/samples/<stage>.json` + a W&B table."""

@@ -1,8 +1,8 @@
 """W&B for a pipeline of several trainers: one run, stage-prefixed keys, offline by default.
 
-The pipeline builds one Trainer (and one set of loggers) per stage. Lightning's `WandbLogger`
-reuses the live `wandb.run` when one exists, so every stage's logger writes into the same run;
-this subclass prefixes every key with the stage (`cw_dpo/train/loss`) and logs the stage-local
+The pipeline builds one Trainer (and one set of loggers) per stage. The first stage's logger
+opens the pipeline's own run (id kept in `<run>/wandb_run_id`, so a resume continues it) and
+every later stage's logger attaches to it; this subclass prefixes every key with the stage (`cw_dpo/train/loss`) and logs the stage-local
 step as `<stage>/step`, the x-axis of that stage's panels. It never prompts for a login: mode
 comes from `WANDB_MODE` or the config (default "offline"), and "online" without credentials
 falls back to offline with a warning. Nothing else depends on W&B: the CSV logger is always on
@@ -14,15 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import string
 import struct
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from cwdpo.utils.dist import is_rank_zero
+from cwdpo.utils.io import atomic_write_text
+from cwdpo.utils.safe_log import FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +57,37 @@ def resolve_mode(mode: str | None) -> str:
     return mode
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+# The W&B runs this process opened, by run directory: {dir: (pid, run)}. Stages of one pipeline
+# share their run through it; a forked child (pid differs) never touches its parent's run, and
+# nothing here ever reads or finishes the global `wandb.run` someone else opened.
+_OPEN: dict[str, tuple[int, Any]] = {}
+
+
+def _key(run_dir: str | Path) -> str:
+    return str(Path(run_dir).resolve())
+
+
+def run_id(run_dir: str | Path) -> str:
+    """The W&B run id of a run directory, kept in `<run>/wandb_run_id`, so a resumed run
+    (`resume=<run dir>`) continues the same W&B run. A fresh run drops the file first
+    (`RunState.clear`) and gets a new id."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if is_rank_zero():
+        atomic_write_text(path, rid + "\n")
+    return rid
+
+
 class StageWandbLogger(WandbLogger):
     """`WandbLogger` with stage-prefixed keys and a per-stage step metric.
 
     `config_file`: a JSON file (the pipeline's `<run>/config.json`) sent as the run's config
-    when the run is created.
+    when the run is created. The run is created with `reinit="create_new"`: it is this
+    pipeline's own, never the global `wandb.run` of a notebook or an earlier job.
     """
 
     def __init__(
@@ -78,30 +110,44 @@ class StageWandbLogger(WandbLogger):
         self._defined: set[str] = set()
 
     def set_stage(self, stage: str, out_dir: Any = None, first: bool | None = None) -> None:
-        """Later stages attach to the pipeline's live run; the first stage never does."""
         self.stage = stage
-        wandb = sys.modules.get("wandb")
-        live = getattr(wandb, "run", None) if wandb is not None else None
-        if live is not None and self._experiment is None:
-            if first:  # left open by an earlier pipeline in this process (e.g. a crashed job)
-                log.warning("finishing wandb run %s left open by an earlier run", live.id)
-                wandb.finish()
-            else:
-                self._experiment = live
 
     @property
+    def run_dir(self) -> Path:
+        return Path(self.save_dir or ".")
+
+    @property
+    @rank_zero_experiment
     def experiment(self) -> Any:
         if self._experiment is None:
-            cfg = Path(self.config_file) if self.config_file else Path(self.save_dir or ".") / "config.json"
-            if cfg.is_file() and "config" not in self._wandb_init:
-                self._wandb_init["config"] = json.loads(cfg.read_text())
-            Path(self.save_dir or ".").mkdir(parents=True, exist_ok=True)
-        exp = WandbLogger.experiment.fget(self)
+            opened = _OPEN.get(_key(self.run_dir))
+            if opened is not None and opened[0] == os.getpid():
+                self._experiment = opened[1]  # a later stage of the same pipeline
+            else:
+                self._experiment = self._open()
+        exp = self._experiment
         if self.stage and self.stage not in self._defined and hasattr(exp, "define_metric"):
             exp.define_metric(f"{self.stage}/step")
             exp.define_metric(f"{self.stage}/*", step_metric=f"{self.stage}/step")
             self._defined.add(self.stage)
         return exp
+
+    def _open(self) -> Any:
+        import wandb
+
+        init = dict(self._wandb_init)
+        cfg = Path(self.config_file) if self.config_file else self.run_dir / "config.json"
+        if cfg.is_file() and "config" not in init:
+            init["config"] = json.loads(cfg.read_text())
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        init["id"] = init.get("id") or run_id(self.run_dir)
+        init.update(resume="allow", reinit="create_new")
+        run = wandb.init(**init)
+        if hasattr(run, "define_metric"):  # Lightning's default x-axis
+            run.define_metric("trainer/global_step")
+            run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        _OPEN[_key(self.run_dir)] = (os.getpid(), run)
+        return run
 
     def _key(self, k: str) -> str:
         k = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k
@@ -131,22 +177,37 @@ def has_wandb(trainer: L.Trainer) -> bool:
 
 def log_media(trainer: L.Trainer, data: Mapping[str, Any], step: int | None = None,
               prefix: bool = True) -> None:
-    """Histograms / tables / line series to the W&B loggers only (the CSV logger takes scalars)."""
-    for lg in wandb_loggers(trainer):
-        if isinstance(lg, StageWandbLogger):
-            lg.log_media(data, step, prefix=prefix)
-        else:
-            lg.experiment.log(dict(data))
+    """Histograms / tables / line series to the W&B loggers only (the CSV logger takes scalars).
 
-
-def finish_run(summary: Mapping[str, Any] | None = None) -> None:
-    """End the pipeline's wandb run (if any) after writing `summary` into its summary."""
-    wandb = sys.modules.get("wandb")
-    if wandb is None or getattr(wandb, "run", None) is None:
+    Never raises: a failure is recorded under the keys it was logging (`cwdpo.utils.safe_log`).
+    """
+    data = {k: v for k, v in data.items() if v is not None}
+    if not data:
         return
-    if summary:
-        wandb.run.summary.update(_flatten(summary))
-    wandb.finish()
+    for lg in wandb_loggers(trainer):
+        with FAILURES.guard(f"wandb {', '.join(data)}"):
+            if isinstance(lg, StageWandbLogger):
+                lg.log_media(data, step, prefix=prefix)
+            else:
+                lg.experiment.log(dict(data))
+
+
+def finish_run(run_dir: str | Path, summary: Mapping[str, Any] | None = None,
+               exit_code: int = 0) -> None:
+    """End the W&B run this process opened for `run_dir`, if any, after writing `summary`.
+
+    The pipeline calls it in a `finally` (success, error, Ctrl-C); runs it did not open are
+    never touched. A failure here is recorded, never raised.
+    """
+    opened = _OPEN.pop(_key(run_dir), None)
+    if opened is None or opened[0] != os.getpid():
+        return
+    run = opened[1]
+    with FAILURES.guard("wandb summary"):
+        if summary:
+            run.summary.update(_flatten(summary))
+    with FAILURES.guard("wandb finish"):
+        run.finish(exit_code=exit_code)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -227,6 +227,7 @@ class RunState:
         of earlier runs, so nothing stale is ever resumed from."""
         stale = [self.marker(s) for s in ["start", *stages] if self.marker(s).exists()]
         stale += [self.stage_ckpt_dir(s) for s in stages if self.stage_ckpt_dir(s).exists()]
+        (self.run_dir / "wandb_run_id").unlink(missing_ok=True)  # a fresh run is a new W&B run
         if stale:
             log.warning("fresh run in %s: removing state of an earlier run (%s); pass resume=true "
                         "to continue it instead", self.run_dir, ", ".join(p.name for p in stale))
