@@ -36,6 +36,7 @@ from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
 from cwdpo.utils.safe_log import FAILURES, guard_logger
+from cwdpo.utils.strategies import unshard_backbone
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         if ckpt is not None:
             log.info("resume: stage %s continues from %s", name, ckpt)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        if getattr(module, "_sharded", False):  # FSDP2: plain weights again, on every rank
+            backbone = unshard_backbone(backbone, lambda: hydra.utils.instantiate(cfg.model))
         if is_rank_zero():  # under DDP every rank runs the pipeline; one writes
             atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
         metrics, new_outputs = evaluate(outputs if ev.winrate else None)

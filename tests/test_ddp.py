@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-TRAINERS = ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "deepspeed", "multinode")
+TRAINERS = ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "fsdp2", "fsdp_cpu", "deepspeed", "multinode")
 
 # One CW-DPO stage on fixed ShapesWorld pairs, run by the test in-process (1 device) and as a
 # subprocess under Lightning's DDP launcher (2 CPU processes, gloo). Rank-zero-only outputs are
@@ -83,18 +83,30 @@ SCRIPT = textwrap.dedent(
                     "neg_is_easy": torch.zeros(len(ps))}
 
 
+    def make_strategy(name, devices):
+        """ddp | fsdp over gloo CPU processes (1 device: no strategy)."""
+        if devices == 1:
+            return "auto"
+        if name == "fsdp":  # FSDP2, the settings of conf/trainer/fsdp_cpu.yaml
+            from cwdpo.utils.strategies import FSDP2Strategy
+
+            return FSDP2Strategy(process_group_backend="gloo")
+        return DDPStrategy(process_group_backend="gloo", find_unused_parameters=True)
+
+
     def run(tiny, out, devices, batch_size, steps=3, prefix_sharing=False, ref_cache=False,
-            mirror_world=None):
+            mirror_world=None, strategy="ddp", lora=False, ckpt_path=None, data_steps=None):
         torch.set_num_threads(1)
         out = Path(out)
         L.seed_everything(0)
-        bb = VLMBackbone.from_pretrained(tiny, max_length=128)
+        bb = VLMBackbone.from_pretrained(
+            tiny, max_length=128,
+            lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"} if lora else None)
         bb.snapshot_reference()
         module = CWDPOModule(bb, optimizer=partial(torch.optim.AdamW, lr=2e-3), beta=0.5,
                              prefix_sharing=prefix_sharing,
                              ref_cache=str(out / "ref_cache") if ref_cache else None)
-        strategy = (DDPStrategy(process_group_backend="gloo", find_unused_parameters=True)
-                    if devices > 1 else "auto")
+        strategy = make_strategy(strategy, devices)
         trainer = L.Trainer(
             accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
             logger=CSVLogger(str(out), name="logs", version="cw_dpo"), log_every_n_steps=1,
@@ -103,8 +115,19 @@ SCRIPT = textwrap.dedent(
             enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
             default_root_dir=str(out),
         )
-        dm = FixedPairs(bb, steps * batch_size * devices, batch_size, mirror_world)
-        trainer.fit(module, datamodule=dm)
+        dm = FixedPairs(bb, (data_steps or steps) * batch_size * devices, batch_size, mirror_world)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if getattr(module, "_sharded", False):  # FSDP2: what each rank holds of the weights
+            from torch.distributed.tensor import DTensor
+
+            def numel(m, local):
+                return sum((p.to_local() if local and isinstance(p, DTensor) else p).numel()
+                           for p in m.parameters())
+
+            ref = bb.reference if bb.reference is not None else bb.model
+            (out / f"sharding{trainer.global_rank}.json").write_text(json.dumps({
+                "local": numel(bb.model, True), "full": numel(bb.model, False),
+                "ref_local": numel(ref, True), "ref_full": numel(ref, False)}))
         if trainer.is_global_zero:  # what the pipeline does: rank zero writes the outputs once
             with open(out / "writes.log", "a") as f:
                 f.write(f"rank{trainer.global_rank}\\n")
@@ -150,9 +173,9 @@ def test_trainer_configs_compose():
             assert t._target_ == "lightning.Trainer"
             for key in ("precision", "accumulate_grad_batches", "num_nodes", "strategy"):
                 assert key in t, (name, key)
-            if name in ("ddp", "ddp_cpu", "fsdp", "multinode"):
+            if name in ("ddp", "ddp_cpu", "fsdp", "fsdp2", "fsdp_cpu", "multinode"):
                 strategy = hydra.utils.instantiate(t.strategy)  # constructible without GPUs
-                assert type(strategy).__name__ in ("DDPStrategy", "FSDPStrategy")
+                assert type(strategy).__name__ in ("DDPStrategy", "FSDPStrategy", "FSDP2Strategy")
         t = compose("train", overrides=["trainer=fsdp"]).trainer
         fsdp = hydra.utils.instantiate(t.strategy)
         assert callable(fsdp.kwargs["auto_wrap_policy"])

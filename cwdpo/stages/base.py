@@ -11,6 +11,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from cwdpo.backbone import VLMBackbone
+from cwdpo.utils.strategies import data_parallel_mesh, shard_backbone
 
 
 def warmup_cosine(
@@ -44,6 +45,14 @@ class StageModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.total_steps = total_steps
+
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (trainer=fsdp2 / fsdp_cpu), shard the backbone with
+        FSDP2 over the data-parallel mesh; every other strategy leaves the model as it is."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not getattr(self, "_sharded", False):
+            shard_backbone(self.backbone, data_parallel_mesh(mesh))
+            self._sharded = True
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.backbone.model.parameters() if p.requires_grad]

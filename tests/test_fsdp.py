@@ -1,0 +1,139 @@
+"""FSDP on CPU: 2 gloo processes under Lightning's FSDPStrategy (FULL_SHARD) train the CW-DPO
+stage to the same weights as 1 process with the same global batch, with full fine-tuning (the
+frozen reference copy is sharded with the policy) and with LoRA (the reference is the base with
+the adapters disabled); a checkpoint saved under FSDP resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_ddp import _initial_weights, _launcher_env, _load_script
+
+
+def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
+    args = {"tiny": str(tiny), "out": str(out), "devices": 2, "batch_size": 2, "strategy": "fsdp",
+            **kw}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(args)], env=_launcher_env(),
+                          cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _ckpt_policy(path: Path) -> dict[str, torch.Tensor]:
+    """The policy weights of a Lightning checkpoint (FSDP `state_dict_type=full`: one file)."""
+    from cwdpo.utils.checkpoint import safe_torch_load
+
+    state = safe_torch_load(path)["state_dict"]
+    pre = "backbone.model."
+    return {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    from tests.test_ddp import SCRIPT
+
+    p = tmp_path_factory.mktemp("fsdp") / "dist_run.py"
+    p.write_text(SCRIPT)
+    return p
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_process_fsdp_equals_single_process(script, tiny_vlm_path, tmp_path, lora):
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
+                             mirror_world=2, lora=lora)
+    _fsdp(script, tmp_path, tiny_vlm_path, fsdp, lora=lora)
+    assert json.loads((fsdp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
+    assert (fsdp / "writes.log").read_text().split() == ["rank0"]
+    for rank in (0, 1):  # each rank holds about half of the policy and of the reference
+        sh = json.loads((fsdp / f"sharding{rank}.json").read_text())
+        assert 0.4 < sh["local"] / sh["full"] < 0.6, sh
+        assert 0.4 < sh["ref_local"] / sh["ref_full"] < 0.6, sh
+    w1, w2 = _ckpt_policy(single / "ckpt" / "last.ckpt"), _ckpt_policy(fsdp / "ckpt" / "last.ckpt")
+    assert w1.keys() == w2.keys() and len(w1) > 0
+    if not lora:  # training moved the weights, so equality below is not trivially true
+        w0 = _initial_weights(tiny_vlm_path)
+        assert max((w1[k].float() - w0[k].float()).abs().max().item() for k in w1) > 1e-3
+    else:
+        lora_keys = [k for k in w1 if "lora_B" in k]
+        assert lora_keys and max(w1[k].abs().max().item() for k in lora_keys) > 1e-4
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_fsdp_checkpoint_resumes_to_the_uninterrupted_run(script, tiny_vlm_path, tmp_path):
+    """4 steps over 2 epochs of 2 steps: stop after epoch 0 (step 2), resume from that FSDP
+    checkpoint to step 4; the weights equal a 4-step run without the stop."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _fsdp(script, tmp_path, tiny_vlm_path, full, steps=4, data_steps=2)
+    _fsdp(script, tmp_path, tiny_vlm_path, part, steps=2, data_steps=2)
+    ckpt = part / "ckpt" / "last.ckpt"
+    stopped = _ckpt_policy(ckpt)
+    resumed = tmp_path / "resumed"
+    _fsdp(script, tmp_path, tiny_vlm_path, resumed, steps=4, data_steps=2, ckpt_path=str(ckpt))
+    assert json.loads((resumed / "results.json").read_text())["steps"] == 4
+    w_full, w_res = _ckpt_policy(full / "ckpt" / "last.ckpt"), _ckpt_policy(resumed / "ckpt" / "last.ckpt")
+    moved = max((w_full[k] - stopped[k]).abs().max().item() for k in w_full)
+    assert moved > 1e-4  # steps 3–4 changed the weights after the stop
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_fsdp1_cannot_run_on_cpu_which_is_why_fsdp_cpu_is_fsdp2(tmp_path):
+    """`trainer=fsdp` (Lightning's FSDPStrategy) is torch's FSDP1, which refuses CPU devices;
+    FSDP2 does not, so the CPU tests run `trainer=fsdp_cpu` (FSDP2). If torch ever lifts this,
+    this test fails and docs/scaling.md should say FSDP1 runs on CPU too."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.fsdp import FullyShardedDataParallel as FSDP\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, world_size=1)\n"
+        "try:\n"
+        "    FSDP(torch.nn.Linear(4, 4))\n"
+        "    print('FSDP1 ran on CPU')\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+        "dist.destroy_process_group()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused: FSDP needs a non-CPU accelerator device" in out.stdout, out.stdout + out.stderr
+
+
+def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_vlm_path, tmp_path):
+    """`python -m cwdpo.train trainer=fsdp_cpu` (2 gloo processes): both stages train sharded,
+    and what the pipeline saves and evaluates after each stage is the full trained policy (the
+    saved HF weights equal the full Lightning checkpoint of the same step)."""
+    from tests.test_ddp import REPO
+
+    run = tmp_path / "run"
+    args = [
+        "+debug=fast", "trainer=fsdp_cpu", "num_threads=1", "stage.run=[sft_c,cw_dpo]",
+        "stage.sft_c.steps=2", "stage.cw_dpo.steps=2", "trainer.limit_val_batches=0",
+        f"model.path={tiny_vlm_path}", f"paths.cache_dir={Path(tiny_vlm_path).parent}",
+        "eval.caption_metrics=false", "eval.n_records=4", "eval.max_new_tokens=4",
+        "eval.winrate=false", "callbacks.probes.n_items=4", "callbacks.probes.n_samples=0",
+        "callbacks.dynamics.grad_split_every_n_steps=0", f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "cwdpo.train", *args], env=_launcher_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["stages"]["cw_dpo"]["steps"] == 2
+    assert "pref_calib/ece" in results["stages"]["cw_dpo"]  # the reference scored after fit
+    from cwdpo.backbone import VLMBackbone
+
+    for stage in ("sft_c", "cw_dpo"):
+        hf = run / "checkpoints" / f"{stage}_hf"
+        saved = VLMBackbone.from_pretrained(hf, max_length=128).model.state_dict()
+        ckpt = _ckpt_policy(run / "checkpoints" / stage / "last.ckpt")
+        assert saved.keys() == ckpt.keys()
+        for k in saved:
+            torch.testing.assert_close(saved[k], ckpt[k], atol=0, rtol=0, msg=k)
+    final = VLMBackbone.from_pretrained(run / "checkpoints" / "cw_dpo_hf", max_length=128)
+    final = final.model.state_dict()
+    start = _initial_weights(tiny_vlm_path)
+    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
