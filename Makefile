@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench experiments report clean
+.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench gpu-check experiments report clean
 
 ## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras, at the locked versions
 install:
@@ -59,6 +59,11 @@ train-ablation:
 
 bench:
 	$(PYTHON) -m cwdpo.bench
+
+## gpu-check: the GPU suite + cwdpo.bench on the GPU (every tiny family, one realistic shape),
+## < 5 min on one GPU; writes gpu_check/gpu_check.{json,md}. Without CUDA: exits 2 at once.
+gpu-check:
+	$(PYTHON) -m cwdpo.gpu_check --out gpu_check
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

@@ -19,6 +19,16 @@ from PIL import Image
 torch.set_num_threads(int(os.environ.get("CWDPO_TEST_THREADS", "1")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.gpu` tests (the GPU suite of `make gpu-check`) skip without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass
 class PairBatch:
     images: list[Image.Image]
