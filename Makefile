@@ -14,6 +14,7 @@ LATEST_VENV ?= .venv-latest
 install:
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -c $(LOCK) -e ".[dev]"
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install --no-build-isolation -c $(LOCK) deepspeed
 
 ## lock: re-resolve requirements.lock from pyproject.toml, keeping existing pins where they fit
 ## lock-upgrade: the same, every package at its newest release that fits (then run `make test`)
@@ -21,8 +22,9 @@ lock-upgrade: LOCK_FLAGS = --upgrade
 lock lock-upgrade:
 	$(PYTHON) -m pip install -q $(if $(wildcard $(LOCK)),-c $(LOCK)) uv
 	echo "torch==$(TORCH_VERSION)+cpu" > .torch-override.txt
-	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --extra deepspeed --python-version 3.11 \
 		$(TORCH_SOURCE) --override .torch-override.txt --no-emit-package torch \
+		--no-build-isolation-package deepspeed \
 		$(LOCK_FLAGS) --custom-compile-command "make lock" -o $(LOCK)
 	rm -f .torch-override.txt
 
@@ -32,6 +34,7 @@ test-latest:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
 	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[dev]"
+	DS_BUILD_OPS=0 $(LATEST_VENV)/bin/python -m pip install --no-build-isolation --upgrade deepspeed
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
 

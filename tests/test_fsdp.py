@@ -137,3 +137,59 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
     final = final.model.state_dict()
     start = _initial_weights(tiny_vlm_path)
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
+
+
+MIXED_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from cwdpo.backbone import VLMBackbone
+from cwdpo.data.shapes import ShapesWorld
+from cwdpo.utils.strategies import shard_model
+
+rank, tiny, out, init = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+torch.manual_seed(0)
+bb = VLMBackbone.from_pretrained(tiny, max_length=128)
+pair = ShapesWorld().pairs("train", 1)[0]
+with_image = dict(bb.collate([pair.image.load()], [pair.prompt], [pair.chosen]))
+text_only = dict(bb.tokenizer(["a red circle on the left ."], return_tensors="pt"))
+batches = [with_image, text_only]  # rank 1's batch has no image at all
+
+def loss_of(model, b):
+    b = {k: v for k, v in b.items() if k != "labels"}
+    return model(**b).logits.float().logsumexp(-1).mean()
+
+ref = VLMBackbone.from_pretrained(tiny, max_length=128).model
+(sum(loss_of(ref, b) for b in batches) / 2).backward()  # FSDP2 averages gradients over ranks
+shard_model(bb.model, init_device_mesh("cpu", (2,)))
+loss_of(bb.model, batches[rank]).backward()
+worst = 0.0
+for (name, p), q in zip(bb.model.named_parameters(), ref.parameters()):
+    g = p.grad.full_tensor() if p.grad is not None else torch.zeros_like(q)
+    worst = max(worst, (g - (q.grad if q.grad is not None else 0)).abs().max().item())
+if rank == 0:
+    json.dump({"max_grad_diff": worst}, open(out, "w"))
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def test_a_rank_without_images_does_not_hang_fsdp2_and_gradients_stay_exact(tiny_vlm_path, tmp_path):
+    """Rank 0 trains on an image row, rank 1 on a text-only row: with the vision tower in the
+    root unit both ranks all-gather the same units, the step finishes, and the averaged
+    gradients equal one process's gradient of both rows."""
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED_SCRIPT)
+    out, init = tmp_path / "mixed.json", f"file://{tmp_path}/pg"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tiny_vlm_path), str(out),
+                               init], env=_launcher_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert json.loads(out.read_text())["max_grad_diff"] < 1e-5

@@ -12,7 +12,6 @@ data-parallel ranks; LoRA's reference is the same sharded base with the adapters
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,6 @@ from torch import nn
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's `ModelParallelStrategy` as pure FSDP2: every rank one data-parallel shard
     (`tensor_parallel_size=1`), full single-file checkpoints by default.
-
-    Resuming: parameters that never get a gradient (CLIP's `post_layernorm`, unused by LLaVA)
-    have no AdamW state, and torch's strict sharded optimizer loading refuses such a complete
-    checkpoint. So the keys of a full checkpoint are checked against the model here, exactly,
-    and the load itself is non-strict.
     """
 
     def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1,
@@ -40,24 +34,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":  # one data-parallel group over every process
             self._data_parallel_size = self.num_processes * self.num_nodes
         super().setup_environment()
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(checkpoint_path)
-        module = self.lightning_module
-        if path.is_file() and module is not None:
-            saved = set(torch.load(path, mmap=True, map_location="cpu", weights_only=True)["state_dict"])
-            live = set(module.state_dict())
-            if saved != live:
-                raise RuntimeError(
-                    f"checkpoint {path} does not match the model: missing "
-                    f"{sorted(live - saved)[:5]}, unexpected {sorted(saved - live)[:5]}"
-                )
-            strict, module.strict_loading = module.strict_loading, False
-            try:
-                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-            finally:
-                module.strict_loading = strict
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 def block_classes(model: nn.Module) -> set[str]:
@@ -72,16 +48,54 @@ def block_classes(model: nn.Module) -> set[str]:
     return names
 
 
+def in_vision_tower(name: str) -> bool:
+    """Whether a qualified module name lies in the vision encoder (`vision_tower`, `visual`…)."""
+    return any(part.startswith(("vision", "visual")) for part in name.split("."))
+
+
 def shard_model(model: nn.Module, mesh: Any) -> int:
-    """fully_shard every block, then the root; returns the number of units."""
+    """fully_shard every language block, then the root; returns the number of units.
+
+    The vision encoder stays in the root unit, which every rank gathers at every forward: were
+    its blocks units of their own, a rank whose batch holds no image (text-only rows) would
+    skip their all-gathers while the others wait in them — the hang ZeRO-3 / FSDP users meet
+    with mixed image/text data. The vision tower is small next to the language model.
+    """
     from torch.distributed.fsdp import fully_shard
 
     names = block_classes(model)
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    for m in blocks:
+    blocks = {n: m for n, m in model.named_modules()
+              if type(m).__name__ in names and not in_vision_tower(n)}
+    for m in blocks.values():
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    keep_root_in_step(model, tuple(f"{n}." for n in blocks))
     return len(blocks) + 1
+
+
+def keep_root_in_step(model: nn.Module, block_prefixes: tuple[str, ...]) -> None:
+    """Give every trainable parameter of the root unit a gradient at every forward.
+
+    FSDP2 reduce-scatters the gradients its root unit holds; on a rank whose batch has no image
+    the vision tower and projector get none, the collectives' sizes differ across ranks and the
+    step breaks or hangs. A zero-weighted touch of each root parameter (the parameter-level
+    "dummy vision pass") adds exact zeros to the gradients and keeps the ranks in step; it also
+    gives parameters no batch uses (CLIP's post_layernorm) an optimizer state on every rank. It
+    runs inside the root forward, where FSDP2 has the parameters unsharded (the hook is
+    prepended before FSDP2's own post-forward hook).
+    """
+
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if logits is None or not torch.is_grad_enabled():
+            return output
+        root = [p for n, p in module.named_parameters()
+                if p.requires_grad and not n.startswith(block_prefixes)]
+        if root:
+            output.logits = logits + 0.0 * sum(p.reshape(-1)[:1].sum() for p in root)
+        return output
+
+    model.register_forward_hook(hook, prepend=True, with_kwargs=True)
 
 
 def shard_backbone(backbone: Any, mesh: Any) -> int:
