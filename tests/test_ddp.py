@@ -95,12 +95,13 @@ SCRIPT = textwrap.dedent(
 
 
     def run(tiny, out, devices, batch_size, steps=3, prefix_sharing=False, ref_cache=False,
-            mirror_world=None, strategy="ddp", lora=False, ckpt_path=None, data_steps=None):
+            mirror_world=None, strategy="ddp", lora=False, ckpt_path=None, data_steps=None,
+            accelerator="cpu", precision="32-true", gradient_checkpointing=False):
         torch.set_num_threads(1)
         out = Path(out)
         L.seed_everything(0)
         bb = VLMBackbone.from_pretrained(
-            tiny, max_length=128,
+            tiny, max_length=128, gradient_checkpointing=gradient_checkpointing,
             lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"} if lora else None)
         bb.snapshot_reference()
         module = CWDPOModule(bb, optimizer=partial(torch.optim.AdamW, lr=2e-3), beta=0.5,
@@ -108,7 +109,8 @@ SCRIPT = textwrap.dedent(
                              ref_cache=str(out / "ref_cache") if ref_cache else None)
         strategy = make_strategy(strategy, devices)
         trainer = L.Trainer(
-            accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
+            accelerator=accelerator, devices=devices, strategy=strategy, max_steps=steps,
+            precision=precision,
             logger=CSVLogger(str(out), name="logs", version="cw_dpo"), log_every_n_steps=1,
             callbacks=[ModelCheckpoint(dirpath=str(out / "ckpt"), save_last=True, save_top_k=0,
                                        every_n_train_steps=steps)],
