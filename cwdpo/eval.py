@@ -96,6 +96,9 @@ def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from cwdpo.config_schema import validate_config
+
+    validate_config(cfg, "eval")
     run_eval(cfg)
 
 

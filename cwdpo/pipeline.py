@@ -22,6 +22,8 @@ from cwdpo.backbone import VLMBackbone
 from cwdpo.callbacks.faults import NonFiniteGuard, reliability_callbacks
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.callbacks.wandb_logger import finish_run
+from cwdpo.config_schema import STAGES
+from cwdpo.config_schema import check_stage_order as _check_stage_order
 from cwdpo.data.datamodules import (
     CaptionDataModule,
     NegativeConfig,
@@ -39,18 +41,6 @@ from cwdpo.utils.safe_log import FAILURES, guard_logger
 from cwdpo.utils.strategies import unshard_backbone
 
 log = logging.getLogger(__name__)
-
-STAGES = ("base_sft", "sft_c", "cw_dpo")
-
-
-def _check_stage_order(run: list[str]) -> None:
-    unknown = [s for s in run if s not in STAGES]
-    if unknown:
-        raise ValueError(f"stage.run has unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    order = [STAGES.index(s) for s in run]
-    if order != sorted(order) or len(set(run)) != len(run):
-        raise ValueError(f"stage.run must follow base_sft → sft_c → cw_dpo without repeats, got {run}")
-
 
 def stages_to_run(cfg: DictConfig) -> list[str]:
     """`stage.run` minus `stage.skip` (e.g. skip base_sft when starting from a trained policy)."""

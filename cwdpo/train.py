@@ -17,10 +17,14 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from cwdpo.config_schema import validate_config
+
+    check_no_secrets(cfg)
+    validate_config(cfg, "train")  # every value's type and range, before any model loads
+
     from cwdpo.pipeline import dump_config, run_pipeline
     from cwdpo.utils.checkpoint import resume_dir
 
-    check_no_secrets(cfg)
     run_dir = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
     if run_dir is not None:  # resume=<run dir>: everything (ckpts, results, CSV logs) goes there
         cfg.paths.output_dir = str(run_dir)
