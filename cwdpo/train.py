@@ -24,11 +24,15 @@ def main(cfg: DictConfig) -> float | None:
 
     from cwdpo.pipeline import dump_config, run_pipeline
     from cwdpo.utils.checkpoint import resume_dir
+    from cwdpo.utils.run_dir import check_cache_dir, hold_run_dir
 
     run_dir = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
     if run_dir is not None:  # resume=<run dir>: everything (ckpts, results, CSV logs) goes there
+        check_resumable(run_dir, cfg)
         cfg.paths.output_dir = str(run_dir)
         warn_config_changes(cfg, run_dir)
+    hold_run_dir(cfg.paths.output_dir)  # refuses a directory a live run is writing into
+    check_cache_dir(cfg)
     out = Path(cfg.paths.output_dir)
     if run_dir is None or not (out / "config.json").is_file():
         dump_config(cfg, out)  # a resume keeps the run's original config as the baseline
@@ -62,6 +66,22 @@ def check_no_secrets(cfg: DictConfig) -> None:
                 walk(v, f"{where}[{i}]")
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """`resume` must point at an earlier run: `resume=true` in a fresh timestamped dir used to
+    start a new run silently, elsewhere than the one the user meant to continue."""
+    from cwdpo.utils.run_dir import RunDirError
+
+    if (run_dir / "config.json").is_file():
+        return
+    how = ("resume=true resumes the run in hydra.run.dir, which was not given (this is a fresh "
+           "directory)" if str(cfg.get("resume")).lower() == "true" else f"resume={cfg.resume}")
+    runs = sorted(Path(str(cfg.paths.log_dir)).glob("train/runs/*/*/config.json"),
+                  key=lambda p: p.stat().st_mtime)
+    hint = f"; the latest run is resume={runs[-1].parent}" if runs else ""
+    raise RunDirError(f"{how}: {run_dir} holds no earlier run (no config.json); pass "
+                      f"resume=<run dir>{hint}")
 
 
 def warn_config_changes(cfg: DictConfig, run_dir: Path) -> None:

@@ -244,7 +244,9 @@ def resume_dir(resume: Any, output_dir: str | Path) -> Path | None:
         return Path(output_dir)
     p = Path(str(resume)).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"resume={resume}: no such run directory")
+        from cwdpo.utils.run_dir import MissingRunDirError
+
+        raise MissingRunDirError(f"resume={resume}: no such run directory")
     return p
 
 
