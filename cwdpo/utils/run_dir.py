@@ -18,6 +18,7 @@ the same; a read-only directory surfaced as Hydra's `Unable to configure handler
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -222,10 +223,8 @@ def _take_over_stale(lock: Path, holder: dict[str, Any]) -> None:
     if (
         moved is not None and moved != holder and _alive(moved)
     ):  # a fresh lock raced in: put it back
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(aside, lock)
-        except FileExistsError:
-            pass
     else:  # logged now and again once the run's log exists (RunDirCallback.on_job_start)
         _NOTICES.append(
             f"run directory {lock.parent}: taking over the lock of a run that is "
