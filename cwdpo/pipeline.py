@@ -34,7 +34,13 @@ from cwdpo.data.records import DataError
 from cwdpo.evaluation import evaluate_captioning, preference_calibration
 from cwdpo.plot import write_run_plots
 from cwdpo.stages import CWDPOModule, SFTCModule
-from cwdpo.utils.checkpoint import AtomicCheckpointIO, RunState, resume_dir
+from cwdpo.utils.checkpoint import (
+    AtomicCheckpointIO,
+    RunState,
+    begin_attempt,
+    end_attempt,
+    resume_dir,
+)
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
 from cwdpo.utils.safe_log import FAILURES, guard_logger
@@ -178,6 +184,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
     # an unfinished one continues from its last.ckpt; a fresh run drops stale markers/ckpts.
     state = RunState(out_dir)
     resuming = resume_to is not None
+    earlier = begin_attempt(out_dir, t0, resuming, write=is_rank_zero())  # wall time: all attempts
     if not resuming:
         state.clear(run)
     done = state.load_done("start") if resuming else None
@@ -239,7 +246,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         trainer.strategy.barrier("cwdpo-stage-done")
         outputs = new_outputs
         log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
-    results["wall_seconds"] = time.time() - t0
+    results["wall_seconds"] = sum(earlier) + time.time() - t0
+    results["attempt_wall_seconds"] = [*earlier, time.time() - t0]
     results["logging_failures"] = FAILURES.snapshot()
     table = results_table(results)
     if is_rank_zero():
@@ -249,6 +257,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         if FAILURES.snapshot() != results["logging_failures"]:  # a plot failed: count it too
             results["logging_failures"] = FAILURES.snapshot()
             atomic_write_json(out_dir / "results.json", results)
+        end_attempt(out_dir, time.time())
     print("\n" + table)
     return results
 

@@ -161,6 +161,38 @@ def test_resume_mid_stage_gives_bitwise_identical_results(runs):
         assert not diff, f"{stage}: {len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
+def _csv_rows(run: Path, stage: str) -> list[dict[str, str]]:
+    import csv
+
+    with (run / "csv" / stage / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in r.items() if v != "" and not any(t in k for t in TIMING)}
+                for r in csv.DictReader(f)]
+
+
+def test_metrics_history_survives_resume_and_wall_time_counts_every_attempt(runs):
+    """Lightning's CSVLogger deleted a resumed stage's metrics.csv (the rows before the
+    checkpoint were lost); `wall_seconds` counted only the last attempt. Now every row is
+    there once, equal to the uninterrupted run's, and every attempt's time is counted."""
+    def at_resume_step(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        # The step-1 on-policy refresh ran (and is in the checkpoint) before the kill; its
+        # counters go into step 1's row, which the killed process never wrote: not re-logged.
+        return [{k: v for k, v in r.items() if not (r["step"] == "1" and k.startswith("on_policy/"))}
+                for r in rows]
+
+    for stage in STAGES:
+        ref, resumed = _csv_rows(runs["ref"], stage), _csv_rows(runs["run"], stage)
+        if stage == "cw_dpo":
+            ref, resumed = at_resume_step(ref), at_resume_step(resumed)
+        assert resumed == ref, stage
+    steps = [r["step"] for r in _csv_rows(runs["run"], "cw_dpo") if "train/loss" in r]
+    assert steps == sorted(set(steps), key=int) and len(steps) == 3  # no step lost or repeated
+    res = json.loads((runs["run"] / "results.json").read_text())
+    attempts = res["attempt_wall_seconds"]
+    assert len(attempts) == 3 and all(t > 0 for t in attempts)  # kill1, kill2, the resume
+    assert res["wall_seconds"] == pytest.approx(sum(attempts))
+    assert attempts[0] > attempts[2]  # the first attempt trained base_sft and sft_c
+
+
 def test_killed_between_stages_does_not_redo_finished_stages(runs):
     m1, m2, m3 = runs["mtimes"]
     assert m1 == m2 == m3  # base_sft and sft_c (marker and weights) never rewritten
@@ -345,3 +377,30 @@ def test_stage_marker_needs_the_saved_policy_and_fresh_runs_drop_stale_state(tmp
     assert resume_dir(str(tmp_path), "/elsewhere") == tmp_path
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         resume_dir(str(tmp_path / "missing"), tmp_path)
+
+
+def test_csv_logger_keeps_rows_before_the_resume_step_and_fresh_runs_drop_them(tmp_path):
+    """Unit view of the history guarantee: rows from the resume step on are replaced (never
+    duplicated), earlier ones kept, headers merged; a fresh run drops the old file."""
+    import csv
+
+    from cwdpo.utils.checkpoint import RunState
+    from cwdpo.utils.csv_logger import ResumableCSVLogger
+
+    first = ResumableCSVLogger(tmp_path, name="csv", version="cw_dpo")
+    for step in range(5):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+        first.save()
+    path = RunState(tmp_path).csv_file("cw_dpo")
+    assert path == Path(first.log_dir) / "metrics.csv"
+    resumed = ResumableCSVLogger(tmp_path, name="csv", version="cw_dpo")  # resumed at step 3
+    for step in (3, 4, 5):
+        resumed.log_metrics({"train/loss": 10.0 + step, "val/loss": 1.0}, step=step)
+        resumed.save()
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [
+        ("0", "0.0"), ("1", "1.0"), ("2", "2.0"), ("3", "13.0"), ("4", "14.0"), ("5", "15.0")]
+    assert set(rows[0]) == {"step", "train/loss", "val/loss"} and rows[0]["val/loss"] == ""
+    RunState(tmp_path).clear(["cw_dpo"])
+    assert not path.exists()

@@ -222,17 +222,83 @@ class RunState:
         found = sorted(d.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if d.is_dir() else []
         return found[-1] if found else None
 
+    def csv_file(self, stage: str) -> Path:
+        """The stage's metrics CSV (conf/logger/csv.yaml: `<run>/csv/<stage>/metrics.csv`)."""
+        return self.run_dir / "csv" / stage / "metrics.csv"
+
     def clear(self, stages: list[str]) -> None:
-        """A fresh (non-resume) run in a used directory: drop markers and Lightning checkpoints
-        of earlier runs, so nothing stale is ever resumed from."""
+        """A fresh (non-resume) run in a used directory: drop markers, Lightning checkpoints and
+        metrics CSVs of earlier runs, so nothing stale is ever resumed from or kept (the CSV
+        logger keeps an existing file's rows, for resume)."""
         stale = [self.marker(s) for s in ["start", *stages] if self.marker(s).exists()]
         stale += [self.stage_ckpt_dir(s) for s in stages if self.stage_ckpt_dir(s).exists()]
+        stale += [self.csv_file(s) for s in stages if self.csv_file(s).exists()]
         (self.run_dir / "wandb_run_id").unlink(missing_ok=True)  # a fresh run is a new W&B run
         if stale:
             log.warning("fresh run in %s: removing state of an earlier run (%s); pass resume=true "
                         "to continue it instead", self.run_dir, ", ".join(p.name for p in stale))
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+ATTEMPTS = "attempts.json"
+NOT_ACTIVITY = (".hydra", ".cwdpo.lock", ATTEMPTS)  # written by the next attempt before it starts
+# (and top-level `*.log`: Hydra appends the next attempt's log to it with hydra.run.dir=<run>)
+
+
+def _last_write(run_dir: Path, after: float) -> float:
+    """The latest mtime of a file the previous attempt wrote (checkpoints, CSVs, markers, its
+    log) — how long a killed attempt lasted, as it could not record its end itself."""
+    latest = after
+    for f in run_dir.rglob("*"):
+        rel = f.relative_to(run_dir).parts
+        if any(part in NOT_ACTIVITY for part in rel) or (len(rel) == 1 and f.suffix == ".log"):
+            continue
+        try:
+            if f.is_file():
+                latest = max(latest, f.stat().st_mtime)
+        except OSError:
+            continue
+    return latest
+
+
+def begin_attempt(run_dir: str | Path, start: float, resuming: bool, write: bool = True) -> list[float]:
+    """Record an attempt of a run in `<run>/attempts.json`; return the wall seconds of the earlier
+    ones (a resumed run's `wall_seconds` counts every attempt, killed ones included).
+
+    A killed attempt's end is the last time it wrote a file (`_last_write`), taken before this
+    attempt writes anything but its Hydra files and lock."""
+    run_dir = Path(run_dir)
+    path = run_dir / ATTEMPTS
+    attempts: list[dict[str, float]] = []
+    if resuming and path.is_file():
+        import json
+
+        try:
+            attempts = [a for a in json.loads(path.read_text()) if "start" in a]
+        except (OSError, ValueError):
+            attempts = []
+        for a in attempts:
+            if "end" not in a:
+                a["end"] = min(start, _last_write(run_dir, a["start"]))
+    earlier = [max(0.0, a["end"] - a["start"]) for a in attempts]
+    if write:
+        atomic_write_json(path, [*attempts, {"start": start}])
+    return earlier
+
+
+def end_attempt(run_dir: str | Path, end: float) -> None:
+    """Close the last attempt in `<run>/attempts.json` (a finished run)."""
+    import json
+
+    path = Path(run_dir) / ATTEMPTS
+    try:
+        attempts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if attempts:
+        attempts[-1]["end"] = end
+        atomic_write_json(path, attempts)
 
 
 def resume_dir(resume: Any, output_dir: str | Path) -> Path | None:
