@@ -18,6 +18,7 @@ from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from cwdpo.data.image_check import check_record_images
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def read_karpathy(
     fold_restval: bool = True,
     *,
     skip_bad_images: bool = False,
+    check_images: bool = False,
     stats: Stats | None = None,
 ) -> list[CaptionRecord]:
     """Read a Karpathy split file into one `CaptionRecord` per image of the requested splits.
@@ -111,6 +113,9 @@ def read_karpathy(
     - Every row is validated, but only rows of the requested splits are returned.
     - A missing image raises `DataError`, unless `skip_bad_images`: then the row is skipped, the
       count is logged and added to `stats["skipped_missing_image"]`.
+    - `check_images`: every image is decoded now (`cwdpo.data.image_check`, a bounded thread
+      pool); an unreadable one raises `DataError` naming file, row and image, or with
+      `skip_bad_images` is skipped and counted in `stats["skipped_bad_image"]`.
     """
     json_path = Path(json_path)
     root = require_path(image_root, "image root directory", directory=True)
@@ -133,6 +138,7 @@ def read_karpathy(
             )
 
     records: list[CaptionRecord] = []
+    rows_of: list[str] = []  # "images[i] (imgid=...)" per record, for image errors
     seen: dict[str, int] = {}
     missing = 0
     for i, row in enumerate(data["images"]):
@@ -187,7 +193,12 @@ def read_karpathy(
                 meta=meta,
             )
         )
+        rows_of.append(f"images[{i}] (imgid={row.get('imgid')!r})")
 
+    if check_images:
+        records = check_record_images(
+            records, rows_of, json_path, skip_bad_images=skip_bad_images, stats=stats
+        )
     report_skipped(stats, "skipped_missing_image", missing, json_path, "rows with missing images")
     for s in splits:
         if not any(r.split == s for r in records):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cwdpo.data.image_check import check_record_images
 from cwdpo.data.karpathy import Stats, bump, load_json, report_skipped, require_path
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 
@@ -33,6 +34,7 @@ def read_nocaps(
     *,
     allow_no_references: bool = False,
     skip_bad_images: bool = False,
+    check_images: bool = False,
     stats: Stats | None = None,
 ) -> list[CaptionRecord]:
     """Read a NoCaps val/test JSON into one `CaptionRecord` per image, in file order.
@@ -41,7 +43,8 @@ def read_nocaps(
     annotation for an unknown `image_id` is an error (it would silently vanish from CIDEr).
     Images without annotations are an error unless `allow_no_references` (test split).
     A missing image file raises `DataError` unless `skip_bad_images` (skips are logged and
-    counted in `stats["skipped_missing_image"]`).
+    counted in `stats["skipped_missing_image"]`). `check_images` decodes every image now, as in
+    `read_karpathy` (unreadable: `DataError` naming file, row and image, or a counted skip).
     """
     json_path = Path(json_path)
     root = require_path(image_root, "image root directory", directory=True)
@@ -95,6 +98,7 @@ def read_nocaps(
         refs[image_id].append(cap.strip())
 
     records: list[CaptionRecord] = []
+    rows_of: list[str] = []  # "images[i] (id=...)" per record, for image errors
     missing = 0
     for image_id, (i, img) in images.items():
         if not refs[image_id] and not allow_no_references:
@@ -126,6 +130,11 @@ def read_nocaps(
                 split=split,
                 meta=meta,
             )
+        )
+        rows_of.append(f"images[{i}] (id={image_id})")
+    if check_images:
+        records = check_record_images(
+            records, rows_of, json_path, skip_bad_images=skip_bad_images, stats=stats
         )
     report_skipped(stats, "skipped_missing_image", missing, json_path, "images that are missing")
     if not records:

@@ -104,6 +104,7 @@ class CaptionFileSource:
     prompt: str = "Describe the image in one sentence."
     sizes: dict[str, int] | None = None  # cap on rows per split (same knob as ShapesWorld's)
     skip_bad_images: bool = False
+    check_images: bool = True  # decode every image when the split is read (not mid-training)
 
     def __post_init__(self) -> None:
         if self.format not in ("karpathy", "nocaps"):
@@ -119,12 +120,14 @@ class CaptionFileSource:
                 from cwdpo.data.karpathy import read_karpathy
 
                 recs = read_karpathy(self.annotations, self.image_root, splits=(self.splits[split],),
-                                     skip_bad_images=self.skip_bad_images)
+                                     skip_bad_images=self.skip_bad_images,
+                                     check_images=self.check_images)
             else:
                 from cwdpo.data.nocaps import read_nocaps
 
                 recs = read_nocaps(self.annotations, self.image_root, split=self.splits[split],
-                                   skip_bad_images=self.skip_bad_images)
+                                   skip_bad_images=self.skip_bad_images,
+                                   check_images=self.check_images)
             limit = (self.sizes or {}).get(split)
             recs = recs[: int(limit)] if limit else recs
             if not recs:
