@@ -26,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import CompactHydraException
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ POLICIES = ("skip", "stop", "off")
 KILL_ENV = "CWDPO_FAULT_KILL_AT"
 
 
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient (faults.policy=stop)."""
+class NonFiniteError(CompactHydraException, RuntimeError):
+    """Training stopped on a non-finite loss or gradient (faults.policy=stop, or too many
+    skips in a row). Compact: the CLI prints its message, not a Lightning traceback."""
 
 
 class NonFiniteGuard(L.Callback):
@@ -82,7 +84,8 @@ class NonFiniteGuard(L.Callback):
         self.consecutive += 1
         if self.consecutive > self.max_consecutive_skips:
             self._stop(trainer, f"{reason} — {self.consecutive} non-finite steps in a row "
-                                f"(faults.max_consecutive_skips={self.max_consecutive_skips})")
+                                f"(faults.policy=skip, faults.max_consecutive_skips="
+                                f"{self.max_consecutive_skips})", escalated=True)
         for group in optimizer.param_groups:  # no update: AdamW skips parameters without grad
             for p in group["params"]:
                 p.grad = None
@@ -100,7 +103,10 @@ class NonFiniteGuard(L.Callback):
     def _where(self, trainer: L.Trainer) -> str:
         return f"stage {self.stage}" if self.stage else "training"
 
-    def _stop(self, trainer: L.Trainer, reason: str) -> None:
+    def _stop(self, trainer: L.Trainer, reason: str, escalated: bool = False) -> None:
+        """Save the last good state and raise an error that only says true things: the
+        checkpoint that exists, what `resume=<run dir>` would continue from, the exact command,
+        and advice that changes something (no "set faults.policy=skip" when it already is)."""
         step = trainer.global_step + 1  # the step being computed
         ckpt_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None)
                         or Path(trainer.default_root_dir) / "checkpoints" / (self.stage or "stage"))
@@ -110,11 +116,21 @@ class NonFiniteGuard(L.Callback):
             trainer.save_checkpoint(path)
         except Exception as e:  # never hide the numerical error behind a saving error
             saved = f"saving a checkpoint to {path} failed too ({type(e).__name__}: {e})"
+        why = "" if escalated else f" (faults.policy={self.policy})"
         raise NonFiniteError(
-            f"{self._where(trainer)}, step {step}: {reason}. Training stopped (faults.policy="
-            f"{self.policy}); {saved}. Resume from the last periodic checkpoint with resume=true, "
-            "e.g. with a lower learning rate, or set faults.policy=skip to skip such steps."
+            f"{self._where(trainer)}, step {step}: {reason}. Training stopped{why}; {saved}. "
+            f"{_resume_hint(trainer, ckpt_dir, self.stage)} {self._advice(trainer, escalated)}"
         )
+
+    def _advice(self, trainer: L.Trainer, escalated: bool) -> str:
+        lrs = sorted({g.get("initial_lr", g["lr"]) for o in trainer.optimizers for g in o.param_groups})
+        key = f"stage.{self.stage}.optimizer.lr" if self.stage else "the learning rate"
+        tips = [f"a lower {key} (now {', '.join(f'{lr:g}' for lr in lrs)})" if lrs else f"a lower {key}"]
+        if self.policy != "skip":
+            tips.append("faults.policy=skip to skip such steps")
+        elif escalated:
+            tips.append(f"a higher faults.max_consecutive_skips (now {self.max_consecutive_skips})")
+        return "Consider " + ", or ".join(tips) + "."
 
     # -------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -123,6 +139,38 @@ class NonFiniteGuard(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+def _resume_hint(trainer: L.Trainer, ckpt_dir: Path, stage: str) -> str:
+    """What `resume=<run dir>` continues from now, and the exact command."""
+    run_dir = Path(trainer.default_root_dir)
+    last = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if ckpt_dir.is_dir() else []
+    cb = trainer.checkpoint_callback
+    what = f"stage {stage}" if stage else "this stage"
+    if last:
+        at = getattr(cb, "_last_global_step_saved", 0) if getattr(cb, "last_model_path", "") else 0
+        from_ = f"{last[-1]}" + (f" (after step {at})" if at else "")
+        continues = f"continues {what} from its last periodic checkpoint {from_}"
+    else:
+        every = getattr(cb, "_every_n_train_steps", None)
+        first = f" (the first is written at step {every})" if every else ""
+        continues = f"restarts {what} from its start: no periodic checkpoint exists yet{first}"
+    return f"`{resume_command(run_dir)}` {continues}."
+
+
+def resume_command(run_dir: Path) -> str:
+    """`python -m cwdpo.train <this run's overrides> resume=<run dir>`."""
+    import shlex
+
+    args: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        args = [a for a in HydraConfig.get().overrides.task
+                if a.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.run.dir")]
+    except Exception:  # not under Hydra (tests, notebooks): the run dir is enough to name
+        pass
+    return " ".join(["python -m cwdpo.train", *map(shlex.quote, args), f"resume={shlex.quote(str(run_dir))}"])
 
 
 def _grad_scaler_active(trainer: L.Trainer) -> bool:
