@@ -324,12 +324,6 @@ def _stage_warnings(cfg: DictConfig, name: str) -> list[str]:
             f"{p}optimizer.lr={lr:g} is far outside the usual range [{lo:g}, {hi:g}] for "
             f"stage {name}: expect {'a diverged or collapsed model' if lr > hi else 'no learning'}"
         )
-    warm = _select(cfg, p + "scheduler.warmup_steps")
-    if _is_int(steps) and _is_int(warm) and steps > 0 and warm > steps:
-        out.append(
-            f"{p}scheduler.warmup_steps={warm} > {p}steps={steps}: the stage ends "
-            "before the warm-up does"
-        )
     if name == "cw_dpo":
         beta = _select(cfg, p + "beta")
         if _is_real(beta) and beta > 0 and not USUAL_BETA[0] <= beta <= USUAL_BETA[1]:

@@ -124,10 +124,15 @@ def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: li
 
 def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> list[L.Callback]:
     from cwdpo.callbacks.on_policy import OnPolicyNegatives
+    from cwdpo.callbacks.progress import stage_progress_bar
 
+    cbs: list[L.Callback] = []
+    own_bar = any("ProgressBar" in str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values())
+    if cfg.trainer.get("enable_progress_bar", True) and not own_bar:
+        cbs.append(stage_progress_bar(name))  # "<stage> · epoch e … step s/max_steps"
     if name == "cw_dpo" and isinstance(dm, PreferenceDataModule) and dm.needs_on_policy:
-        return [OnPolicyNegatives(every_n_steps=dm.neg.refresh_every_n_steps)]
-    return []
+        cbs.append(OnPolicyNegatives(every_n_steps=dm.neg.refresh_every_n_steps))
+    return cbs
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -224,6 +229,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         if is_rank_zero():  # under DDP every rank runs the pipeline; one writes
             atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
         metrics, new_outputs = evaluate(outputs if ev.winrate else None)
+        metrics["objective"] = objective_name(name, cfg)  # which loss ran (table, report)
         metrics["train_seconds"] = time.time() - ts
         metrics["steps"] = int(trainer.global_step)
         metrics["nonfinite_skipped_steps"] = sum(
@@ -270,14 +276,31 @@ TABLE_KEYS = (
 )
 
 
+def objective_name(stage: str, cfg: DictConfig) -> str:
+    """The loss a stage trained with, from its knobs: sft, sft_c (soft|hard), cw_dpo, dpo,
+    ipo, cw_ipo, rpo, ... (+filter with negative filtering)."""
+    st = cfg.stage[stage]
+    if stage != "cw_dpo":
+        if not float(st.get("lam", 0.0)) or not st.get("gentle_negatives", stage == "sft_c"):
+            return "sft"
+        return "sft_c" + ("(hard)" if st.get("constraint") == "hard" else "")
+    name = "ipo" if st.get("loss_type") == "ipo" else "dpo"
+    if float(st.get("rpo_alpha") or 0.0) > 0:
+        name = "rpo" if name == "dpo" else f"{name}+nll"
+    if st.get("cooling", True):
+        name = f"cw_{name}"
+    return name + ("+filter" if st.get("filter_threshold") is not None else "")
+
+
 def results_table(results: dict[str, Any]) -> str:
     stages = results["stages"]
     first = next(iter(stages.values()))
     keys = [(k, h) for k, h in TABLE_KEYS if any(k in m for m in stages.values()) or k in first]
-    lines = ["| stage | " + " | ".join(h for _, h in keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
+    objective = any("objective" in m for m in stages.values())
+    lines = ["| stage | " + ("objective | " if objective else "") + " | ".join(h for _, h in keys) + " |",
+             "|---" * (len(keys) + 1 + objective) + "|"]
     for name, m in stages.items():
-        cells = []
+        cells = [m.get("objective", "–")] if objective else []
         for k, _ in keys:
             v = m.get(k)
             cells.append("–" if v is None else f"{v:.3f}" if "calib" in k or k.startswith("win") else f"{v:.1f}")

@@ -36,7 +36,12 @@ def main(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     if run_dir is None or not (out / "config.json").is_file():
         dump_config(cfg, out)  # a resume keeps the run's original config as the baseline
+    from cwdpo.utils.terminal import tidy_terminal
+
+    tidy_terminal()
+    log.info("run directory: %s", out)
     results = run_pipeline(cfg)
+    print(f"run directory: {out}")
     last = list(results["stages"].values())[-1]
     # Returned for Hydra sweepers (Optuna maximises the last stage's fact accuracy / CIDEr).
     return last.get("fact_accuracy", last.get("cider"))

@@ -75,7 +75,7 @@ def test_cli_entry_point(tmp_path, tiny_cache_dir):
     env = {**os.environ, "CWDPO_CACHE": str(tiny_cache_dir)}
     cmd = [sys.executable, "-m", "cwdpo.train", *FAST, "eval.caption_metrics=false",
            "+experiment=ablation_cooling", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, umask=0o022,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
@@ -83,6 +83,18 @@ def test_cli_entry_point(tmp_path, tiny_cache_dir):
     cfg = (tmp_path / "config.yaml").read_text()
     assert "cooling: false" in cfg
     assert "| cw_dpo |" in proc.stdout
+    # A newcomer's terminal (issue #15): the run dir at start and end, each log line once (no
+    # second copy from Lightning's own stderr handler), no library tips, the stage-2 row names
+    # the objective that ran (cooling off = dpo), a step/max_steps bar per stage, outputs the
+    # group can read.
+    assert proc.stdout.count(f"run directory: {tmp_path}") == 2, proc.stdout[-3000:]
+    assert "INFO: Seed set to" not in proc.stderr and "💡 Tip" not in proc.stdout + proc.stderr
+    assert proc.stdout.count("Seed set to 0") == 2  # the pipeline seeds twice before stage 1
+    assert "| cw_dpo | dpo |" in proc.stdout and "| sft_c | sft_c |" in proc.stdout
+    assert "cw_dpo · epoch 0" in proc.stdout and "step: 2/2" in proc.stdout and "v_num" not in proc.stdout
+    for f in (tmp_path / "results.json", tmp_path / "checkpoints" / "cw_dpo_hf" / "model.safetensors"):
+        assert f.stat().st_mode & 0o044 == 0o044, f"{f}: {oct(f.stat().st_mode)}"
+    assert (tmp_path / "checkpoints" / "cw_dpo_hf").stat().st_mode & 0o055 == 0o055
 
 
 def test_typo_added_with_plus_fails_before_training(tmp_path, tiny_cache_dir):

@@ -11,12 +11,33 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str | Path, directory: bool = False) -> None:
+    """Give a temp file/dir the mode a plain `open`/`mkdir` would (0666/0777 & ~umask):
+    `mkstemp` makes 0600 files and `mkdtemp` 0700 dirs, so results and weights written
+    atomically were unreadable by the group."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call `write(f)` on a temp file next to `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _as_created(tmp)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -56,11 +77,15 @@ def atomic_save_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _as_created(tmp, directory=True)
         write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                _as_created(f)  # writers (e.g. safetensors) may leave 0600 files
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                _as_created(f, directory=True)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
