@@ -99,6 +99,9 @@ def main(cfg: DictConfig) -> None:
     from cwdpo.config_schema import validate_config
 
     validate_config(cfg, "eval")
+    from cwdpo.utils.terminal import tidy_terminal
+
+    tidy_terminal()
     run_eval(cfg)
 
 

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.config import CONFIG_DIR
+from cwdpo.config_schema import ConfigError
+from cwdpo.data.records import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,18 @@ def main(cfg: DictConfig) -> float | None:
 
     tidy_terminal()
     log.info("run directory: %s", out)
-    results = run_pipeline(cfg)
+    try:
+        results = run_pipeline(cfg)
+    except DataError as e:  # it names file, row and field: print that line, not a traceback
+        raise InputError(str(e)) from e
     print(f"run directory: {out}")
     last = list(results["stages"].values())[-1]
     # Returned for Hydra sweepers (Optuna maximises the last stage's fact accuracy / CIDEr).
     return last.get("fact_accuracy", last.get("cider"))
+
+
+class InputError(CompactHydraException, DataError):
+    """A `DataError` as the CLI shows it: its one line (the traceback with HYDRA_FULL_ERROR=1)."""
 
 
 def check_no_secrets(cfg: DictConfig) -> None:
@@ -60,7 +70,7 @@ def check_no_secrets(cfg: DictConfig) -> None:
                     name == "token" or name.endswith(("access_token", "auth_token", "api_token",
                                                       "hf_token")))
                 if secret and not name.endswith(("_env", "_var")) and isinstance(v, str) and v:
-                    raise ValueError(
+                    raise ConfigError(
                         f"config key {key!r} holds a credential: API keys are read from the "
                         "environment only and never written to configs or logs; set the "
                         "environment variable and name it in the judge's `api_key_env` instead"
