@@ -125,3 +125,30 @@ def test_review_notebook_executes(pipeline_run, monkeypatch):
                for o in outputs) >= 3  # curves, side-by-side, dynamics
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "always: positives ell" in text  # the early-stop reason is reviewed
+
+
+def test_notebook_default_run_discovery_skips_plot_folders_and_runs_without_data(tmp_path, monkeypatch):
+    """Issue #15: `cwdpo.plot --out logs/train/runs/cmp` (or a run that failed before training,
+    leaving only `.hydra/`) was newer than the real runs, so the notebook loaded it and failed."""
+    import os
+    import sys
+    import time
+
+    nb = json.loads((ROOT / "notebooks" / "dlogp_review.ipynb").read_text())
+    cell = "".join(nb["cells"][1]["source"])
+    runs = tmp_path / "logs" / "train" / "runs"
+    real = [runs / "dpo" / "2026-01-01_00-00-00", runs / "cw_dpo" / "2026-01-01_00-00-01"]
+    for k, d in enumerate(real):
+        d.mkdir(parents=True)
+        (d / "probes.csv").write_text("stage,step,group,mean\n")
+        os.utime(d, (time.time() - 100 + k, time.time() - 100 + k))
+    (runs / "cmp").mkdir()
+    (runs / "cmp" / "delta_logp.png").write_bytes(PNG)  # plot output under runs/
+    (runs / "default" / "2026-01-02_00-00-00" / ".hydra").mkdir(parents=True)  # failed run
+    (tmp_path / "cwdpo").mkdir()  # the notebook walks up to the repo root (a `cwdpo` dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CWDPO_RUNS", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    ns: dict = {}
+    exec(compile(cell, "dlogp_review.ipynb[1]", "exec"), ns)
+    assert ns["RUNS"] == [str(d) for d in real]
