@@ -65,6 +65,24 @@ def test_simultaneous_starts_get_their_own_run_dirs(tmp_path):
     assert not [d for d in dirs if (d / LOCK_NAME).exists()]  # released at exit
 
 
+def test_simultaneous_multiruns_get_their_own_sweep_dirs(tmp_path):
+    pattern = str(tmp_path / "sweeps" / "${now:%Y}")
+    procs = [
+        cli(["-m", f"seed={s},{s + 10}", BAD, f"hydra.sweep.dir={pattern}"], tmp_path)
+        for s in (1, 2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and "stage.cw_dpo.beta=-1" in err, err
+    year = time.strftime("%Y")
+    sweeps = sorted((tmp_path / "sweeps").iterdir())
+    assert [d.name for d in sweeps] == [year, f"{year}_1"]
+    first_seeds = sorted(
+        (d / "0" / ".hydra" / "overrides.yaml").read_text().splitlines()[0] for d in sweeps
+    )
+    assert first_seeds == ["- seed=1", "- seed=2"]  # each sweep's jobs in its own dir
+
+
 def test_claim_fresh_dir_never_returns_an_existing_dir(tmp_path):
     base = tmp_path / "2026-01-01_00-00-00"
     got = [claim_fresh_dir(base) for _ in range(3)]

@@ -293,7 +293,19 @@ class RunDirCallback(_HydraCallback):  # type: ignore[misc]
 
     @_refusing
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        check_writable(str(config.hydra.sweep.dir))
+        from omegaconf import OmegaConf, open_dict, read_write
+
+        raw = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if "${now:" not in str(raw):
+            check_writable(sweep_dir)
+            return
+        sweep_dir = claim_fresh_dir(sweep_dir)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = str(sweep_dir)
+            # Each job's config is re-composed from these overrides (a fresh `${now:}` would
+            # be the master's timestamp again, not the claimed directory).
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={sweep_dir}")
 
     @_refusing
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
