@@ -123,8 +123,8 @@ def test_stop_message_names_the_checkpoint_that_exists_and_the_exact_resume_comm
     with pytest.raises(NonFiniteError) as err:  # no periodic checkpoint yet
         train(tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({1})])
     msg = str(err.value)
-    assert f"`python -m cwdpo.train resume={tmp_path}` restarts stage sft_c from its start: " \
-           "no periodic checkpoint exists yet" in msg
+    assert f"Resume with `python -m cwdpo.train resume={tmp_path}`: it restarts stage sft_c from " \
+           "its start: no periodic checkpoint exists yet" in msg
     assert "resume=true" not in msg and "stage.sft_c.optimizer.lr (now 0.001)" in msg
     assert "faults.policy=skip to skip such steps" in msg  # policy=stop: skipping is an option
 

@@ -155,7 +155,7 @@ def _resume_hint(trainer: L.Trainer, ckpt_dir: Path, stage: str) -> str:
         every = getattr(cb, "_every_n_train_steps", None)
         first = f" (the first is written at step {every})" if every else ""
         continues = f"restarts {what} from its start: no periodic checkpoint exists yet{first}"
-    return f"`{resume_command(run_dir)}` {continues}."
+    return f"Resume with `{resume_command(run_dir)}`: it {continues}."
 
 
 def resume_command(run_dir: Path) -> str:
