@@ -232,7 +232,7 @@ def test_failing_logging_is_counted_and_training_goes_on(tiny_cache_dir, tiny_vl
     assert results["stages"]["cw_dpo"]["steps"] == 3
     fails = json.loads((out / "results.json").read_text())["logging_failures"]
     assert fails["dynamics histograms"] == 3
-    assert fails["CSVLogger.log_metrics"] >= 3 * 2  # every probe of every stage
+    assert fails["ResumableCSVLogger.log_metrics"] >= 3 * 2  # every probe of every stage (conf/logger/csv.yaml)
     assert any(k.startswith("plots of") for k in fails)
     assert results["stages"]["cw_dpo"]["logging_failures"]["dynamics histograms"] == 3
     warned = [r.getMessage() for r in caplog.records if "training goes on" in r.getMessage()]
