@@ -13,7 +13,7 @@ import hydra
 import pytest
 
 from cwdpo.data.records import DataError
-from tests.formats import write_karpathy, write_nocaps
+from tests.formats import write_karpathy, write_nocaps, write_trl_jsonl
 from tests.helpers import compose_cfg
 
 
@@ -108,3 +108,23 @@ def test_images_are_decoded_in_a_bounded_pool(monkeypatch):
     refs = [ImageRef(path=f"/x/{i}.jpg", name=f"r{i}") for i in range(40)]
     assert image_check.unreadable_images(refs, max_workers=4) == {7: "bad"}
     assert 1 < peak[0] <= 4
+
+
+def test_trl_pair_images_are_checked_too(tmp_path):
+    from cwdpo.data.sources import PreferenceFileSource
+
+    fx = write_trl_jsonl(tmp_path)
+    bad = truncate_png(fx.expected["images"][2])
+    hold = {"val": 1}
+    with pytest.raises(
+        DataError, match=rf"{fx.path}: row 2 \(img_2.png\): cannot read image {bad}"
+    ):
+        PreferenceFileSource(str(fx.path), str(fx.image_root), holdout=hold)
+    src = PreferenceFileSource(str(fx.path), str(fx.image_root), holdout=hold, skip_bad_images=True)
+    assert len(src.captions("train")) + len(src.captions("val")) == 3
+
+
+def truncate_png(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path

@@ -70,16 +70,26 @@ def check_record_images(
     e.g. "images[12] (imgid=7)") and the image path."""
     from cwdpo.data.karpathy import report_skipped
 
-    bad = unreadable_images([r.image for r in records])
+    flat = [(k, ref) for k, r in enumerate(records) for ref in _images_of(r)]
+    reasons = unreadable_images([ref for _, ref in flat])
+    bad: dict[int, tuple[ImageRef, str]] = {}  # record index → its first unreadable image
+    for j in sorted(reasons):
+        bad.setdefault(flat[j][0], (flat[j][1], reasons[j]))
     if not bad:
         return records
     if not skip_bad_images:
         i = min(bad)
-        img = records[i].image
-        more = f" (and {len(bad) - 1} more unreadable image(s))" if len(bad) > 1 else ""
+        img, why = bad[i]
+        more = f" (and {len(bad) - 1} more row(s) with unreadable images)" if len(bad) > 1 else ""
         raise DataError(
-            f"{source}: {rows[i]}: cannot read image {img.path or img.name or '<bytes>'}: {bad[i]}"
+            f"{source}: {rows[i]}: cannot read image {img.path or img.name or '<bytes>'}: {why}"
             f"{more}; fix or remove it, or set data.source.skip_bad_images=true to skip such rows"
         )
     report_skipped(stats, "skipped_bad_image", len(bad), source, "rows with unreadable images")
     return [r for k, r in enumerate(records) if k not in bad]
+
+
+def _images_of(record: CaptionRecord) -> list[ImageRef]:
+    """Every image of a row: `meta["images"]` for multi-image rows, else its one `image`."""
+    many = record.meta.get("images") if isinstance(record.meta, dict) else None
+    return [m for m in many if isinstance(m, ImageRef)] if many else [record.image]

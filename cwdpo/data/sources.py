@@ -180,6 +180,7 @@ class PreferenceFileSource:
     prompt: str = "Describe the image."
     sizes: dict[str, int] | None = None  # cap on rows per split (same knob as ShapesWorld's)
     skip_bad_images: bool = False
+    check_images: bool = True  # decode every image when the file is read (not mid-training)
 
     def __post_init__(self) -> None:
         from cwdpo.data.trl_pairs import read_preference_pairs
@@ -196,6 +197,12 @@ class PreferenceFileSource:
             )
             for p in pairs
         ]
+        if self.check_images:
+            from cwdpo.data.image_check import check_record_images
+
+            rows = [f"row {i} ({r.image_id})" for i, r in enumerate(recs)]  # as the reader counts
+            recs = check_record_images(recs, rows, self.path,
+                                       skip_bad_images=self.skip_bad_images)
         n_hold = sum(self.holdout.values())
         if len(recs) <= n_hold:
             raise DataError(
