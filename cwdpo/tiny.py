@@ -29,7 +29,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|end|>", "<image>", "<|user|>", "<|assistant|>", "<|system|>"]
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "<|end|>",
+    "<image>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+]
 
 
 @dataclass(frozen=True)
@@ -72,21 +81,29 @@ def _tokenizer_corpus(n_scenes: int = 2000) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int):
-    """Byte-level BPE (any UTF-8 text encodes; ShapesWorld words become single tokens)."""
+def train_bpe(vocab_size: int, special_tokens: list[str]):
+    """A `tokenizers.Tokenizer`: byte-level BPE trained on the ShapesWorld vocabulary (any UTF-8
+    text encodes; ShapesWorld words become single tokens). Shared by the tiny family builds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int):
+    """The tiny LLaVA's tokenizer: `train_bpe` with its own special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab_size, SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
