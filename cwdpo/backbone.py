@@ -9,7 +9,9 @@ or — with LoRA — the same weights with adapters disabled, so no second model
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+import re
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,48 @@ from torch import nn
 
 from cwdpo.data.records import DataError
 from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS, SeqLogps, sequence_logps
+from cwdpo.processing import (
+    ProcessorLoadError,
+    load_processor,
+    render_prompt,
+    strip_duplicate_bos,
+    turn_end_token_id,
+)
 
-DROP_KEYS = ("token_type_ids",)
+#: Per-token inputs some processors return beside input_ids: Gemma3's / PaliGemma's
+#: token_type_ids (bidirectional image / prefix attention), Qwen's mm_token_type_ids (M-RoPE).
+#: The processor gives them at prompt width; `collate` extends them over the response.
+PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+#: Value of a per-token key on response (and padding) tokens. PaliGemma marks its causal
+#: suffix with token_type_ids = 1 (its processor does so for `suffix=`); everywhere else the
+#: response is plain text (0).
+RESPONSE_TOKEN_TYPE = {("paligemma", "token_type_ids"): 1}
+#: `<image k>` placeholders (MMMU) put image k where the question refers to it.
+IMAGE_PLACEHOLDER = re.compile(r"<image (\d+)>")
+#: Families whose processor/model take one image per sample only.
+SINGLE_IMAGE_MODEL_TYPES: frozenset[str] = frozenset()
+
+ImageInput = Image.Image | Sequence[Image.Image]
 
 
 class ModelLoadError(RuntimeError):
     """A model directory / hub id that cannot be used (names the path and what is missing)."""
+
+
+#: LoRA target presets: peft's "all-linear" (every linear layer but the LM head, vision tower
+#: and projector included) or "language" (the language model's attention and MLP projections,
+#: the usual choice for VLM preference tuning). Any other string is a peft regex.
+LANGUAGE_LORA_TARGETS = (
+    r".*(language_model|text_model)\.(model\.)?layers\.\d+\."
+    r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+)
+LORA_PRESETS = {"language": LANGUAGE_LORA_TARGETS}
+#: Module-name patterns of the vision tower and of the projector, across families (Qwen's
+#: `visual.merger` is the projector; everything else under `visual` is the tower).
+VISION_MODULES = re.compile(r"(^|\.)(visual|vision_tower|vision_model)(\.|$)")
+PROJECTOR_MODULES = re.compile(
+    r"(^|\.)(multi_modal_projector|connector|merger|deepstack_merger_list)(\.|$)|(^|\.)image_newline$"
+)
 
 
 @dataclass
@@ -35,6 +73,39 @@ class LoRASettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Sequence[str] | str = "all-linear"
+
+
+def lora_settings(lora: LoRASettings | Mapping | None) -> LoRASettings | None:
+    """`model.lora` as given in a config: None, LoRASettings, or any mapping (dict or OmegaConf
+    DictConfig, e.g. the short form `{r: 4, alpha: 8}`); unset fields keep their defaults."""
+    if lora is None or isinstance(lora, LoRASettings):
+        return lora
+    if not isinstance(lora, Mapping):
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(lora, DictConfig):
+                lora = OmegaConf.to_container(lora, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+    if not isinstance(lora, Mapping):
+        raise TypeError(
+            f"model.lora: expected null or a mapping like {{r: 8, alpha: 16}}, got {lora!r}"
+        )
+    known = set(LoRASettings.__dataclass_fields__)
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ValueError(f"model.lora has unknown key(s) {unknown}; accepted: {sorted(known)}")
+    return LoRASettings(**dict(lora))
+
+
+def module_group(name: str) -> str:
+    """ "projector", "vision" or "language" for a parameter/module name of any supported family."""
+    if PROJECTOR_MODULES.search(name):
+        return "projector"
+    if VISION_MODULES.search(name):
+        return "vision"
+    return "language"
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -59,7 +130,7 @@ def load_model_and_processor(
     chat_template: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load through AutoModelForImageTextToText / AutoProcessor, with errors that name the path."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     p = Path(str(path))
     if not p.exists():
@@ -78,9 +149,9 @@ def load_model_and_processor(
                 "preprocessor_config.json + tokenizer files saved with processor.save_pretrained)"
             )
     try:
-        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load a processor from {path}: {type(e).__name__}: {e}") from e
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+    except ProcessorLoadError as e:
+        raise ModelLoadError(str(e)) from e
     if chat_template:
         processor.chat_template = chat_template
     if not getattr(processor, "chat_template", None):
@@ -113,8 +184,10 @@ class VLMBackbone(nn.Module):
         model: nn.Module,
         processor: Any,
         max_length: int = 256,
-        lora: LoRASettings | None = None,
+        lora: LoRASettings | Mapping | None = None,
         gradient_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
     ) -> None:
         super().__init__()
         self.processor = processor
@@ -122,13 +195,22 @@ class VLMBackbone(nn.Module):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length
-        self.lora = lora
+        self.lora = lora = lora_settings(lora)
+        self.frozen = tuple(
+            g for g, on in (("vision", freeze_vision), ("projector", freeze_projector)) if on
+        )
+        self.model_type = str(getattr(model.config, "model_type", ""))
+        self.turn_end_id = turn_end_token_id(processor)
+        accepted = inspect.signature(model.forward).parameters
+        self.per_token_keys = tuple(k for k in PER_TOKEN_KEYS if k in accepted)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         if lora is not None:
-            model = self._add_lora(model, lora)
+            model = self._add_lora(model, lora, self.frozen)
+        else:
+            self._freeze(model, self.frozen)
         self.model = model
         self.reference: nn.Module | None = None  # frozen copy when not using LoRA
         self.has_reference = False
@@ -145,21 +227,71 @@ class VLMBackbone(nn.Module):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         chat_template: str | None = None,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
     ) -> VLMBackbone:
         model, processor = load_model_and_processor(
             path, dtype, trust_remote_code, attn_implementation, chat_template
         )
-        if isinstance(lora, dict):
-            lora = LoRASettings(**lora)
-        return cls(model, processor, max_length, lora, gradient_checkpointing)
+        return cls(
+            model,
+            processor,
+            max_length,
+            lora,
+            gradient_checkpointing,
+            freeze_vision=freeze_vision,
+            freeze_projector=freeze_projector,
+        )
 
     @staticmethod
-    def _add_lora(model: nn.Module, s: LoRASettings) -> nn.Module:
+    def _freeze(model: nn.Module, groups: tuple[str, ...]) -> None:
+        """Full fine-tuning with the vision tower and/or projector kept fixed."""
+        if not groups:
+            return
+        hit = {g: 0 for g in groups}
+        for name, p in model.named_parameters():
+            g = module_group(name)
+            if g in hit:
+                p.requires_grad_(False)
+                hit[g] += 1
+        missing = [g for g, n in hit.items() if n == 0]
+        if missing:
+            raise ValueError(
+                f"model.freeze_{missing[0]}=true but no {missing[0]} parameters were found in "
+                f"{type(model).__name__} (expected module names matching "
+                f"{(VISION_MODULES if missing[0] == 'vision' else PROJECTOR_MODULES).pattern})"
+            )
+
+    @staticmethod
+    def _add_lora(model: nn.Module, s: LoRASettings, frozen: tuple[str, ...] = ()) -> nn.Module:
+        """peft LoRA; `target_modules` may be a preset (LORA_PRESETS); adapters are never put on
+        a frozen vision tower / projector."""
         from peft import LoraConfig, get_peft_model
 
         target = s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules)
-        cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=target)
-        return get_peft_model(model, cfg)
+        if isinstance(target, str):
+            target = LORA_PRESETS.get(target, target)
+        exclude = None
+        if frozen:
+            exclude = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and module_group(n) in frozen
+            ]
+        cfg = LoraConfig(
+            r=s.r,
+            lora_alpha=s.alpha,
+            lora_dropout=s.dropout,
+            target_modules=target,
+            exclude_modules=exclude or None,
+        )
+        try:
+            return get_peft_model(model, cfg)
+        except ValueError as e:
+            raise ValueError(
+                f"model.lora.target_modules={s.target_modules!r} matched no module of "
+                f"{type(model).__name__}: {e}"
+            ) from e
 
     # ------------------------------------------------------------------ reference policy
     def snapshot_reference(self) -> None:
@@ -167,7 +299,7 @@ class VLMBackbone(nn.Module):
         base and start fresh ones, so "adapters disabled" *is* the snapshot (no second model)."""
         if self.lora is not None:
             merged = self.model.merge_and_unload()
-            self.model = self._add_lora(merged, self.lora)
+            self.model = self._add_lora(merged, self.lora, self.frozen)
         else:
             ref = copy.deepcopy(self.model)
             ref.eval()
@@ -190,35 +322,103 @@ class VLMBackbone(nn.Module):
             yield self.reference
 
     # ------------------------------------------------------------------ text
-    def prompt_text(self, prompt: str) -> str:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    def prompt_parts(
+        self, prompt: str, n_images: int = 1
+    ) -> tuple[list[dict[str, Any]], list[int]]:
+        """User-turn content parts and the order in which the images fill them. `<image k>`
+        placeholders (MMMU) put image k where the text refers to it; images the text does not
+        place come first (the usual "image, then question" layout)."""
+        parts: list[dict[str, Any]] = []
+        order: list[int] = []
+        pos = 0
+        for m in IMAGE_PLACEHOLDER.finditer(prompt):
+            k = int(m.group(1)) - 1
+            if not 0 <= k < n_images:
+                raise DataError(
+                    f"prompt {prompt[:80]!r} refers to <image {k + 1}> but its row has {n_images} "
+                    "image(s)"
+                )
+            if prompt[pos : m.start()].strip():
+                parts.append({"type": "text", "text": prompt[pos : m.start()].strip()})
+            parts.append({"type": "image"})
+            order.append(k)
+            pos = m.end()
+        if prompt[pos:].strip() or not parts:
+            parts.append({"type": "text", "text": prompt[pos:].strip() if order else prompt})
+        lead = [k for k in range(n_images) if k not in order]
+        return [{"type": "image"} for _ in lead] + parts, lead + order
+
+    def prompt_text(self, prompt: str, n_images: int = 1) -> str:
+        """The chat-templated user turn + generation prompt, with exactly one BOS."""
+        parts, _ = self.prompt_parts(prompt, n_images)
+        text = render_prompt(
+            self.processor, [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
+        return strip_duplicate_bos(text, self.tokenizer)
 
     def response_ids(self, response: str) -> list[int]:
+        """Response tokens + the token the chat template closes an assistant turn with."""
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        return list(ids) + [self.tokenizer.eos_token_id]
+        return list(ids) + [self.turn_end_id]
 
-    def _encode_prompts(self, images: Sequence[Image.Image], prompts: Sequence[str]):
-        texts = [self.prompt_text(p) for p in prompts]
-        enc = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-        vision = {k: v for k, v in enc.items() if k not in TEXT_KEYS + DROP_KEYS}
-        return ids, vision
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops on the generation config's eos ids and on the turn-end token."""
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return list(dict.fromkeys([*ids, self.turn_end_id]))
+
+    def _processor_inputs(
+        self, images: Sequence[ImageInput], prompts: Sequence[str]
+    ) -> tuple[list[list[Image.Image]], list[str]]:
+        """Images as one list per sample (ordered as the prompt places them) + prompt texts."""
+        per_sample, texts = [], []
+        for i, (im, p) in enumerate(zip(images, prompts)):
+            ims = list(im) if isinstance(im, list | tuple) else [im]
+            if not ims:
+                raise DataError(f"batch row {i} (prompt {p[:60]!r}) has no image")
+            if len(ims) > 1 and self.model_type in SINGLE_IMAGE_MODEL_TYPES:
+                raise DataError(
+                    f"batch row {i} (prompt {p[:60]!r}) has {len(ims)} images but "
+                    f"{self.model_type} takes one image per sample; keep one image per row"
+                )
+            _, order = self.prompt_parts(p, len(ims))
+            per_sample.append([ims[k] for k in order])
+            texts.append(self.prompt_text(p, len(ims)))
+        return per_sample, texts
+
+    def _encode_prompts(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        per_sample, texts = self._processor_inputs(images, prompts)
+        enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
+        keep = [m.bool() for m in enc["attention_mask"]]
+        ids = [row[m].tolist() for row, m in zip(enc["input_ids"], keep)]
+        per_token = {
+            k: [row[m].tolist() for row, m in zip(enc[k], keep)]
+            for k in self.per_token_keys
+            if k in enc
+        }
+        vision = {k: v for k, v in enc.items() if k not in TEXT_KEYS + PER_TOKEN_KEYS}
+        return ids, per_token, vision
 
     def collate(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[ImageInput],
         prompts: Sequence[str],
         responses: Sequence[str],
     ) -> dict[str, torch.Tensor]:
-        """Tokenize prompt (with image tokens) + response; labels only on the response.
+        """Tokenize prompt (with image tokens) + response + turn-end token; labels only on the
+        response and its turn-end token. `images[i]` is one image or a list of images.
 
         Truncation cuts the *response* only (never image or prompt tokens); a prompt that alone
-        exceeds max_length is an error.
+        exceeds max_length is an error. Per-token inputs (token_type_ids, mm_token_type_ids)
+        cover the whole row, prompt and response.
         """
         if not (len(images) == len(prompts) == len(responses)):
             raise ValueError("images, prompts and responses must have the same length")
-        prompt_ids, vision = self._encode_prompts(images, prompts)
+        prompt_ids, per_token, vision = self._encode_prompts(images, prompts)
         rows, labels = [], []
         for i, (p, r) in enumerate(zip(prompt_ids, responses)):
             if not r or not r.strip():
@@ -242,11 +442,24 @@ class VLMBackbone(nn.Module):
             input_ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
             lab[i, : len(lb)] = torch.tensor(lb)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": lab, **vision}
+        extra = {}
+        for k, vals in per_token.items():
+            fill = RESPONSE_TOKEN_TYPE.get((self.model_type, k), 0)
+            t = torch.full((len(rows), width), fill, dtype=torch.long)
+            for i, v in enumerate(vals):
+                t[i, : len(v)] = torch.tensor(v)
+            extra[k] = t
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": lab,
+            **extra,
+            **vision,
+        }
 
     def collate_pairs(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[ImageInput],
         prompts: Sequence[str],
         chosen: Sequence[str],
         rejected: Sequence[str],
@@ -260,9 +473,7 @@ class VLMBackbone(nn.Module):
                     f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
                     f"rejected are identical ({c!r}); a pair needs two different responses"
                 )
-        return self.collate(
-            list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected)
-        )
+        return self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
 
     # ------------------------------------------------------------------ log-probs
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -284,7 +495,9 @@ class VLMBackbone(nn.Module):
         labels = batch["labels"][:, start + 1 :]
         return sequence_logps(logits[:, :-1], labels)
 
-    def logps_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[SeqLogps, torch.Tensor, torch.Tensor]:
+    def logps_and_logits(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[SeqLogps, torch.Tensor, torch.Tensor]:
         """Policy log-probs plus the aligned (logits, labels) for smoothing / calibration."""
         logits, start = self._logits(self.model, batch)
         labels = batch["labels"][:, start + 1 :]
@@ -314,7 +527,7 @@ class VLMBackbone(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[ImageInput],
         prompts: Sequence[str],
         max_new_tokens: int = 32,
         do_sample: bool = False,
@@ -323,14 +536,15 @@ class VLMBackbone(nn.Module):
         num_return_sequences: int = 1,
     ) -> list[str]:
         """Batched generation with KV cache (left padding). Returns n·B strings, row-major."""
-        texts = [self.prompt_text(p) for p in prompts]
+        per_sample, texts = self._processor_inputs(images, prompts)
         old = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
-            enc = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+            enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
         finally:
             self.tokenizer.padding_side = old
-        enc = {k: v.to(self.device) for k, v in enc.items() if k not in DROP_KEYS}
+        drop = set(PER_TOKEN_KEYS) - set(self.per_token_keys) | {"labels"}
+        enc = {k: v.to(self.device) for k, v in enc.items() if k not in drop}
         was_training = self.model.training
         self.model.eval()
         try:
@@ -342,7 +556,7 @@ class VLMBackbone(nn.Module):
                 **kwargs,
                 num_return_sequences=num_return_sequences,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.stop_token_ids,
                 use_cache=True,
             )
         finally:
