@@ -326,8 +326,9 @@ class VLMBackbone(nn.Module):
         self, prompt: str, n_images: int = 1
     ) -> tuple[list[dict[str, Any]], list[int]]:
         """User-turn content parts and the order in which the images fill them. `<image k>`
-        placeholders (MMMU) put image k where the text refers to it; images the text does not
-        place come first (the usual "image, then question" layout)."""
+        placeholders (MMMU) put image k where the text refers to it (the text around them is
+        kept verbatim); images the text does not place come first (the usual "image, then
+        question" layout)."""
         parts: list[dict[str, Any]] = []
         order: list[int] = []
         pos = 0
@@ -335,16 +336,16 @@ class VLMBackbone(nn.Module):
             k = int(m.group(1)) - 1
             if not 0 <= k < n_images:
                 raise DataError(
-                    f"prompt {prompt[:80]!r} refers to <image {k + 1}> but its row has {n_images} "
-                    "image(s)"
+                    f"prompt {prompt[:80]!r} refers to <image {k + 1}> but its row has "
+                    f"{n_images} image(s)"
                 )
             if prompt[pos : m.start()].strip():
-                parts.append({"type": "text", "text": prompt[pos : m.start()].strip()})
+                parts.append({"type": "text", "text": prompt[pos : m.start()]})
             parts.append({"type": "image"})
             order.append(k)
             pos = m.end()
         if prompt[pos:].strip() or not parts:
-            parts.append({"type": "text", "text": prompt[pos:].strip() if order else prompt})
+            parts.append({"type": "text", "text": prompt[pos:]})
         lead = [k for k in range(n_images) if k not in order]
         return [{"type": "image"} for _ in lead] + parts, lead + order
 
@@ -391,6 +392,12 @@ class VLMBackbone(nn.Module):
         return per_sample, texts
 
     def _encode_prompts(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """(prompt ids per row, vision inputs) — `_encode` without the per-token inputs."""
+        ids, _, vision = self._encode(images, prompts)
+        return ids, vision
+
+    def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """Prompt ids per row (unpadded), per-token inputs per row, vision inputs."""
         per_sample, texts = self._processor_inputs(images, prompts)
         enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
         keep = [m.bool() for m in enc["attention_mask"]]
@@ -418,7 +425,7 @@ class VLMBackbone(nn.Module):
         """
         if not (len(images) == len(prompts) == len(responses)):
             raise ValueError("images, prompts and responses must have the same length")
-        prompt_ids, per_token, vision = self._encode_prompts(images, prompts)
+        prompt_ids, per_token, vision = self._encode(images, prompts)
         rows, labels = [], []
         for i, (p, r) in enumerate(zip(prompt_ids, responses)):
             if not r or not r.strip():

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cwdpo.backbone import VLMBackbone
-from cwdpo.data.records import CaptionRecord
+from cwdpo.data.records import CaptionRecord, load_images, record_images
 from cwdpo.data.sources import CaptionSource
 
 
@@ -27,7 +27,7 @@ def generate_captions(
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
         out += backbone.generate(
-            [r.image.load() for r in chunk],
+            [load_images(r) for r in chunk],
             [r.meta.get("prompt") or prompt for r in chunk],
             max_new_tokens=max_new_tokens,
         )
@@ -48,7 +48,7 @@ def teacher_forced_calibration(
         for s in range(0, len(records), batch_size):
             chunk = records[s : s + batch_size]
             enc = backbone.collate(
-                [r.image.load() for r in chunk],
+                [load_images(r) for r in chunk],
                 [r.meta.get("prompt") or prompt for r in chunk],
                 [r.references[0] for r in chunk],
             )
@@ -124,12 +124,28 @@ def win_rate(
 
 
 def mc_prompt(q: Any) -> str:
-    """MMBench/MMMU-style prompt: hint, question, lettered options, answer-with-letter."""
+    """MMBench/MMMU-style prompt: hint, question, lettered options, answer-with-letter.
+
+    MMMU's `<image k>` placeholders (k = the image_k column) are renumbered to the position of
+    that image among the question's images, which `VLMBackbone` then puts where they stand."""
     parts = [q.hint] if q.hint else []
     parts.append(q.question)
     parts += [f"{k}. {v}" for k, v in sorted(q.options.items())]
     parts.append("Answer with the option's letter from the given choices directly.")
-    return "\n".join(parts)
+    text = "\n".join(parts)
+    numbers = q.meta.get("image_numbers")
+    if numbers:
+        from cwdpo.data.multiple_choice import IMAGE_PLACEHOLDER
+        from cwdpo.data.records import DataError
+
+        def pos(m: Any) -> str:
+            k = int(m.group(1))
+            if k not in numbers:
+                raise DataError(f"question {q.qid}: <image {k}> refers to an image it does not have")
+            return f"<image {numbers.index(k) + 1}>"
+
+        text = IMAGE_PLACEHOLDER.sub(pos, text)
+    return text
 
 
 @torch.no_grad()
@@ -144,17 +160,18 @@ def predict_multiple_choice(
         raise ValueError(f"scoring must be 'letter' or 'text', got {scoring!r}")
     rows: list[tuple[int, str, Any, str, str]] = []
     for i, q in enumerate(questions):
-        if q.image is None:
+        if not record_images(q):
             raise DataError(f"question {q.qid}: no image (multiple-choice evaluation needs one)")
         for letter, text in sorted(q.options.items()):
-            rows.append((i, letter, q.image, mc_prompt(q), letter if scoring == "letter" else text))
+            rows.append((i, letter, q, mc_prompt(q), letter if scoring == "letter" else text))
     scores: list[float] = []
     was = backbone.model.training
     backbone.model.eval()
     try:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
-            enc = backbone.collate([r[2].load() for r in chunk], [r[3] for r in chunk], [r[4] for r in chunk])
+            enc = backbone.collate([load_images(r[2]) for r in chunk], [r[3] for r in chunk],
+                                   [r[4] for r in chunk])
             enc = {k: v.to(backbone.device) for k, v in enc.items()}
             lp = backbone.logps(enc)
             # letter: the letter token(s) only, without each row's appended end-of-turn token

@@ -312,3 +312,206 @@ def test_two_images_per_row_match_the_per_row_reference(fam, rows):
         d = (ours - ref).abs().max().item()
         MEASURED.setdefault(name, {})["two_images_vs_reference"] = d
         assert d < TOL, f"{name}: two images per row, |Δ| {d:.2e}"
+
+
+# ------------------------------------------------------------------------------------ what trains
+def test_lora_short_form_from_a_dictconfig(fam):
+    from omegaconf import OmegaConf
+
+    name, path = fam
+    bb = load(path, lora=OmegaConf.create({"r": 4, "alpha": 8}))
+    cfg = bb.model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha) == (4, 8)
+    assert any("lora_A" in n for n, _ in bb.model.named_parameters())
+
+
+@pytest.mark.parametrize("frozen", [("vision",), ("projector",), ("vision", "projector")])
+def test_freeze_vision_tower_and_projector(fam, rows, frozen):
+    from cwdpo.backbone import module_group
+
+    name, path = fam
+    bb = load(path, freeze_vision="vision" in frozen, freeze_projector="projector" in frozen)
+    images, prompts, chosen, _ = rows
+    bb.model.train()
+    bb.logps(bb.collate(images[:2], prompts[:2], chosen[:2])).sum.sum().backward()
+    groups: dict[str, list[bool]] = {}
+    got_grad: dict[str, bool] = {}
+    for n, p in bb.model.named_parameters():
+        g = module_group(n)
+        groups.setdefault(g, []).append(p.requires_grad)
+        got_grad[g] = got_grad.get(g, False) or p.grad is not None
+        if not p.requires_grad:
+            assert p.grad is None, n
+    assert set(groups) == {"vision", "projector", "language"}, (name, set(groups))
+    for g, flags in groups.items():
+        assert all(f == (g not in frozen) for f in flags), (name, g)
+        assert got_grad[g] == (g not in frozen), (name, g)  # what is not frozen does train
+
+
+def test_lora_language_preset_targets_only_the_language_model(fam):
+    name, path = fam
+    bb = load(path, lora={"r": 2, "alpha": 4, "target_modules": "language"}, freeze_vision=True)
+    wrapped = [n for n, m in bb.model.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped, name
+    from cwdpo.backbone import module_group
+
+    assert {module_group(n) for n in wrapped} == {"language"}, name
+    allin = load(path, lora={"r": 2, "alpha": 4}, freeze_vision=True)
+    groups = {module_group(n) for n, m in allin.model.named_modules() if hasattr(m, "lora_A")}
+    assert "vision" not in groups and "language" in groups, (name, groups)
+
+
+# ------------------------------------------------------------------------------------ end to end
+PIPE = [
+    "+debug=fast",
+    "stage.run=[sft_c,cw_dpo]",
+    "eval.caption_metrics=false",
+    "eval.calibration=false",
+    "eval.n_records=4",
+    "eval.max_new_tokens=4",
+    "data.source.sizes={train:16,val:4,test:4,probe:4}",
+    "data.batch_size=4",
+]
+
+
+@pytest.mark.parametrize("mode", ["lora_on_policy", "full"])
+def test_short_pipeline_trains(fam, rows, tmp_path, mode):
+    from cwdpo.pipeline import run_pipeline
+    from tests.helpers import compose_cfg
+
+    name, path = fam
+    extra = (
+        [
+            "model.lora={r:4,alpha:8}",
+            "negatives=on_policy",
+            "negatives.num_samples=1",
+            "negatives.max_new_tokens=4",
+        ]
+        if mode == "lora_on_policy"
+        else ["negatives=dataset"]
+    )
+    cfg = compose_cfg([*PIPE, f"model.path={path}", *extra], tmp_path, tmp_path)
+    res = run_pipeline(cfg)
+    st = res["stages"]
+    assert st["sft_c"]["steps"] == 2 and st["cw_dpo"]["steps"] == 2
+    srcs = st["cw_dpo"]["negatives"]["sources"]
+    if mode == "lora_on_policy":
+        assert srcs.get("on_policy", 0) > 0, srcs
+    images, prompts, chosen, _ = rows
+    before, after = load(path), load(tmp_path / "checkpoints" / "cw_dpo_hf")
+    with torch.no_grad():
+        a = before.logps(before.collate(images, prompts, chosen)).sum
+        b = after.logps(after.collate(images, prompts, chosen)).sum
+    assert torch.isfinite(b).all() and not torch.allclose(a, b), f"{name}: training changed nothing"
+
+
+def test_eval_entry_point(fam, tmp_path):
+    from cwdpo.eval import run_eval
+    from tests.helpers import compose_cfg
+
+    name, path = fam
+    cfg = compose_cfg(
+        [
+            "eval.tasks=[captioning,calibration]",
+            "eval.n_records=4",
+            "eval.max_new_tokens=4",
+            "data.source.sizes={train:8,val:4,test:4,probe:4}",
+            f"ckpt={path}",
+        ],
+        tmp_path,
+        tmp_path,
+        name="eval",
+    )
+    res = run_eval(cfg)
+    assert 0.0 <= res["calib/ece"] <= 1.0 and "cider" in res
+    assert (tmp_path / "eval.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ multi-image data
+def test_trl_rows_with_several_images_train_on_all_of_them(fam, tmp_path):
+    """A TRL-style row with two images reaches the model with both, each row's log-probs equal
+    to the per-row reference fed both images."""
+    from cwdpo.data.datamodules import PreferenceDataModule
+    from cwdpo.data.sources import PreferenceFileSource
+    from cwdpo.data.trl_pairs import read_preference_pairs
+    from tests.formats import write_image
+
+    name, path = fam
+    bb = load(path)
+    rows = []
+    for i in range(6):
+        a, b = write_image(tmp_path / f"a{i}.png", i), write_image(tmp_path / f"b{i}.png", i + 10)
+        rows.append(
+            {
+                "images": [a.name, b.name],
+                "prompt": "What differs between the two images?",
+                "chosen": f"the second is brighter {i}",
+                "rejected": f"they are equal {i}",
+            }
+        )
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = PreferenceFileSource(str(f), holdout={"val": 1, "test": 1, "probe": 1})
+    dm = PreferenceDataModule(src, src.captions("train"), batch_size=2)
+    dm.attach(bb.collate, bb.collate_pairs)
+    raw = next(iter(dm.train_dataloader()))
+    assert all(isinstance(im, list) and len(im) == 2 for im in raw[1])
+    batch = dm.on_before_batch_transfer(raw, 0)
+    n = batch["n"]
+    pairs = read_preference_pairs(f)
+    by_id = {p.image_id: p for p in pairs}
+    for i, image_id in enumerate(batch["image_ids"]):
+        p = by_id[image_id]
+        ims = [r.load() for r in p.meta["images"]]
+        for row, resp in ((i, p.chosen), (n + i, batch["rejected"][i])):
+            ours, ids = row_token_logps(bb, batch["pairs"], row)
+            ref, ref_ids = reference_token_logps(bb, ims, p.prompt, resp)
+            assert ids == ref_ids
+            assert (ours - ref).abs().max().item() < TOL, name
+
+
+def test_mmmu_images_are_placed_where_the_question_puts_them(fam, tmp_path, monkeypatch):
+    from cwdpo.data.multiple_choice import read_mmmu
+    from cwdpo.data.records import load_images
+    from cwdpo.evaluation import mc_prompt, predict_multiple_choice
+    from tests.formats import write_mmmu_parquet
+
+    name, path = fam
+    bb = load(path)
+    qs = read_mmmu(write_mmmu_parquet(tmp_path).path)
+    q = next(q for q in qs if q.meta["num_images"] == 2)  # "Compare <image 2> and <image 3>."
+    assert mc_prompt(q).startswith("Compare <image 1> and <image 2>.")
+    seen = []
+    real = bb.collate
+
+    def spy(images, prompts, responses):
+        seen.extend(zip(images, prompts, responses))
+        return real(images, prompts, responses)
+
+    monkeypatch.setattr(bb, "collate", spy)
+    predict_multiple_choice(bb, [q], scoring="letter", batch_size=4)
+    assert len(seen) == len(q.options) and all(len(im) == 2 for im, _, _ in seen)
+    batch = real([load_images(q)], [mc_prompt(q)], ["A"])
+    ours, ids = row_token_logps(bb, batch, 0)
+    ref, ref_ids = reference_token_logps(bb, load_images(q), mc_prompt(q), "A")
+    assert ids == ref_ids and (ours - ref).abs().max().item() < TOL
+    # the images sit between the question's words, in the question's order (where the family's
+    # template renders content in order; LLaVA-NeXT/OneVision's put every image first)
+    parts, order = bb.prompt_parts(mc_prompt(q), 2)
+    kinds = [p["type"] if p["type"] == "image" else p["text"].split()[0] for p in parts]
+    assert kinds[:4] == ["Compare", "image", "and", "image"] and order == [0, 1]
+
+
+def test_a_single_image_family_refuses_several_images_naming_the_row(
+    rows, family_dirs, tiny_cache_dir, monkeypatch
+):
+    import cwdpo.backbone as B
+    from cwdpo.data.records import DataError
+
+    bb = load(family_path("paligemma", family_dirs, tiny_cache_dir))
+    images, prompts, chosen, _ = rows
+    with pytest.raises(DataError, match=r"<image 3> but its row has 2"):
+        bb.collate([[images[0], images[1]]], ["Compare <image 3>."], chosen[:1])
+    monkeypatch.setattr(B, "SINGLE_IMAGE_MODEL_TYPES", frozenset({"paligemma"}))
+    with pytest.raises(DataError, match=r"batch row 1 .* 2 images .* paligemma"):
+        bb.collate([images[0], [images[1], images[2]]], prompts[:2], chosen[:2])

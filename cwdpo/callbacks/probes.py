@@ -32,6 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from cwdpo.data.records import load_images
 from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, quantile_key, support
 from cwdpo.utils.dist import any_rank, is_rank_zero
 from cwdpo.utils.io import atomic_write_text
@@ -446,7 +447,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
             ims = []
             for i, _ in chunk:
                 if i not in images:
-                    images[i] = records[i].image.load()
+                    images[i] = load_images(records[i])
                 ims.append(images[i])
             ps.batches.append(backbone.collate(
                 ims, [_prompt(source, records[i]) for i, _ in chunk], [t for _, t in chunk]
@@ -461,7 +462,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
             for s in range(0, len(records), self.batch_size):
                 chunk = records[s : s + self.batch_size]
                 texts = backbone.generate(
-                    [r.image.load() for r in chunk], [_prompt(source, r) for r in chunk],
+                    [load_images(r) for r in chunk], [_prompt(source, r) for r in chunk],
                     max_new_tokens=self.on_policy_max_new_tokens, do_sample=True,
                     temperature=self.on_policy_temperature,
                 )
@@ -711,7 +712,7 @@ class DeltaLogpProbe(StageAware, L.Callback):
         if source is None:
             return
         recs = probe_records(source, self.split, self.fallback_split, self.n_samples)
-        images = [r.image.load() for r in recs]
+        images = [load_images(r) for r in recs]
         outs = pl_module.backbone.generate(images, [_prompt(source, r) for r in recs],
                                            max_new_tokens=self.sample_max_new_tokens)
         rows = []

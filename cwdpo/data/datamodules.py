@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cwdpo.data.records import CaptionRecord, DataError
+from cwdpo.data.records import CaptionRecord, DataError, load_images
 from cwdpo.data.sources import CaptionSource, prompt_of
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
@@ -27,7 +27,7 @@ Collate = Callable[..., dict[str, torch.Tensor]]
 
 
 class _Indexed(Dataset):
-    """Yields (index, loaded image): the only per-item work worth a worker process."""
+    """Yields (index, loaded image(s)): the only per-item work worth a worker process."""
 
     def __init__(self, records: Sequence[CaptionRecord]) -> None:
         self.records = records
@@ -36,7 +36,7 @@ class _Indexed(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.records[i].image.load()
+        return i, load_images(self.records[i])
 
 
 def _as_lists(items: list[tuple[int, Any]]) -> tuple[list[int], list[Any]]:
@@ -256,7 +256,7 @@ class PreferenceDataModule(_Base):
         kept = dropped = 0
         for s in range(0, len(mine), bs):
             chunk = mine[s : s + bs]
-            images = [r.image.load() for r in chunk]
+            images = [load_images(r) for r in chunk]
             outs = generate(
                 images,
                 [prompt_of(self.source, r) for r in chunk],

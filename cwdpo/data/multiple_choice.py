@@ -11,6 +11,7 @@ import ast
 import base64
 import binascii
 import logging
+import re
 import string
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
 MMBENCH_REQUIRED = ("index", "question", "A", "B", "image")
 MMMU_REQUIRED = ("id", "question", "options", "answer")
-CIRCULAR_OFFSET = 1_000_000  # MMBench stores circular copies of question q at q + k * 1e6
+CIRCULAR_OFFSET = 1_000_000
+IMAGE_PLACEHOLDER = re.compile(
+    r"<image (\d+)>"
+)  # MMBench stores circular copies of question q at q + k * 1e6
 
 
 def _blank(v: Any) -> bool:
@@ -178,8 +182,10 @@ def read_mmmu(
     shards, the layout of the HF MMMU repo (whose dev/validation/test shards sit side by side).
 
     `options` is a string holding a Python list, mapped to letters A, B, ...; `<image k>`
-    placeholders stay in the question. The first non-null `image_1..image_7` is the question's
-    image; `meta["num_images"]` counts them all (`meta["images"]` keeps every `ImageRef`).
+    placeholders stay in the question (and options). The first non-null `image_1..image_7` is
+    the question's image; `meta["images"]` keeps every `ImageRef` (all are fed to the model,
+    each where its placeholder stands), `meta["image_numbers"]` their column numbers k and
+    `meta["num_images"]` their count. A placeholder to an empty image column raises `DataError`.
     Open-ended rows (empty options) are skipped, logged and counted in
     `stats["skipped_open_ended"]`. An answer that is not an option letter raises `DataError`.
     """
@@ -223,12 +229,27 @@ def read_mmmu(
             answer = str(row["answer"]).strip()
             _check_answer(answer, options, where)
 
-            images = []
+            images, numbers = [], []
             for k in range(1, 8):
                 data = _image_cell(row.get(f"image_{k}"))
                 if data is not None:
                     images.append(ImageRef(data=data, name=f"{f}: id {qid} image_{k}"))
-            meta: dict[str, Any] = {"num_images": len(images), "images": images}
+                    numbers.append(k)
+            for field, text in (
+                ("question", str(row["question"])),
+                *((f"options[{j}]", o) for j, o in enumerate(opts)),
+            ):
+                for k in IMAGE_PLACEHOLDER.findall(text):
+                    if int(k) not in numbers:
+                        raise DataError(
+                            f"{where}: field {field!r} refers to <image {k}> but column image_{k} "
+                            f"is empty (images present: {[f'image_{n}' for n in numbers]})"
+                        )
+            meta: dict[str, Any] = {
+                "num_images": len(images),
+                "images": images,
+                "image_numbers": numbers,
+            }
             for k in ("subfield", "question_type", "img_type", "topic_difficulty"):
                 if row.get(k) is not None:
                     meta[k] = row[k]

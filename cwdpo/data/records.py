@@ -97,3 +97,23 @@ class MCQuestion:
     category: str = ""
     hint: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def record_images(record: Any) -> list[ImageRef]:
+    """Every image of a record, in order: `meta["images"]` when a row has several (TRL rows,
+    MMMU image_1..image_7), else the record's one `image`."""
+    refs = record.meta.get("images") if isinstance(getattr(record, "meta", None), dict) else None
+    if refs:
+        return list(refs)
+    return [] if record.image is None else [record.image]
+
+
+def load_images(record: Any) -> Image.Image | list[Image.Image]:
+    """The record's image, or the list of its images when it has several (what
+    `VLMBackbone.collate` / `generate` take per row)."""
+    refs = record_images(record)
+    if not refs:
+        raise DataError(
+            f"record {getattr(record, 'image_id', getattr(record, 'qid', '?'))}: no image"
+        )
+    return refs[0].load() if len(refs) == 1 else [r.load() for r in refs]
