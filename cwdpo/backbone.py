@@ -80,14 +80,10 @@ def lora_settings(lora: LoRASettings | Mapping | None) -> LoRASettings | None:
     DictConfig, e.g. the short form `{r: 4, alpha: 8}`); unset fields keep their defaults."""
     if lora is None or isinstance(lora, LoRASettings):
         return lora
-    if not isinstance(lora, Mapping):
-        try:
-            from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-            if isinstance(lora, DictConfig):
-                lora = OmegaConf.to_container(lora, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
+    if OmegaConf.is_config(lora):  # a DictConfig is no `dict`: the short form failed here
+        lora = OmegaConf.to_container(lora, resolve=True)
     if not isinstance(lora, Mapping):
         raise TypeError(
             f"model.lora: expected null or a mapping like {{r: 8, alpha: 16}}, got {lora!r}"
@@ -128,8 +124,11 @@ def load_model_and_processor(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     chat_template: str | None = None,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load through AutoModelForImageTextToText / AutoProcessor, with errors that name the path."""
+    """Load through AutoModelForImageTextToText / AutoProcessor, with errors that name the path.
+    `processor_kwargs` override saved processor settings (e.g. Qwen's min_pixels/max_pixels,
+    which bound the image-token count)."""
     from transformers import AutoModelForImageTextToText
 
     p = Path(str(path))
@@ -149,7 +148,9 @@ def load_model_and_processor(
                 "preprocessor_config.json + tokenizer files saved with processor.save_pretrained)"
             )
     try:
-        processor = load_processor(path, trust_remote_code=trust_remote_code)
+        processor = load_processor(
+            path, trust_remote_code=trust_remote_code, **dict(processor_kwargs or {})
+        )
     except ProcessorLoadError as e:
         raise ModelLoadError(str(e)) from e
     if chat_template:
@@ -223,15 +224,24 @@ class VLMBackbone(nn.Module):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         max_length: int = 256,
-        lora: LoRASettings | dict | None = None,
+        lora: LoRASettings | Mapping | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         chat_template: str | None = None,
         freeze_vision: bool = False,
         freeze_projector: bool = False,
+        processor_kwargs: Mapping[str, Any] | None = None,
     ) -> VLMBackbone:
+        """`model.*` of the config: `lora` null / a mapping (short forms keep the defaults of
+        LoRASettings; target_modules may be a LORA_PRESETS name), `freeze_vision` /
+        `freeze_projector` keep those parts fixed, `processor_kwargs` override processor
+        settings (Qwen's min_pixels/max_pixels)."""
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(processor_kwargs):  # nested DictConfigs confuse processors
+            processor_kwargs = OmegaConf.to_container(processor_kwargs, resolve=True)
         model, processor = load_model_and_processor(
-            path, dtype, trust_remote_code, attn_implementation, chat_template
+            path, dtype, trust_remote_code, attn_implementation, chat_template, processor_kwargs
         )
         return cls(
             model,

@@ -509,15 +509,10 @@ def _build_paligemma(spec: FamilySpec):
     ip.image_seq_length = (32 // 8) ** 2
     proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=PALIGEMMA_TEMPLATE)
     head = spec.text_hidden // spec.text_heads
+    # paligemma-3b-*: a Gemma (v1) text model, sdpa attention (PaliGemma2's Gemma2 soft-caps
+    # attention logits and runs eager)
     text = _text_sizes(
-        spec,
-        proc.tokenizer,
-        head_dim=head,
-        model_type="gemma2",
-        query_pre_attn_scalar=head,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"][: spec.text_layers],
-        tie_word_embeddings=True,
+        spec, proc.tokenizer, head_dim=head, model_type="gemma", tie_word_embeddings=True
     )
     cfg = PaliGemmaConfig(
         text_config=text,

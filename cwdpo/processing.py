@@ -100,13 +100,16 @@ def _processor_class_name(path: Path) -> str | None:
     return None
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
+def load_processor(path: str | Path, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """AutoProcessor, or — where that fails for want of torchvision — the same processor class
-    built without its video processor. Errors name the path, the class and the fix."""
+    built without its video processor. `kwargs` go to `from_pretrained` (e.g. Qwen's
+    `min_pixels` / `max_pixels`). Errors name the path, the class and the fix."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoProcessor.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, **kwargs
+        )
     except Exception as first:
         name = _processor_class_name(Path(str(path))) if Path(str(path)).is_dir() else None
         cls = None
@@ -119,7 +122,7 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
                 f"cannot load a processor from {path}: {type(first).__name__}: {first}"
             ) from first
         try:
-            return image_only_class(cls).from_pretrained(str(path))
+            return image_only_class(cls).from_pretrained(str(path), **kwargs)
         except Exception as e:
             raise ProcessorLoadError(
                 f"cannot load {name} from {path}: it needs torchvision for its video processor "
