@@ -22,7 +22,13 @@ from PIL import Image
 from torch import nn
 
 from cwdpo.data.records import DataError
-from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS, SeqLogps, sequence_logps
+from cwdpo.objectives import (
+    IGNORE_INDEX,
+    PER_TOKEN_KEYS,
+    TEXT_KEYS,
+    SeqLogps,
+    sequence_logps,
+)
 from cwdpo.processing import (
     ProcessorLoadError,
     load_processor,
@@ -31,10 +37,9 @@ from cwdpo.processing import (
     turn_end_token_id,
 )
 
-#: Per-token inputs some processors return beside input_ids: Gemma3's / PaliGemma's
-#: token_type_ids (bidirectional image / prefix attention), Qwen's mm_token_type_ids (M-RoPE).
-#: The processor gives them at prompt width; `collate` extends them over the response.
-PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+#: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
+#: attention; Qwen's mm_token_type_ids: M-RoPE) come from the processor at prompt width;
+#: `collate` extends them over the response.
 #: Value of a per-token key on response (and padding) tokens. PaliGemma marks its causal
 #: suffix with token_type_ids = 1 (its processor does so for `suffix=`); everywhere else the
 #: response is plain text (0).

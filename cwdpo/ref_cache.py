@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cwdpo.objectives import IGNORE_INDEX, TEXT_KEYS
+from cwdpo.objectives import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu").contiguous().reshape(-1)  # 0-d too (OneVision's batch_num_images)
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
@@ -126,7 +126,7 @@ def select_pairs(batch: dict[str, torch.Tensor], n: int, idx: torch.Tensor) -> d
         else:
             out[k] = v
     width = int(out["attention_mask"].sum(-1).max())
-    for k in TEXT_KEYS:
+    for k in (*TEXT_KEYS, *(k for k in PER_TOKEN_KEYS if k in out)):
         out[k] = out[k][:, :width]
     return out
 
