@@ -190,7 +190,8 @@ def read_preference_pairs(
     DatasetDict from which `split` is taken), or an in-memory Dataset/DatasetDict.
     Images: `images` (a list) or `image`; PIL images, `{"bytes", "path"}` dicts or path strings,
     relative paths resolved against `image_root` (default: the file's directory). The first image
-    is the record's image; when a row has several, all are kept in `meta["images"]`.
+    is the record's image; when a row has several, all are kept in `meta["images"]` and all are
+    fed to the model (`cwdpo.data.records.load_images`).
     `image_id` comes from an `image_id`/`id`/`idx` column, else the image path, else
     "<stem>:<row>". Errors (missing column, no image, empty or identical chosen/rejected) raise
     `DataError` naming file, row and field; missing image files raise too unless
