@@ -334,7 +334,8 @@ def _objective_overhead(n: int, reps: int = 500) -> dict[str, float]:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cwdpo.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF image-text-to-text dir (default: tiny LLaVA)")
+    p.add_argument("--model", default=None, help="HF image-text-to-text dir, or tiny:<family> "
+                   "(a cwdpo.families build, e.g. tiny:qwen2_vl; default: tiny LLaVA)")
     p.add_argument("--cache", default=None, help="cache dir for the tiny VLM (default CWDPO_CACHE)")
     p.add_argument("--pairs", type=int, default=8, help="pairs per batch (batch = 2× rows)")
     p.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
@@ -376,7 +377,12 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
     from cwdpo.tiny import ensure_tiny_vlm
     from cwdpo.utils.io import atomic_write_json
 
-    path = Path(args.model) if args.model else ensure_tiny_vlm(args.cache)
+    if args.model and args.model.startswith("tiny:"):  # a tiny family build (cwdpo.families)
+        from cwdpo.families import ensure_family
+
+        path = ensure_family(args.model.split(":", 1)[1], args.cache)
+    else:
+        path = Path(args.model) if args.model else ensure_tiny_vlm(args.cache)
     pairs = _pairs(args.pairs, args.seed)
 
     variants, composition = _our_variants(args, path, pairs, device, lora=False)

@@ -594,3 +594,33 @@ def test_doctor_cli(tmp_path, family_dirs, tiny_cache_dir):
     assert "| log-probs vs per-row HF forward | PASS |" in proc.stdout
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["checks"] and all(c["status"] != "fail" for c in report["checks"])
+
+
+def test_bench_takes_a_tiny_family(tiny_cache_dir, tmp_path):
+    from cwdpo.bench import main
+
+    out = tmp_path / "bench.json"
+    main(
+        [
+            "--model",
+            "tiny:qwen2_vl",
+            "--cache",
+            str(tiny_cache_dir),
+            "--pairs",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--no-trl",
+            "--no-lora",
+            "--no-generation",
+            "--out",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert (
+        "qwen2_vl" in saved["setup"]["model"]
+        and saved["variants"]["dpo/plain"]["samples_per_s"] > 0
+    )
