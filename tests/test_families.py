@@ -624,3 +624,22 @@ def test_bench_takes_a_tiny_family(tiny_cache_dir, tmp_path):
         "qwen2_vl" in saved["setup"]["model"]
         and saved["variants"]["dpo/plain"]["samples_per_s"] > 0
     )
+
+
+def test_gradient_checkpointing_gives_the_same_logps_and_grads(fam, rows):
+    """The shipped real-model entries turn gradient checkpointing on: same numbers either way."""
+    name, path = fam
+    images, prompts, chosen, _ = rows
+    out = []
+    for gc in (False, True):
+        bb = load(path, trained=True, gradient_checkpointing=gc)
+        bb.model.train()
+        lp = bb.logps(bb.collate(images[:2], prompts[:2], chosen[:2])).sum
+        lp.sum().backward()
+        grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}
+        out.append((lp.detach(), grads))
+    (a, ga), (b, gb) = out
+    assert torch.allclose(a, b, atol=1e-5), name
+    assert ga.keys() == gb.keys() and ga
+    worst = max((ga[k] - gb[k]).abs().max().item() / (ga[k].abs().max().item() + 1e-8) for k in ga)
+    assert worst < 1e-4, f"{name}: relative gradient difference {worst:.2e}"
