@@ -20,9 +20,6 @@ import copy
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any
 
 from cwdpo.processing import image_only_class
 from cwdpo.tiny import default_cache_dir, train_bpe
+from cwdpo.utils.io import atomic_save_dir
 
 
 @dataclass(frozen=True)
@@ -227,6 +225,21 @@ def _qwen_text(spec: FamilySpec, tok) -> dict[str, Any]:
     )
 
 
+def _qwen_vision(spec: FamilySpec, **extra: Any) -> dict[str, Any]:
+    """Qwen2.5-VL / Qwen3-VL vision tower: 8-pixel patches, 2×2 merge, projected to the LM."""
+    return {
+        "depth": spec.vision_layers,
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_hidden * 2,
+        "out_hidden_size": spec.text_hidden,
+        "num_heads": spec.vision_heads,
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        **extra,
+    }
+
+
 def _build_qwen2_vl(spec: FamilySpec):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -265,18 +278,7 @@ def _build_qwen2_5_vl(spec: FamilySpec):
     )
     cfg = Qwen2_5_VLConfig(
         text_config=_qwen_text(spec, tok),
-        vision_config={
-            "depth": spec.vision_layers,
-            "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_hidden * 2,
-            "out_hidden_size": spec.text_hidden,
-            "num_heads": spec.vision_heads,
-            "patch_size": 8,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 32,
-            "fullatt_block_indexes": [0],
-        },
+        vision_config=_qwen_vision(spec, window_size=32, fullatt_block_indexes=[0]),
         **_qwen_ids(tok),
         tie_word_embeddings=False,
     )
@@ -295,18 +297,9 @@ def _build_qwen3_vl(spec: FamilySpec):
     text["rope_parameters"]["mrope_interleaved"] = True
     cfg = Qwen3VLConfig(
         text_config=text,
-        vision_config={
-            "depth": 2,
-            "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_hidden * 2,
-            "out_hidden_size": spec.text_hidden,
-            "num_heads": spec.vision_heads,
-            "patch_size": 8,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-        },
+        vision_config=_qwen_vision(
+            spec, depth=2, num_position_embeddings=16, deepstack_visual_indexes=[0]
+        ),
         **_qwen_ids(tok),
         tie_word_embeddings=False,
     )
@@ -332,18 +325,27 @@ IDEFICS3_TEMPLATE = (
 SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>", 1)
 
 
-def _idefics_parts(spec: FamilySpec, tok, image_processor_cls):
-    ip = image_processor_cls(
+def _idefics_like(spec: FamilySpec, tok, template: str, ip_cls, proc_cls, cfg_cls, model_cls):
+    """Idefics3 / SmolVLM: 32-pixel longest edge split into 2×2 tiles of 16² + a global view,
+    4-pixel patches, pixel shuffle ×2 → 4 tokens per tile."""
+    ip = ip_cls(
         do_image_splitting=True,
         size={"longest_edge": 32},
         max_image_size={"longest_edge": 16},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    vision = _vision_sizes(spec, image_size=16, patch_size=4)
-    text = _text_sizes(spec, tok, tie_word_embeddings=False)
     seq = (16 // 4) ** 2 // 4  # (image_size / patch)² / scale_factor²
-    return ip, vision, text, seq
+    proc = proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=template)
+    cfg = cfg_cls(
+        vision_config=_vision_sizes(spec, image_size=16, patch_size=4),
+        text_config=_text_sizes(spec, tok, tie_word_embeddings=False),
+        scale_factor=2,
+        image_token_id=_tid(tok, "<image>"),
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return model_cls(cfg), proc
 
 
 def _build_idefics3(spec: FamilySpec):
@@ -359,19 +361,15 @@ def _build_idefics3(spec: FamilySpec):
         pad="<|end_of_text|>",
         add_bos=True,
     )
-    ip, vision, text, seq = _idefics_parts(spec, tok, Idefics3ImageProcessorPil)
-    proc = Idefics3Processor(
-        image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=IDEFICS3_TEMPLATE
+    return _idefics_like(
+        spec,
+        tok,
+        IDEFICS3_TEMPLATE,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
     )
-    cfg = Idefics3Config(
-        vision_config=vision,
-        text_config=text,
-        scale_factor=2,
-        image_token_id=_tid(tok, "<image>"),
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-    )
-    return Idefics3ForConditionalGeneration(cfg), proc
 
 
 def _build_smolvlm(spec: FamilySpec):
@@ -386,19 +384,15 @@ def _build_smolvlm(spec: FamilySpec):
         eos="<end_of_utterance>",
         pad="<|im_end|>",
     )
-    ip, vision, text, seq = _idefics_parts(spec, tok, SmolVLMImageProcessorPil)
-    proc = image_only_class(SmolVLMProcessor)(
-        image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=SMOLVLM_TEMPLATE
+    return _idefics_like(
+        spec,
+        tok,
+        SMOLVLM_TEMPLATE,
+        SmolVLMImageProcessorPil,
+        image_only_class(SmolVLMProcessor),
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
     )
-    cfg = SmolVLMConfig(
-        vision_config=vision,
-        text_config=text,
-        scale_factor=2,
-        image_token_id=_tid(tok, "<image>"),
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-    )
-    return SmolVLMForConditionalGeneration(cfg), proc
 
 
 # ---------------------------------------------------------------------------- Gemma3 / PaliGemma
@@ -665,7 +659,7 @@ FAMILIES: dict[str, Family] = {
 
 
 def build_family(name: str, out_dir: str | Path, spec: FamilySpec = FamilySpec()) -> Path:
-    """Build family `name` with random weights into `out_dir` (atomically: temp dir + rename)."""
+    """Build family `name` with random weights into `out_dir` (atomically: temp dir + swap)."""
     import torch
 
     if name not in FAMILIES:
@@ -677,21 +671,14 @@ def build_family(name: str, out_dir: str | Path, spec: FamilySpec = FamilySpec()
         return build_tiny_vlm(out_dir)
     torch.manual_seed(spec.seed)
     model, processor = FAMILIES[name].build(spec)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        (tmp / "cwdpo_family.json").write_text(
-            json.dumps({"family": name, **asdict(spec)}, indent=2)
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        meta = json.dumps({"family": name, **asdict(spec)}, indent=2)
+        (tmp / "cwdpo_family.json").write_text(meta)
+
+    return atomic_save_dir(out_dir, write)
 
 
 def ensure_family(
