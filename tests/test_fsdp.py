@@ -140,7 +140,7 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
 
 
 MIXED_SCRIPT = '''
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from cwdpo.backbone import VLMBackbone
@@ -170,9 +170,12 @@ for (name, p), q in zip(bb.model.named_parameters(), ref.parameters()):
     g = p.grad.full_tensor() if p.grad is not None else torch.zeros_like(q)
     worst = max(worst, (g - (q.grad if q.grad is not None else 0)).abs().max().item())
 if rank == 0:
-    json.dump({"max_grad_diff": worst}, open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"max_grad_diff": worst}, f)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate called ...")
 '''
 
 
