@@ -6,8 +6,8 @@ GPU time is short and rare, so this is one prepared run that prints and writes e
    generation, fast path = plain path in bf16);
 2. `cwdpo.bench` on the GPU in bf16, for the embedded tiny VLM and every tiny family, with
    TRL's `DPOTrainer` beside ours;
-3. one realistic shape (`--realistic`, default on): a real architecture's config with random
-   weights in bf16 (`families.REALISTIC`), benchmarked the same way.
+3. one realistic shape (off with `--no-realistic`): Qwen2.5-VL-3B's architecture with random
+   bf16 weights (`build_realistic`), benchmarked the same way.
 It writes `<out>/gpu_check.json` and `<out>/gpu_check.md`. Without CUDA it exits at once with
 status 2 and says why, before importing anything heavy.
 """
@@ -50,18 +50,59 @@ def _run(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1), "log": str(log)}
 
 
+# Qwen2.5-VL-3B-Instruct's published text and vision dimensions (config.json of the hub
+# checkpoint), typed in so nothing is downloaded: the realistic shape of the paper's model family.
+QWEN2_5_VL_3B = {
+    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+             "max_position_embeddings": 128000, "rope_theta": 1000000.0},
+    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+               "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
+               "temporal_patch_size": 2, "window_size": 112,
+               "fullatt_block_indexes": [7, 15, 23, 31]},
+}
+REALISTIC = "Qwen2.5-VL-3B shape"
+
+
+def build_realistic(cache: Path) -> Path:
+    """Qwen2.5-VL-3B's architecture with random bf16 weights (initialised on the GPU), with the
+    tiny qwen2_5_vl build's processor (its tokenizer ids fit inside the real vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from cwdpo.families import ensure_family
+    from cwdpo.utils.io import atomic_save_dir
+
+    out = cache / "qwen2_5_vl_3b_shape"
+    if (out / "config.json").is_file():
+        return out
+    tiny = ensure_family("qwen2_5_vl", cache)
+    cfg = AutoConfig.from_pretrained(tiny)
+    for k, v in QWEN2_5_VL_3B["text"].items():
+        setattr(cfg.text_config, k, v)
+    for k, v in QWEN2_5_VL_3B["vision"].items():
+        setattr(cfg.vision_config, k, v)
+    cfg.vision_config.out_hidden_size = cfg.text_config.hidden_size
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
+    processor = AutoProcessor.from_pretrained(tiny)
+    processor.image_processor.patch_size = QWEN2_5_VL_3B["vision"]["patch_size"]
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return atomic_save_dir(out, write)
+
+
 def bench_targets(cache: Path, realistic: bool) -> list[tuple[str, str | None]]:
-    """(name, model path or None for the embedded tiny VLM) of every model to benchmark."""
+    """(name, `--model` value; None = the embedded tiny VLM) of every model to benchmark."""
+    from cwdpo.families import FAMILIES
+
     targets: list[tuple[str, str | None]] = [("tiny-llava (embedded)", None)]
-    try:
-        from cwdpo import families
-    except ImportError:  # no family factory in this checkout
-        return targets
-    for name in families.FAMILIES:
-        targets.append((name, str(families.build(name, cache / "families"))))
-    if realistic and hasattr(families, "build_realistic"):
-        targets.append((f"{families.REALISTIC} (random weights)",
-                        str(families.build_realistic(cache / "realistic"))))
+    targets += [(f"tiny {name}", f"tiny:{name}") for name in FAMILIES if name != "llava"]
+    if realistic:
+        targets.append((f"{REALISTIC} (random bf16 weights)", str(build_realistic(cache))))
     return targets
 
 
@@ -96,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "cwdpo.bench", "--device", "cuda", "--precision", "bf16",
                "--rounds", str(args.rounds), "--warmup", "2", "--out", str(out / f"{slug}.json")]
         if path:
-            cmd += ["--model", path]
+            cmd += ["--model", path, "--cache", str(cache)]
         res = _run(cmd, out / f"{slug}.log", 120)
         bench_json = out / f"{slug}.json"
         if bench_json.is_file():

@@ -73,3 +73,26 @@ def test_generation_on_gpu_batched_equals_per_row(tiny_vlm_path, pair_batch):
     batched = bb.generate(images, prompts, max_new_tokens=8)
     single = [bb.generate([im], [p], max_new_tokens=8)[0] for im, p in zip(images, prompts)]
     assert batched == single and all(isinstance(s, str) for s in batched)
+
+
+@pytest.fixture(scope="module")
+def family_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.mark.parametrize("family", sorted(__import__("cwdpo.families").families.FAMILIES))
+def test_bf16_mixed_steps_and_generation_on_every_family(script, family, family_cache, tmp_path):
+    """Every tiny family: bf16-mixed CW-DPO steps with the fast path and the reference cache
+    (LoRA), then greedy generation on the GPU."""
+    from cwdpo.families import ensure_family
+
+    path = ensure_family(family, family_cache)
+    bb = script.run(str(path), str(tmp_path), devices=1, batch_size=2, steps=2,
+                    prefix_sharing=True, ref_cache=True, lora=True, accelerator="cuda",
+                    precision="bf16-mixed")
+    assert all(torch.isfinite(v.float()).all() for v in bb.model.state_dict().values())
+    from cwdpo.data.shapes import ShapesWorld
+
+    p = ShapesWorld().pairs("val", 1)[0]
+    out = bb.to("cuda").generate([p.image.load()], [p.prompt], max_new_tokens=6)
+    assert len(out) == 1 and isinstance(out[0], str)
