@@ -177,7 +177,9 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
     A fact is one attribute of one mentioned object (colour, shape, size, position) or the
     stated count. Mentions are matched one-to-one to scene objects to maximise agreement.
     `accuracy` = correct facts / stated facts (0 when nothing parseable is stated);
-    `exact` = every object described exactly and nothing extra.
+    `exact` = every object described exactly, nothing extra, and the whole caption parses
+    (`cwdpo.data.verifier`: no junk tokens, terminated). `verifier.verify` adds recall of
+    attributes, hallucinated / omitted objects and a junk-aware score.
     """
     facts = parse_caption(text)
     objs = scene.objects
@@ -205,10 +207,12 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
         stated += 1
         correct += facts.count == NUMBERS[len(scene.objects)]
     n_mentioned = len(facts.objects)
+    from cwdpo.data.verifier import parse  # the full grammar: gold + junk is not exact
+
     return {
         "accuracy": correct / stated if stated else 0.0,
         "recall": min(n_mentioned, len(objs)) / len(objs),
-        "exact": float(exact_objs == len(scene.objects) == n_mentioned),
+        "exact": float(exact_objs == len(scene.objects) == n_mentioned and not parse(text).malformed),
         "stated": float(stated),
     }
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from cwdpo.data import shapes
 from cwdpo.data.records import CaptionRecord, DataError
+from cwdpo.data.verifier import verify
 
 
 class CaptionSource(Protocol):
@@ -50,8 +51,11 @@ class ShapesSource:
     seed: int = 0
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 100, "test": 200, "probe": 64})
     prompt: str = shapes.PROMPT
+    judge: str = "precision"  # score(): "precision" (facts %) | "verifier" (F1 × parsed share)
 
     def __post_init__(self) -> None:
+        if self.judge not in ("precision", "verifier"):
+            raise DataError(f"data.source.judge must be 'precision' or 'verifier', got {self.judge!r}")
         if isinstance(self.world, Mapping):
             w = dict(self.world)
             for k in ("colours", "shapes", "sizes", "positions", "templates"):
@@ -81,10 +85,14 @@ class ShapesSource:
         return shapes.easy_negative(scene, other, t, rng)
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:
-        s = shapes.fact_scores(text, record.meta["scene"])
-        return s["exact"] == 1.0 and s["accuracy"] == 1.0
+        """Exactly right by the full-grammar verifier: gold + junk or an omission is no positive."""
+        return verify(text, record.meta["scene"]).exact
 
     def score(self, text: str, record: CaptionRecord) -> float | None:
+        """Facts precision (`judge: precision`, the old "facts %") or the verifier's junk- and
+        omission-aware F1 score (`judge: verifier`)."""
+        if self.judge == "verifier":
+            return verify(text, record.meta["scene"]).score
         return shapes.fact_accuracy(text, record.meta["scene"])
 
 
