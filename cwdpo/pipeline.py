@@ -166,7 +166,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
     source = hydra.utils.instantiate(cfg.data.source)
     train = source.captions("train")
     parts = split_records(train, dict(cfg.data.stage_split))
-    records = {"all": train, "val": source.captions("val"), **parts}
+    base = getattr(source, "base_records", lambda: None)()  # a disjoint base-SFT split, if any
+    records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
     for name in run:  # fail before any training, naming the stage that would get no rows
         if not records.get("all" if name == "base_sft" else name):
             raise DataError(f"stage {name} gets no training rows: data.stage_split="

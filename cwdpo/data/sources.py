@@ -15,7 +15,7 @@ from typing import Protocol
 
 from cwdpo.data import shapes
 from cwdpo.data.records import CaptionRecord, DataError
-from cwdpo.data.verifier import verify
+from cwdpo.data.verifier import minimal_negative, verify
 
 
 class CaptionSource(Protocol):
@@ -23,8 +23,11 @@ class CaptionSource(Protocol):
 
     def captions(self, split: str) -> list[CaptionRecord]: ...
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
-        """A dataset negative for `record`: (text, source), gentle/hard or easy."""
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
+        """A dataset negative for `record`: (text, source), gentle/hard or easy. `chosen` is the
+        positive it will be paired with (sources that build minimal pairs edit it)."""
         ...
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool: ...
@@ -52,13 +55,16 @@ class ShapesSource:
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 100, "test": 200, "probe": 64})
     prompt: str = shapes.PROMPT
     judge: str = "precision"  # score(): "precision" (facts %) | "verifier" (F1 × parsed share)
+    # hard negatives as one-fact edits of the chosen caption itself (same template and object
+    # order); false keeps the old independent-template draw (the committed ShapesWorld study)
+    minimal_negatives: bool = False
 
     def __post_init__(self) -> None:
         if self.judge not in ("precision", "verifier"):
             raise DataError(f"data.source.judge must be 'precision' or 'verifier', got {self.judge!r}")
         if isinstance(self.world, Mapping):
             w = dict(self.world)
-            for k in ("colours", "shapes", "sizes", "positions", "templates"):
+            for k in ("colours", "shapes", "sizes", "positions", "templates", "cooc_trigger", "cooc_companion"):
                 if k in w:
                     w[k] = tuple(w[k])
             self.world = shapes.WorldConfig(**w)
@@ -75,8 +81,20 @@ class ShapesSource:
             self._cache[split] = recs
         return self._cache[split]
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    def base_records(self) -> list[CaptionRecord] | None:
+        """The base-SFT split (`sizes.base`), disjoint from stage-1/2 images; None = use train."""
+        return self.captions("base") if "base" in self.sizes else None
+
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         scene = record.meta["scene"]
+        if hard and self.minimal_negatives and chosen is not None:
+            w = self.world
+            out = minimal_negative(chosen, scene, rng, {"colour": w.colours, "shape": w.shapes,
+                                                        "size": w.sizes, "position": w.positions})
+            if out is not None:
+                return out
         t = rng.choice(self.world.templates)
         if hard:
             return shapes.hard_negative(scene, t, rng, self.world)
@@ -148,7 +166,9 @@ class CaptionFileSource:
             self._vocab = CaptionVocab.mine(self.captions("train"))
         return self._vocab
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         from cwdpo.data.caption_negatives import easy_negative, hard_negative
 
         if hard:
@@ -219,7 +239,9 @@ class PreferenceFileSource:
         limit = (self.sizes or {}).get(split)
         return self._splits[split][: int(limit)] if limit else self._splits[split]
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         return record.meta["rejected"], "trl"
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:

@@ -16,6 +16,7 @@ object categories) and `exact` (everything right, nothing extra, nothing unparse
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,3 +218,52 @@ def mentions_object(text: str | Parse, colour: str, shape: str) -> bool:
     """Does the caption (as parsed) mention an object of this colour and shape?"""
     p = parse(text) if isinstance(text, str) else text
     return any(m.identity() == (colour, shape) for m in p.mentions)
+
+
+def minimal_negative(
+    text: str, scene: Scene, rng: random.Random, pools: dict[str, tuple[str, ...]] | None = None,
+) -> tuple[str, str] | None:
+    """A one-fact edit of `text` itself: one attribute word of one mention (or the stated count)
+    replaced, same template, same object order, every other token kept; the edit must lower the
+    verifier's score (so it is wrong, not a paraphrase). None when no such edit exists.
+
+    Why: the paper's stage-2 negatives are minimal perturbations of the *winning* caption; an
+    independently drawn template makes the pair differ in many tokens, not one fact.
+    """
+    p = parse(text)
+    pools = pools or {"colour": tuple(S.COLOURS), "shape": S.SHAPES, "size": S.SIZES,
+                      "position": S.POSITIONS}
+    base = verify(p, scene).score
+    taken = {o.position for o in scene.objects} | {m.position for m in p.mentions if m.position}
+    sites: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    for m in p.mentions:
+        for attr, idx in m.spans:
+            pool = tuple(v for v in pools[attr] if v != p.tokens[idx] and (attr != "position" or v not in taken))
+            if pool:
+                sites.setdefault(attr, []).append((idx, pool))
+    if p.count_index is not None:
+        sites["count"] = [(p.count_index, tuple(n for n in S.NUMBERS[1:] if n != p.count))]
+    kinds = sorted(sites)
+    rng.shuffle(kinds)
+    for kind in kinds:  # kind first (uniform over kinds), then a site, then a value
+        options = [(i, v) for i, pool in sites[kind] for v in pool]
+        rng.shuffle(options)
+        for idx, value in options:
+            tok = list(p.tokens)
+            tok[idx] = value
+            out = " ".join(tok)
+            if verify(out, scene).score < base:
+                return out, f"hard:{kind}"
+    return None
+
+
+def word_edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance over tokens: 1 = a one-word substitution/insertion/deletion."""
+    x, y = tokenize(a), tokenize(b)
+    prev = list(range(len(y) + 1))
+    for i, u in enumerate(x, 1):
+        cur = [i]
+        for j, v in enumerate(y, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (u != v)))
+        prev = cur
+    return prev[-1]
