@@ -90,6 +90,8 @@ def evaluate_captioning(
     if calibration:
         res.update({f"calib/{k}": v for k, v in teacher_forced_calibration(
             backbone, records, source.prompt, batch_size).items()})
+    if records and all("scene" in r.meta for r in records):  # ShapesWorld: ground-truth metrics
+        res.update(scene_metrics(backbone, source, records, outputs, batch_size, calibration))
     if baseline is not None:
         res.update(win_rate(source, records, outputs, baseline, judge))
     res["samples"] = [
@@ -97,6 +99,29 @@ def evaluate_captioning(
         for r, o in list(zip(records, outputs))[:8]
     ]
     return res, outputs
+
+
+def scene_metrics(
+    backbone: VLMBackbone, source: CaptionSource, records: Sequence[CaptionRecord], outputs: Sequence[str],
+    batch_size: int = 64, calibration: bool = True,
+) -> dict[str, Any]:
+    """CHAIR, POPE-style probe, attribute F1, malformed rate, length (cwdpo.metrics.hallucination);
+    content-token calibration and, once π_ref exists, likelihood displacement (.teacher_forced)."""
+    from cwdpo.metrics.hallucination import caption_metrics, pope
+    from cwdpo.metrics.teacher_forced import (
+        content_calibration,
+        gold_texts,
+        likelihood_displacement,
+    )
+
+    scenes = [r.meta["scene"] for r in records]
+    cooc = getattr(source, "cooc", None)
+    res: dict[str, Any] = {**caption_metrics(outputs, scenes, cooc), **pope(outputs, scenes, 0, cooc)}
+    if calibration:
+        res.update(content_calibration(backbone, records, source.prompt, gold_texts(records), batch_size))
+    if backbone.has_reference:
+        res.update(likelihood_displacement(backbone, records, source.prompt, outputs, batch_size))
+    return res
 
 
 def win_rate(

@@ -266,6 +266,12 @@ TABLE_KEYS = (
     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
     ("calib/mean_top1_prob", "top-1 p"), ("pref_calib/ece", "pref ECE"),
     ("winrate/win_rate", "win vs prev"),
+    # ShapesWorld ground truth (cwdpo.metrics.hallucination / .teacher_forced), percent
+    ("f1", "F1 %"), ("object_recall", "obj recall %"), ("chair_i", "CHAIR_i %"), ("chair_s", "CHAIR_s %"),
+    ("companion_halluc", "companion halluc %"), ("pope/f1", "POPE F1"), ("pope/yes_ratio", "POPE yes %"),
+    ("pope_adv/accuracy", "POPE-adv acc"), ("malformed", "malformed %"), ("length", "length"),
+    ("calib/content_ece", "content ECE"), ("calib/content_sce", "content SCE"),
+    ("disp/chosen_fell", "gold logp fell %"),
 )
 
 

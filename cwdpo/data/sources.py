@@ -81,6 +81,12 @@ class ShapesSource:
             self._cache[split] = recs
         return self._cache[split]
 
+    @property
+    def cooc(self) -> tuple[tuple[str, str], tuple[str, str]] | None:
+        """(trigger, companion) of the co-occurrence rule, None in the clean world."""
+        w = self.world
+        return None if w.cooc_trigger is None else (tuple(w.cooc_trigger), tuple(w.cooc_companion))
+
     def base_records(self) -> list[CaptionRecord] | None:
         """The base-SFT split (`sizes.base`), disjoint from stage-1/2 images; None = use train."""
         return self.captions("base") if "base" in self.sizes else None
