@@ -236,7 +236,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
             total = sum(dm.stats.counts.values())
             metrics["negatives"] = {
                 "sources": dict(dm.stats.counts),
-                "dataset_fraction": sum(v for k, v in dm.stats.counts.items() if k != "on_policy") / max(1, total),
+                "dataset_fraction": sum(v for k, v in dm.stats.counts.items()
+                                        if k != "on_policy" and not k.startswith("self:")) / max(1, total),
                 "refresh_steps": dm.stats.refresh_steps,
                 "dropped_as_positive": dm.stats.rejected_as_positive,
                 "on_policy_fallback": dm.stats.on_policy_fallback,

@@ -200,3 +200,17 @@ def test_testbed_config_composes_and_builds(tmp_path):
     assert src.world.shift_from == 0.75 and src.world.cooc_trigger == ("red", "circle")
     assert src.base_records() is not None and len(src.captions("train")) == 1600
     NegativeConfig(**{k: v for k, v in cfg.negatives.items()})
+
+
+def test_testbed_pipeline_end_to_end_with_self_judged_pairs(tmp_path, tiny_cache_dir):
+    from cwdpo.pipeline import run_pipeline
+
+    cfg = compose_cfg(["+debug=fast", "data=shapes_cooc", "negatives=self_judged", "data.source.sizes.base=24",
+                       "eval.caption_metrics=false"], tmp_path, tiny_cache_dir)
+    res = run_pipeline(cfg)
+    neg = res["stages"]["cw_dpo"]["negatives"]
+    assert set(neg["sources"]) and all(k.startswith("self:") for k in neg["sources"]), neg["sources"]
+    assert neg["dataset_fraction"] == 0.0 and neg["refresh_steps"] == [0]
+    m = res["stages"]["cw_dpo"]
+    for key in ("companion_halluc", "pope_adv/accuracy", "disp/chosen_fell", "calib/content_ece"):
+        assert key in m, key
