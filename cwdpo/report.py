@@ -64,7 +64,7 @@ def run_setting(run: Path, results: dict[str, Any]) -> tuple[str, list[str]]:
     if ov_file.is_file():
         import yaml
 
-        skip = ("seed", "hydra", "paths", "model.path", "experiment")
+        skip = ("seed", "hydra", "paths", "model.path", "experiment", "stage.skip")  # where it started
         overrides = [
             o for o in (yaml.safe_load(ov_file.read_text()) or [])
             if not o.split("=")[0].lstrip("+~").startswith(skip)
