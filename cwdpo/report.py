@@ -264,6 +264,9 @@ def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| A − B | metric | seeds | per-seed A − B | mean | bootstrap 95% CI | A > B |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if not r["seeds"]:  # e.g. displacement vs a run without π_ref
+            lines.append(f"| {r['a']} − {r['b']} | {headers.get(r['metric'], r['metric'])} | 0 | – | – | – | – |")
+            continue
         per = ", ".join(f"{x:+.3g}" for x in r["diffs"])
         lines.append(f"| {r['a']} − {r['b']} | {headers.get(r['metric'], r['metric'])} | {len(r['seeds'])} | "
                      f"{per} | {r['mean']:+.3g} | [{r['ci95'][0]:+.3g}, {r['ci95'][1]:+.3g}] | "
@@ -422,13 +425,17 @@ def main(argv: Sequence[str] | None = None) -> str:
             f"{k}: {' '.join(sorted(v)) or 'defaults'}" for k, v in sorted(selection.items())) + "\n"
     if args.compare:
         groups = group_rows(loaded)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        skipped: list[str] = []
         for spec in args.compare:
             if ":" not in spec:
                 raise SystemExit(f"--compare expects A:B (two setting names), got {spec!r}")
             a, b = spec.split(":", 1)
-            rows += [paired_differences(groups, a, b, m, args.n_boot) for m in metrics]
-        table += "\n" + paired_markdown(rows)
+            try:
+                rows += [paired_differences(groups, a, b, m, args.n_boot) for m in metrics]
+            except KeyError as err:  # e.g. the control ran fewer methods: say so, go on
+                skipped.append(str(err.args[0]))
+        table += "\n" + paired_markdown(rows) + "".join(f"\nskipped: {s}\n" for s in skipped)
     atomic_write_text(out / "report.md", table)
     atomic_write_json(out / "report.json", {**agg, **({"paired": rows} if args.compare else {})})
     plot(agg, out)

@@ -6,11 +6,14 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 for name in ${NAMES:-cooc_h0.15 control}; do
   [ -d "experiments/testbed/runs/$name" ] || continue
+  # setting names = experiment + the overrides not shared by every run of the directory
+  SJ="negatives=self_judged"
+  CW="cw_dpo $SJ"; DPO="ablation_cooling $SJ"; EZ="negatives.easy_mix=0.5 $SJ"
   cmp=()
-  for pair in cw_dpo:ablation_cooling cw_dpo:sft_only cw_dpo:sft_continue cw_dpo:rft cw_dpo:chosen_only \
-              cw_dpo:cw_dpo_shuffled ablation_cooling:sft_only sft_continue:sft_only rft:sft_only \
-              "cw_dpo negatives.easy_mix=0.5:ablation_cooling negatives.easy_mix=0.5"; do
-    cmp+=(--compare "$pair")
+  for pair in "$CW:$DPO" "$CW:sft_only" "$CW:sft_continue" "$CW:rft" "$CW:chosen_only $SJ" \
+              "$CW:cw_dpo_shuffled $SJ" "$DPO:sft_only" "sft_continue:sft_only" "rft:sft_only" \
+              "cw_dpo $EZ:ablation_cooling $EZ" "cw_dpo $EZ:$CW"; do
+    cmp+=(--compare "$pair")   # a pair whose settings did not run is skipped with a note
   done
   $PY -m cwdpo.report "experiments/testbed/runs/$name" --out "experiments/testbed/$name" --baseline sft_only \
     "${cmp[@]}" --metric f1 --metric companion_halluc --metric chair_i --metric object_recall \
