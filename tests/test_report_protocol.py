@@ -66,6 +66,8 @@ def test_paired_differences_on_a_synthetic_run_set(tmp_path):
                   "--metric", "fact_accuracy", "--out", str(tmp_path / "rep")])
     assert "| cw_dpo − dpo | F1 % | 5 |" in table and "| cw_dpo − dpo | facts % | 5 |" in table
     assert "+3.2" in table  # the mean difference, 16/5
+    assert "skipped: --compare cw_dpo:nope" in main([str(tmp_path), "--baseline", "", "--compare", "cw_dpo:nope",
+                                                   "--out", str(tmp_path / "rep2")])
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["paired"][0]["diffs"] == pytest.approx(diffs)
 
