@@ -71,7 +71,8 @@ experiments:
 ## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md) + control
 testbed:
 	bash experiments/testbed/run.sh
-	CONTROL=1 bash experiments/testbed/run.sh
+	bash experiments/testbed/matched.sh
+	CONTROL=1 METHODS="cw_dpo ablation_cooling sft_continue" EASY=" " bash experiments/testbed/run.sh
 	bash experiments/testbed/report.sh
 
 report:

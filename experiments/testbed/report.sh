@@ -11,7 +11,7 @@ for name in ${NAMES:-cooc_h0.15 control}; do
   CW="cw_dpo $SJ"; DPO="ablation_cooling $SJ"; EZ="negatives.easy_mix=0.5 $SJ"
   cmp=()
   for pair in "$CW:$DPO" "$CW:sft_only" "$CW:sft_continue" "$CW:rft" "$CW:chosen_only $SJ" \
-              "$CW:cw_dpo_shuffled $SJ" "$DPO:sft_only" "sft_continue:sft_only" "rft:sft_only" \
+              "$CW:cw_dpo_shuffled $SJ" "$CW:dpo_matched" "$DPO:sft_only" "sft_continue:sft_only" "rft:sft_only" \
               "cw_dpo $EZ:ablation_cooling $EZ" "cw_dpo $EZ:$CW"; do
     cmp+=(--compare "$pair")   # a pair whose settings did not run is skipped with a note
   done
