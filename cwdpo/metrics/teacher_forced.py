@@ -48,23 +48,15 @@ def content_calibration(
     backbone: Any, records: Sequence[Any], prompt: str, texts: Sequence[str], batch_size: int = 64
 ) -> dict[str, float]:
     """`calib/content_ece`, `calib/content_sce` (signed), accuracy and confidence on content tokens."""
+    from cwdpo.evaluation import teacher_forced_batches
     from cwdpo.metrics.calibration import TokenCalibration
 
     metric = TokenCalibration()
-    was = backbone.model.training
-    backbone.model.eval()
-    try:
-        for s in range(0, len(records), batch_size):
-            chunk = records[s : s + batch_size]
-            enc = backbone.collate([r.image.load() for r in chunk],
-                                   [r.meta.get("prompt") or prompt for r in chunk], list(texts[s : s + batch_size]))
-            enc = {k: v.to(backbone.device) for k, v in enc.items()}
-            _, logits, labels = backbone.logps_and_logits(enc)
-            labels = labels.cpu()
-            labels = labels.masked_fill(~content_token_mask(labels, backbone.tokenizer), -100)
-            metric.update(logits.float().cpu(), labels)
-    finally:
-        backbone.model.train(was)
+    for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size):
+        _, logits, labels = backbone.logps_and_logits(enc)
+        labels = labels.cpu()
+        labels = labels.masked_fill(~content_token_mask(labels, backbone.tokenizer), -100)
+        metric.update(logits.float().cpu(), labels)
     c = metric.compute()
     return {"calib/content_ece": c["ece"], "calib/content_sce": c["mean_top1_prob"] - c["accuracy"],
             "calib/content_accuracy": c["accuracy"], "calib/content_confidence": c["mean_top1_prob"],
@@ -80,14 +72,10 @@ def displacement_stats(policy: torch.Tensor, reference: torch.Tensor, tol: float
 @torch.no_grad()
 def _seq_logps(backbone: Any, records: Sequence[Any], prompt: str, texts: Sequence[str],
                reference: bool, batch_size: int) -> torch.Tensor:
-    out = []
-    for s in range(0, len(records), batch_size):
-        chunk = records[s : s + batch_size]
-        enc = backbone.collate([r.image.load() for r in chunk],
-                               [r.meta.get("prompt") or prompt for r in chunk], list(texts[s : s + batch_size]))
-        enc = {k: v.to(backbone.device) for k, v in enc.items()}
-        out.append(backbone.logps(enc, reference=reference).sum.float().cpu())
-    return torch.cat(out)
+    from cwdpo.evaluation import teacher_forced_batches
+
+    return torch.cat([backbone.logps(enc, reference=reference).sum.float().cpu()
+                      for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size)])
 
 
 @torch.no_grad()
@@ -101,16 +89,11 @@ def likelihood_displacement(
     for i, (g, r) in enumerate(zip(gold, records)):
         e = minimal_negative(g, r.meta["scene"], random.Random(i))
         edits.append(e[0] if e else g)
-    was = backbone.model.training
-    backbone.model.eval()
     res: dict[str, float] = {}
-    try:
-        for name, texts in (("chosen", gold), ("rejected", edits), ("output", [o or "." for o in outputs])):
-            st = displacement_stats(_seq_logps(backbone, records, prompt, texts, False, batch_size),
-                                    _seq_logps(backbone, records, prompt, texts, True, batch_size))
-            res[f"disp/{name}_delta"] = st["delta"]
-            if name == "chosen":
-                res["disp/chosen_fell"] = st["fell"]
-    finally:
-        backbone.model.train(was)
+    for name, texts in (("chosen", gold), ("rejected", edits), ("output", [o or "." for o in outputs])):
+        st = displacement_stats(_seq_logps(backbone, records, prompt, texts, False, batch_size),
+                                _seq_logps(backbone, records, prompt, texts, True, batch_size))
+        res[f"disp/{name}_delta"] = st["delta"]
+        if name == "chosen":
+            res["disp/chosen_fell"] = st["fell"]
     return res
