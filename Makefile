@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench gpu-check experiments report clean
+.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench gpu-check experiments testbed report clean
 
 ## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras, at the locked versions
 install:
@@ -75,6 +75,13 @@ clean:
 ## experiments: the full ShapesWorld grid (SEEDS=0,1,2; 72 runs, ≈ 1 h 50 min on 2 cores) + report
 experiments:
 	bash experiments/shapes/run.sh
+
+## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md) + control
+testbed:
+	bash experiments/testbed/run.sh
+	bash experiments/testbed/matched.sh
+	CONTROL=1 METHODS="cw_dpo ablation_cooling sft_continue" EASY=" " bash experiments/testbed/run.sh
+	bash experiments/testbed/report.sh
 
 report:
 	$(PYTHON) -m cwdpo.report $(DIR)

@@ -169,8 +169,10 @@ CW_DPO_KNOBS: dict[str, Rule] = {
     "floor": about(either(real(), choice("mean")), "ℓ_floor"),
     "tau": about(positive(), "τ, the cooling temperature"),
     "filter_threshold": real(hi=0, nullable=True),  # ℓ̄ is a mean log-prob: <= 0
-    "loss_type": choice("sigmoid", "ipo"),
+    "loss_type": choice("sigmoid", "ipo", "sft"),
     "rpo_alpha": real(0),
+    "loser_weight": about(real(0, 1, nullable=True), "constant w_c (0 = chosen only)"),
+    "shuffle_weights": boolean(),
     "prefix_sharing": boolean(),
     "ref_cache": string(nullable=True),
     "disable_dropout": boolean(),
@@ -201,7 +203,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.lora.r": COUNT,
     "model.lora.alpha": positive(),
     "model.lora.dropout": real(0, 1, hi_open=True),
-    "negatives.kind": choice("dataset", "on_policy", "mixed"),
+    "negatives.kind": choice("dataset", "on_policy", "mixed", "self_judged"),
+    "negatives.min_gap": real(0, 1),
+    "negatives.easy_mix": fraction(),
+    "data.source.judge": choice("precision", "verifier"),
+    "data.source.minimal_negatives": boolean(),
     "negatives.dataset_fraction": about(fraction(), "share of dataset negatives"),
     "negatives.easy_fraction": fraction(),
     "negatives.num_samples": COUNT,
@@ -355,7 +361,8 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             if not (_is_int(n) and n >= 0)
         ]
     kind, frac = _select(cfg, "negatives.kind"), _select(cfg, "negatives.dataset_fraction")
-    fixed = {"dataset": 1.0, "on_policy": 0.0}.get(kind) if isinstance(kind, str) else None
+    fixed = ({"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(kind)
+             if isinstance(kind, str) else None)
     if fixed is not None and _is_real(frac) and frac != fixed:
         errors.append(
             f"negatives.dataset_fraction={frac:g}: only negatives=mixed takes a blend; "

@@ -5,7 +5,7 @@ Kept outside Lightning so `cwdpo.eval` and the training pipeline share one code 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,26 @@ def generate_captions(
 
 
 @torch.no_grad()
+def teacher_forced_batches(
+    backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, texts: Sequence[str],
+    batch_size: int = 64,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated (image, prompt, text) batches on the backbone's device, with the model in eval
+    mode while they are consumed (restored after): the teacher-forced metrics' one loop."""
+    was = backbone.model.training
+    backbone.model.eval()
+    try:
+        for s in range(0, len(records), batch_size):
+            chunk = records[s : s + batch_size]
+            enc = backbone.collate([load_images(r) for r in chunk],
+                                   [r.meta.get("prompt") or prompt for r in chunk],
+                                   list(texts[s : s + batch_size]))
+            yield {k: v.to(backbone.device) for k, v in enc.items()}
+    finally:
+        backbone.model.train(was)
+
+
+@torch.no_grad()
 def teacher_forced_calibration(
     backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, batch_size: int = 64
 ) -> dict[str, float]:
@@ -42,21 +62,9 @@ def teacher_forced_calibration(
     from cwdpo.metrics.calibration import TokenCalibration
 
     metric = TokenCalibration()
-    was = backbone.model.training
-    backbone.model.eval()
-    try:
-        for s in range(0, len(records), batch_size):
-            chunk = records[s : s + batch_size]
-            enc = backbone.collate(
-                [load_images(r) for r in chunk],
-                [r.meta.get("prompt") or prompt for r in chunk],
-                [r.references[0] for r in chunk],
-            )
-            enc = {k: v.to(backbone.device) for k, v in enc.items()}
-            _, logits, labels = backbone.logps_and_logits(enc)
-            metric.update(logits.float().cpu(), labels.cpu())
-    finally:
-        backbone.model.train(was)
+    for enc in teacher_forced_batches(backbone, records, prompt, [r.references[0] for r in records], batch_size):
+        _, logits, labels = backbone.logps_and_logits(enc)
+        metric.update(logits.float().cpu(), labels.cpu())
     return {k: float(v) for k, v in metric.compute().items()}
 
 
@@ -90,6 +98,8 @@ def evaluate_captioning(
     if calibration:
         res.update({f"calib/{k}": v for k, v in teacher_forced_calibration(
             backbone, records, source.prompt, batch_size).items()})
+    if records and all("scene" in r.meta for r in records):  # ShapesWorld: ground-truth metrics
+        res.update(scene_metrics(backbone, source, records, outputs, batch_size, calibration))
     if baseline is not None:
         res.update(win_rate(source, records, outputs, baseline, judge))
     res["samples"] = [
@@ -97,6 +107,29 @@ def evaluate_captioning(
         for r, o in list(zip(records, outputs))[:8]
     ]
     return res, outputs
+
+
+def scene_metrics(
+    backbone: VLMBackbone, source: CaptionSource, records: Sequence[CaptionRecord], outputs: Sequence[str],
+    batch_size: int = 64, calibration: bool = True,
+) -> dict[str, Any]:
+    """CHAIR, POPE-style probe, attribute F1, malformed rate, length (cwdpo.metrics.hallucination);
+    content-token calibration and, once π_ref exists, likelihood displacement (.teacher_forced)."""
+    from cwdpo.metrics.hallucination import caption_metrics, pope
+    from cwdpo.metrics.teacher_forced import (
+        content_calibration,
+        gold_texts,
+        likelihood_displacement,
+    )
+
+    scenes = [r.meta["scene"] for r in records]
+    cooc = getattr(source, "cooc", None)
+    res: dict[str, Any] = {**caption_metrics(outputs, scenes, cooc), **pope(outputs, scenes, 0, cooc)}
+    if calibration:
+        res.update(content_calibration(backbone, records, source.prompt, gold_texts(records), batch_size))
+    if backbone.has_reference:
+        res.update(likelihood_displacement(backbone, records, source.prompt, outputs, batch_size))
+    return res
 
 
 def win_rate(

@@ -208,13 +208,23 @@ def cw_dpo_loss(
     tau: float = 0.5,
     filter_threshold: float | None = None,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    loser_weight: float | None = None,
+    permutation: torch.Tensor | None = None,
 ) -> CWDPOOutput:
     """CW-DPO: −log σ(β(Δ_w − w_c·Δ_l)), w_c from the policy's ℓ̄ on the negative.
 
     floor="mean" uses the batch mean of ℓ̄ over negatives (callers keeping a running mean
     pass it as a tensor). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
     filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
+    Controls for "is it the cooling?": `loser_weight=c` sets w_c ≡ c for every pair (0 = chosen
+    only, CW-DPO's mean w_c = DPO with the same average loser weight); `permutation` reorders
+    the cooling weights within the batch (same distribution, not tied to the pair's ℓ̄).
     """
+    if loser_weight is not None and (loser_weight < 0 or permutation is not None):
+        raise ValueError(f"loser_weight must be >= 0 and not combined with a permutation, got "
+                         f"{loser_weight} (permutation given: {permutation is not None})")
+    if permutation is not None and not cooling:
+        raise ValueError("a w_c permutation needs cooling=True (w_c ≡ 1 has nothing to shuffle)")
     ell = policy_rejected_mean.detach()
     kept = None if filter_threshold is None else ell >= filter_threshold
     if isinstance(floor, str):
@@ -225,6 +235,10 @@ def cw_dpo_loss(
     else:
         floor_t = torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
     weights = cooling_weight(ell, floor_t, tau) if cooling else None
+    if weights is not None and permutation is not None:
+        weights = weights[permutation]
+    if loser_weight is not None:
+        weights = torch.full_like(ell, float(loser_weight), dtype=torch.float32)
     out = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
         weights=weights, loss_type=loss_type, mask=kept,

@@ -168,7 +168,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
     source = hydra.utils.instantiate(cfg.data.source)
     train = source.captions("train")
     parts = split_records(train, dict(cfg.data.stage_split))
-    records = {"all": train, "val": source.captions("val"), **parts}
+    base = getattr(source, "base_records", lambda: None)()  # a disjoint base-SFT split, if any
+    records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
     for name in run:  # fail before any training, naming the stage that would get no rows
         if not records.get("all" if name == "base_sft" else name):
             raise DataError(f"stage {name} gets no training rows: data.stage_split="
@@ -241,7 +242,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
             total = sum(dm.stats.counts.values())
             metrics["negatives"] = {
                 "sources": dict(dm.stats.counts),
-                "dataset_fraction": sum(v for k, v in dm.stats.counts.items() if k != "on_policy") / max(1, total),
+                "dataset_fraction": sum(v for k, v in dm.stats.counts.items()
+                                        if k != "on_policy" and not k.startswith("self:")) / max(1, total),
                 "refresh_steps": dm.stats.refresh_steps,
                 "dropped_as_positive": dm.stats.rejected_as_positive,
                 "on_policy_fallback": dm.stats.on_policy_fallback,
@@ -273,6 +275,12 @@ TABLE_KEYS = (
     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
     ("calib/mean_top1_prob", "top-1 p"), ("pref_calib/ece", "pref ECE"),
     ("winrate/win_rate", "win vs prev"),
+    # ShapesWorld ground truth (cwdpo.metrics.hallucination / .teacher_forced), percent
+    ("f1", "F1 %"), ("object_recall", "obj recall %"), ("chair_i", "CHAIR_i %"), ("chair_s", "CHAIR_s %"),
+    ("companion_halluc", "companion halluc %"), ("pope/f1", "POPE F1"), ("pope/yes_ratio", "POPE yes %"),
+    ("pope_adv/accuracy", "POPE-adv acc"), ("malformed", "malformed %"), ("length", "length"),
+    ("calib/content_ece", "content ECE"), ("calib/content_sce", "content SCE"),
+    ("disp/chosen_fell", "gold logp fell %"),
 )
 
 

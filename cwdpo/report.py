@@ -35,7 +35,15 @@ COLUMNS = (  # (key, header, scale)
     ("calib/entropy", "entropy", 1.0), ("calib/mean_top1_prob", "top-1 p", 1.0),
     ("loss_std", "loss std", 1.0), ("grad_norm_std", "‖g‖ std", 1.0),
     ("loss_spikes", "spikes", 1.0), ("steps_to_target", "steps→target", 1.0),
+    # ShapesWorld ground truth (percent; cwdpo.metrics.hallucination / .teacher_forced)
+    ("f1", "F1 %", 1.0), ("object_recall", "obj recall %", 1.0), ("chair_i", "CHAIR_i %", 1.0),
+    ("chair_s", "CHAIR_s %", 1.0), ("companion_halluc", "companion halluc %", 1.0),
+    ("pope/f1", "POPE F1", 1.0), ("pope_adv/accuracy", "POPE-adv acc", 1.0),
+    ("malformed", "malformed %", 1.0), ("length", "length", 1.0),
+    ("calib/content_ece", "content ECE", 1.0), ("calib/content_sce", "content SCE", 1.0),
+    ("disp/chosen_fell", "gold logp fell %", 1.0),
 )
+PRIMARY = "f1"  # the study's pre-declared primary metric (falls back to facts % where absent)
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -56,7 +64,7 @@ def run_setting(run: Path, results: dict[str, Any]) -> tuple[str, list[str]]:
     if ov_file.is_file():
         import yaml
 
-        skip = ("seed", "hydra", "paths", "model.path", "experiment")
+        skip = ("seed", "hydra", "paths", "model.path", "experiment", "stage.skip")  # where it started
         overrides = [
             o for o in (yaml.safe_load(ov_file.read_text()) or [])
             if not o.split("=")[0].lstrip("+~").startswith(skip)
@@ -174,17 +182,24 @@ def _test_records(data: dict[str, Any]) -> tuple[Any, list[Any]] | str:
         return f"{type(err).__name__}: {err}"
 
 
-def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only",
-              target: float = 0.9, target_key: str = "train/rewards/accuracies") -> dict[str, dict[str, Any]]:
+def load_all(runs: Sequence[Path], baseline: str | None = "sft_only", target: float = 0.9,
+             target_key: str = "train/rewards/accuracies", selection: dict[str, set[str]] | None = None):
+    """Rows of every run (win vs baseline added); with `selection`, only the val-selected setting
+    of each selected experiment is kept."""
     loaded = [(r, *load_run(r, target=target, target_key=target_key)) for r in runs]
+    if selection:
+        loaded = [x for x in loaded if x[1][0] not in selection
+                  or {o for o in x[1][1] if not o.startswith("eval.")} == selection[x[1][0]]]
     if baseline:
         win_vs_baseline(loaded, baseline)
-    # overrides shared by every run (e.g. a budget) do not name a setting: drop them
-    common = set.intersection(*(set(ov) for _, (_, ov), _ in loaded)) if loaded else set()
-    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for _, (name, ov), row in loaded:
-        extra = [o for o in ov if o not in common]
-        groups[name + (" " + " ".join(extra) if extra else "")].append(row)
+    return loaded
+
+
+def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only",
+              target: float = 0.9, target_key: str = "train/rewards/accuracies",
+              selection: dict[str, set[str]] | None = None) -> dict[str, dict[str, Any]]:
+    loaded = load_all(runs, baseline, target, target_key, selection)
+    groups = group_rows(loaded)  # overrides shared by every run (e.g. a budget) name no setting
     out = {}
     for key, rows in sorted(groups.items()):
         stats: dict[str, Any] = {"n": len(rows)}
@@ -199,6 +214,81 @@ def aggregate(runs: Sequence[Path], baseline: str | None = "sft_only",
                 stats[k] = {**stats.get(k, {}), "reached": len(vals), "of": len(present)}
         out[key] = stats
     return out
+
+
+def group_rows(loaded: Sequence[tuple[Path, tuple[str, list[str]], dict[str, float]]]) -> dict[str, list[dict[str, float]]]:
+    """Setting name (experiment + overrides not shared by every run) → its runs' rows."""
+    common = set.intersection(*(set(ov) for _, (_, ov), _ in loaded)) if loaded else set()
+    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for _, (name, ov), row in loaded:
+        extra = [o for o in ov if o not in common]
+        groups[name + (" " + " ".join(extra) if extra else "")].append(row)
+    return dict(groups)
+
+
+def bootstrap_ci(diffs: Sequence[float], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over seeds (resampling seeds with replacement)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) == 0:
+        return math.nan, math.nan
+    means = np.random.default_rng(seed).choice(d, size=(n_boot, len(d)), replace=True).mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_differences(groups: dict[str, list[dict[str, float]]], a: str, b: str, key: str,
+                       n_boot: int = 10_000) -> dict[str, Any]:
+    """Per-seed A − B on `key` over the seeds both settings ran, mean and bootstrap 95% CI.
+    A bare experiment name stands for its setting when it has exactly one (e.g. after --select)."""
+    def resolve(name: str) -> str:
+        if name in groups:
+            return name
+        only = [g for g in groups if g.split(" ")[0] == name]
+        if len(only) != 1:
+            raise KeyError(f"--compare {a}:{b}: no single setting {name!r}; settings: {sorted(groups)}")
+        return only[0]
+
+    a, b = resolve(a), resolve(b)
+    va = {r["seed"]: r[key] for r in groups[a] if key in r and not math.isnan(r[key])}
+    vb = {r["seed"]: r[key] for r in groups[b] if key in r and not math.isnan(r[key])}
+    seeds = sorted(set(va) & set(vb))
+    diffs = [va[s] - vb[s] for s in seeds]
+    lo, hi = bootstrap_ci(diffs, n_boot)
+    return {"a": a, "b": b, "metric": key, "seeds": seeds, "diffs": diffs,
+            "mean": float(np.mean(diffs)) if diffs else math.nan, "ci95": [lo, hi],
+            "wins": sum(x > 0 for x in diffs)}
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    headers = {k: h for k, h, _ in COLUMNS}
+    lines = ["| A − B | metric | seeds | per-seed A − B | mean | bootstrap 95% CI | A > B |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["seeds"]:  # e.g. displacement vs a run without π_ref
+            lines.append(f"| {r['a']} − {r['b']} | {headers.get(r['metric'], r['metric'])} | 0 | – | – | – | – |")
+            continue
+        per = ", ".join(f"{x:+.3g}" for x in r["diffs"])
+        lines.append(f"| {r['a']} − {r['b']} | {headers.get(r['metric'], r['metric'])} | {len(r['seeds'])} | "
+                     f"{per} | {r['mean']:+.3g} | [{r['ci95'][0]:+.3g}, {r['ci95'][1]:+.3g}] | "
+                     f"{r['wins']}/{len(r['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def select_on_val(val_runs: Sequence[Path], key: str) -> dict[str, set[str]]:
+    """Per experiment, the overrides of its best setting by mean `key` over the *val* runs
+    (`eval.split=val`): the test report then keeps only that setting. `eval.*` overrides are
+    ignored so the same setting evaluated on test matches."""
+    best: dict[str, tuple[float, set[str]]] = {}
+    by: dict[tuple[str, frozenset[str]], list[float]] = defaultdict(list)
+    for run in val_runs:
+        (name, ov), row = load_run(run)
+        if key in row and not math.isnan(row[key]):
+            by[(name, frozenset(o for o in ov if not o.startswith("eval.")))].append(row[key])
+    for (name, ov), vals in by.items():
+        m = float(np.mean(vals))
+        if name not in best or m > best[name][0]:
+            best[name] = (m, set(ov))
+    return {name: ov for name, (_, ov) in best.items()}
 
 
 def markdown(agg: dict[str, dict[str, Any]], baseline: str | None = None) -> str:
@@ -312,14 +402,42 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--target-key", default="train/rewards/accuracies",
                     help="logged metric for steps→target (any column of the stage's metrics.csv)")
     ap.add_argument("--target", type=float, default=0.9, help="value its rolling mean must reach")
+    ap.add_argument("--compare", action="append", default=[], metavar="A:B",
+                    help="paired per-seed differences A − B with bootstrap 95%% CIs (repeatable)")
+    ap.add_argument("--metric", action="append", default=[],
+                    help=f"metric(s) for --compare and --select (default: the primary, {PRIMARY})")
+    ap.add_argument("--select", default=None, metavar="VAL_DIR",
+                    help="runs evaluated on val (eval.split=val): keep, per experiment, only the "
+                         "setting best there on the first --metric (tuning never sees test)")
+    ap.add_argument("--n-boot", type=int, default=10_000)
     args = ap.parse_args(argv)
     runs = find_runs(args.dirs)
-    agg = aggregate(runs, baseline=args.baseline or None, target=args.target, target_key=args.target_key)
+    metrics = args.metric or [PRIMARY]
+    selection = select_on_val(find_runs([args.select]), metrics[0]) if args.select else None
+    loaded = load_all(runs, args.baseline or None, args.target, args.target_key, selection)
+    agg = aggregate(runs, baseline=args.baseline or None, target=args.target, target_key=args.target_key,
+                    selection=selection)
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(agg, args.baseline or None)
+    if selection:
+        table += "\nSelected on val (" + metrics[0] + "): " + "; ".join(
+            f"{k}: {' '.join(sorted(v)) or 'defaults'}" for k, v in sorted(selection.items())) + "\n"
+    if args.compare:
+        groups = group_rows(loaded)
+        rows: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for spec in args.compare:
+            if ":" not in spec:
+                raise SystemExit(f"--compare expects A:B (two setting names), got {spec!r}")
+            a, b = spec.split(":", 1)
+            try:
+                rows += [paired_differences(groups, a, b, m, args.n_boot) for m in metrics]
+            except KeyError as err:  # e.g. the control ran fewer methods: say so, go on
+                skipped.append(str(err.args[0]))
+        table += "\n" + paired_markdown(rows) + "".join(f"\nskipped: {s}\n" for s in skipped)
     atomic_write_text(out / "report.md", table)
-    atomic_write_json(out / "report.json", agg)
+    atomic_write_json(out / "report.json", {**agg, **({"paired": rows} if args.compare else {})})
     plot(agg, out)
     print(table)
     return table

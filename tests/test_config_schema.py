@@ -43,8 +43,17 @@ def cfg_of(overrides: list[str], tmp_path: Path):
         ),
         (["stage.sft_c.optimizer.lr=0"], r"stage\.sft_c\.optimizer\.lr=0: expected a number > 0"),
         (
+            ["negatives=self_judged", "negatives.easy_mix=1.5"],
+            r"negatives\.easy_mix=1\.5: expected a number in \[0, 1\]",
+        ),
+        (
+            ["stage.cw_dpo.loser_weight=-0.5"],
+            r"stage\.cw_dpo\.loser_weight=-0\.5: expected a number in \[0, 1\]",
+        ),
+        (["data=shapes_cooc", "data.source.judge=gpt"], r"data\.source\.judge='gpt': expected one of"),
+        (
             ["stage.cw_dpo.loss_type=hinge"],
-            r"stage\.cw_dpo\.loss_type='hinge': expected one of \['sigmoid', 'ipo'\]",
+            r"stage\.cw_dpo\.loss_type='hinge': expected one of \['sigmoid', 'ipo', 'sft'\]",
         ),
         (
             ["stage.cw_dpo.floor=median"],

@@ -101,3 +101,15 @@ def test_typo_added_with_plus_fails_before_training(tmp_path, tiny_cache_dir):
     cfg = compose_cfg([*FAST, "+stage.cw_dpo.betaa=0.2"], tmp_path, tiny_cache_dir)
     with pytest.raises(ValueError, match=r"stage.cw_dpo has unknown key\(s\) \['betaa'\]"):
         run_pipeline(cfg)
+
+
+def test_results_table_shows_the_ground_truth_metrics(fast_run):
+    out, res = fast_run
+    table = (out / "results.md").read_text()
+    for head in ("F1 %", "CHAIR_i %", "CHAIR_s %", "POPE F1", "malformed %", "content ECE",
+                 "content SCE", "gold logp fell %"):
+        assert head in table, head
+    st = res["stages"]
+    assert "disp/chosen_fell" in st["cw_dpo"] and "disp/chosen_fell" not in st["sft_c"]  # needs π_ref
+    for m in st.values():
+        assert 0.0 <= m["chair_s"] <= 100.0 and 0.0 <= m["pope/yes_ratio"] <= 100.0

@@ -58,7 +58,13 @@ def split_records(records: list[CaptionRecord], fractions: dict[str, float]) -> 
 
 @dataclass
 class NegativeConfig:
-    """`negatives=dataset|on_policy|mixed` — one knob, `dataset_fraction`, blends them."""
+    """`negatives=dataset|on_policy|mixed` — one knob, `dataset_fraction`, blends them.
+
+    `self_judged`: the pair itself comes from the policy — K = `num_samples` samples per image,
+    scored by the source's judge (ShapesWorld: the verifier against the truth); chosen = best,
+    rejected = worst when their score gap is ≥ `min_gap`, else the best and a one-fact edit of
+    it. `easy_mix` swaps that many rejected texts for trivially wrong ones (tests cooling).
+    """
 
     kind: str = "dataset"
     dataset_fraction: float = 1.0
@@ -69,15 +75,24 @@ class NegativeConfig:
     max_new_tokens: int = 32
     refresh_every_n_steps: int = 50
     generation_batch_size: int = 32
+    min_gap: float = 0.1  # self_judged: least judge-score gap between best and worst sample
+    easy_mix: float = 0.0  # self_judged: share of rejected swapped for an easy negative
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dataset_fraction <= 1.0:
             raise ValueError(f"negatives.dataset_fraction must be in [0, 1], got {self.dataset_fraction}")
         if not 0.0 <= self.easy_fraction <= 1.0:
             raise ValueError(f"negatives.easy_fraction must be in [0, 1], got {self.easy_fraction}")
-        if self.kind not in ("dataset", "on_policy", "mixed"):
-            raise ValueError(f"negatives.kind must be dataset|on_policy|mixed, got {self.kind!r}")
-        fixed = {"dataset": 1.0, "on_policy": 0.0}.get(self.kind)
+        if not 0.0 <= self.easy_mix <= 1.0:
+            raise ValueError(f"negatives.easy_mix must be in [0, 1], got {self.easy_mix}")
+        if self.kind not in ("dataset", "on_policy", "mixed", "self_judged"):
+            raise ValueError(f"negatives.kind must be dataset|on_policy|mixed|self_judged, got {self.kind!r}")
+        if self.easy_mix > 0 and self.kind != "self_judged":
+            raise ValueError(f"negatives.easy_mix={self.easy_mix} only applies to negatives=self_judged "
+                             "(dataset negatives use negatives.easy_fraction)")
+        if self.kind == "self_judged" and self.num_samples < 2:
+            raise ValueError(f"negatives.num_samples must be >= 2 for self_judged pairs, got {self.num_samples}")
+        fixed = {"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(self.kind)
         if fixed is not None and self.dataset_fraction != fixed:
             raise ValueError(f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
                              f"negatives=mixed (negatives={self.kind} means {fixed})")
@@ -182,10 +197,10 @@ class _Base(L.LightningDataModule):
         prompts = [prompt_of(self.source, r) for r in rows]
         return rows, images, prompts, [rng.choice(r.references) for r in rows], rng
 
-    def _gentle_negative(self, rec: CaptionRecord, rng: random.Random) -> tuple[str, str]:
+    def _gentle_negative(self, rec: CaptionRecord, rng: random.Random, chosen: str | None = None) -> tuple[str, str]:
         """A hard (one-fact-off) negative that is not a positive; sources are counted."""
         for _ in range(5):
-            text, src = self.source.negative(rec, rng, hard=True)
+            text, src = self.source.negative(rec, rng, hard=True, chosen=chosen)
             if not self.source.is_positive(text, rec) and text not in rec.references:
                 if self._training():
                     self.negative_sources[src] += 1
@@ -215,7 +230,7 @@ class CaptionDataModule(_Base):
         rows, images, prompts, pos, rng = self._unpack(batch)
         if not self.gentle_negatives:
             return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
-        neg = [self._gentle_negative(r, rng)[0] for r in rows]
+        neg = [self._gentle_negative(r, rng, p)[0] for r, p in zip(rows, pos)]
         return {"pairs": self.collate_pairs(images, prompts, pos, neg), "n": len(rows)}
 
 
@@ -239,8 +254,9 @@ class PreferenceDataModule(_Base):
     def __init__(self, *args: Any, negatives: NegativeConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.neg = negatives or NegativeConfig()
-        self.buffer: dict[str, list[str]] = {}
+        self.buffer: dict[str, list[str]] = {}  # self_judged: [best, worst] or [best] (no gap)
         self.stats = NegativeStats()
+        self.self_judged = self.neg.kind == "self_judged"
 
     @property
     def needs_on_policy(self) -> bool:
@@ -268,6 +284,11 @@ class PreferenceDataModule(_Base):
             )
             for j, r in enumerate(chunk):
                 samples = [t for t in outs[j * n : (j + 1) * n] if t.strip()]
+                if self.self_judged:
+                    buffer[r.image_id] = self._judge(samples, r)
+                    kept += len(buffer[r.image_id]) == 2
+                    dropped += len(buffer[r.image_id]) < 2
+                    continue
                 good = [t for t in samples if not self.source.is_positive(t, r)]
                 dropped += len(samples) - len(good)
                 kept += len(good)
@@ -281,8 +302,38 @@ class PreferenceDataModule(_Base):
             kept, dropped = sum(p[1] for p in parts), sum(p[2] for p in parts)
         self.buffer = buffer
         self.stats.refresh_steps.append(step)
+        if self.self_judged:
+            return {"self_judged/pairs": float(kept), "self_judged/no_gap": float(dropped)}
         self.stats.rejected_as_positive += dropped
         return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
+
+    def _judge(self, samples: list[str], rec: CaptionRecord) -> list[str]:
+        """[best, worst] by the source's judge when the gap is ≥ min_gap, else [best] (or [])."""
+        scored = [(self.source.score(t, rec), t) for t in samples]
+        if any(sc is None for sc, _ in scored):
+            raise DataError("negatives=self_judged needs a source whose score() judges captions "
+                            f"(ShapesWorld); {type(self.source).__name__} returns None")
+        if not scored:
+            return []
+        best = max(scored, key=lambda x: x[0])  # first of the ties: deterministic
+        worst = min(scored, key=lambda x: x[0])
+        return [best[1], worst[1]] if best[0] - worst[0] >= self.neg.min_gap else [best[1]]
+
+    def _self_pair(self, rec: CaptionRecord, ref: str, rng: random.Random) -> tuple[str, str, str]:
+        """(chosen, rejected, source) of a self-judged pair; held-out rows use the reference."""
+        own = self.buffer.get(rec.image_id, []) if self._training() else []
+        if len(own) == 2:
+            chosen, (rejected, src) = own[0], (own[1], "self:worst")
+        else:
+            chosen = own[0] if own else ref
+            rejected, src = self._gentle_negative(rec, rng, chosen)  # a one-fact edit of it
+            src = f"self:minimal:{src}"
+        if self.neg.easy_mix > 0 and rng.random() < self.neg.easy_mix:
+            for _ in range(5):
+                text, esrc = self.source.negative(rec, rng, hard=False, chosen=chosen)
+                if text != chosen and not self.source.is_positive(text, rec):
+                    return chosen, text, esrc
+        return chosen, rejected, src
 
     def _negative(self, rec: CaptionRecord, chosen: str, rng: random.Random) -> tuple[str, str]:
         if rng.random() >= self.neg.dataset_fraction:
@@ -293,22 +344,26 @@ class PreferenceDataModule(_Base):
                 self.stats.on_policy_fallback += 1
         for _ in range(5):
             hard = rng.random() >= self.neg.easy_fraction
-            text, src = self.source.negative(rec, rng, hard=hard)
+            text, src = self.source.negative(rec, rng, hard=hard, chosen=chosen)
             if not self.source.is_positive(text, rec) and text not in rec.references:
                 return text, src
         raise DataError(f"could not draw a negative for image {rec.image_id} that is not a positive")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         rows, images, prompts, chosen, rng = self._unpack(batch)
-        negs = [self._negative(r, c, rng) for r, c in zip(rows, chosen)]
+        if self.self_judged:
+            trip = [self._self_pair(r, c, rng) for r, c in zip(rows, chosen)]
+            chosen, negs = [t[0] for t in trip], [(t[1], t[2]) for t in trip]
+        else:
+            negs = [self._negative(r, c, rng) for r, c in zip(rows, chosen)]
         if self._training():
             for _, src in negs:
                 self.stats.counts[src] += 1
         pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
-        is_dataset = torch.tensor([0.0 if s == "on_policy" else 1.0 for _, s in negs])
+        is_dataset = torch.tensor([0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for _, s in negs])
         is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
         return {"pairs": pairs, "n": len(rows), "neg_is_dataset": is_dataset, "neg_is_easy": is_easy,
-                "sources": [s for _, s in negs], "rejected": [t for t, _ in negs],
+                "sources": [s for _, s in negs], "rejected": [t for t, _ in negs], "chosen": list(chosen),
                 "image_ids": [r.image_id for r in rows]}
 
     def state_dict(self) -> dict[str, Any]:

@@ -64,6 +64,8 @@ class Scene:
     seed: int
     image_size: int = 32
     noise: float = 0.0
+    faint: tuple[str, str] | None = None  # (colour, shape) drawn at `faint_contrast` (companions)
+    faint_contrast: float = 1.0
 
     def render(self) -> Image.Image:
         return render_scene(self)
@@ -82,6 +84,34 @@ class WorldConfig:
     image_size: int = 32
     noise: float = 0.05
     templates: tuple[int, ...] = (0, 1, 2, 3)
+    # --- the co-occurrence testbed (all off by default: the clean world is the null control) ---
+    canonical_order: bool = False  # objects listed left, right, top, bottom: one caption per scene
+    cooc_trigger: tuple[str, str] | None = None  # e.g. (red, circle); None = no rule
+    cooc_companion: tuple[str, str] = ("blue", "square")  # always small, drawn faint
+    trigger_rate: float = 0.5  # P(scene contains the trigger)
+    cooc_prob: float = 0.8  # P(companion | trigger) in base / stage-1 data
+    cooc_prob_shift: float = 0.5  # ... in stage-2 / val / test data
+    shift_from: float = 0.75  # train rows from this fraction on are stage-2 (= data.stage_split)
+    companion_contrast: float = 0.35  # 1 = full colour, 0 = invisible (background)
+    hallucination_rate: float = 0.0  # annotator noise h: base/train captions add an absent companion
+
+    def __post_init__(self) -> None:
+        for k in ("trigger_rate", "cooc_prob", "cooc_prob_shift", "shift_from", "companion_contrast",
+                  "hallucination_rate"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"data.source.world.{k} must be in [0, 1], got {v}")
+        if self.cooc_trigger is not None:
+            self.cooc_trigger, self.cooc_companion = tuple(self.cooc_trigger), tuple(self.cooc_companion)
+            for k in ("cooc_trigger", "cooc_companion"):
+                c, sh = getattr(self, k)
+                if c not in self.colours or sh not in self.shapes:
+                    raise ValueError(f"data.source.world.{k}={[c, sh]}: colour must be one of "
+                                     f"{list(self.colours)} and shape one of {list(self.shapes)}")
+            if self.cooc_trigger == self.cooc_companion:
+                raise ValueError(f"data.source.world.cooc_trigger and cooc_companion are both {self.cooc_trigger}")
+            if self.max_objects < 2:
+                raise ValueError("the co-occurrence rule needs data.source.world.max_objects >= 2")
 
 
 _SLOT = {  # (centre x, centre y) as fractions of the canvas
@@ -94,6 +124,7 @@ def render_scene(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (s, s), (245, 245, 245))
     draw = ImageDraw.Draw(img)
     rng = random.Random(scene.seed)
+    bg = np.array((245, 245, 245), dtype=float)
     for o in scene.objects:
         cx, cy = _SLOT[o.position]
         r = (0.2 if o.size == "large" else 0.11) * s
@@ -101,6 +132,8 @@ def render_scene(scene: Scene) -> Image.Image:
         cy = cy * s + rng.uniform(-0.04, 0.04) * s
         box = (cx - r, cy - r, cx + r, cy + r)
         col = COLOURS[o.colour]
+        if scene.faint == (o.colour, o.shape):  # low contrast: blended toward the background
+            col = tuple(int(round(v)) for v in bg + scene.faint_contrast * (np.array(col) - bg))
         if o.shape == "circle":
             draw.ellipse(box, fill=col)
         elif o.shape == "square":
@@ -115,14 +148,59 @@ def render_scene(scene: Scene) -> Image.Image:
     return img
 
 
-def sample_scene(rng: random.Random, cfg: WorldConfig, seed: int) -> Scene:
+_ORDER = {p: i for i, p in enumerate(POSITIONS)}
+
+
+def sample_scene(rng: random.Random, cfg: WorldConfig, seed: int, cooc_prob: float | None = None) -> Scene:
+    if cfg.cooc_trigger is not None:
+        return _sample_cooc_scene(rng, cfg, seed, cfg.cooc_prob if cooc_prob is None else cooc_prob)
     n = rng.randint(cfg.min_objects, cfg.max_objects)
     positions = rng.sample(list(cfg.positions), n)
     objects = [
         Obj(rng.choice(cfg.colours), rng.choice(cfg.shapes), rng.choice(cfg.sizes), p)
         for p in positions
     ]
+    if cfg.canonical_order:
+        objects.sort(key=lambda o: _ORDER[o.position])
     return Scene(objects, seed=seed, image_size=cfg.image_size, noise=cfg.noise)
+
+
+def _sample_cooc_scene(rng: random.Random, cfg: WorldConfig, seed: int, p: float) -> Scene:
+    """Trigger with prob `trigger_rate`; then the (small, faint) companion with prob `p`; other
+    objects never take the trigger's or companion's identity, so only the rule governs them."""
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    positions = rng.sample(list(cfg.positions), len(cfg.positions))
+    objects: list[Obj] = []
+    special = {cfg.cooc_trigger, cfg.cooc_companion}
+    if rng.random() < cfg.trigger_rate:
+        objects.append(Obj(*cfg.cooc_trigger, rng.choice(cfg.sizes), positions.pop()))
+        if rng.random() < p:
+            objects.append(Obj(*cfg.cooc_companion, "small", positions.pop()))
+    while len(objects) < n:
+        c, sh = rng.choice(cfg.colours), rng.choice(cfg.shapes)
+        if (c, sh) in special:
+            continue
+        objects.append(Obj(c, sh, rng.choice(cfg.sizes), positions.pop()))
+    objects.sort(key=lambda o: _ORDER[o.position])  # the testbed's deterministic order
+    return Scene(objects, seed=seed, image_size=cfg.image_size, noise=cfg.noise,
+                 faint=cfg.cooc_companion, faint_contrast=cfg.companion_contrast)
+
+
+def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
+    """What a noisy annotator saw: with prob `hallucination_rate`, a trigger scene without its
+    companion gets one anyway (small, at a free position). Seeded by the scene: deterministic."""
+    if cfg.cooc_trigger is None or cfg.hallucination_rate <= 0:
+        return scene
+    ids = {(o.colour, o.shape) for o in scene.objects}
+    if cfg.cooc_trigger not in ids or cfg.cooc_companion in ids:
+        return scene
+    rng = random.Random(scene.seed * 2_654_435_761 % 2**32)
+    free = [p for p in cfg.positions if p not in {o.position for o in scene.objects}]
+    if not free or rng.random() >= cfg.hallucination_rate:
+        return scene
+    objs = sorted([*scene.objects, Obj(*cfg.cooc_companion, "small", rng.choice(free))],
+                  key=lambda o: _ORDER[o.position])
+    return Scene(objs, scene.seed, scene.image_size, scene.noise, scene.faint, scene.faint_contrast)
 
 
 def caption(scene: Scene, template: int) -> str:
@@ -177,7 +255,9 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
     A fact is one attribute of one mentioned object (colour, shape, size, position) or the
     stated count. Mentions are matched one-to-one to scene objects to maximise agreement.
     `accuracy` = correct facts / stated facts (0 when nothing parseable is stated);
-    `exact` = every object described exactly and nothing extra.
+    `exact` = every object described exactly, nothing extra, and the whole caption parses
+    (`cwdpo.data.verifier`: no junk tokens, terminated). `verifier.verify` adds recall of
+    attributes, hallucinated / omitted objects and a junk-aware score.
     """
     facts = parse_caption(text)
     objs = scene.objects
@@ -205,10 +285,12 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
         stated += 1
         correct += facts.count == NUMBERS[len(scene.objects)]
     n_mentioned = len(facts.objects)
+    from cwdpo.data.verifier import parse  # the full grammar: gold + junk is not exact
+
     return {
         "accuracy": correct / stated if stated else 0.0,
         "recall": min(n_mentioned, len(objs)) / len(objs),
-        "exact": float(exact_objs == len(scene.objects) == n_mentioned),
+        "exact": float(exact_objs == len(scene.objects) == n_mentioned and not parse(text).malformed),
         "stated": float(stated),
     }
 
@@ -270,23 +352,36 @@ class ShapesWorld:
     cfg: WorldConfig = field(default_factory=WorldConfig)
     seed: int = 0
 
+    def cooc_prob(self, split: str, i: int, n: int) -> float:
+        """P(companion | trigger) of row i of n: base / stage-1 rows at `cooc_prob`, stage-2
+        rows (train from `shift_from` on) and held-out splits at `cooc_prob_shift`."""
+        if split == "base" or (split == "train" and i < round(self.cfg.shift_from * n)):
+            return self.cfg.cooc_prob
+        return self.cfg.cooc_prob_shift
+
     def scenes(self, split: str, n: int) -> list[Scene]:
         # Split-specific streams never overlap: the split name is part of the seed.
-        base = {"train": 0, "val": 1, "test": 2, "probe": 3}.get(split, 4) * 10_000_019
+        base = {"train": 0, "val": 1, "test": 2, "probe": 3, "base": 5}.get(split, 4) * 10_000_019
         rng = random.Random(self.seed * 7919 + base)
-        return [sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)]
+        if self.cfg.cooc_trigger is None:
+            return [sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)]
+        return [sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
+                for i in range(n)]
 
     def captions(self, split: str, n: int) -> list[CaptionRecord]:
-        return [
-            CaptionRecord(
+        """Caption records; base/train references come from the (noisy) annotator, held-out
+        ones from the truth. `meta["scene"]` is always the truth the verifier judges against."""
+        out = []
+        for i, sc in enumerate(self.scenes(split, n)):
+            seen = annotate(sc, self.cfg) if split in ("base", "train") else sc
+            out.append(CaptionRecord(
                 image_id=f"shapes-{split}-{i}",
                 image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                references=references(sc, self.cfg.templates),
+                references=references(seen, self.cfg.templates),
                 split=split,
-                meta={"scene": sc},
-            )
-            for i, sc in enumerate(self.scenes(split, n))
-        ]
+                meta={"scene": sc, **({"annotated_scene": seen} if seen is not sc else {})},
+            ))
+        return out
 
     def pairs(
         self, split: str, n: int, easy_fraction: float = 0.5, offset: int = 0

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from cwdpo.data import shapes
 from cwdpo.data.records import CaptionRecord, DataError
+from cwdpo.data.verifier import minimal_negative, verify
 
 
 class CaptionSource(Protocol):
@@ -22,8 +23,11 @@ class CaptionSource(Protocol):
 
     def captions(self, split: str) -> list[CaptionRecord]: ...
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
-        """A dataset negative for `record`: (text, source), gentle/hard or easy."""
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
+        """A dataset negative for `record`: (text, source), gentle/hard or easy. `chosen` is the
+        positive it will be paired with (sources that build minimal pairs edit it)."""
         ...
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool: ...
@@ -50,11 +54,17 @@ class ShapesSource:
     seed: int = 0
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 100, "test": 200, "probe": 64})
     prompt: str = shapes.PROMPT
+    judge: str = "precision"  # score(): "precision" (facts %) | "verifier" (F1 × parsed share)
+    # hard negatives as one-fact edits of the chosen caption itself (same template and object
+    # order); false keeps the old independent-template draw (the committed ShapesWorld study)
+    minimal_negatives: bool = False
 
     def __post_init__(self) -> None:
+        if self.judge not in ("precision", "verifier"):
+            raise DataError(f"data.source.judge must be 'precision' or 'verifier', got {self.judge!r}")
         if isinstance(self.world, Mapping):
             w = dict(self.world)
-            for k in ("colours", "shapes", "sizes", "positions", "templates"):
+            for k in ("colours", "shapes", "sizes", "positions", "templates", "cooc_trigger", "cooc_companion"):
                 if k in w:
                     w[k] = tuple(w[k])
             self.world = shapes.WorldConfig(**w)
@@ -71,8 +81,26 @@ class ShapesSource:
             self._cache[split] = recs
         return self._cache[split]
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    @property
+    def cooc(self) -> tuple[tuple[str, str], tuple[str, str]] | None:
+        """(trigger, companion) of the co-occurrence rule, None in the clean world."""
+        w = self.world
+        return None if w.cooc_trigger is None else (tuple(w.cooc_trigger), tuple(w.cooc_companion))
+
+    def base_records(self) -> list[CaptionRecord] | None:
+        """The base-SFT split (`sizes.base`), disjoint from stage-1/2 images; None = use train."""
+        return self.captions("base") if "base" in self.sizes else None
+
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         scene = record.meta["scene"]
+        if hard and self.minimal_negatives and chosen is not None:
+            w = self.world
+            out = minimal_negative(chosen, scene, rng, {"colour": w.colours, "shape": w.shapes,
+                                                        "size": w.sizes, "position": w.positions})
+            if out is not None:
+                return out
         t = rng.choice(self.world.templates)
         if hard:
             return shapes.hard_negative(scene, t, rng, self.world)
@@ -81,10 +109,14 @@ class ShapesSource:
         return shapes.easy_negative(scene, other, t, rng)
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:
-        s = shapes.fact_scores(text, record.meta["scene"])
-        return s["exact"] == 1.0 and s["accuracy"] == 1.0
+        """Exactly right by the full-grammar verifier: gold + junk or an omission is no positive."""
+        return verify(text, record.meta["scene"]).exact
 
     def score(self, text: str, record: CaptionRecord) -> float | None:
+        """Facts precision (`judge: precision`, the old "facts %") or the verifier's junk- and
+        omission-aware F1 score (`judge: verifier`)."""
+        if self.judge == "verifier":
+            return verify(text, record.meta["scene"]).score
         return shapes.fact_accuracy(text, record.meta["scene"])
 
 
@@ -143,7 +175,9 @@ class CaptionFileSource:
             self._vocab = CaptionVocab.mine(self.captions("train"))
         return self._vocab
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         from cwdpo.data.caption_negatives import easy_negative, hard_negative
 
         if hard:
@@ -221,7 +255,9 @@ class PreferenceFileSource:
         limit = (self.sizes or {}).get(split)
         return self._splits[split][: int(limit)] if limit else self._splits[split]
 
-    def negative(self, record: CaptionRecord, rng: random.Random, hard: bool) -> tuple[str, str]:
+    def negative(
+        self, record: CaptionRecord, rng: random.Random, hard: bool, chosen: str | None = None
+    ) -> tuple[str, str]:
         return record.meta["rejected"], "trl"
 
     def is_positive(self, text: str, record: CaptionRecord) -> bool:

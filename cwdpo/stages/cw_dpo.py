@@ -49,8 +49,10 @@ class CWDPOModule(StageModule):
         floor: float | str = -2.0,
         tau: float = 0.5,
         filter_threshold: float | None = None,
-        loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+        loss_type: Literal["sigmoid", "ipo", "sft"] = "sigmoid",
         rpo_alpha: float = 0.0,
+        loser_weight: float | None = None,
+        shuffle_weights: bool = False,
         prefix_sharing: bool = False,
         ref_cache: Any = None,
         disable_dropout: bool = True,
@@ -65,6 +67,16 @@ class CWDPOModule(StageModule):
         self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
         self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
         self.filter_threshold, self.loss_type, self.rpo_alpha = filter_threshold, loss_type, rpo_alpha
+        # baselines (issue 17): w_c ≡ loser_weight, w_c shuffled in the batch, or loss_type="sft":
+        # NLL of the chosen only (RFT on self-judged pairs, SFT continuation on dataset pairs)
+        if loss_type not in ("sigmoid", "ipo", "sft"):
+            raise ValueError(f"stage.cw_dpo.loss_type must be sigmoid|ipo|sft, got {loss_type!r}")
+        if loser_weight is not None and loser_weight < 0:
+            raise ValueError(f"stage.cw_dpo.loser_weight must be >= 0 or null, got {loser_weight}")
+        if shuffle_weights and (not cooling or loser_weight is not None):
+            raise ValueError("stage.cw_dpo.shuffle_weights needs cooling=true and loser_weight=null "
+                             f"(got cooling={cooling}, loser_weight={loser_weight})")
+        self.loser_weight, self.shuffle_weights = loser_weight, shuffle_weights
         self.last_output = None  # for diagnostics callbacks
         self.last_logps = None  # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
 
@@ -144,12 +156,16 @@ class CWDPOModule(StageModule):
         if self.loss_type == "ipo":  # IPO (as in TRL) works on per-token average log-ratios
             count = pol.count.clamp(min=1).to(pol.sum.dtype)
             ps, rs = pol.sum / count, ref / count
+        perm = torch.randperm(n, device=ps.device) if self.shuffle_weights else None
         out = cw_dpo_loss(
             ps[:n], ps[n:], rs[:n], rs[n:], pol.mean[n:],
             beta=self.beta, cooling=self.cooling, floor=self.floor, tau=self.tau,
-            filter_threshold=self.filter_threshold, loss_type=self.loss_type,
+            filter_threshold=self.filter_threshold,
+            loss_type="sigmoid" if self.loss_type == "sft" else self.loss_type,
+            loser_weight=self.loser_weight, permutation=perm,
         )
-        loss = out.loss
+        # "sft": the DPO terms above are only logged; the loss is the chosen's per-token NLL
+        loss = -pol.mean[:n].mean() if self.loss_type == "sft" else out.loss
         if self.rpo_alpha > 0:  # RPO (as in TRL): DPO + token-mean NLL of the chosen responses
             loss = loss + self.rpo_alpha * (-pol.sum[:n].sum() / pol.count[:n].sum().clamp(min=1))
         self.last_output, self.last_logps = out, pol
