@@ -173,7 +173,8 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
 
     torch.manual_seed(args.seed)
     settings = LoRASettings() if lora else None
-    bb = VLMBackbone.from_pretrained(path, max_length=args.max_length, lora=settings)
+    bb = VLMBackbone.from_pretrained(path, max_length=args.max_length, lora=settings,
+                                     gradient_checkpointing=args.gradient_checkpointing)
     bb.model.to(device)
     bb.snapshot_reference()
     bb.model.train()
@@ -240,13 +241,15 @@ def _composition(bb, batch) -> dict[str, Any]:
 def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from trl import DPOConfig, DPOTrainer
+
+    from cwdpo.processing import load_processor
 
     torch.manual_seed(args.seed)
     model = AutoModelForImageTextToText.from_pretrained(path)
     ref = AutoModelForImageTextToText.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)  # AutoProcessor, or without its video processor
 
     def user(p):
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
@@ -263,7 +266,7 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     cfg = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="cwdpo-bench-trl-"), per_device_train_batch_size=len(pairs),
         learning_rate=args.lr, beta=0.1, max_length=None, report_to="none",
-        gradient_checkpointing=False, bf16=args.precision == "bf16", use_cpu=device.type == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing, bf16=args.precision == "bf16", use_cpu=device.type == "cpu",
         save_strategy="no", dataloader_num_workers=0, seed=args.seed, logging_steps=1,
     )
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds,
@@ -351,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--gen-rounds", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="gradient checkpointing on (ours and TRL's): the real-model configs' setting")
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
@@ -480,6 +485,7 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         f"{torch.get_num_threads()} torch threads, load avg {os.getloadavg()[0]:.1f})",
         "model": str(path), "pairs": args.pairs, "rounds": args.rounds, "warmup": args.warmup,
         "precision": args.precision, "optimizer": f"AdamW(lr={args.lr})",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "composition": composition, "trl": trl_info,
         "versions": _versions(), "seconds": time.time() - t_start,
     }
