@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import platform
@@ -356,6 +357,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-rounds", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="gradient checkpointing on (ours and TRL's): the real-model configs' setting")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="tiny LLaVA with this many image tokens per row (a square number; 576 = "
+                        "LLaVA-1.5's shape, where prefix sharing matters most)")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="print one markdown table over saved bench JSONs and exit (make bench)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
@@ -386,6 +392,18 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         from cwdpo.families import ensure_family
 
         path = ensure_family(args.model.split(":", 1)[1], args.cache)
+    elif args.image_tokens:  # the image-heavy shape: same tiny LLaVA, bigger images
+        import math
+
+        from cwdpo.tiny import TinySpec
+
+        side = math.isqrt(args.image_tokens)
+        if side * side != args.image_tokens:
+            raise SystemExit(f"--image-tokens must be a square number, got {args.image_tokens}")
+        base = TinySpec()
+        path = ensure_tiny_vlm(args.cache, TinySpec(image_size=side * base.patch_size,
+                                                    max_positions=args.image_tokens + 256))
+        args.max_length = max(args.max_length, args.image_tokens + 96)
     else:
         path = Path(args.model) if args.model else ensure_tiny_vlm(args.cache)
     pairs = _pairs(args.pairs, args.seed)
@@ -548,8 +566,43 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarize(paths: list[str | Path]) -> str:
+    """One markdown table over bench JSONs (one row per model × checkpointing setting):
+    samples/s of our plain / prefix / prefix+cache DPO and TRL's, speed-ups vs TRL, CW-DPO's
+    overhead and peak step memory vs TRL's."""
+    cols = ["model", "image+prompt+response tokens", "grad ckpt", "plain", "prefix",
+            "prefix+cache", "TRL", "prefix vs TRL", "prefix+cache vs TRL", "CW-DPO overhead",
+            "peak MB ours / TRL"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        s, v, c = r["setup"], r["variants"], r["setup"]["composition"]
+        sps = {k: x["samples_per_s"] for k, x in v.items()}
+        trl = sps.get("trl/dpo")
+
+        def vs(k: str, sps: dict = sps, trl: float | None = trl) -> str:
+            return f"{sps[k] / trl:.2f}×" if trl and k in sps else "–"
+
+        peak = v.get("dpo/prefix+cache", {}).get("peak_step_mb", float("nan"))
+        tpeak = v.get("trl/dpo", {}).get("peak_step_mb")
+        row = [Path(s["model"]).name,
+               f"{c['image_tokens_per_row']:.0f}+{c['prompt_text_tokens_per_row']:.0f}+"
+               f"{c['response_tokens_per_row']:.1f}",
+               "on" if s.get("gradient_checkpointing") else "off",
+               *(f"{sps[k]:.1f}" if k in sps else "–"
+                 for k in ("dpo/plain", "dpo/prefix", "dpo/prefix+cache", "trl/dpo")),
+               vs("dpo/prefix"), vs("dpo/prefix+cache"),
+               f"{100 * r['ratios']['cw_overhead_vs_our_dpo']['prefix+cache']:+.1f}%",
+               f"{peak:.1f} / {tpeak:.1f}" if tpeak else f"{peak:.1f} / –"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
     args._cli = argv is None
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")

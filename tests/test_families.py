@@ -551,6 +551,7 @@ def test_doctor_passes_on_every_family(fam, rows):
         "batched generation = per-row",
         "LoRA targets found",
         "reference cache = plain",
+        "prefix sharing = plain",  # runs (not skips) on every family
     }
 
 
