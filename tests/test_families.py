@@ -733,4 +733,13 @@ def test_reference_cache_hits_on_the_second_epoch(fam, rows, tmp_path):
     got = cached_reference_logps(bb, cache, batch, n, prefix_sharing=True)
     assert seen == [n, 1], (name, seen)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=1e-5)
+    # keys do not depend on the batch a pair sits in (another epoch reshuffles the batches)
+    keys = pair_keys(batch, n, cache.fingerprint)
+    sub = bb.collate_pairs(
+        [images[2], images[0]],
+        [prompts[2], prompts[0]],
+        [chosen[2], chosen[0]],
+        [rejected[2], rejected[0]],
+    )
+    assert pair_keys(sub, 2, cache.fingerprint) == [keys[2], keys[0]], name
     MEASURED.setdefault(name, {})["ref_cache_second_epoch_hits"] = cache.hits
