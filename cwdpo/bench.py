@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -590,7 +591,8 @@ def summarize(paths: list[str | Path]) -> str:
 
         peak = v.get("dpo/prefix+cache", {}).get("peak_step_mb", float("nan"))
         tpeak = v.get("trl/dpo", {}).get("peak_step_mb")
-        row = [Path(s["model"]).name,
+        name = re.sub(r"^tiny-(.+)-[0-9a-f]{12}$", r"tiny \1", Path(s["model"]).name)
+        row = [name,
                f"{c['image_tokens_per_row']:.0f}+{c['prompt_text_tokens_per_row']:.0f}+"
                f"{c['response_tokens_per_row']:.1f}",
                "on" if s.get("gradient_checkpointing") else "off",
