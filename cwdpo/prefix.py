@@ -116,8 +116,16 @@ def supports_prefix_sharing(model: nn.Module, batch: dict | None = None) -> bool
         return False
     if getattr(base.config, "_attn_implementation", "eager") not in _ATTN_IMPLEMENTATIONS:
         return False
+    if batch is None:
+        return True
+    rows = batch["input_ids"].shape[0]
+    for k, v in batch.items():  # batch-level inputs other than Qwen's image patches (videos)
+        if k in TEXT_KEYS or k in PER_TOKEN_KEYS or k in PACKED_VISION or not torch.is_tensor(v):
+            continue
+        if k not in PACKED_VISION.values() and v.ndim and v.shape[0] != rows:
+            return False
     win = _sliding_window(base)
-    if win and _model_type(base) not in MASK_MAPPING_MODEL_TYPES and batch is not None:
+    if win and _model_type(base) not in MASK_MAPPING_MODEL_TYPES:
         return int(batch["attention_mask"].sum(-1).max()) <= win  # one mask for all layers
     return True
 

@@ -647,7 +647,7 @@ def test_gradient_checkpointing_gives_the_same_logps_and_grads(fam, rows):
 
 
 # ------------------------------------------------------------------------------------ fast path
-FAST_MODES = ["full", "full+gc", "lora", "lora+gc"]
+FAST_MODES = ["full", "full+gc", "lora", "lora+gc", "full+eager"]
 GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 
@@ -655,13 +655,17 @@ GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
 def test_shared_prefix_equals_plain_logps_and_grads(fam, rows, mode):
     """The packed shared-prefix forward (one row [prefix | chosen | rejected] per pair) gives
     the plain path's log-probs and every parameter gradient, gradient checkpointing on and
-    off, full fine-tuning and LoRA; rows have three different prompt lengths."""
+    off, full fine-tuning and LoRA, sdpa and eager attention (bool vs additive masks); rows
+    have three different prompt lengths."""
     from cwdpo.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
 
     name, path = fam
     lora = {"r": 4, "alpha": 8} if mode.startswith("lora") else None
-    bb = load(path, trained=True, lora=lora, gradient_checkpointing=mode.endswith("gc"))
+    attn = {"attn_implementation": "eager"} if mode.endswith("eager") else {}
+    bb = load(path, trained=True, lora=lora, gradient_checkpointing=mode.endswith("gc"), **attn)
     bb.model.train()
+    if attn:
+        assert bb.model.config.get_text_config()._attn_implementation == "eager", name
     images, prompts, chosen, rejected = rows
     batch = bb.collate_pairs(images, prompts, chosen, rejected)
     n = len(images)

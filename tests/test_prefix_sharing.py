@@ -132,6 +132,9 @@ def test_unsupported_attention_falls_back(backbone, pair_batch, monkeypatch):
     monkeypatch.setattr(backbone.model.config, "_attn_implementation", "flash_attention_2")
     assert not supports_prefix_sharing(backbone.model, batch)
     monkeypatch.undo()
+    video = {**batch, "pixel_values_videos": torch.zeros(5, 8)}  # packed inputs it cannot split
+    assert supports_prefix_sharing(backbone.model, batch)
+    assert not supports_prefix_sharing(backbone.model, video)
     calls = []
     monkeypatch.setattr("cwdpo.prefix.supports_prefix_sharing", lambda m, b=None: False)
     real = backbone.logps
