@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cwdpo.objectives import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS, SeqLogps, sequence_logps
+from cwdpo.objectives import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS, SeqLogps, token_logps
 
 #: model_type values whose prefix-shared forward is tested equal to the plain forward
 #: (tests/test_families.py, one row per family).
@@ -339,17 +339,15 @@ def shared_prefix_logps(model: nn.Module, batch: dict[str, torch.Tensor], n: int
     lg = out.logits  # [n, 1 + Tc + Tr, V]: columns P-1 … L-1
     chosen = lg[:, : sp.Tc]
     rejected = torch.cat([lg[:, :1], lg[:, 1 + sp.Tc : sp.Tc + sp.Tr]], dim=1)
-    c, r = sequence_logps(chosen, sp.labels_c), sequence_logps(rejected, sp.labels_r)
+    (tc, mc), (tr, mr) = token_logps(chosen, sp.labels_c), token_logps(rejected, sp.labels_r)
     T = max(sp.Tc, sp.Tr)
 
     def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        pad = lambda t: nn.functional.pad(t, (0, T - t.shape[1]))  # noqa: E731
-        return torch.cat([pad(a), pad(b)])
+        return torch.cat([nn.functional.pad(t, (0, T - t.shape[1])) for t in (a, b)])
 
-    return SeqLogps(
-        sum=torch.cat([c.sum, r.sum]),
-        mean=torch.cat([c.mean, r.mean]),
-        count=torch.cat([c.count, r.count]),
-        token=cat(c.token, r.token),
-        mask=cat(c.mask, r.mask),
-    )
+    # sums from the per-token rows, as `sequence_logps`: the loss reaches the parameters
+    # through `token` (the dynamics callback's chosen/rejected gradient split needs that)
+    token, mask = cat(tc, tr), cat(mc, mr)
+    count = mask.sum(-1)
+    total = token.sum(-1)
+    return SeqLogps(sum=total, mean=total / count.clamp(min=1), count=count, token=token, mask=mask)

@@ -177,3 +177,21 @@ def test_cw_dpo_module_prefix_flag(backbone, pair_batch, perturb):
         losses.append((loss, metrics["cooling/mean"]))
     torch.testing.assert_close(losses[0][0], losses[1][0], **TOL)
     torch.testing.assert_close(losses[0][1], losses[1][1], **TOL)
+
+
+def test_gradient_split_through_the_fast_path(backbone, pair_batch):
+    """The dynamics callback splits ∇L into chosen / rejected parts through `SeqLogps.token`:
+    the fast path's loss must reach the parameters through it, giving the plain path's split."""
+    from cwdpo.diagnostics import gradient_split
+
+    batch, n = _batch(backbone, pair_batch), len(pair_batch)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    w = torch.linspace(0.5, 2.0, 2 * n)
+    splits = []
+    for lp in (backbone.logps(batch), shared_prefix_logps(backbone.model, batch, n)):
+        loss = (lp.sum * w).sum()
+        splits.append(gradient_split(loss, [lp.token], params, n, return_grads=True))
+    (plain, fast) = splits
+    assert any(g.abs().max() > 0 for g in fast.grads_l)
+    for gp, gf in zip(plain.grads_w + plain.grads_l, fast.grads_w + fast.grads_l):
+        torch.testing.assert_close(gf, gp, **GRAD_TOL)
