@@ -62,18 +62,21 @@ SHARED_PREFIX_MODEL_TYPES = frozenset(
 )
 #: Families whose root forward accepts {"full_attention", "sliding_attention"} mask mappings.
 MASK_MAPPING_MODEL_TYPES = frozenset({"gemma3", "qwen2_vl", "qwen2_5_vl"})
-#: Bidirectional-span rule per family: token_type_ids → block ids (≥ 0: same id attends both
-#: ways, as the model's own `blockwise_overlay`; -1: causal).
+#: Families whose token_type_ids make bidirectional blocks inside the prefix, and which rule:
+#: Gemma3's contiguous image spans, PaliGemma's whole prefix (its prefix-LM).
+BIDIRECTIONAL_BLOCKS = {"gemma3": "image_spans", "paligemma": "prefix"}
+#: Attention implementations that take a custom 4-D mask (bool for sdpa, additive for eager).
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 #: Packed per-image vision inputs (Qwen): patches [Σ t·h·w, D] split by image_grid_thw.
 PACKED_VISION = {"pixel_values": "image_grid_thw"}
 
 
 def _block_ids(model_type: str, token_type_ids: torch.Tensor) -> torch.Tensor:
-    """The family's bidirectional blocks over plain rows (-1 = plain causal token)."""
-    if model_type == "paligemma":  # prefix-LM: the whole prefix (type 0) is one block
+    """The family's bidirectional blocks over plain rows, as the model's own
+    `blockwise_overlay` reads them: tokens of one block id ≥ 0 attend both ways, -1 is causal."""
+    if BIDIRECTIONAL_BLOCKS[model_type] == "prefix":  # the whole prefix (type 0) is one block
         return torch.where(token_type_ids == 0, 0, -1)
-    is_img = token_type_ids == 1  # Gemma3: each contiguous image span is a block
+    is_img = token_type_ids == 1  # each contiguous image span is a block
     prev = nn.functional.pad(is_img, (1, 0), value=False)[:, :-1]
     gid = torch.cumsum((is_img & ~prev).int(), dim=1) - 1
     return torch.where(is_img, gid, -1)
@@ -261,7 +264,7 @@ def split_pairs(
     causal = ii[None, :, None] >= ii[None, None, :]
     allowed = ((q_seg == k_seg) & causal) | ((k_seg == 0) & (q_seg > 0))
     mt = _model_type(_base(model)) if model is not None else None
-    if "token_type_ids" in batch and mt in ("gemma3", "paligemma"):
+    if "token_type_ids" in batch and mt in BIDIRECTIONAL_BLOCKS:
         blocks = _block_ids(mt, batch["token_type_ids"])
         if bool((blocks[is_resp] >= 0).any()):
             raise ValueError("a bidirectional block reaches into a response: no shared prefix")
