@@ -60,8 +60,17 @@ train:
 train-ablation:
 	$(PYTHON) -m cwdpo.train +experiment=ablation_cooling
 
+## bench: every tiny family ± gradient checkpointing + the image-heavy shape (576 image tokens),
+## then one table (logs/bench/table.md); `python -m cwdpo.bench` alone benchmarks one model
+BENCH_FAMILIES ?= llava llava_next llava_onevision qwen2_vl qwen2_5_vl qwen3_vl idefics3 smolvlm gemma3 paligemma
 bench:
-	$(PYTHON) -m cwdpo.bench
+	@mkdir -p logs/bench
+	for f in $(BENCH_FAMILIES); do for gc in "" --gradient-checkpointing; do \
+	  $(PYTHON) -m cwdpo.bench --model tiny:$$f $$gc --no-lora --no-generation \
+	    --out logs/bench/$$f$${gc:+_gc}.json || exit 1; done; done
+	$(PYTHON) -m cwdpo.bench --image-tokens 576 --pairs 4 --no-lora --no-generation \
+	  --out logs/bench/llava_576.json
+	$(PYTHON) -m cwdpo.bench --summarize logs/bench/*.json | tee logs/bench/table.md
 
 ## gpu-check: the GPU suite + cwdpo.bench on the GPU (every tiny family, one realistic shape),
 ## < 5 min on one GPU; writes gpu_check/gpu_check.{json,md}. Without CUDA: exits 2 at once.

@@ -534,14 +534,14 @@ class VLMBackbone(nn.Module):
         prefix_sharing: bool = False,
     ) -> SeqLogps:
         """Log-probs of a `collate_pairs` batch (n pairs, 2n rows). prefix_sharing=True runs
-        image + prompt once per pair (`cwdpo.prefix`) where the model supports it (else, and
-        with gradient checkpointing in training mode, the plain `logps` path)."""
+        image + prompt once per pair (`cwdpo.prefix`: one packed row per pair, gradient
+        checkpointing included) where the model supports it, else the plain `logps` path."""
         if prefix_sharing:
             from cwdpo.prefix import shared_prefix_logps, supports_prefix_sharing
 
             ctx = self._reference_ctx() if reference else nullcontext(self.model)
             with ctx as model, torch.no_grad() if reference else nullcontext():
-                if supports_prefix_sharing(model):
+                if supports_prefix_sharing(model, batch):
                     return shared_prefix_logps(model, batch, n)
         return self.logps(batch, reference=reference)
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -173,7 +175,8 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
 
     torch.manual_seed(args.seed)
     settings = LoRASettings() if lora else None
-    bb = VLMBackbone.from_pretrained(path, max_length=args.max_length, lora=settings)
+    bb = VLMBackbone.from_pretrained(path, max_length=args.max_length, lora=settings,
+                                     gradient_checkpointing=args.gradient_checkpointing)
     bb.model.to(device)
     bb.snapshot_reference()
     bb.model.train()
@@ -240,13 +243,15 @@ def _composition(bb, batch) -> dict[str, Any]:
 def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from trl import DPOConfig, DPOTrainer
+
+    from cwdpo.processing import load_processor
 
     torch.manual_seed(args.seed)
     model = AutoModelForImageTextToText.from_pretrained(path)
     ref = AutoModelForImageTextToText.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)  # AutoProcessor, or without its video processor
 
     def user(p):
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
@@ -263,7 +268,7 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     cfg = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="cwdpo-bench-trl-"), per_device_train_batch_size=len(pairs),
         learning_rate=args.lr, beta=0.1, max_length=None, report_to="none",
-        gradient_checkpointing=False, bf16=args.precision == "bf16", use_cpu=device.type == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing, bf16=args.precision == "bf16", use_cpu=device.type == "cpu",
         save_strategy="no", dataloader_num_workers=0, seed=args.seed, logging_steps=1,
     )
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds,
@@ -351,6 +356,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--gen-rounds", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="gradient checkpointing on (ours and TRL's): the real-model configs' setting")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="tiny LLaVA with this many image tokens per row (a square number; 576 = "
+                        "LLaVA-1.5's shape, where prefix sharing matters most)")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="print one markdown table over saved bench JSONs and exit (make bench)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
@@ -381,6 +393,18 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         from cwdpo.families import ensure_family
 
         path = ensure_family(args.model.split(":", 1)[1], args.cache)
+    elif args.image_tokens:  # the image-heavy shape: same tiny LLaVA, bigger images
+        import math
+
+        from cwdpo.tiny import TinySpec
+
+        side = math.isqrt(args.image_tokens)
+        if side * side != args.image_tokens:
+            raise SystemExit(f"--image-tokens must be a square number, got {args.image_tokens}")
+        base = TinySpec()
+        path = ensure_tiny_vlm(args.cache, TinySpec(image_size=side * base.patch_size,
+                                                    max_positions=args.image_tokens + 256))
+        args.max_length = max(args.max_length, args.image_tokens + 96)
     else:
         path = Path(args.model) if args.model else ensure_tiny_vlm(args.cache)
     pairs = _pairs(args.pairs, args.seed)
@@ -388,8 +412,13 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
     variants, composition = _our_variants(args, path, pairs, device, lora=False)
     trl_info = None
     if not args.no_trl:
-        v, trl_info = _trl_variant(args, path, pairs, device)
-        variants.append(v)
+        try:
+            v, trl_info = _trl_variant(args, path, pairs, device)
+            variants.append(v)
+        except Exception as e:  # TRL cannot run every family (its processor calls): say so
+            trl_info = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"bench: TRL's DPOTrainer failed on this model, ours only: {trl_info['error']}",
+                  file=sys.stderr)
     if not args.no_lora:
         variants += _our_variants(args, path, pairs, device, lora=True)[0]
 
@@ -480,6 +509,7 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         f"{torch.get_num_threads()} torch threads, load avg {os.getloadavg()[0]:.1f})",
         "model": str(path), "pairs": args.pairs, "rounds": args.rounds, "warmup": args.warmup,
         "precision": args.precision, "optimizer": f"AdamW(lr={args.lr})",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "composition": composition, "trl": trl_info,
         "versions": _versions(), "seconds": time.time() - t_start,
     }
@@ -542,8 +572,44 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarize(paths: list[str | Path]) -> str:
+    """One markdown table over bench JSONs (one row per model × checkpointing setting):
+    samples/s of our plain / prefix / prefix+cache DPO and TRL's, speed-ups vs TRL, CW-DPO's
+    overhead and peak step memory vs TRL's."""
+    cols = ["model", "image+prompt+response tokens", "grad ckpt", "plain", "prefix",
+            "prefix+cache", "TRL", "prefix vs TRL", "prefix+cache vs TRL", "CW-DPO overhead",
+            "peak MB ours / TRL"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        s, v, c = r["setup"], r["variants"], r["setup"]["composition"]
+        sps = {k: x["samples_per_s"] for k, x in v.items()}
+        trl = sps.get("trl/dpo")
+
+        def vs(k: str, sps: dict = sps, trl: float | None = trl) -> str:
+            return f"{sps[k] / trl:.2f}×" if trl and k in sps else "–"
+
+        peak = v.get("dpo/prefix+cache", {}).get("peak_step_mb", float("nan"))
+        tpeak = v.get("trl/dpo", {}).get("peak_step_mb")
+        name = re.sub(r"^tiny-(.+)-[0-9a-f]{12}$", r"tiny \1", Path(s["model"]).name)
+        row = [name,
+               f"{c['image_tokens_per_row']:.0f}+{c['prompt_text_tokens_per_row']:.0f}+"
+               f"{c['response_tokens_per_row']:.1f}",
+               "on" if s.get("gradient_checkpointing") else "off",
+               *(f"{sps[k]:.1f}" if k in sps else "–"
+                 for k in ("dpo/plain", "dpo/prefix", "dpo/prefix+cache", "trl/dpo")),
+               vs("dpo/prefix"), vs("dpo/prefix+cache"),
+               f"{100 * r['ratios']['cw_overhead_vs_our_dpo']['prefix+cache']:+.1f}%",
+               f"{peak:.1f} / {tpeak:.1f}" if tpeak else f"{peak:.1f} / –"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
     args._cli = argv is None
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -195,7 +195,7 @@ def check_fast_paths(bb: VLMBackbone, rows: Rows, tol: float) -> list[Check]:
         bb.snapshot_reference()
     with torch.no_grad():
         plain = bb.logps(batch, reference=True).sum.float().cpu()
-        if supports_prefix_sharing(bb.model):
+        if supports_prefix_sharing(bb.model, batch):
             shared = bb.pair_logps(batch, n, reference=True, prefix_sharing=True).sum.float().cpu()
             d = (shared - plain).abs().max().item()
             pre = Check(

@@ -33,7 +33,6 @@ from cwdpo.utils.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous().reshape(-1)  # 0-d too (OneVision's batch_num_images)
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -85,10 +84,20 @@ def reference_signature(backbone: Any, samples: int = 256) -> str:
 
 
 def pair_keys(batch: dict[str, torch.Tensor], n: int, fingerprint: str) -> list[bytes]:
-    """One 32-byte key per pair of a `collate_pairs` batch (rows i and n+i)."""
+    """One 32-byte key per pair of a `collate_pairs` batch (rows i and n+i): token ids and
+    per-token inputs of both rows, where their responses start, and the pair's own vision
+    inputs (packed Qwen patches split per pair by image_grid_thw)."""
+    from cwdpo.prefix import is_packed, select_packed
+
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    vision = {k: v for k, v in batch.items() if k not in TEXT_KEYS and torch.is_tensor(v)}
     rows = ids.shape[0]
+    per_tok = [k for k in PER_TOKEN_KEYS if k in batch]
+    vision = {
+        k: v
+        for k, v in batch.items()
+        if k not in TEXT_KEYS and k not in per_tok and torch.is_tensor(v)
+    }
+    packed = is_packed(batch)
     keys = []
     for i in range(n):
         h = hashlib.sha256(fingerprint.encode())
@@ -97,26 +106,30 @@ def pair_keys(batch: dict[str, torch.Tensor], n: int, fingerprint: str) -> list[
             h.update(b"|row|")
             h.update(_tensor_bytes(ids[r][m].to(torch.int64)))
             h.update(_tensor_bytes((labels[r][m] != IGNORE_INDEX).to(torch.uint8)))
+            for k in per_tok:
+                h.update(k.encode())
+                h.update(_tensor_bytes(batch[k][r][m].to(torch.int64)))
+        own = select_packed(batch, [i]) if packed else {}
         for k in sorted(vision):
-            v = vision[k]
-            if v.shape[0] == rows:
-                h.update(k.encode())
+            v = own.get(k, vision[k])
+            h.update(k.encode())
+            if k in own or not v.ndim:
+                h.update(_tensor_bytes(v))
+            elif v.shape[0] == rows:
                 h.update(_tensor_bytes(v[i]))
-            else:  # packed vision inputs (e.g. Qwen2-VL patches): hash the whole tensor
-                h.update(k.encode())
+            else:  # an unknown batch-level input: the whole tensor (a miss, never a wrong hit)
                 h.update(_tensor_bytes(v))
         keys.append(h.digest())
     return keys
 
 
-def _packed_vision(batch: dict[str, torch.Tensor]) -> bool:
-    rows = batch["input_ids"].shape[0]
-    return any(torch.is_tensor(v) and v.ndim and v.shape[0] != rows
-               for k, v in batch.items() if k not in TEXT_KEYS)
+def select_pairs(
+    batch: dict[str, torch.Tensor], n: int, idx: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sub-batch of pairs `idx` (chosen rows then rejected rows), right padding trimmed;
+    packed patches (Qwen) are split per image by image_grid_thw."""
+    from cwdpo.prefix import is_packed, select_packed
 
-
-def select_pairs(batch: dict[str, torch.Tensor], n: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sub-batch of pairs `idx` (chosen rows then rejected rows), right padding trimmed."""
     rows = batch["input_ids"].shape[0]
     sel = torch.cat([idx, idx + n]).to(batch["input_ids"].device)
     out = {}
@@ -125,6 +138,8 @@ def select_pairs(batch: dict[str, torch.Tensor], n: int, idx: torch.Tensor) -> d
             out[k] = v[sel.to(v.device)]
         else:
             out[k] = v
+    if is_packed(batch):
+        out.update(select_packed(batch, sel.tolist()))
     width = int(out["attention_mask"].sum(-1).max())
     for k in (*TEXT_KEYS, *(k for k in PER_TOKEN_KEYS if k in out)):
         out[k] = out[k][:, :width]
@@ -217,8 +232,6 @@ def cached_reference_logps(
     dev = batch["input_ids"].device
     ref = torch.cat([vals[:, 0], vals[:, 1]]).to(dev)
     miss = (~hit).nonzero().flatten()
-    if len(miss) and len(miss) < n and _packed_vision(batch):
-        miss = torch.arange(n)  # packed patches (Qwen2-VL) cannot be sub-batched: run all pairs
     if len(miss):
         sub = select_pairs(batch, n, miss) if len(miss) < n else batch
         out = backbone.pair_logps(sub, len(miss), reference=True, prefix_sharing=prefix_sharing)

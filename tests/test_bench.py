@@ -36,6 +36,14 @@ def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
     c = saved["setup"]["composition"]
     assert c["image_tokens_per_row"] > c["response_tokens_per_row"]  # the captioning case
     assert res["ratios"] == r
+    # make bench's table: one row per saved JSON, our paths and TRL's side by side
+    from cwdpo.bench import summarize
+
+    table = summarize([out, out]).splitlines()
+    assert len(table) == 4 and "prefix+cache vs TRL" in table[0]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[2] == "off" and float(cells[5]) == round(saved["variants"]["dpo/prefix+cache"]
+                                                          ["samples_per_s"], 1)
 
 
 def test_state_bytes_and_peak_memory():

@@ -551,6 +551,7 @@ def test_doctor_passes_on_every_family(fam, rows):
         "batched generation = per-row",
         "LoRA targets found",
         "reference cache = plain",
+        "prefix sharing = plain",  # runs (not skips) on every family
     }
 
 
@@ -643,3 +644,106 @@ def test_gradient_checkpointing_gives_the_same_logps_and_grads(fam, rows):
     assert ga.keys() == gb.keys() and ga
     worst = max((ga[k] - gb[k]).abs().max().item() / (ga[k].abs().max().item() + 1e-8) for k in ga)
     assert worst < 1e-4, f"{name}: relative gradient difference {worst:.2e}"
+
+
+# ------------------------------------------------------------------------------------ fast path
+FAST_MODES = ["full", "full+gc", "lora", "lora+gc", "full+eager"]
+GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize("mode", FAST_MODES)
+def test_shared_prefix_equals_plain_logps_and_grads(fam, rows, mode):
+    """The packed shared-prefix forward (one row [prefix | chosen | rejected] per pair) gives
+    the plain path's log-probs and every parameter gradient, gradient checkpointing on and
+    off, full fine-tuning and LoRA, sdpa and eager attention (bool vs additive masks); rows
+    have three different prompt lengths."""
+    from cwdpo.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
+
+    name, path = fam
+    lora = {"r": 4, "alpha": 8} if mode.startswith("lora") else None
+    attn = {"attn_implementation": "eager"} if mode.endswith("eager") else {}
+    bb = load(path, trained=True, lora=lora, gradient_checkpointing=mode.endswith("gc"), **attn)
+    bb.model.train()
+    if attn:
+        assert bb.model.config.get_text_config()._attn_implementation == "eager", name
+    images, prompts, chosen, rejected = rows
+    batch = bb.collate_pairs(images, prompts, chosen, rejected)
+    n = len(images)
+    assert supports_prefix_sharing(bb.model, batch), name
+    sp = split_pairs(batch, n, bb.model)
+    assert sp.inputs["input_ids"].shape[0] == n  # one packed row per pair
+    n_img = int((batch["input_ids"] == bb.model.config.image_token_id).sum())
+    assert int((sp.inputs["input_ids"] == bb.model.config.image_token_id).sum()) * 2 == n_img
+    w = torch.linspace(0.5, 2.0, 2 * n)  # distinct row weights: chosen/rejected grads differ
+    out = []
+    for fn in (lambda: bb.logps(batch), lambda: shared_prefix_logps(bb.model, batch, n)):
+        lp = fn()
+        ((lp.sum * w).sum() + lp.mean.sum()).backward()
+        grads = {k: p.grad.clone() for k, p in bb.model.named_parameters() if p.grad is not None}
+        bb.model.zero_grad(set_to_none=True)
+        out.append((lp, grads))
+    (plain, gp), (fast, gf) = out
+    d_logp = (fast.sum - plain.sum).abs().max().item()
+    assert torch.equal(fast.count, plain.count)
+    torch.testing.assert_close(fast.sum, plain.sum, atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(fast.mean, plain.mean, atol=TOL, rtol=1e-5)
+    assert gp.keys() == gf.keys() and gp, name
+    if lora:
+        assert all("lora_" in k for k in gp)
+    else:  # the vision tower gets its gradient through the shared prefix too
+        assert any("vision" in k or "visual" in k for k in gp), name
+    d_grad = max((gf[k] - gp[k]).abs().max().item() for k in gp)
+    for k in gp:
+        torch.testing.assert_close(gf[k], gp[k], **GRAD_TOL, msg=f"{name} {mode} {k}")
+    m = MEASURED.setdefault(name, {})
+    m[f"prefix_logp_{mode}"], m[f"prefix_grad_{mode}"] = d_logp, d_grad
+
+
+def test_reference_cache_hits_on_the_second_epoch(fam, rows, tmp_path):
+    """Cached reference log-probs equal the plain reference forward on every family (packed
+    Qwen patches included); the second pass over the pairs is all hits, no forward; a partial
+    miss computes the missing pair only (packed patches split per pair by image_grid_thw)."""
+    from cwdpo.ref_cache import (
+        RefLogpCache,
+        cached_reference_logps,
+        pair_keys,
+        reference_fingerprint,
+    )
+
+    name, path = fam
+    bb = load(path, trained=True)
+    bb.snapshot_reference()
+    from tests.conftest import perturb_
+
+    perturb_(bb.model, 0.05, 2)  # policy ≠ reference
+    images, prompts, chosen, rejected = rows
+    batch = bb.collate_pairs(images, prompts, chosen, rejected)
+    n = len(images)
+    expected = bb.logps(batch, reference=True).sum
+    cache = RefLogpCache(tmp_path).bind(reference_fingerprint(bb))
+    seen = []
+    real = bb.pair_logps
+
+    def counting(b, k, **kw):
+        seen.append(k)
+        return real(b, k, **kw)
+
+    bb.pair_logps = counting
+    for _epoch in range(2):  # the second pass is the second epoch
+        got = cached_reference_logps(bb, cache, batch, n, prefix_sharing=True)
+        torch.testing.assert_close(got, expected, atol=TOL, rtol=1e-5)
+    assert seen == [n] and cache.hits == n and cache.misses == n, (name, seen)
+    cache.table.pop(pair_keys(batch, n, cache.fingerprint)[1])
+    got = cached_reference_logps(bb, cache, batch, n, prefix_sharing=True)
+    assert seen == [n, 1], (name, seen)
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=1e-5)
+    # keys do not depend on the batch a pair sits in (another epoch reshuffles the batches)
+    keys = pair_keys(batch, n, cache.fingerprint)
+    sub = bb.collate_pairs(
+        [images[2], images[0]],
+        [prompts[2], prompts[0]],
+        [chosen[2], chosen[0]],
+        [rejected[2], rejected[0]],
+    )
+    assert pair_keys(sub, 2, cache.fingerprint) == [keys[2], keys[0]], name
+    MEASURED.setdefault(name, {})["ref_cache_second_epoch_hits"] = cache.hits

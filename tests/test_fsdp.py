@@ -42,12 +42,15 @@ def script(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_process_fsdp_equals_single_process(script, tiny_vlm_path, tmp_path, lora):
+@pytest.mark.parametrize(("lora", "prefix"), [(False, False), (True, False), (False, True)],
+                         ids=["full", "lora", "full-prefix-sharing"])
+def test_two_process_fsdp_equals_single_process(script, tiny_vlm_path, tmp_path, lora, prefix):
+    """prefix: the FSDP2 run uses the packed shared-prefix forward (root `forward` only), the
+    single-process run the plain path: same weights after 3 steps."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
                              mirror_world=2, lora=lora)
-    _fsdp(script, tmp_path, tiny_vlm_path, fsdp, lora=lora)
+    _fsdp(script, tmp_path, tiny_vlm_path, fsdp, lora=lora, prefix_sharing=prefix)
     assert json.loads((fsdp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
     assert (fsdp / "writes.log").read_text().split() == ["rank0"]
     for rank in (0, 1):  # each rank holds about half of the policy and of the reference

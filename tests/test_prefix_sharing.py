@@ -1,6 +1,7 @@
 """The prefix-shared pair forward (cwdpo.prefix) equals the plain `collate_pairs` + `logps`
 path: log-probs AND parameter gradients, equal and unequal prompt lengths, policy and
-reference, full fine-tuning and LoRA; unsupported settings fall back to the plain path."""
+reference, full fine-tuning and LoRA, gradient checkpointing; unsupported attention
+implementations fall back to the plain path."""
 
 from __future__ import annotations
 
@@ -46,12 +47,24 @@ def _check_equal(bb, batch, n):
 def test_split_pairs_layout(backbone, pair_batch):
     batch = _batch(backbone, pair_batch)
     n = len(pair_batch)
-    sp = split_pairs(batch, n)
-    assert sp.prefix_ids.shape[0] == n and sp.cont_ids.shape[0] == 2 * n
-    assert sp.vision["pixel_values"].shape[0] == n  # the vision tower sees each image once
-    for r in range(2 * n):  # every response token is in the continuation, in order
+    sp = split_pairs(batch, n, backbone.model)
+    assert sp.inputs["input_ids"].shape[0] == n  # one packed row per pair
+    assert sp.inputs["pixel_values"].shape[0] == n  # the vision tower sees each image once
+    labels = torch.cat([sp.labels_c, sp.labels_r])
+    for r in range(2 * n):  # every response token is in its continuation, in order
         resp = batch["labels"][r][batch["labels"][r] != -100]
-        assert sp.labels[r][sp.labels[r] != -100].tolist() == resp.tolist()
+        assert labels[r][labels[r] != -100].tolist() == resp.tolist()
+    # a response never sees the other response; both see the whole (real) prefix
+    P, Tc = sp.P, sp.Tc
+    assert not sp.allowed[:, P + Tc :, P : P + Tc].any()
+    assert not sp.allowed[:, P : P + Tc, P + Tc :].any()
+    real = sp.inputs["input_ids"][:, :P] != backbone.tokenizer.pad_token_id
+    assert torch.equal(sp.allowed[:, P, :P], real) and torch.equal(sp.allowed[:, P + Tc, :P], real)
+    # both responses continue the prefix's positions
+    plen = (batch["labels"][:n] == -100).long().cumprod(-1).sum(-1)
+    assert torch.equal(sp.positions_1d[:, P], plen) and torch.equal(
+        sp.positions_1d[:, P + Tc], plen
+    )
 
 
 def test_policy_logps_and_grads_equal_plain(backbone, pair_batch):
@@ -65,8 +78,11 @@ def test_unequal_prompt_lengths(backbone, pair_batch):
     prompts[1] = "Describe."
     prompts[2] = "What is in this picture? Describe the image, please, in one sentence."
     batch = _batch(backbone, pair_batch, prompts)
-    sp = split_pairs(batch, len(prompts))
-    assert len(set(sp.prefix_mask.sum(-1).tolist())) == 3  # really unequal prefixes
+    sp = split_pairs(batch, len(prompts), backbone.model)
+    pad = backbone.tokenizer.pad_token_id
+    assert (
+        len(set((sp.inputs["input_ids"][:, : sp.P] != pad).sum(-1).tolist())) == 3
+    )  # really unequal prefixes
     _check_equal(backbone, batch, len(prompts))
 
 
@@ -93,22 +109,47 @@ def test_full_finetune_reference_copy(backbone, pair_batch, perturb):
     batch, n = _batch(backbone, pair_batch), len(pair_batch)
     torch.testing.assert_close(
         backbone.pair_logps(batch, n, reference=True, prefix_sharing=True).sum,
-        backbone.logps(batch, reference=True).sum, **TOL,
+        backbone.logps(batch, reference=True).sum,
+        **TOL,
     )
 
 
-def test_gradient_checkpointing_falls_back(tiny_vlm_path, pair_batch):
+def test_gradient_checkpointing_uses_the_fast_path(tiny_vlm_path, pair_batch):
+    """The packed row is one ordinary forward: exact under gradient checkpointing too (it used
+    to fall back to the plain path there, transformers dropping the KV cache)."""
     from cwdpo.backbone import VLMBackbone
 
     torch.manual_seed(0)
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, gradient_checkpointing=True)
     bb.model.train()
-    assert not supports_prefix_sharing(bb.model)  # transformers would drop the KV cache
-    batch, n = _batch(bb, pair_batch), len(pair_batch)
-    out = bb.pair_logps(batch, n, prefix_sharing=True)
-    torch.testing.assert_close(out.sum, bb.logps(batch).sum, **TOL)
-    bb.model.eval()
     assert supports_prefix_sharing(bb.model)
+    batch, n = _batch(bb, pair_batch), len(pair_batch)
+    _check_equal(bb, batch, n)
+
+
+def test_unsupported_attention_falls_back(backbone, pair_batch, monkeypatch):
+    batch, n = _batch(backbone, pair_batch), len(pair_batch)
+    monkeypatch.setattr(backbone.model.config, "_attn_implementation", "flash_attention_2")
+    assert not supports_prefix_sharing(backbone.model, batch)
+    monkeypatch.undo()
+    video = {**batch, "pixel_values_videos": torch.zeros(5, 8)}  # packed inputs it cannot split
+    assert supports_prefix_sharing(backbone.model, batch)
+    assert not supports_prefix_sharing(backbone.model, video)
+    calls = []
+    monkeypatch.setattr("cwdpo.prefix.supports_prefix_sharing", lambda m, b=None: False)
+    real = backbone.logps
+    monkeypatch.setattr(backbone, "logps", lambda b, **kw: calls.append(1) or real(b, **kw))
+    backbone.pair_logps(batch, n, prefix_sharing=True)
+    assert calls == [1]  # the plain path ran
+
+
+def test_eager_attention_equals_plain(tiny_vlm_path, pair_batch):
+    from cwdpo.backbone import VLMBackbone
+
+    torch.manual_seed(0)
+    bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, attn_implementation="eager")
+    assert bb.model.config._attn_implementation == "eager"
+    _check_equal(bb, _batch(bb, pair_batch), len(pair_batch))
 
 
 def test_mismatched_pairs_rejected(backbone, pair_batch):
@@ -136,3 +177,21 @@ def test_cw_dpo_module_prefix_flag(backbone, pair_batch, perturb):
         losses.append((loss, metrics["cooling/mean"]))
     torch.testing.assert_close(losses[0][0], losses[1][0], **TOL)
     torch.testing.assert_close(losses[0][1], losses[1][1], **TOL)
+
+
+def test_gradient_split_through_the_fast_path(backbone, pair_batch):
+    """The dynamics callback splits ∇L into chosen / rejected parts through `SeqLogps.token`:
+    the fast path's loss must reach the parameters through it, giving the plain path's split."""
+    from cwdpo.diagnostics import gradient_split
+
+    batch, n = _batch(backbone, pair_batch), len(pair_batch)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    w = torch.linspace(0.5, 2.0, 2 * n)
+    splits = []
+    for lp in (backbone.logps(batch), shared_prefix_logps(backbone.model, batch, n)):
+        loss = (lp.sum * w).sum()
+        splits.append(gradient_split(loss, [lp.token], params, n, return_grads=True))
+    (plain, fast) = splits
+    assert any(g.abs().max() > 0 for g in fast.grads_l)
+    for gp, gf in zip(plain.grads_w + plain.grads_l, fast.grads_w + fast.grads_l):
+        torch.testing.assert_close(gf, gp, **GRAD_TOL)
