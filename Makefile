@@ -48,6 +48,7 @@ test-slow:
 
 lint:
 	$(PYTHON) -m ruff check cwdpo tests
+	$(PYTHON) -m ruff format --check cwdpo tests
 
 format:
 	$(PYTHON) -m ruff check --fix cwdpo tests

@@ -159,13 +159,18 @@ def _pairs(n: int, seed: int):
 
 def _our_batch(bb, pairs, device):
     images = [p.image.load() for p in pairs]
-    enc = bb.collate_pairs(images, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                           [p.rejected for p in pairs])
+    enc = bb.collate_pairs(
+        images, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
+    )
     n = len(pairs)
-    return {"pairs": {k: v.to(device) for k, v in enc.items()}, "n": n,
-            "neg_is_dataset": torch.ones(n, device=device),
-            "neg_is_easy": torch.tensor([float(p.source.startswith("easy")) for p in pairs],
-                                        device=device)}
+    return {
+        "pairs": {k: v.to(device) for k, v in enc.items()},
+        "n": n,
+        "neg_is_dataset": torch.ones(n, device=device),
+        "neg_is_easy": torch.tensor(
+            [float(p.source.startswith("easy")) for p in pairs], device=device
+        ),
+    }
 
 
 def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[str, Any]]:
@@ -175,8 +180,12 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
 
     torch.manual_seed(args.seed)
     settings = LoRASettings() if lora else None
-    bb = VLMBackbone.from_pretrained(path, max_length=args.max_length, lora=settings,
-                                     gradient_checkpointing=args.gradient_checkpointing)
+    bb = VLMBackbone.from_pretrained(
+        path,
+        max_length=args.max_length,
+        lora=settings,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     bb.model.to(device)
     bb.snapshot_reference()
     bb.model.train()
@@ -188,9 +197,14 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
     fp = reference_fingerprint(bb)
 
     def make(cooling: bool, prefix: bool, cache: bool) -> Callable[[], Any]:
-        m = CWDPOModule(bb, optimizer=partial(torch.optim.AdamW, lr=args.lr), beta=0.1,
-                        cooling=cooling, prefix_sharing=prefix,
-                        ref_cache=RefLogpCache(cache_dir).bind(fp) if cache else None)
+        m = CWDPOModule(
+            bb,
+            optimizer=partial(torch.optim.AdamW, lr=args.lr),
+            beta=0.1,
+            cooling=cooling,
+            prefix_sharing=prefix,
+            ref_cache=RefLogpCache(cache_dir).bind(fp) if cache else None,
+        )
 
         def step() -> None:
             with _autocast(device, args.precision):
@@ -211,10 +225,15 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
     out = []
     if lora:
         for cooling, name in ((True, "cwdpo"), (False, "dpo")):
-            out.append(Variant(f"lora/{name}/prefix+cache", make(cooling, True, True), "lora", state))
+            out.append(
+                Variant(f"lora/{name}/prefix+cache", make(cooling, True, True), "lora", state)
+            )
         return out, info
-    for path_name, prefix, cache in (("plain", False, False), ("prefix", True, False),
-                                     ("prefix+cache", True, True)):
+    for path_name, prefix, cache in (
+        ("plain", False, False),
+        ("prefix", True, False),
+        ("prefix+cache", True, True),
+    ):
         for cooling, name in ((False, "dpo"), (True, "cwdpo")):
             out.append(Variant(f"{name}/{path_name}", make(cooling, prefix, cache), "ours", state))
     return out, info
@@ -259,20 +278,32 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     def assistant(t):
         return [{"role": "assistant", "content": [{"type": "text", "text": t}]}]
 
-    ds = Dataset.from_dict({
-        "images": [[p.image.load()] for p in pairs],
-        "prompt": [user(p.prompt) for p in pairs],
-        "chosen": [assistant(p.chosen) for p in pairs],
-        "rejected": [assistant(p.rejected) for p in pairs],
-    })
-    cfg = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="cwdpo-bench-trl-"), per_device_train_batch_size=len(pairs),
-        learning_rate=args.lr, beta=0.1, max_length=None, report_to="none",
-        gradient_checkpointing=args.gradient_checkpointing, bf16=args.precision == "bf16", use_cpu=device.type == "cpu",
-        save_strategy="no", dataloader_num_workers=0, seed=args.seed, logging_steps=1,
+    ds = Dataset.from_dict(
+        {
+            "images": [[p.image.load()] for p in pairs],
+            "prompt": [user(p.prompt) for p in pairs],
+            "chosen": [assistant(p.chosen) for p in pairs],
+            "rejected": [assistant(p.rejected) for p in pairs],
+        }
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds,
-                         processing_class=processor)
+    cfg = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="cwdpo-bench-trl-"),
+        per_device_train_batch_size=len(pairs),
+        learning_rate=args.lr,
+        beta=0.1,
+        max_length=None,
+        report_to="none",
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.precision == "bf16",
+        use_cpu=device.type == "cpu",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        seed=args.seed,
+        logging_steps=1,
+    )
+    trainer = DPOTrainer(
+        model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=processor
+    )
     batch = next(iter(trainer.get_train_dataloader()))  # TRL's own collation (all pairs)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
@@ -287,8 +318,12 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
         return state_bytes(trainer.model, trainer.ref_model, trainer.optimizer)
 
     real = batch["attention_mask"].bool()
-    info = {"version": trl.__version__, "rows": real.shape[0], "padded_width": real.shape[1],
-            "completion_tokens_per_row": batch["completion_mask"].sum().item() / real.shape[0]}
+    info = {
+        "version": trl.__version__,
+        "rows": real.shape[0],
+        "padded_width": real.shape[1],
+        "completion_tokens_per_row": batch["completion_mask"].sum().item() / real.shape[0],
+    }
     return Variant("trl/dpo", step, "trl", state), info
 
 
@@ -313,8 +348,13 @@ def _generation(args, path, pairs, device) -> dict[str, Any]:
         # re-tokenized samples (+ EOS), capped at max_new_tokens
         tokens += sum(min(len(bb.response_ids(o)) if o else 1, args.gen_tokens) for o in outs)
     total = sum(times)
-    return {"sequences_per_round": len(pairs) * 2, "max_new_tokens": args.gen_tokens,
-            "tokens": tokens, "seconds": total, "tokens_per_s": tokens / total}
+    return {
+        "sequences_per_round": len(pairs) * 2,
+        "max_new_tokens": args.gen_tokens,
+        "tokens": tokens,
+        "seconds": total,
+        "tokens_per_s": tokens / total,
+    }
 
 
 def _objective_overhead(n: int, reps: int = 500) -> dict[str, float]:
@@ -339,30 +379,54 @@ def _objective_overhead(n: int, reps: int = 500) -> dict[str, float]:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cwdpo.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF image-text-to-text dir, or tiny:<family> "
-                   "(a cwdpo.families build, e.g. tiny:qwen2_vl; default: tiny LLaVA)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF image-text-to-text dir, or tiny:<family> "
+        "(a cwdpo.families build, e.g. tiny:qwen2_vl; default: tiny LLaVA)",
+    )
     p.add_argument("--cache", default=None, help="cache dir for the tiny VLM (default CWDPO_CACHE)")
     p.add_argument("--pairs", type=int, default=8, help="pairs per batch (batch = 2× rows)")
     p.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0 = torch default). 1 gives stable timings on small "
-                        "or shared CPUs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0 = torch default). 1 gives stable timings on small "
+        "or shared CPUs",
+    )
     p.add_argument("--precision", choices=("32", "bf16"), default="32")
-    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
-                   help="auto: process CPU time on CPU, synchronised wall time on CUDA")
+    p.add_argument(
+        "--clock",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="auto: process CPU time on CPU, synchronised wall time on CUDA",
+    )
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--gen-rounds", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="gradient checkpointing on (ours and TRL's): the real-model configs' setting")
-    p.add_argument("--image-tokens", type=int, default=None,
-                   help="tiny LLaVA with this many image tokens per row (a square number; 576 = "
-                        "LLaVA-1.5's shape, where prefix sharing matters most)")
-    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
-                   help="print one markdown table over saved bench JSONs and exit (make bench)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="gradient checkpointing on (ours and TRL's): the real-model configs' setting",
+    )
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=None,
+        help="tiny LLaVA with this many image tokens per row (a square number; 576 = "
+        "LLaVA-1.5's shape, where prefix sharing matters most)",
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print one markdown table over saved bench JSONs and exit (make bench)",
+    )
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
@@ -402,8 +466,10 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         if side * side != args.image_tokens:
             raise SystemExit(f"--image-tokens must be a square number, got {args.image_tokens}")
         base = TinySpec()
-        path = ensure_tiny_vlm(args.cache, TinySpec(image_size=side * base.patch_size,
-                                                    max_positions=args.image_tokens + 256))
+        path = ensure_tiny_vlm(
+            args.cache,
+            TinySpec(image_size=side * base.patch_size, max_positions=args.image_tokens + 256),
+        )
         args.max_length = max(args.max_length, args.image_tokens + 96)
     else:
         path = Path(args.model) if args.model else ensure_tiny_vlm(args.cache)
@@ -417,8 +483,10 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
             variants.append(v)
         except Exception as e:  # TRL cannot run every family (its processor calls): say so
             trl_info = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(f"bench: TRL's DPOTrainer failed on this model, ours only: {trl_info['error']}",
-                  file=sys.stderr)
+            print(
+                f"bench: TRL's DPOTrainer failed on this model, ours only: {trl_info['error']}",
+                file=sys.stderr,
+            )
     if not args.no_lora:
         variants += _our_variants(args, path, pairs, device, lora=True)[0]
 
@@ -456,19 +524,29 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         med = statistics.median(t)
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [med, med, med]
         res["variants"][v.name] = {
-            "median_s": med, "p25_s": q[0], "p75_s": q[2], "min_s": min(t),
+            "median_s": med,
+            "p25_s": q[0],
+            "p75_s": q[2],
+            "min_s": min(t),
             "samples_per_s": args.pairs / med,  # samples = preference pairs
-            "wall_median_s": statistics.median(v.wall), "cpu_median_s": statistics.median(v.cpu),
+            "wall_median_s": statistics.median(v.wall),
+            "cpu_median_s": statistics.median(v.cpu),
             "peak_step_mb": v.peak / 2**20,
-            "state_mb": {k: (x / 2**20 if k != "trainable_params" else x)
-                         for k, x in (v.state() if v.state else {}).items()},
+            "state_mb": {
+                k: (x / 2**20 if k != "trainable_params" else x)
+                for k, x in (v.state() if v.state else {}).items()
+            },
         }
 
     def ratio(a: str, b: str) -> float:  # time(a) / time(b), medians of the chosen clock
         return statistics.median(times[a]) / statistics.median(times[b])
 
-    ratios: dict[str, Any] = {"cw_overhead_vs_our_dpo": {}, "cw_overhead_iqr": {},
-                              "cw_overhead_ratio_of_medians": {}, "throughput_vs_trl": {}}
+    ratios: dict[str, Any] = {
+        "cw_overhead_vs_our_dpo": {},
+        "cw_overhead_iqr": {},
+        "cw_overhead_ratio_of_medians": {},
+        "throughput_vs_trl": {},
+    }
     for p in ("plain", "prefix", "prefix+cache"):
         pr = [x / y for x, y in zip(times[f"cwdpo/{p}"], times[f"dpo/{p}"])]
         q = statistics.quantiles(pr, n=4) if len(pr) > 1 else [pr[0]] * 3
@@ -487,8 +565,10 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         obj["extra_us_per_step"] * 1e-6 / res["variants"]["dpo/prefix+cache"]["median_s"]
     )
     res["ratios"] = ratios
-    best = max(("dpo/plain", "dpo/prefix", "dpo/prefix+cache"),
-               key=lambda k: res["variants"][k]["samples_per_s"])
+    best = max(
+        ("dpo/plain", "dpo/prefix", "dpo/prefix+cache"),
+        key=lambda k: res["variants"][k]["samples_per_s"],
+    )
     cw_over = ratios["cw_overhead_vs_our_dpo"]["prefix+cache"]
     res["targets"] = {
         "cw_overhead_max": TARGET_CW_OVERHEAD,
@@ -503,15 +583,23 @@ def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict
         res["generation"] = _generation(args, path, pairs, device)
     res["setup"] = {
         "command": ("python -m cwdpo.bench " + " ".join(sys.argv[1:]))
-        if getattr(args, "_cli", False) else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        if getattr(args, "_cli", False)
+        else None,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, load avg {os.getloadavg()[0]:.1f})",
-        "model": str(path), "pairs": args.pairs, "rounds": args.rounds, "warmup": args.warmup,
-        "precision": args.precision, "optimizer": f"AdamW(lr={args.lr})",
+        "model": str(path),
+        "pairs": args.pairs,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "precision": args.precision,
+        "optimizer": f"AdamW(lr={args.lr})",
         "gradient_checkpointing": args.gradient_checkpointing,
-        "composition": composition, "trl": trl_info,
-        "versions": _versions(), "seconds": time.time() - t_start,
+        "composition": composition,
+        "trl": trl_info,
+        "versions": _versions(),
+        "seconds": time.time() - t_start,
     }
     out = Path(args.out)
     atomic_write_json(out, res)
@@ -546,28 +634,42 @@ def report(res: dict[str, Any]) -> str:
         r = "1.00" if name == "trl/dpo" else (f"{vs[name]:.2f}" if name in vs else "–")
         st = v["state_mb"].get("total", float("nan"))
         iqr = f"{v['p25_s']:.3f}-{v['p75_s']:.3f}"
-        lines.append(f"{name:<26}{v['median_s']:>8.3f}{iqr:>14}{v['wall_median_s']:>8.3f}"
-                     f"{v['samples_per_s']:>9.1f}{r:>8}"
-                     f"{v['peak_step_mb']:>9.1f}{st:>10.2f}")
+        lines.append(
+            f"{name:<26}{v['median_s']:>8.3f}{iqr:>14}{v['wall_median_s']:>8.3f}"
+            f"{v['samples_per_s']:>9.1f}{r:>8}"
+            f"{v['peak_step_mb']:>9.1f}{st:>10.2f}"
+        )
     r = res["ratios"]
-    lines += ["", "CW-DPO overhead over our DPO (median of adjacent-step ratios [IQR]): "
-              + ", ".join(f"{k} {100 * x:+.1f}% [{100 * a:+.1f}, {100 * b:+.1f}]"
-                          for (k, x), (a, b) in zip(r["cw_overhead_vs_our_dpo"].items(),
-                                                    r["cw_overhead_iqr"].values()))
+    lines += [
+        "",
+        "CW-DPO overhead over our DPO (median of adjacent-step ratios [IQR]): "
+        + ", ".join(
+            f"{k} {100 * x:+.1f}% [{100 * a:+.1f}, {100 * b:+.1f}]"
+            for (k, x), (a, b) in zip(
+                r["cw_overhead_vs_our_dpo"].items(), r["cw_overhead_iqr"].values()
+            )
+        )
         + f"; objective alone: {r['cw_objective_extra_us']:.0f} µs/step "
-          f"({100 * r['cw_objective_extra_frac_of_step']:.3f}% of a step)",
+        f"({100 * r['cw_objective_extra_frac_of_step']:.3f}% of a step)",
         f"prefix sharing: {r['prefix_speedup_vs_plain']:.2f}× plain; ref cache: "
-        f"{r['cache_speedup_vs_prefix']:.2f}× prefix"]
+        f"{r['cache_speedup_vs_prefix']:.2f}× prefix",
+    ]
     t = res["targets"]
     lines.append(
         f"targets: CW overhead {100 * t['cw_overhead_measured']:+.1f}% (≤ 3%: "
         f"{'met' if t['cw_overhead_met'] else 'NOT met'}); our DPO ({t['our_best_dpo']}) vs TRL "
-        + (f"{t['vs_trl_measured']:.2f}× (≥ 1.5×: {'met' if t['vs_trl_met'] else 'NOT met'})"
-           if t["vs_trl_measured"] else "not measured"))
+        + (
+            f"{t['vs_trl_measured']:.2f}× (≥ 1.5×: {'met' if t['vs_trl_met'] else 'NOT met'})"
+            if t["vs_trl_measured"]
+            else "not measured"
+        )
+    )
     if "generation" in res:
         g = res["generation"]
-        lines.append(f"on-policy generation: {g['tokens_per_s']:.0f} tokens/s "
-                     f"({g['sequences_per_round']} samples × ≤{g['max_new_tokens']} tokens)")
+        lines.append(
+            f"on-policy generation: {g['tokens_per_s']:.0f} tokens/s "
+            f"({g['sequences_per_round']} samples × ≤{g['max_new_tokens']} tokens)"
+        )
     lines.append(f"json: {s.get('json')}  ({s['seconds']:.0f} s)")
     return "\n".join(lines)
 
@@ -576,9 +678,19 @@ def summarize(paths: list[str | Path]) -> str:
     """One markdown table over bench JSONs (one row per model × checkpointing setting):
     samples/s of our plain / prefix / prefix+cache DPO and TRL's, speed-ups vs TRL, CW-DPO's
     overhead and peak step memory vs TRL's."""
-    cols = ["model", "image+prompt+response tokens", "grad ckpt", "plain", "prefix",
-            "prefix+cache", "TRL", "prefix vs TRL", "prefix+cache vs TRL", "CW-DPO overhead",
-            "peak MB ours / TRL"]
+    cols = [
+        "model",
+        "image+prompt+response tokens",
+        "grad ckpt",
+        "plain",
+        "prefix",
+        "prefix+cache",
+        "TRL",
+        "prefix vs TRL",
+        "prefix+cache vs TRL",
+        "CW-DPO overhead",
+        "peak MB ours / TRL",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for p in paths:
         r = json.loads(Path(p).read_text())
@@ -592,15 +704,20 @@ def summarize(paths: list[str | Path]) -> str:
         peak = v.get("dpo/prefix+cache", {}).get("peak_step_mb", float("nan"))
         tpeak = v.get("trl/dpo", {}).get("peak_step_mb")
         name = re.sub(r"^tiny-(.+)-[0-9a-f]{12}$", r"tiny \1", Path(s["model"]).name)
-        row = [name,
-               f"{c['image_tokens_per_row']:.0f}+{c['prompt_text_tokens_per_row']:.0f}+"
-               f"{c['response_tokens_per_row']:.1f}",
-               "on" if s.get("gradient_checkpointing") else "off",
-               *(f"{sps[k]:.1f}" if k in sps else "–"
-                 for k in ("dpo/plain", "dpo/prefix", "dpo/prefix+cache", "trl/dpo")),
-               vs("dpo/prefix"), vs("dpo/prefix+cache"),
-               f"{100 * r['ratios']['cw_overhead_vs_our_dpo']['prefix+cache']:+.1f}%",
-               f"{peak:.1f} / {tpeak:.1f}" if tpeak else f"{peak:.1f} / –"]
+        row = [
+            name,
+            f"{c['image_tokens_per_row']:.0f}+{c['prompt_text_tokens_per_row']:.0f}+"
+            f"{c['response_tokens_per_row']:.1f}",
+            "on" if s.get("gradient_checkpointing") else "off",
+            *(
+                f"{sps[k]:.1f}" if k in sps else "–"
+                for k in ("dpo/plain", "dpo/prefix", "dpo/prefix+cache", "trl/dpo")
+            ),
+            vs("dpo/prefix"),
+            vs("dpo/prefix+cache"),
+            f"{100 * r['ratios']['cw_overhead_vs_our_dpo']['prefix+cache']:+.1f}%",
+            f"{peak:.1f} / {tpeak:.1f}" if tpeak else f"{peak:.1f} / –",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -625,4 +742,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
-

@@ -361,8 +361,11 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             if not (_is_int(n) and n >= 0)
         ]
     kind, frac = _select(cfg, "negatives.kind"), _select(cfg, "negatives.dataset_fraction")
-    fixed = ({"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(kind)
-             if isinstance(kind, str) else None)
+    fixed = (
+        {"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(kind)
+        if isinstance(kind, str)
+        else None
+    )
     if fixed is not None and _is_real(frac) and frac != fixed:
         errors.append(
             f"negatives.dataset_fraction={frac:g}: only negatives=mixed takes a blend; "

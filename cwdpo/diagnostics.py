@@ -23,7 +23,9 @@ def quantile_key(q: float) -> str:
     return f"q{int(v)}" if float(v).is_integer() else f"q{v:g}"
 
 
-def group_stats(values: torch.Tensor, quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
+def group_stats(
+    values: torch.Tensor, quantiles: Sequence[float] = (0.1, 0.5, 0.9)
+) -> dict[str, float]:
     """Mean and quantiles (linear interpolation, as numpy's default) of a 1-D tensor."""
     v = values.detach().double().flatten()
     if v.numel() == 0:
@@ -127,8 +129,12 @@ class GradSplit:
     residual: float | None = None  # ‖g_w + g_l − g‖/‖g‖ against the optimizer's gradient
 
     def as_dict(self) -> dict[str, float]:
-        return {"norm_w": self.norm_w, "norm_l": self.norm_l, "norm_total": self.norm_total,
-                "cosine": self.cosine}
+        return {
+            "norm_w": self.norm_w,
+            "norm_l": self.norm_l,
+            "norm_total": self.norm_total,
+            "cosine": self.cosine,
+        }
 
 
 def gradient_split(
@@ -161,8 +167,11 @@ def gradient_split(
             else:
                 m[n_chosen:] = u[n_chosen:]
             outs.append(m)
-        return list(torch.autograd.grad(rows, params, grad_outputs=outs, retain_graph=retain,
-                                        allow_unused=True))
+        return list(
+            torch.autograd.grad(
+                rows, params, grad_outputs=outs, retain_graph=retain, allow_unused=True
+            )
+        )
 
     g_w = vjp(True, True)
     g_l = vjp(False, retain_graph)
@@ -176,5 +185,6 @@ def gradient_split(
             wl += float((a.double() * b.double()).sum())
     total = max(ww + ll + 2 * wl, 0.0) ** 0.5
     cos = wl / (ww**0.5 * ll**0.5) if ww > 0 and ll > 0 else float("nan")
-    return GradSplit(ww**0.5, ll**0.5, total, cos,
-                     g_w if return_grads else None, g_l if return_grads else None)
+    return GradSplit(
+        ww**0.5, ll**0.5, total, cos, g_w if return_grads else None, g_l if return_grads else None
+    )

@@ -41,8 +41,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     judge = hydra.utils.instantiate(cfg.judge) if "winrate" in tasks and cfg.get("judge") else None
     key_env = getattr(judge, "api_key_env", None)
     if key_env and not os.environ.get(key_env):  # fail before any model runs, not at request 1
-        raise ValueError(f"judge: the environment variable {key_env} (judge.api_key_env) is not set; "
-                         "export it, or set judge.api_key_env=null for a server without auth")
+        raise ValueError(
+            f"judge: the environment variable {key_env} (judge.api_key_env) is not set; "
+            "export it, or set judge.api_key_env=null for a server without auth"
+        )
     out_dir = Path(cfg.paths.output_dir)
     backbone = _load(cfg, cfg.ckpt)
     results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
@@ -52,15 +54,22 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         baseline = None
         if "winrate" in tasks:
             other = _load(cfg, cfg.compare)
-            baseline = generate_captions(other, records, source.prompt, cfg.eval.batch_size,
-                                         cfg.eval.max_new_tokens)
+            baseline = generate_captions(
+                other, records, source.prompt, cfg.eval.batch_size, cfg.eval.max_new_tokens
+            )
             results["compare"] = cfg.compare
             del other
         if "captioning" in tasks or baseline is not None:
             metrics, _ = evaluate_captioning(
-                backbone, source, records, baseline=baseline, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, calibration=False,
-                caption_metrics="captioning" in tasks, judge=judge,
+                backbone,
+                source,
+                records,
+                baseline=baseline,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                calibration=False,
+                caption_metrics="captioning" in tasks,
+                judge=judge,
             )
             results.update(metrics)
         if "calibration" in tasks:
@@ -73,7 +82,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     mc = {k: v for k, v in results.items() if k.startswith("mc/")}
     if mc:
         table += "\n| multiple choice | value |\n|---|---|\n" + "".join(
-            f"| {k} | {v:.2f} |\n" for k, v in mc.items())
+            f"| {k} | {v:.2f} |\n" for k, v in mc.items()
+        )
     atomic_write_text(out_dir / "eval.md", table)
     print("\n" + table)
     return results
@@ -89,9 +99,12 @@ def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:
     elif mc.format == "mmmu":
         qs = read_mmmu(mc.path, split=mc.split)
     else:
-        raise ValueError(f"mc.format must be 'mmbench' or 'mmmu' for multiple_choice, got {mc.format!r}")
-    return evaluate_multiple_choice(backbone, qs, circular=bool(mc.circular), scoring=mc.scoring,
-                                    batch_size=cfg.eval.batch_size)
+        raise ValueError(
+            f"mc.format must be 'mmbench' or 'mmmu' for multiple_choice, got {mc.format!r}"
+        )
+    return evaluate_multiple_choice(
+        backbone, qs, circular=bool(mc.circular), scoring=mc.scoring, batch_size=cfg.eval.batch_size
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

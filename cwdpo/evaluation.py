@@ -36,7 +36,10 @@ def generate_captions(
 
 @torch.no_grad()
 def teacher_forced_batches(
-    backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, texts: Sequence[str],
+    backbone: VLMBackbone,
+    records: Sequence[CaptionRecord],
+    prompt: str,
+    texts: Sequence[str],
     batch_size: int = 64,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Collated (image, prompt, text) batches on the backbone's device, with the model in eval
@@ -46,9 +49,11 @@ def teacher_forced_batches(
     try:
         for s in range(0, len(records), batch_size):
             chunk = records[s : s + batch_size]
-            enc = backbone.collate([load_images(r) for r in chunk],
-                                   [r.meta.get("prompt") or prompt for r in chunk],
-                                   list(texts[s : s + batch_size]))
+            enc = backbone.collate(
+                [load_images(r) for r in chunk],
+                [r.meta.get("prompt") or prompt for r in chunk],
+                list(texts[s : s + batch_size]),
+            )
             yield {k: v.to(backbone.device) for k, v in enc.items()}
     finally:
         backbone.model.train(was)
@@ -62,7 +67,9 @@ def teacher_forced_calibration(
     from cwdpo.metrics.calibration import TokenCalibration
 
     metric = TokenCalibration()
-    for enc in teacher_forced_batches(backbone, records, prompt, [r.references[0] for r in records], batch_size):
+    for enc in teacher_forced_batches(
+        backbone, records, prompt, [r.references[0] for r in records], batch_size
+    ):
         _, logits, labels = backbone.logps_and_logits(enc)
         metric.update(logits.float().cpu(), labels.cpu())
     return {k: float(v) for k, v in metric.compute().items()}
@@ -86,18 +93,29 @@ def evaluate_captioning(
     scores = [source.score(o, r) for o, r in zip(outputs, records)]
     if all(s is not None for s in scores):
         res["fact_accuracy"] = 100.0 * sum(scores) / len(scores)
-        res["exact"] = 100.0 * sum(source.is_positive(o, r) for o, r in zip(outputs, records)) / len(records)
+        res["exact"] = (
+            100.0 * sum(source.is_positive(o, r) for o, r in zip(outputs, records)) / len(records)
+        )
     if caption_metrics:
         from cwdpo.metrics.captioning import CaptionMetrics
 
         m = CaptionMetrics(meteor=meteor)
         groups = [r.meta.get("domain") for r in records]
-        m.update(outputs, [r.references for r in records],
-                 groups=groups if all(g is not None for g in groups) else None)
+        m.update(
+            outputs,
+            [r.references for r in records],
+            groups=groups if all(g is not None for g in groups) else None,
+        )
         res.update({k: float(v) for k, v in m.compute().items()})
     if calibration:
-        res.update({f"calib/{k}": v for k, v in teacher_forced_calibration(
-            backbone, records, source.prompt, batch_size).items()})
+        res.update(
+            {
+                f"calib/{k}": v
+                for k, v in teacher_forced_calibration(
+                    backbone, records, source.prompt, batch_size
+                ).items()
+            }
+        )
     if records and all("scene" in r.meta for r in records):  # ShapesWorld: ground-truth metrics
         res.update(scene_metrics(backbone, source, records, outputs, batch_size, calibration))
     if baseline is not None:
@@ -110,8 +128,12 @@ def evaluate_captioning(
 
 
 def scene_metrics(
-    backbone: VLMBackbone, source: CaptionSource, records: Sequence[CaptionRecord], outputs: Sequence[str],
-    batch_size: int = 64, calibration: bool = True,
+    backbone: VLMBackbone,
+    source: CaptionSource,
+    records: Sequence[CaptionRecord],
+    outputs: Sequence[str],
+    batch_size: int = 64,
+    calibration: bool = True,
 ) -> dict[str, Any]:
     """CHAIR, POPE-style probe, attribute F1, malformed rate, length (cwdpo.metrics.hallucination);
     content-token calibration and, once π_ref exists, likelihood displacement (.teacher_forced)."""
@@ -124,16 +146,24 @@ def scene_metrics(
 
     scenes = [r.meta["scene"] for r in records]
     cooc = getattr(source, "cooc", None)
-    res: dict[str, Any] = {**caption_metrics(outputs, scenes, cooc), **pope(outputs, scenes, 0, cooc)}
+    res: dict[str, Any] = {
+        **caption_metrics(outputs, scenes, cooc),
+        **pope(outputs, scenes, 0, cooc),
+    }
     if calibration:
-        res.update(content_calibration(backbone, records, source.prompt, gold_texts(records), batch_size))
+        res.update(
+            content_calibration(backbone, records, source.prompt, gold_texts(records), batch_size)
+        )
     if backbone.has_reference:
         res.update(likelihood_displacement(backbone, records, source.prompt, outputs, batch_size))
     return res
 
 
 def win_rate(
-    source: CaptionSource, records: Sequence[CaptionRecord], a: Sequence[str], b: Sequence[str],
+    source: CaptionSource,
+    records: Sequence[CaptionRecord],
+    a: Sequence[str],
+    b: Sequence[str],
     judge: Any = None,
 ) -> dict[str, Any]:
     """Win-rate of outputs `a` over `b`: by `judge` if given (e.g. an HttpJudge), else
@@ -174,7 +204,9 @@ def mc_prompt(q: Any) -> str:
         def pos(m: Any) -> str:
             k = int(m.group(1))
             if k not in numbers:
-                raise DataError(f"question {q.qid}: <image {k}> refers to an image it does not have")
+                raise DataError(
+                    f"question {q.qid}: <image {k}> refers to an image it does not have"
+                )
             return f"<image {numbers.index(k) + 1}>"
 
         text = IMAGE_PLACEHOLDER.sub(pos, text)
@@ -203,8 +235,9 @@ def predict_multiple_choice(
     try:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
-            enc = backbone.collate([load_images(r[2]) for r in chunk], [r[3] for r in chunk],
-                                   [r[4] for r in chunk])
+            enc = backbone.collate(
+                [load_images(r[2]) for r in chunk], [r[3] for r in chunk], [r[4] for r in chunk]
+            )
             enc = {k: v.to(backbone.device) for k, v in enc.items()}
             lp = backbone.logps(enc)
             # letter: the letter token(s) only, without each row's appended end-of-turn token
@@ -221,8 +254,11 @@ def predict_multiple_choice(
 
 
 def evaluate_multiple_choice(
-    backbone: VLMBackbone, questions: Sequence[Any], circular: bool = False,
-    scoring: str = "letter", batch_size: int = 32,
+    backbone: VLMBackbone,
+    questions: Sequence[Any],
+    circular: bool = False,
+    scoring: str = "letter",
+    batch_size: int = 32,
 ) -> dict[str, float]:
     from cwdpo.data.multiple_choice import circular_variants
     from cwdpo.metrics.multiple_choice import MultipleChoiceAccuracy
@@ -236,7 +272,9 @@ def evaluate_multiple_choice(
 
 
 @torch.no_grad()
-def preference_calibration(backbone: VLMBackbone, dm: Any, beta: float, max_batches: int = 8) -> dict[str, float]:
+def preference_calibration(
+    backbone: VLMBackbone, dm: Any, beta: float, max_batches: int = 8
+) -> dict[str, float]:
     """Preference-level ECE on held-out pairs: p = σ(β·margin) vs "chosen is preferred"."""
     from cwdpo.metrics.calibration import PreferenceCalibration
 

@@ -32,8 +32,10 @@ def cuda_status() -> tuple[bool, str]:
 
     if not torch.cuda.is_available():
         build = torch.version.cuda or "none (a CPU build)"
-        return False, (f"no CUDA device visible to torch {torch.__version__} (CUDA build: "
-                       f"{build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        return False, (
+            f"no CUDA device visible to torch {torch.__version__} (CUDA build: "
+            f"{build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return True, f"{len(names)} CUDA device(s): {', '.join(names)}; torch {torch.__version__}"
 
@@ -53,13 +55,28 @@ def _run(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
 # Qwen2.5-VL-3B-Instruct's published text and vision dimensions (config.json of the hub
 # checkpoint), typed in so nothing is downloaded: the realistic shape of the paper's model family.
 QWEN2_5_VL_3B = {
-    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-             "max_position_embeddings": 128000, "rope_theta": 1000000.0},
-    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-               "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
-               "temporal_patch_size": 2, "window_size": 112,
-               "fullatt_block_indexes": [7, 15, 23, 31]},
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 128000,
+        "rope_theta": 1000000.0,
+    },
+    "vision": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
 }
 REALISTIC = "Qwen2.5-VL-3B shape"
 
@@ -112,40 +129,74 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=os.environ.get("CWDPO_CACHE", "~/.cache/cwdpo"))
     p.add_argument("--no-realistic", action="store_true", help="skip the realistic-shape bench")
     p.add_argument("--rounds", type=int, default=10, help="bench rounds per model")
-    p.add_argument("--budget-s", type=float, default=270.0,
-                   help="stop starting new benches after this many seconds")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=270.0,
+        help="stop starting new benches after this many seconds",
+    )
     args = p.parse_args(argv)
 
     ok, what = cuda_status()
     print(f"gpu-check: {what}", flush=True)
     if not ok:
-        print("gpu-check: nothing run; this needs a CUDA GPU (make gpu-check on a GPU machine)",
-              file=sys.stderr)
+        print(
+            "gpu-check: nothing run; this needs a CUDA GPU (make gpu-check on a GPU machine)",
+            file=sys.stderr,
+        )
         return EXIT_NO_CUDA
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).expanduser()
     summary: dict[str, Any] = {"device": what, "suite": None, "bench": []}
-    summary["suite"] = _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
-                             "no:cacheprovider", "tests/test_gpu.py"], out / "suite.log", 150)
+    summary["suite"] = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_gpu.py",
+        ],
+        out / "suite.log",
+        150,
+    )
     for name, path in bench_targets(cache, not args.no_realistic):
         if time.time() - t0 > args.budget_s:
             summary["bench"].append({"model": name, "skipped": "time budget spent"})
             continue
         slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
-        cmd = [sys.executable, "-m", "cwdpo.bench", "--device", "cuda", "--precision", "bf16",
-               "--rounds", str(args.rounds), "--warmup", "2", "--out", str(out / f"{slug}.json")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cwdpo.bench",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--rounds",
+            str(args.rounds),
+            "--warmup",
+            "2",
+            "--out",
+            str(out / f"{slug}.json"),
+        ]
         if path:
             cmd += ["--model", path, "--cache", str(cache)]
         res = _run(cmd, out / f"{slug}.log", 120)
         bench_json = out / f"{slug}.json"
         if bench_json.is_file():
             b = json.loads(bench_json.read_text())
-            res["samples_per_s"] = {k: round(v["samples_per_s"], 2)
-                                    for k, v in b.get("variants", {}).items()}
-            res["peak_step_mb"] = {k: round(v["peak_step_mb"], 1)
-                                   for k, v in b.get("variants", {}).items()}
+            res["samples_per_s"] = {
+                k: round(v["samples_per_s"], 2) for k, v in b.get("variants", {}).items()
+            }
+            res["peak_step_mb"] = {
+                k: round(v["peak_step_mb"], 1) for k, v in b.get("variants", {}).items()
+            }
             res["vs_trl"] = b.get("targets", {}).get("vs_trl_measured")
         summary["bench"].append({"model": name, **res})
     summary["seconds"] = round(time.time() - t0, 1)
@@ -157,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(s: dict[str, Any]) -> str:
-    lines = [f"# gpu-check ({s['device']})", "", f"GPU suite: rc={s['suite']['rc']} in "
-             f"{s['suite']['seconds']} s", "", "| model | rc | best ours samples/s | TRL samples/s "
-             "| ours vs TRL | peak MB (ours) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# gpu-check ({s['device']})",
+        "",
+        f"GPU suite: rc={s['suite']['rc']} in {s['suite']['seconds']} s",
+        "",
+        "| model | rc | best ours samples/s | TRL samples/s | ours vs TRL | peak MB (ours) |",
+        "|---|---|---|---|---|---|",
+    ]
     for b in s["bench"]:
         if "skipped" in b:
             lines.append(f"| {b['model']} | skipped: {b['skipped']} | | | | |")
@@ -169,8 +225,10 @@ def markdown(s: dict[str, Any]) -> str:
         best = max(ours, key=ours.get) if ours else None
         peak = b.get("peak_step_mb", {}).get(best, "") if best else ""
         vs = f"{b['vs_trl']:.2f}×" if b.get("vs_trl") else "–"
-        lines.append(f"| {b['model']} | {b['rc']} | {best}: {ours.get(best, '–')} | "
-                     f"{sps.get('trl/dpo', '–')} | {vs} | {peak} |")
+        lines.append(
+            f"| {b['model']} | {b['rc']} | {best}: {ours.get(best, '–')} | "
+            f"{sps.get('trl/dpo', '–')} | {vs} | {peak} |"
+        )
     return "\n".join(lines) + f"\n\ntotal {s.get('seconds')} s\n"
 
 

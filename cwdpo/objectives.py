@@ -221,8 +221,10 @@ def cw_dpo_loss(
     the cooling weights within the batch (same distribution, not tied to the pair's ℓ̄).
     """
     if loser_weight is not None and (loser_weight < 0 or permutation is not None):
-        raise ValueError(f"loser_weight must be >= 0 and not combined with a permutation, got "
-                         f"{loser_weight} (permutation given: {permutation is not None})")
+        raise ValueError(
+            f"loser_weight must be >= 0 and not combined with a permutation, got "
+            f"{loser_weight} (permutation given: {permutation is not None})"
+        )
     if permutation is not None and not cooling:
         raise ValueError("a w_c permutation needs cooling=True (w_c ≡ 1 has nothing to shuffle)")
     ell = policy_rejected_mean.detach()
@@ -240,7 +242,13 @@ def cw_dpo_loss(
     if loser_weight is not None:
         weights = torch.full_like(ell, float(loser_weight), dtype=torch.float32)
     out = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
-        weights=weights, loss_type=loss_type, mask=kept,
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta,
+        weights=weights,
+        loss_type=loss_type,
+        mask=kept,
     )
     return CWDPOOutput(**vars(out), kept=kept, floor=floor_t.detach())

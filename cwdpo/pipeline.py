@@ -48,13 +48,16 @@ from cwdpo.utils.strategies import unshard_backbone
 
 log = logging.getLogger(__name__)
 
+
 def stages_to_run(cfg: DictConfig) -> list[str]:
     """`stage.run` minus `stage.skip` (e.g. skip base_sft when starting from a trained policy)."""
     skip = set(cfg.stage.get("skip") or [])
     return [s for s in cfg.stage.run if s not in skip]
 
 
-def build_datamodule(name: str, cfg: DictConfig, source: Any, records: dict[str, list]) -> L.LightningDataModule:
+def build_datamodule(
+    name: str, cfg: DictConfig, source: Any, records: dict[str, list]
+) -> L.LightningDataModule:
     common = {
         "batch_size": cfg.data.batch_size,
         "num_workers": cfg.data.num_workers,
@@ -66,7 +69,9 @@ def build_datamodule(name: str, cfg: DictConfig, source: Any, records: dict[str,
         neg = NegativeConfig(**OmegaConf.to_container(cfg.negatives, resolve=True))
         return PreferenceDataModule(source, records["cw_dpo"], negatives=neg, **common)
     train = records["all"] if name == "base_sft" else records["sft_c"]
-    return CaptionDataModule(source, train, gentle_negatives=bool(st.get("gentle_negatives", False)), **common)
+    return CaptionDataModule(
+        source, train, gentle_negatives=bool(st.get("gentle_negatives", False)), **common
+    )
 
 
 PLUMBING = {"steps", "optimizer", "scheduler", "gentle_negatives"}  # read by the pipeline itself
@@ -82,8 +87,9 @@ def stage_knobs(name: str, cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     knobs = {k: v for k, v in st.items() if k not in PLUMBING}
     unknown = sorted(set(knobs) - accepted)
     if unknown:
-        raise ValueError(f"stage.{name} has unknown key(s) {unknown}; accepted: "
-                         f"{sorted(accepted | PLUMBING)}")
+        raise ValueError(
+            f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
+        )
     return cls, knobs
 
 
@@ -102,11 +108,18 @@ def build_module(name: str, cfg: DictConfig, backbone: VLMBackbone) -> L.Lightni
 
 
 def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: list) -> L.Trainer:
-    loggers = [  # a failing logger write is a counted warning, never a stopped run
-        guard_logger(hydra.utils.instantiate(
-            lg, **({"version": name} if "CSVLogger" in lg._target_ else {})))
-        for lg in cfg.logger.values()
-    ] if cfg.get("logger") else []
+    loggers = (
+        [  # a failing logger write is a counted warning, never a stopped run
+            guard_logger(
+                hydra.utils.instantiate(
+                    lg, **({"version": name} if "CSVLogger" in lg._target_ else {})
+                )
+            )
+            for lg in cfg.logger.values()
+        ]
+        if cfg.get("logger")
+        else []
+    )
     callbacks = [hydra.utils.instantiate(cb) for cb in (cfg.get("callbacks") or {}).values()]
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
@@ -116,8 +129,11 @@ def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: li
         if hasattr(obj, "set_stage"):
             obj.set_stage(name, out_dir, first)
     return hydra.utils.instantiate(
-        cfg.trainer, max_steps=int(cfg.stage[name].steps), logger=loggers,
-        callbacks=callbacks + extra_callbacks, default_root_dir=str(out_dir),
+        cfg.trainer,
+        max_steps=int(cfg.stage[name].steps),
+        logger=loggers,
+        callbacks=callbacks + extra_callbacks,
+        default_root_dir=str(out_dir),
         plugins=[AtomicCheckpointIO()],  # temp file + fsync + rename; weights_only loads
     )
 
@@ -127,7 +143,9 @@ def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> li
     from cwdpo.callbacks.progress import stage_progress_bar
 
     cbs: list[L.Callback] = []
-    own_bar = any("ProgressBar" in str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values())
+    own_bar = any(
+        "ProgressBar" in str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values()
+    )
     if cfg.trainer.get("enable_progress_bar", True) and not own_bar:
         cbs.append(stage_progress_bar(name))  # "<stage> · epoch e … step s/max_steps"
     if name == "cw_dpo" and isinstance(dm, PreferenceDataModule) and dm.needs_on_policy:
@@ -172,20 +190,34 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
     records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
     for name in run:  # fail before any training, naming the stage that would get no rows
         if not records.get("all" if name == "base_sft" else name):
-            raise DataError(f"stage {name} gets no training rows: data.stage_split="
-                            f"{dict(cfg.data.stage_split)} of {len(train)} train rows")
+            raise DataError(
+                f"stage {name} gets no training rows: data.stage_split="
+                f"{dict(cfg.data.stage_split)} of {len(train)} train rows"
+            )
     ev = cfg.eval
     test = source.captions(ev.split)[: ev.n_records]
 
     def evaluate(baseline):
         return evaluate_captioning(
-            backbone, source, test, baseline=baseline, batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens, calibration=ev.calibration,
-            caption_metrics=ev.caption_metrics, meteor=ev.get("meteor", True),
+            backbone,
+            source,
+            test,
+            baseline=baseline,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            calibration=ev.calibration,
+            caption_metrics=ev.caption_metrics,
+            meteor=ev.get("meteor", True),
         )
 
-    results: dict[str, Any] = {"config": {"experiment": cfg.get("experiment_name", "default"),
-                                          "stages": run, "seed": cfg.seed}, "stages": {}}
+    results: dict[str, Any] = {
+        "config": {
+            "experiment": cfg.get("experiment_name", "default"),
+            "stages": run,
+            "seed": cfg.seed,
+        },
+        "stages": {},
+    }
     # Resume (docs/reliability.md): finished stages are skipped (results from their markers),
     # an unfinished one continues from its last.ckpt; a fresh run drops stale markers/ckpts.
     state = RunState(out_dir)
@@ -219,8 +251,9 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         dm = build_datamodule(name, cfg, source, records)
         dm.attach(backbone.collate, backbone.collate_pairs)
         module = build_module(name, cfg, backbone)
-        trainer = build_trainer(name, cfg, out_dir,
-                                stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg))
+        trainer = build_trainer(
+            name, cfg, out_dir, stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg)
+        )
         ckpt = state.last_checkpoint(name) if resuming else None
         if ckpt is not None:
             log.info("resume: stage %s continues from %s", name, ckpt)
@@ -234,7 +267,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         metrics["train_seconds"] = time.time() - ts
         metrics["steps"] = int(trainer.global_step)
         metrics["nonfinite_skipped_steps"] = sum(
-            cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+            cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)
+        )
         metrics.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
         metrics["logging_failures"] = FAILURES.since(failures_before)
         if isinstance(dm, PreferenceDataModule):
@@ -242,8 +276,12 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
             total = sum(dm.stats.counts.values())
             metrics["negatives"] = {
                 "sources": dict(dm.stats.counts),
-                "dataset_fraction": sum(v for k, v in dm.stats.counts.items()
-                                        if k != "on_policy" and not k.startswith("self:")) / max(1, total),
+                "dataset_fraction": sum(
+                    v
+                    for k, v in dm.stats.counts.items()
+                    if k != "on_policy" and not k.startswith("self:")
+                )
+                / max(1, total),
                 "refresh_steps": dm.stats.refresh_steps,
                 "dropped_as_positive": dm.stats.rejected_as_positive,
                 "on_policy_fallback": dm.stats.on_policy_fallback,
@@ -271,15 +309,30 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
 
 
 TABLE_KEYS = (
-    ("fact_accuracy", "facts %"), ("exact", "exact %"), ("cider", "CIDEr"), ("bleu_4", "BLEU-4"),
-    ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("calib/ece", "ECE"), ("calib/entropy", "entropy"),
-    ("calib/mean_top1_prob", "top-1 p"), ("pref_calib/ece", "pref ECE"),
+    ("fact_accuracy", "facts %"),
+    ("exact", "exact %"),
+    ("cider", "CIDEr"),
+    ("bleu_4", "BLEU-4"),
+    ("meteor", "METEOR"),
+    ("rouge_l", "ROUGE-L"),
+    ("calib/ece", "ECE"),
+    ("calib/entropy", "entropy"),
+    ("calib/mean_top1_prob", "top-1 p"),
+    ("pref_calib/ece", "pref ECE"),
     ("winrate/win_rate", "win vs prev"),
     # ShapesWorld ground truth (cwdpo.metrics.hallucination / .teacher_forced), percent
-    ("f1", "F1 %"), ("object_recall", "obj recall %"), ("chair_i", "CHAIR_i %"), ("chair_s", "CHAIR_s %"),
-    ("companion_halluc", "companion halluc %"), ("pope/f1", "POPE F1"), ("pope/yes_ratio", "POPE yes %"),
-    ("pope_adv/accuracy", "POPE-adv acc"), ("malformed", "malformed %"), ("length", "length"),
-    ("calib/content_ece", "content ECE"), ("calib/content_sce", "content SCE"),
+    ("f1", "F1 %"),
+    ("object_recall", "obj recall %"),
+    ("chair_i", "CHAIR_i %"),
+    ("chair_s", "CHAIR_s %"),
+    ("companion_halluc", "companion halluc %"),
+    ("pope/f1", "POPE F1"),
+    ("pope/yes_ratio", "POPE yes %"),
+    ("pope_adv/accuracy", "POPE-adv acc"),
+    ("malformed", "malformed %"),
+    ("length", "length"),
+    ("calib/content_ece", "content ECE"),
+    ("calib/content_sce", "content SCE"),
     ("disp/chosen_fell", "gold logp fell %"),
 )
 
@@ -305,17 +358,31 @@ def results_table(results: dict[str, Any]) -> str:
     first = next(iter(stages.values()))
     keys = [(k, h) for k, h in TABLE_KEYS if any(k in m for m in stages.values()) or k in first]
     objective = any("objective" in m for m in stages.values())
-    lines = ["| stage | " + ("objective | " if objective else "") + " | ".join(h for _, h in keys) + " |",
-             "|---" * (len(keys) + 1 + objective) + "|"]
+    lines = [
+        "| stage | "
+        + ("objective | " if objective else "")
+        + " | ".join(h for _, h in keys)
+        + " |",
+        "|---" * (len(keys) + 1 + objective) + "|",
+    ]
     for name, m in stages.items():
         cells = [m.get("objective", "–")] if objective else []
         for k, _ in keys:
             v = m.get(k)
-            cells.append("–" if v is None else f"{v:.3f}" if "calib" in k or k.startswith("win") else f"{v:.1f}")
+            cells.append(
+                "–"
+                if v is None
+                else f"{v:.3f}"
+                if "calib" in k or k.startswith("win")
+                else f"{v:.1f}"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def dump_config(cfg: DictConfig, out_dir: Path) -> None:
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(out_dir / "config.json", json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str)))
+    atomic_write_json(
+        out_dir / "config.json",
+        json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str)),
+    )

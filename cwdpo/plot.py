@@ -27,8 +27,12 @@ from cwdpo.utils.safe_log import FAILURES
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("probes.csv", "dynamics.csv")
-GROUP_COLOURS = {"positives": "tab:green", "gentle": "tab:orange", "easy": "tab:red",
-                 "on_policy": "tab:purple"}
+GROUP_COLOURS = {
+    "positives": "tab:green",
+    "gentle": "tab:orange",
+    "easy": "tab:red",
+    "on_policy": "tab:purple",
+}
 
 
 @dataclass
@@ -53,8 +57,11 @@ class Run:
     @property
     def early_stops(self) -> dict[str, str]:
         """stage → reason, for stages that a probe rule ended early."""
-        return {s: m["early_stop"] for s, m in self.results.get("stages", {}).items()
-                if isinstance(m, dict) and m.get("early_stop")}
+        return {
+            s: m["early_stop"]
+            for s, m in self.results.get("stages", {}).items()
+            if isinstance(m, dict) and m.get("early_stop")
+        }
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
@@ -117,7 +124,9 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 def load_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
     """Load runs; labels default to the experiment name, made unique with overrides / dir name."""
     dirs = find_runs(paths)
-    runs = [load_run(d, labels[i] if labels and i < len(labels) else None) for i, d in enumerate(dirs)]
+    runs = [
+        load_run(d, labels[i] if labels and i < len(labels) else None) for i, d in enumerate(dirs)
+    ]
     if not labels:
         seen: dict[str, int] = {}
         for r in runs:
@@ -147,8 +156,16 @@ def _stage_lines(ax: Any, stages: list[dict[str, Any]]) -> None:
     for s in stages[1:]:
         ax.axvline(s["offset"], color="0.6", ls="--", lw=0.8)
     for s in stages:
-        ax.text(s["offset"], 1.0, f" {s['stage']}", transform=ax.get_xaxis_transform(),
-                fontsize=7, va="top", color="0.35", clip_on=True)
+        ax.text(
+            s["offset"],
+            1.0,
+            f" {s['stage']}",
+            transform=ax.get_xaxis_transform(),
+            fontsize=7,
+            va="top",
+            color="0.35",
+            clip_on=True,
+        )
 
 
 def _delta_cols(baseline: str) -> tuple[str, str, str]:
@@ -170,8 +187,14 @@ def plot_delta_logp(run: Run, ax: Any, baseline: str = "run", bands: bool = True
     for group, g in df.groupby("group", sort=False):
         colour = GROUP_COLOURS.get(group)
         for i, seg in enumerate(_segments(g.sort_values("run_step"), baseline)):
-            ax.plot(seg.run_step, seg[m], marker="o", ms=2.5, color=colour,
-                    label=group if i == 0 else None)
+            ax.plot(
+                seg.run_step,
+                seg[m],
+                marker="o",
+                ms=2.5,
+                color=colour,
+                label=group if i == 0 else None,
+            )
             if bands and lo in seg and hi in seg:
                 ax.fill_between(seg.run_step, seg[lo], seg[hi], color=colour, alpha=0.15, lw=0)
     ax.axhline(0, color="k", lw=0.6)
@@ -197,8 +220,9 @@ def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
         plot_delta_logp(run, axes[1], "stage")
         axes[1].set_title("Δℓ̄ (stage-relative)")
         for group, g in run.probes.groupby("group", sort=False):
-            axes[2].plot(g.run_step, g.ell, marker="o", ms=2.5, label=group,
-                         color=GROUP_COLOURS.get(group))
+            axes[2].plot(
+                g.run_step, g.ell, marker="o", ms=2.5, label=group, color=GROUP_COLOURS.get(group)
+            )
         _stage_lines(axes[2], run.stages)
         axes[2].set_title("ℓ̄ (absolute)")
         axes[2].set_xlabel("run step")
@@ -208,13 +232,23 @@ def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
         cols = [c for c in ("entropy", "top1", "tv", "js") if c in run.probes]
         if cols:
             fig, axes = _subplots(1, len(cols), figsize=(4 * len(cols), 3.6))
-            titles = {"entropy": "next-token entropy (nats)", "top1": "top-1 token probability",
-                      "tv": "TV from the stage start", "js": "JS from the stage start (nats)"}
+            titles = {
+                "entropy": "next-token entropy (nats)",
+                "top1": "top-1 token probability",
+                "tv": "TV from the stage start",
+                "js": "JS from the stage start (nats)",
+            }
             for ax, c in zip(axes[0], cols):
                 for group, g in run.probes.groupby("group", sort=False):
                     for i, seg in enumerate(_segments(g, "stage")):
-                        ax.plot(seg.run_step, seg[c], marker="o", ms=2.5,
-                                color=GROUP_COLOURS.get(group), label=group if i == 0 else None)
+                        ax.plot(
+                            seg.run_step,
+                            seg[c],
+                            marker="o",
+                            ms=2.5,
+                            color=GROUP_COLOURS.get(group),
+                            label=group if i == 0 else None,
+                        )
                 _stage_lines(ax, run.stages)
                 ax.set_title(titles[c])
                 ax.set_xlabel("run step")
@@ -225,8 +259,14 @@ def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
         fig, (axes,) = _subplots(1, 4, figsize=(18, 3.8))
         if run.weights is not None and len(run.weights):
             w = run.weights
-            axes[0].scatter(w.run_step, w.w, s=4, alpha=0.3,
-                            c=w["easy"].fillna(0) if "easy" in w else None, cmap="coolwarm")
+            axes[0].scatter(
+                w.run_step,
+                w.w,
+                s=4,
+                alpha=0.3,
+                c=w["easy"].fillna(0) if "easy" in w else None,
+                cmap="coolwarm",
+            )
             means = w.groupby("run_step").w.mean()
             axes[0].plot(means.index, means.values, color="k", lw=1, label="batch mean")
             axes[0].set_ylim(-0.03, 1.03)
@@ -278,10 +318,22 @@ def plot_compare(runs: Sequence[Run], out_dir: str | Path, baseline: str = "run"
             for k, r in enumerate(with_probes):
                 g = r.probes[r.probes.group == group].sort_values("run_step")
                 for i, seg in enumerate(_segments(g, baseline)):
-                    ax.plot(seg.run_step, seg[m], color=colours[k % len(colours)], marker="o",
-                            ms=2.5, label=r.label if i == 0 else None)
-                    ax.fill_between(seg.run_step, seg[lo], seg[hi], alpha=0.12, lw=0,
-                                    color=colours[k % len(colours)])
+                    ax.plot(
+                        seg.run_step,
+                        seg[m],
+                        color=colours[k % len(colours)],
+                        marker="o",
+                        ms=2.5,
+                        label=r.label if i == 0 else None,
+                    )
+                    ax.fill_between(
+                        seg.run_step,
+                        seg[lo],
+                        seg[hi],
+                        alpha=0.12,
+                        lw=0,
+                        color=colours[k % len(colours)],
+                    )
             if with_probes:
                 _stage_lines(ax, with_probes[0].stages)
             ax.axhline(0, color="k", lw=0.6)
@@ -289,17 +341,26 @@ def plot_compare(runs: Sequence[Run], out_dir: str | Path, baseline: str = "run"
             ax.set_xlabel("run step")
         axes[0][0].legend(fontsize=8)
         written.append(_save(fig, out / "compare_delta_logp.png"))
-    panels = [("dynamics/cooling/mean", "mean cooling weight"),
-              ("dynamics/vulnerable_frac", "vulnerable-region fraction"),
-              ("gradsplit/norm_l", "‖g_l‖ (rejected)"), ("gradsplit/cosine", "cos(g_w, g_l)")]
+    panels = [
+        ("dynamics/cooling/mean", "mean cooling weight"),
+        ("dynamics/vulnerable_frac", "vulnerable-region fraction"),
+        ("gradsplit/norm_l", "‖g_l‖ (rejected)"),
+        ("gradsplit/cosine", "cos(g_w, g_l)"),
+    ]
     with_dyn = [r for r in runs if r.dynamics is not None and len(r.dynamics)]
     if with_dyn:
         fig, (axes,) = _subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6))
         for ax, (name, title) in zip(axes, panels):
             for k, r in enumerate(with_dyn):
                 d = r.metric(name)
-                ax.plot(d.run_step, d.value, color=colours[k % len(colours)], label=r.label,
-                        marker="o" if name.startswith("gradsplit") else None, ms=3)
+                ax.plot(
+                    d.run_step,
+                    d.value,
+                    color=colours[k % len(colours)],
+                    label=r.label,
+                    marker="o" if name.startswith("gradsplit") else None,
+                    ms=3,
+                )
             ax.set_title(title)
             ax.set_xlabel("run step")
         axes[0].legend(fontsize=8)
@@ -308,13 +369,20 @@ def plot_compare(runs: Sequence[Run], out_dir: str | Path, baseline: str = "run"
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(prog="python -m cwdpo.plot", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m cwdpo.plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("paths", nargs="+", help="run directories or directories holding runs")
     ap.add_argument("--out", help="output directory (default: <run>/plots, or <first path>/plots)")
     ap.add_argument("--labels", nargs="*", help="legend labels, one per run found")
-    ap.add_argument("--baseline", choices=("run", "stage"), default="run",
-                    help="Δℓ̄ from the run's first stage start, or from each stage's start")
+    ap.add_argument(
+        "--baseline",
+        choices=("run", "stage"),
+        default="run",
+        help="Δℓ̄ from the run's first stage start, or from each stage's start",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_runs(args.paths, args.labels)

@@ -67,8 +67,9 @@ def check_no_secrets(cfg: DictConfig) -> None:
                 key = f"{where}.{k}" if where else str(k)
                 name = str(k).lower().replace("-", "_")
                 secret = any(t in name for t in ("api_key", "apikey", "secret", "password")) or (
-                    name == "token" or name.endswith(("access_token", "auth_token", "api_token",
-                                                      "hf_token")))
+                    name == "token"
+                    or name.endswith(("access_token", "auth_token", "api_token", "hf_token"))
+                )
                 if secret and not name.endswith(("_env", "_var")) and isinstance(v, str) and v:
                     raise ConfigError(
                         f"config key {key!r} holds a credential: API keys are read from the "
@@ -90,13 +91,20 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
 
     if (run_dir / "config.json").is_file():
         return
-    how = ("resume=true resumes the run in hydra.run.dir, which was not given (this is a fresh "
-           "directory)" if str(cfg.get("resume")).lower() == "true" else f"resume={cfg.resume}")
-    runs = sorted(Path(str(cfg.paths.log_dir)).glob("train/runs/*/*/config.json"),
-                  key=lambda p: p.stat().st_mtime)
+    how = (
+        "resume=true resumes the run in hydra.run.dir, which was not given (this is a fresh "
+        "directory)"
+        if str(cfg.get("resume")).lower() == "true"
+        else f"resume={cfg.resume}"
+    )
+    runs = sorted(
+        Path(str(cfg.paths.log_dir)).glob("train/runs/*/*/config.json"),
+        key=lambda p: p.stat().st_mtime,
+    )
     hint = f"; the latest run is resume={runs[-1].parent}" if runs else ""
-    raise RunDirError(f"{how}: {run_dir} holds no earlier run (no config.json); pass "
-                      f"resume=<run dir>{hint}")
+    raise RunDirError(
+        f"{how}: {run_dir} holds no earlier run (no config.json); pass resume=<run dir>{hint}"
+    )
 
 
 def warn_config_changes(cfg: DictConfig, run_dir: Path) -> None:
@@ -109,8 +117,11 @@ def warn_config_changes(cfg: DictConfig, run_dir: Path) -> None:
     new = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
     changed = config_changes(json.loads(old_path.read_text()), new)
     if changed:
-        log.warning("resume: the config differs from the one %s was started with, in: %s",
-                    run_dir, ", ".join(changed))
+        log.warning(
+            "resume: the config differs from the one %s was started with, in: %s",
+            run_dir,
+            ", ".join(changed),
+        )
 
 
 if __name__ == "__main__":

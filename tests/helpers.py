@@ -10,7 +10,9 @@ from omegaconf import DictConfig
 from cwdpo.config import CONFIG_DIR
 
 
-def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path, name: str = "train") -> DictConfig:
+def compose_cfg(
+    overrides: list[str], out_dir: Path, cache_dir: Path, name: str = "train"
+) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             config_name=name,

@@ -72,8 +72,9 @@ def test_collate_labels_only_on_response_tokens(backbone, pair_batch):
 def test_collate_truncation_cuts_only_the_response(backbone, pair_batch):
     bb = backbone
     full = bb.collate(pair_batch.images[:1], pair_batch.prompts[:1], pair_batch.chosen[:1])
-    n_prompt = int((full["labels"][0] == IGNORE_INDEX).logical_and(
-        full["attention_mask"][0].bool()).sum())
+    n_prompt = int(
+        (full["labels"][0] == IGNORE_INDEX).logical_and(full["attention_mask"][0].bool()).sum()
+    )
     n_resp = int((full["labels"][0] != IGNORE_INDEX).sum())
     assert n_resp > 3
     bb.max_length = n_prompt + 3
@@ -140,13 +141,16 @@ def test_chosen_and_rejected_in_one_forward_equal_separate_forwards(backbone, pa
     bb = backbone
     b = len(pair_batch)
     with torch.no_grad():
-        both = bb.logps(bb.collate_pairs(
-            pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
-        ))
+        both = bb.logps(
+            bb.collate_pairs(
+                pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
+            )
+        )
         ch = bb.logps(bb.collate(pair_batch.images, pair_batch.prompts, pair_batch.chosen))
         rj = bb.logps(bb.collate(pair_batch.images, pair_batch.prompts, pair_batch.rejected))
-        one = bb.logps(bb.collate(pair_batch.images[2:3], pair_batch.prompts[2:3],
-                                  pair_batch.rejected[2:3]))
+        one = bb.logps(
+            bb.collate(pair_batch.images[2:3], pair_batch.prompts[2:3], pair_batch.rejected[2:3])
+        )
     torch.testing.assert_close(both.sum[:b], ch.sum, rtol=0, atol=1e-4)
     torch.testing.assert_close(both.sum[b:], rj.sum, rtol=0, atol=1e-4)
     torch.testing.assert_close(both.mean[b:], rj.mean, rtol=0, atol=1e-5)

@@ -79,8 +79,12 @@ def test_chosen_identical_to_rejected_is_refused(tmp_path, backbone):
     assert fx.path.stem in str(err.value) and "2" in str(err.value)
     img = make_image(0)
     with pytest.raises(DataError, match="preference pair 1 of the batch .* identical"):
-        backbone.collate_pairs([img, img], ["Describe."] * 2, ["a red square .", "a blue  circle ."],
-                               ["a green square .", "a blue circle ."])
+        backbone.collate_pairs(
+            [img, img],
+            ["Describe."] * 2,
+            ["a red square .", "a blue  circle ."],
+            ["a green square .", "a blue circle ."],
+        )
 
 
 def test_response_longer_than_max_length_is_truncated_never_the_image(backbone):
@@ -99,7 +103,7 @@ def test_response_longer_than_max_length_is_truncated_never_the_image(backbone):
     assert int((ids == image_id).sum()) == n_image  # every image token kept
     assert ids[: len(prompt_ids[0])].tolist() == prompt_ids[0]
     assert (labels[: len(prompt_ids[0])] == IGNORE_INDEX).all()
-    assert labels[len(prompt_ids[0]):].tolist() == backbone.response_ids(long)[:5]
+    assert labels[len(prompt_ids[0]) :].tolist() == backbone.response_ids(long)[:5]
     backbone.max_length = len(prompt_ids[0]) - 1  # the prompt alone does not fit: an error
     with pytest.raises(DataError, match=r"image tokens included.*raise model.max_length"):
         backbone.collate([img], [prompt], ["a red square ."])
@@ -169,8 +173,14 @@ def test_split_with_no_rows_is_named(tmp_path):
 def test_stage_left_without_rows_is_named_before_training(tmp_path):
     from cwdpo.pipeline import run_pipeline
 
-    cfg = train_cfg(["+debug=fast", f"paths.output_dir={tmp_path}",
-                     "data.stage_split={sft_c: 1.0, cw_dpo: 0.0}", "stage.run=[sft_c,cw_dpo]"])
+    cfg = train_cfg(
+        [
+            "+debug=fast",
+            f"paths.output_dir={tmp_path}",
+            "data.stage_split={sft_c: 1.0, cw_dpo: 0.0}",
+            "stage.run=[sft_c,cw_dpo]",
+        ]
+    )
     with pytest.raises(DataError, match=r"stage cw_dpo gets no training rows: data.stage_split="):
         run_pipeline(cfg)
 
@@ -183,8 +193,10 @@ def test_incompatible_stage_order_is_refused(tmp_path, backbone):
     from cwdpo.pipeline import run_pipeline
     from cwdpo.stages import CWDPOModule
 
-    for run, msg in ((["cw_dpo", "sft_c"], "must follow base_sft → sft_c → cw_dpo"),
-                     (["sft_c", "dpo"], r"unknown stage\(s\) \['dpo'\]")):
+    for run, msg in (
+        (["cw_dpo", "sft_c"], "must follow base_sft → sft_c → cw_dpo"),
+        (["sft_c", "dpo"], r"unknown stage\(s\) \['dpo'\]"),
+    ):
         cfg = train_cfg([f"paths.output_dir={tmp_path}", f"stage.run=[{','.join(run)}]"])
         with pytest.raises(ValueError, match=msg):
             run_pipeline(cfg)

@@ -55,7 +55,9 @@ def test_shuffled_weights_are_a_permutation_of_the_cooling_weights():
     out = cw_dpo_loss(PC, PR, RC, RR, ELL, beta=BETA, permutation=perm)
     w = [_wc(-3.0), _wc(-1.0)]  # pair 0 gets pair 1's weight and vice versa
     assert out.weights.tolist() == pytest.approx(w)
-    assert out.losses.tolist() == pytest.approx([_ls(BETA * (dw - wi * dl)) for dw, dl, wi in zip(DW, DL, w)])
+    assert out.losses.tolist() == pytest.approx(
+        [_ls(BETA * (dw - wi * dl)) for dw, dl, wi in zip(DW, DL, w)]
+    )
     ident = cw_dpo_loss(PC, PR, RC, RR, ELL, beta=BETA, permutation=torch.tensor([0, 1]))
     assert torch.equal(ident.losses, cw_dpo_loss(PC, PR, RC, RR, ELL, beta=BETA).losses)
     with pytest.raises(ValueError, match="cooling"):
@@ -74,11 +76,24 @@ def _module(**kw):
 
     m = CWDPOModule.__new__(CWDPOModule)
     torch.nn.Module.__init__(m)
-    defaults = dict(beta=BETA, cooling=True, floor=-2.0, tau=0.5, filter_threshold=None, loss_type="sigmoid",
-                    rpo_alpha=0.0, loser_weight=None, shuffle_weights=False)
+    defaults = dict(
+        beta=BETA,
+        cooling=True,
+        floor=-2.0,
+        tau=0.5,
+        filter_threshold=None,
+        loss_type="sigmoid",
+        rpo_alpha=0.0,
+        loser_weight=None,
+        shuffle_weights=False,
+    )
     for k, v in {**defaults, **kw}.items():
         setattr(m, k, v)
-    pol = _LP(torch.cat([PC, PR]), torch.cat([torch.tensor([-0.4, -0.8]), ELL]), torch.tensor([10, 5, 9, 5]))
+    pol = _LP(
+        torch.cat([PC, PR]),
+        torch.cat([torch.tensor([-0.4, -0.8]), ELL]),
+        torch.tensor([10, 5, 9, 5]),
+    )
     m.pair_logps = lambda batch: (pol, torch.cat([RC, RR]), 2)
     return m
 
@@ -103,10 +118,16 @@ def test_module_rejects_inconsistent_baseline_knobs(backbone):
         CWDPOModule(backbone, optimizer=opt, loss_type="kto")
 
 
-@pytest.mark.parametrize("name, key, want", [
-    ("sft_continue", "loss_type", "sft"), ("rft", "loss_type", "sft"), ("chosen_only", "loser_weight", 0.0),
-    ("dpo_matched", "loser_weight", 0.5), ("cw_dpo_shuffled", "shuffle_weights", True),
-])
+@pytest.mark.parametrize(
+    "name, key, want",
+    [
+        ("sft_continue", "loss_type", "sft"),
+        ("rft", "loss_type", "sft"),
+        ("chosen_only", "loser_weight", 0.0),
+        ("dpo_matched", "loser_weight", 0.5),
+        ("cw_dpo_shuffled", "shuffle_weights", True),
+    ],
+)
 def test_baseline_experiments_compose_and_change_only_their_knob(name, key, want, tmp_path):
     base = compose_cfg([], tmp_path, tmp_path)
     cfg = compose_cfg([f"+experiment={name}", "data=shapes_cooc"], tmp_path, tmp_path)

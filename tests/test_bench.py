@@ -13,14 +13,37 @@ from cwdpo.bench import PeakMemory, main, state_bytes
 
 def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    res = main(["--cache", str(tiny_cache_dir), "--pairs", "2", "--rounds", "2", "--warmup", "0",
-                "--gen-tokens", "4", "--gen-rounds", "1", "--out", str(out)])
+    res = main(
+        [
+            "--cache",
+            str(tiny_cache_dir),
+            "--pairs",
+            "2",
+            "--rounds",
+            "2",
+            "--warmup",
+            "0",
+            "--gen-tokens",
+            "4",
+            "--gen-rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "vs TRL" in printed and "targets:" in printed
     saved = json.loads(out.read_text())
     assert set(saved["variants"]) == {
-        "dpo/plain", "cwdpo/plain", "dpo/prefix", "cwdpo/prefix", "dpo/prefix+cache",
-        "cwdpo/prefix+cache", "trl/dpo", "lora/cwdpo/prefix+cache", "lora/dpo/prefix+cache",
+        "dpo/plain",
+        "cwdpo/plain",
+        "dpo/prefix",
+        "cwdpo/prefix",
+        "dpo/prefix+cache",
+        "cwdpo/prefix+cache",
+        "trl/dpo",
+        "lora/cwdpo/prefix+cache",
+        "lora/dpo/prefix+cache",
     }
     for v in saved["variants"].values():
         assert v["median_s"] > 0 and v["samples_per_s"] > 0 and v["state_mb"]["total"] > 0
@@ -42,8 +65,9 @@ def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
     table = summarize([out, out]).splitlines()
     assert len(table) == 4 and "prefix+cache vs TRL" in table[0]
     cells = [c.strip() for c in table[2].strip("|").split("|")]
-    assert cells[2] == "off" and float(cells[5]) == round(saved["variants"]["dpo/prefix+cache"]
-                                                          ["samples_per_s"], 1)
+    assert cells[2] == "off" and float(cells[5]) == round(
+        saved["variants"]["dpo/prefix+cache"]["samples_per_s"], 1
+    )
 
 
 def test_state_bytes_and_peak_memory():

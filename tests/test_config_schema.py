@@ -50,7 +50,10 @@ def cfg_of(overrides: list[str], tmp_path: Path):
             ["stage.cw_dpo.loser_weight=-0.5"],
             r"stage\.cw_dpo\.loser_weight=-0\.5: expected a number in \[0, 1\]",
         ),
-        (["data=shapes_cooc", "data.source.judge=gpt"], r"data\.source\.judge='gpt': expected one of"),
+        (
+            ["data=shapes_cooc", "data.source.judge=gpt"],
+            r"data\.source\.judge='gpt': expected one of",
+        ),
         (
             ["stage.cw_dpo.loss_type=hinge"],
             r"stage\.cw_dpo\.loss_type='hinge': expected one of \['sigmoid', 'ipo', 'sft'\]",

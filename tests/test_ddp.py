@@ -196,6 +196,7 @@ def test_multinode_reads_slurm_and_torchrun_env(monkeypatch):
     for var in ("SLURM_NNODES", "NNODES", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+
         def trainer():
             t = compose("train", overrides=["trainer=multinode"]).trainer
             return OmegaConf.to_container(t, resolve=True)
@@ -227,8 +228,14 @@ def test_datamodule_loader_shards_under_distributed_sampler():
     loader = dm.train_dataloader()
     shards = []
     for rank in range(2):
-        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0,
-                                           mode=RunningStage.TRAINING, num_replicas=2, rank=rank)
+        sampler = _get_distributed_sampler(
+            loader,
+            shuffle=True,
+            overfit_batches=0,
+            mode=RunningStage.TRAINING,
+            num_replicas=2,
+            rank=rank,
+        )
         dl = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
         shards.append([i for idx, _ in dl for i in idx])
         assert all(len(idx) == 4 for idx, _ in dl)  # per-rank batch size kept
@@ -249,21 +256,35 @@ def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
     """Global batch 4: 1 process × 4 pairs vs 2 gloo processes × 2 pairs, 3 AdamW steps.
     The DDP run also uses the prefix-shared forward and the reference cache."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
-                             mirror_world=2)
+    _load_script(script).run(
+        str(tiny_vlm_path), str(single), devices=1, batch_size=4, mirror_world=2
+    )
 
     env = _launcher_env()
-    args = {"tiny": str(tiny_vlm_path), "out": str(ddp), "devices": 2, "batch_size": 2,
-            "prefix_sharing": True, "ref_cache": True}
-    proc = subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    args = {
+        "tiny": str(tiny_vlm_path),
+        "out": str(ddp),
+        "devices": 2,
+        "batch_size": 2,
+        "prefix_sharing": True,
+        "ref_cache": True,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(args)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     assert json.loads((ddp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
     # outputs written once: one rank wrote, one checkpoint set, one metrics log
     assert (ddp / "writes.log").read_text().split() == ["rank0"]
     assert sorted(p.name for p in (ddp / "ckpt").iterdir()) == sorted(
-        p.name for p in (single / "ckpt").iterdir())
+        p.name for p in (single / "ckpt").iterdir()
+    )
     assert len(list(ddp.rglob("metrics.csv"))) == 1
     # each rank keeps its own reference-cache shard (2 pairs × 3 steps each)
     shards = sorted(p.name for p in (ddp / "ref_cache").rglob("*.safetensors"))
@@ -287,7 +308,7 @@ def _initial_weights(path):
 
 
 ON_POLICY_SCRIPT = textwrap.dedent(
-    '''
+    """
     import json, os, sys
     import torch.distributed as dist
     from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
@@ -314,7 +335,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
     if world > 1:  # a clean teardown: gloo threads alive at interpreter exit can abort the process
         dist.barrier()
         dist.destroy_process_group()
-    '''
+    """
 )
 
 
@@ -329,9 +350,14 @@ def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port,
-                               str(tmp_path / f"r{r}.json")], env=env, cwd=REPO)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", port, str(tmp_path / f"r{r}.json")],
+            env=env,
+            cwd=REPO,
+        )
+        for r in range(2)
+    ]
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], codes
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
@@ -409,8 +435,14 @@ def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
     script = tmp_path / "probe_rules.py"
     script.write_text(PROBE_RULES_SCRIPT)
     env = _launcher_env()
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["steps"] == r1["steps"] < 20  # stopped early, together

@@ -11,8 +11,11 @@ deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not 
 VARIANTS = {
     "zero2": [],
     "zero3": ["trainer.strategy.stage=3"],
-    "zero3_offload": ["trainer.strategy.stage=3", "trainer.strategy.offload_optimizer=true",
-                      "trainer.strategy.offload_parameters=true"],
+    "zero3_offload": [
+        "trainer.strategy.stage=3",
+        "trainer.strategy.offload_optimizer=true",
+        "trainer.strategy.offload_parameters=true",
+    ],
 }
 
 

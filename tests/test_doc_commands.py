@@ -34,15 +34,21 @@ def _commands(doc: str) -> list[tuple[str, str, list[str]]]:
             if not line or line.startswith("#"):
                 continue
             line = re.sub(r"<[^<>]+>", "/tmp/x", line).replace("...", "")
-            words = shlex.split(re.sub(r"\$(\w+)", lambda m, env=env: env.get(m.group(1), "/tmp/x"), line))
+            words = shlex.split(
+                re.sub(r"\$(\w+)", lambda m, env=env: env.get(m.group(1), "/tmp/x"), line)
+            )
             if words[0] == "export":
                 words = words[1:]
             if all("=" in w for w in words):  # VAR=value assignments
                 env.update(w.split("=", 1) for w in words)
                 continue
             for i, w in enumerate(words):
-                if w in ("cwdpo.train", "cwdpo.eval", "cwdpo.doctor") and i > 0 and words[i - 1] == "-m":
-                    args = [a for a in words[i + 1:] if a not in ("-m", "--multirun")]
+                if (
+                    w in ("cwdpo.train", "cwdpo.eval", "cwdpo.doctor")
+                    and i > 0
+                    and words[i - 1] == "-m"
+                ):
+                    args = [a for a in words[i + 1 :] if a not in ("-m", "--multirun")]
                     out.append((doc, w.split(".")[1], args))
     return out
 
@@ -62,14 +68,16 @@ def _split_sweep(value: str) -> list[str]:
 
 
 def _variants(args: list[str]) -> list[list[str]]:
-    base = [a.split("=", 1)[0] + "=" + _split_sweep(a.split("=", 1)[1])[0] if "=" in a else a
-            for a in args]
+    base = [
+        a.split("=", 1)[0] + "=" + _split_sweep(a.split("=", 1)[1])[0] if "=" in a else a
+        for a in args
+    ]
     out = [base]
     for i, a in enumerate(args):
         if "=" in a:
             key, value = a.split("=", 1)
             for alt in _split_sweep(value)[1:]:
-                out.append([*base[:i], f"{key}={alt}", *base[i + 1:]])
+                out.append([*base[:i], f"{key}={alt}", *base[i + 1 :]])
     return out
 
 
@@ -81,8 +89,9 @@ def test_the_docs_have_commands():
     assert {"train", "eval"} <= entry <= {"train", "eval", "doctor"} and len(COMMANDS) >= 12
 
 
-@pytest.mark.parametrize(("doc", "entry", "args"), COMMANDS,
-                         ids=[f"{d}:{' '.join(a)[:60]}" for d, _, a in COMMANDS])
+@pytest.mark.parametrize(
+    ("doc", "entry", "args"), COMMANDS, ids=[f"{d}:{' '.join(a)[:60]}" for d, _, a in COMMANDS]
+)
 def test_documented_command_composes(doc, entry, args, tmp_path, tiny_cache_dir, monkeypatch):
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
@@ -92,9 +101,15 @@ def test_documented_command_composes(doc, entry, args, tmp_path, tiny_cache_dir,
     for variant in _variants(args):
         hydra_cfg = any(a.lstrip("+~").startswith("hydra") for a in variant)
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name=entry, return_hydra_config=hydra_cfg,
-                          overrides=[*variant, f"paths.output_dir={tmp_path}",
-                                     f"paths.cache_dir={tiny_cache_dir}"])
+            cfg = compose(
+                config_name=entry,
+                return_hydra_config=hydra_cfg,
+                overrides=[
+                    *variant,
+                    f"paths.output_dir={tmp_path}",
+                    f"paths.cache_dir={tiny_cache_dir}",
+                ],
+            )
         job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         OmegaConf.to_container(job, resolve=True, throw_on_missing=True)  # no ??? left, all resolve
         if entry == "train":

@@ -40,8 +40,9 @@ def test_distribution_measures_match_numpy():
     p, q = logp.exp().numpy().astype(np.float64), logq.exp().numpy().astype(np.float64)
     np.testing.assert_allclose(entropy(logp).numpy(), -(p * np.log(p)).sum(-1), rtol=1e-5)
     np.testing.assert_allclose(top1_prob(logp).numpy(), p.max(-1), rtol=1e-6)
-    np.testing.assert_allclose(tv_distance(logp.exp(), logq.exp()).numpy(),
-                               0.5 * np.abs(p - q).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        tv_distance(logp.exp(), logq.exp()).numpy(), 0.5 * np.abs(p - q).sum(-1), rtol=1e-5
+    )
     m = 0.5 * (p + q)
     js = 0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)
     np.testing.assert_allclose(js_divergence(logp.exp(), logq.exp()).numpy(), js, rtol=1e-4)
@@ -67,7 +68,9 @@ def test_coarsening_is_exact_on_full_support_and_a_lower_bound_otherwise():
     assert coarsen(logp.exp(), idx).sum(-1).allclose(torch.ones(20), atol=1e-5)
     assert coarse["tv"] <= full["tv"] + 1e-6 and coarse["js"] <= full["js"] + 1e-6
     assert coarse["entropy"] == full["entropy"] and coarse["top1"] == full["top1"]
-    assert distribution_stats(logp, coarsen(logp.exp(), idx), idx)["tv"] == pytest.approx(0, abs=1e-6)
+    assert distribution_stats(logp, coarsen(logp.exp(), idx), idx)["tv"] == pytest.approx(
+        0, abs=1e-6
+    )
 
 
 def test_vulnerable_fraction_and_group_stats():
@@ -98,8 +101,9 @@ def _toy_loss(model, feats, labels, n, cooling=True):
     token = torch.log_softmax(model(feats), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     seq, mean = token.sum(-1), token.mean(-1)
     ref = seq.detach() - 0.3
-    out = cw_dpo_loss(seq[:n], seq[n:], ref[:n], ref[n:], mean[n:], beta=0.5, cooling=cooling,
-                      floor=-1.5, tau=0.5)
+    out = cw_dpo_loss(
+        seq[:n], seq[n:], ref[:n], ref[n:], mean[n:], beta=0.5, cooling=cooling, floor=-1.5, tau=0.5
+    )
     return out.loss + 0.2 * (-mean[:n]).mean(), token  # RPO-style extra term on the chosen
 
 
@@ -130,8 +134,9 @@ def test_gradient_split_on_the_tiny_vlm(backbone, pair_batch):
     backbone.snapshot_reference()
     module = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1), beta=0.1, floor=-6.0)
     n = len(pair_batch)
-    enc = backbone.collate_pairs(pair_batch.images, pair_batch.prompts, pair_batch.chosen,
-                                 pair_batch.rejected)
+    enc = backbone.collate_pairs(
+        pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
+    )
     loss, _ = module.compute({"pairs": enc, "n": n})
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     split = gradient_split(loss, [module.last_logps.token], params, n, return_grads=True)
@@ -155,16 +160,36 @@ def _cw_dpo_trainer(backbone, root, steps, callbacks, loggers):
     from cwdpo.stages import CWDPOModule
 
     src = ShapesSource(sizes={"train": 16, "val": 4, "test": 4, "probe": 6})
-    dm = PreferenceDataModule(src, src.captions("train"), batch_size=4, seed=0,
-                              negatives=NegativeConfig(easy_fraction=0.5))
+    dm = PreferenceDataModule(
+        src,
+        src.captions("train"),
+        batch_size=4,
+        seed=0,
+        negatives=NegativeConfig(easy_fraction=0.5),
+    )
     dm.attach(backbone.collate, backbone.collate_pairs)
     backbone.snapshot_reference()
-    module = CWDPOModule(backbone, optimizer=partial(torch.optim.AdamW, lr=1e-3),
-                         total_steps=steps, beta=0.1, floor=-6.0, tau=1.0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=loggers, callbacks=callbacks,
-                        default_root_dir=str(root), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
+    module = CWDPOModule(
+        backbone,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        total_steps=steps,
+        beta=0.1,
+        floor=-6.0,
+        tau=1.0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(root),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     return trainer, module, dm
 
 
@@ -191,8 +216,9 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     steps = 3
     dyn = DynamicsMonitor(grad_split_every_n_steps=2, histogram_every_n_steps=1)
-    probe = DeltaLogpProbe(every_n_steps=2, n_items=4, batch_size=4, n_samples=2,
-                           sample_max_new_tokens=6)
+    probe = DeltaLogpProbe(
+        every_n_steps=2, n_items=4, batch_size=4, n_samples=2, sample_max_new_tokens=6
+    )
     wb = StageWandbLogger(project="cwdpo-test", name="t", save_dir=str(tmp_path), mode="online")
     loggers = [CSVLogger(str(tmp_path), name="csv", version="cw_dpo"), wb]
     for obj in (dyn, probe, wb):
@@ -206,8 +232,14 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
     assert all(s["gradsplit/residual"] < 1e-4 for s in dyn.splits)
     rows = _rows(tmp_path / "dynamics.csv")
     metrics = {r["metric"] for r in rows}
-    assert {"dynamics/cooling/mean", "dynamics/vulnerable_frac", "gradsplit/norm_w",
-            "gradsplit/norm_l", "gradsplit/cosine", "gradsplit/residual"} <= metrics
+    assert {
+        "dynamics/cooling/mean",
+        "dynamics/vulnerable_frac",
+        "gradsplit/norm_w",
+        "gradsplit/norm_l",
+        "gradsplit/cosine",
+        "gradsplit/residual",
+    } <= metrics
     vul = [float(r["value"]) for r in rows if r["metric"] == "dynamics/vulnerable_frac"]
     assert len(vul) == steps and all(0.0 <= v <= 1.0 for v in vul)
     w = _rows(tmp_path / "cooling_weights.csv")
@@ -226,10 +258,19 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
     data = read_offline_run(runs[0])
     assert data["complete"]  # the exit record is written
     keys = set().union(*data["history"])
-    for k in ("cw_dpo/step", "cw_dpo/train/loss", "cw_dpo/dynamics/vulnerable_frac",
-              "cw_dpo/dynamics/cooling/mean", "cw_dpo/gradsplit/norm_w", "cw_dpo/gradsplit/norm_l",
-              "cw_dpo/gradsplit/cosine", "cw_dpo/probe/positives/mean", "cw_dpo/probe/easy/q10",
-              "cw_dpo/probe/positives/tv", "cw_dpo/probe/positives/top1"):
+    for k in (
+        "cw_dpo/step",
+        "cw_dpo/train/loss",
+        "cw_dpo/dynamics/vulnerable_frac",
+        "cw_dpo/dynamics/cooling/mean",
+        "cw_dpo/gradsplit/norm_w",
+        "cw_dpo/gradsplit/norm_l",
+        "cw_dpo/gradsplit/cosine",
+        "cw_dpo/probe/positives/mean",
+        "cw_dpo/probe/easy/q10",
+        "cw_dpo/probe/positives/tv",
+        "cw_dpo/probe/positives/top1",
+    ):
         assert k in keys, k
     hist = [h for h in data["history"] if "cw_dpo/dynamics/cooling_weights/_type" in h]
     assert hist and hist[0]["cw_dpo/dynamics/cooling_weights/_type"] == "histogram"

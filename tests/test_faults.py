@@ -43,11 +43,14 @@ class Snapshots(L.Callback):
         self.weights: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.weights.append({k: v.detach().clone() for k, v in pl_module.backbone.model.state_dict().items()})
+        self.weights.append(
+            {k: v.detach().clone() for k, v in pl_module.backbone.model.state_dict().items()}
+        )
 
 
-def train(path, tmp_path, callbacks: list[L.Callback], steps: int = 3,
-          enable_checkpointing: bool = False) -> tuple[L.Trainer, Any]:
+def train(
+    path, tmp_path, callbacks: list[L.Callback], steps: int = 3, enable_checkpointing: bool = False
+) -> tuple[L.Trainer, Any]:
     from cwdpo.backbone import VLMBackbone
     from cwdpo.data.datamodules import CaptionDataModule
     from cwdpo.data.sources import ShapesSource
@@ -61,10 +64,18 @@ def train(path, tmp_path, callbacks: list[L.Callback], steps: int = 3,
     dm.attach(backbone.collate, backbone.collate_pairs)
     module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=1e-3), total_steps=steps)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=enable_checkpointing,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks,
-        default_root_dir=str(tmp_path), plugins=[AtomicCheckpointIO()],
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=enable_checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=dm)
     return trainer, module
@@ -105,7 +116,11 @@ def test_stop_policy_saves_a_checkpoint_and_names_the_fault(tiny_vlm_path, tmp_p
 
     snaps = Snapshots()
     with pytest.raises(NonFiniteError) as err:
-        train(tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({1}), snaps])
+        train(
+            tiny_vlm_path,
+            tmp_path,
+            [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({1}), snaps],
+        )
     msg = str(err.value)
     assert "stage sft_c, step 2: non-finite loss (nan)" in msg and "faults.policy=skip" in msg
     ckpt = tmp_path / "checkpoints" / "sft_c" / "nonfinite-step=2.ckpt"
@@ -116,39 +131,58 @@ def test_stop_policy_saves_a_checkpoint_and_names_the_fault(tiny_vlm_path, tmp_p
     assert _same(snaps.weights[0], weights)  # the last good weights, not the NaN update
 
 
-def test_stop_message_names_the_checkpoint_that_exists_and_the_exact_resume_command(tiny_vlm_path, tmp_path):
+def test_stop_message_names_the_checkpoint_that_exists_and_the_exact_resume_command(
+    tiny_vlm_path, tmp_path
+):
     """The old message advised `resume=true` (which started a fresh run elsewhere) from "the
     last periodic checkpoint" (which did not exist yet) and "set faults.policy=skip" (also when
     it already was). Now each claim is true, in both cases."""
     with pytest.raises(NonFiniteError) as err:  # no periodic checkpoint yet
-        train(tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({1})])
+        train(
+            tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({1})]
+        )
     msg = str(err.value)
-    assert f"Resume with `python -m cwdpo.train resume={tmp_path}`: it restarts stage sft_c from " \
-           "its start: no periodic checkpoint exists yet" in msg
+    assert (
+        f"Resume with `python -m cwdpo.train resume={tmp_path}`: it restarts stage sft_c from "
+        "its start: no periodic checkpoint exists yet" in msg
+    )
     assert "resume=true" not in msg and "stage.sft_c.optimizer.lr (now 0.001)" in msg
     assert "faults.policy=skip to skip such steps" in msg  # policy=stop: skipping is an option
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpts = tmp_path / "checkpoints" / "sft_c"
-    every_step = ModelCheckpoint(dirpath=str(ckpts), save_last=True, save_top_k=0, every_n_train_steps=1)
+    every_step = ModelCheckpoint(
+        dirpath=str(ckpts), save_last=True, save_top_k=0, every_n_train_steps=1
+    )
     with pytest.raises(NonFiniteError) as err:
-        train(tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({2}), every_step],
-              enable_checkpointing=True)
+        train(
+            tiny_vlm_path,
+            tmp_path,
+            [NonFiniteGuard(policy="stop", stage="sft_c"), NaNPixels({2}), every_step],
+            enable_checkpointing=True,
+        )
     msg = str(err.value)
     assert (ckpts / "last.ckpt").is_file()
-    assert f"continues stage sft_c from its last periodic checkpoint {ckpts / 'last.ckpt'} (after step 2)" in msg
+    assert (
+        f"continues stage sft_c from its last periodic checkpoint {ckpts / 'last.ckpt'} (after step 2)"
+        in msg
+    )
 
     guard = NonFiniteGuard(policy="skip", max_consecutive_skips=1, stage="sft_c")
     with pytest.raises(NonFiniteError) as err:  # policy=skip escalated: no advice to set it
         train(tiny_vlm_path, tmp_path / "skip", [guard, NaNPixels({0, 1, 2})])
     msg = str(err.value)
     assert "2 non-finite steps in a row (faults.policy=skip, faults.max_consecutive_skips=1)" in msg
-    assert "to skip such steps" not in msg and "a higher faults.max_consecutive_skips (now 1)" in msg
+    assert (
+        "to skip such steps" not in msg and "a higher faults.max_consecutive_skips (now 1)" in msg
+    )
 
 
 def test_stop_policy_names_the_parameter_with_a_nonfinite_gradient(tiny_vlm_path, tmp_path):
-    with pytest.raises(NonFiniteError, match=r"non-finite gradients in 1 parameter\(s\): backbone\.model\."):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite gradients in 1 parameter\(s\): backbone\.model\."
+    ):
         train(tiny_vlm_path, tmp_path, [NonFiniteGuard(policy="stop"), NaNGrad(step=0)], steps=1)
 
 
@@ -160,10 +194,21 @@ def test_too_many_skips_in_a_row_stop(tiny_vlm_path, tmp_path):
 
 
 def test_policy_comes_from_config_and_is_validated():
-    cfg = OmegaConf.create({"faults": {"policy": "stop", "check_grads": False, "max_consecutive_skips": 3}})
-    guard = next(cb for cb in reliability_callbacks("cw_dpo", cfg) if isinstance(cb, NonFiniteGuard))
-    assert (guard.policy, guard.check_grads, guard.max_consecutive_skips, guard.stage) == ("stop", False, 3, "cw_dpo")
-    with pytest.raises(ValueError, match=r"faults.policy must be one of \['skip', 'stop', 'off'\], got 'ignore'"):
+    cfg = OmegaConf.create(
+        {"faults": {"policy": "stop", "check_grads": False, "max_consecutive_skips": 3}}
+    )
+    guard = next(
+        cb for cb in reliability_callbacks("cw_dpo", cfg) if isinstance(cb, NonFiniteGuard)
+    )
+    assert (guard.policy, guard.check_grads, guard.max_consecutive_skips, guard.stage) == (
+        "stop",
+        False,
+        3,
+        "cw_dpo",
+    )
+    with pytest.raises(
+        ValueError, match=r"faults.policy must be one of \['skip', 'stop', 'off'\], got 'ignore'"
+    ):
         reliability_callbacks("cw_dpo", OmegaConf.create({"faults": {"policy": "ignore"}}))
     from hydra import compose, initialize_config_dir
 

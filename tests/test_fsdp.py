@@ -17,10 +17,22 @@ from tests.test_ddp import _initial_weights, _launcher_env, _load_script
 
 
 def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
-    args = {"tiny": str(tiny), "out": str(out), "devices": 2, "batch_size": 2, "strategy": "fsdp",
-            **kw}
-    proc = subprocess.run([sys.executable, str(script), json.dumps(args)], env=_launcher_env(),
-                          cwd=tmp, capture_output=True, text=True, timeout=600)
+    args = {
+        "tiny": str(tiny),
+        "out": str(out),
+        "devices": 2,
+        "batch_size": 2,
+        "strategy": "fsdp",
+        **kw,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(args)],
+        env=_launcher_env(),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -30,7 +42,7 @@ def _ckpt_policy(path: Path) -> dict[str, torch.Tensor]:
 
     state = safe_torch_load(path)["state_dict"]
     pre = "backbone.model."
-    return {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+    return {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +54,18 @@ def script(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.mark.parametrize(("lora", "prefix"), [(False, False), (True, False), (False, True)],
-                         ids=["full", "lora", "full-prefix-sharing"])
+@pytest.mark.parametrize(
+    ("lora", "prefix"),
+    [(False, False), (True, False), (False, True)],
+    ids=["full", "lora", "full-prefix-sharing"],
+)
 def test_two_process_fsdp_equals_single_process(script, tiny_vlm_path, tmp_path, lora, prefix):
     """prefix: the FSDP2 run uses the packed shared-prefix forward (root `forward` only), the
     single-process run the plain path: same weights after 3 steps."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    _load_script(script).run(str(tiny_vlm_path), str(single), devices=1, batch_size=4,
-                             mirror_world=2, lora=lora)
+    _load_script(script).run(
+        str(tiny_vlm_path), str(single), devices=1, batch_size=4, mirror_world=2, lora=lora
+    )
     _fsdp(script, tmp_path, tiny_vlm_path, fsdp, lora=lora, prefix_sharing=prefix)
     assert json.loads((fsdp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
     assert (fsdp / "writes.log").read_text().split() == ["rank0"]
@@ -80,7 +96,10 @@ def test_fsdp_checkpoint_resumes_to_the_uninterrupted_run(script, tiny_vlm_path,
     resumed = tmp_path / "resumed"
     _fsdp(script, tmp_path, tiny_vlm_path, resumed, steps=4, data_steps=2, ckpt_path=str(ckpt))
     assert json.loads((resumed / "results.json").read_text())["steps"] == 4
-    w_full, w_res = _ckpt_policy(full / "ckpt" / "last.ckpt"), _ckpt_policy(resumed / "ckpt" / "last.ckpt")
+    w_full, w_res = (
+        _ckpt_policy(full / "ckpt" / "last.ckpt"),
+        _ckpt_policy(resumed / "ckpt" / "last.ckpt"),
+    )
     moved = max((w_full[k] - stopped[k]).abs().max().item() for k in w_full)
     assert moved > 1e-4  # steps 3–4 changed the weights after the stop
     for k in w_full:
@@ -114,15 +133,32 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
 
     run = tmp_path / "run"
     args = [
-        "+debug=fast", "trainer=fsdp_cpu", "num_threads=1", "stage.run=[sft_c,cw_dpo]",
-        "stage.sft_c.steps=2", "stage.cw_dpo.steps=2", "trainer.limit_val_batches=0",
-        f"model.path={tiny_vlm_path}", f"paths.cache_dir={Path(tiny_vlm_path).parent}",
-        "eval.caption_metrics=false", "eval.n_records=4", "eval.max_new_tokens=4",
-        "eval.winrate=false", "callbacks.probes.n_items=4", "callbacks.probes.n_samples=0",
-        "callbacks.dynamics.grad_split_every_n_steps=0", f"hydra.run.dir={run}",
+        "+debug=fast",
+        "trainer=fsdp_cpu",
+        "num_threads=1",
+        "stage.run=[sft_c,cw_dpo]",
+        "stage.sft_c.steps=2",
+        "stage.cw_dpo.steps=2",
+        "trainer.limit_val_batches=0",
+        f"model.path={tiny_vlm_path}",
+        f"paths.cache_dir={Path(tiny_vlm_path).parent}",
+        "eval.caption_metrics=false",
+        "eval.n_records=4",
+        "eval.max_new_tokens=4",
+        "eval.winrate=false",
+        "callbacks.probes.n_items=4",
+        "callbacks.probes.n_samples=0",
+        "callbacks.dynamics.grad_split_every_n_steps=0",
+        f"hydra.run.dir={run}",
     ]
-    proc = subprocess.run([sys.executable, "-m", "cwdpo.train", *args], env=_launcher_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwdpo.train", *args],
+        env=_launcher_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((run / "results.json").read_text())
     assert results["stages"]["cw_dpo"]["steps"] == 2
@@ -142,7 +178,7 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
 
 
-MIXED_SCRIPT = '''
+MIXED_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -179,19 +215,28 @@ dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate called ...")
-'''
+"""
 
 
-def test_a_rank_without_images_does_not_hang_fsdp2_and_gradients_stay_exact(tiny_vlm_path, tmp_path):
+def test_a_rank_without_images_does_not_hang_fsdp2_and_gradients_stay_exact(
+    tiny_vlm_path, tmp_path
+):
     """Rank 0 trains on an image row, rank 1 on a text-only row: with the vision tower in the
     root unit both ranks all-gather the same units, the step finishes, and the averaged
     gradients equal one process's gradient of both rows."""
     script = tmp_path / "mixed.py"
     script.write_text(MIXED_SCRIPT)
     out, init = tmp_path / "mixed.json", f"file://{tmp_path}/pg"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tiny_vlm_path), str(out),
-                               init], env=_launcher_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tiny_vlm_path), str(out), init],
+            env=_launcher_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         logs = [p.communicate(timeout=240)[0] for p in procs]
     finally:

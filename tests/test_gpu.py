@@ -32,11 +32,22 @@ def script(tmp_path_factory):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-gc", "grad-ckpt"])
-def test_bf16_mixed_cw_dpo_steps_with_prefix_sharing_and_ref_cache(script, tiny_vlm_path,
-                                                                  tmp_path, lora, ckpt):
-    bb = script.run(str(tiny_vlm_path), str(tmp_path), devices=1, batch_size=4, steps=3,
-                    prefix_sharing=True, ref_cache=True, lora=lora, accelerator="cuda",
-                    precision="bf16-mixed", gradient_checkpointing=ckpt)
+def test_bf16_mixed_cw_dpo_steps_with_prefix_sharing_and_ref_cache(
+    script, tiny_vlm_path, tmp_path, lora, ckpt
+):
+    bb = script.run(
+        str(tiny_vlm_path),
+        str(tmp_path),
+        devices=1,
+        batch_size=4,
+        steps=3,
+        prefix_sharing=True,
+        ref_cache=True,
+        lora=lora,
+        accelerator="cuda",
+        precision="bf16-mixed",
+        gradient_checkpointing=ckpt,
+    )
     after = {k: v.float().cpu() for k, v in bb.model.state_dict().items()}
     assert all(torch.isfinite(v).all() for v in after.values())
     shards = list((tmp_path / "ref_cache").rglob("*.safetensors"))
@@ -53,8 +64,12 @@ def test_fast_path_equals_plain_path_on_gpu(tiny_vlm_path, pair_batch, dtype):
     from cwdpo.prefix import shared_prefix_logps
 
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, dtype=dtype, max_length=128).to("cuda")
-    batch = {k: v.to("cuda") for k, v in bb.collate_pairs(
-        pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected).items()}
+    batch = {
+        k: v.to("cuda")
+        for k, v in bb.collate_pairs(
+            pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
+        ).items()
+    }
     n = len(pair_batch)
     with torch.no_grad():
         plain = bb.logps(batch)
@@ -87,9 +102,18 @@ def test_bf16_mixed_steps_and_generation_on_every_family(script, family, family_
     from cwdpo.families import ensure_family
 
     path = ensure_family(family, family_cache)
-    bb = script.run(str(path), str(tmp_path), devices=1, batch_size=2, steps=2,
-                    prefix_sharing=True, ref_cache=True, lora=True, accelerator="cuda",
-                    precision="bf16-mixed")
+    bb = script.run(
+        str(path),
+        str(tmp_path),
+        devices=1,
+        batch_size=2,
+        steps=2,
+        prefix_sharing=True,
+        ref_cache=True,
+        lora=True,
+        accelerator="cuda",
+        precision="bf16-mixed",
+    )
     assert all(torch.isfinite(v.float()).all() for v in bb.model.state_dict().values())
     from cwdpo.data.shapes import ShapesWorld
 

@@ -34,13 +34,16 @@ def test_the_batch_that_broke_numpy_still_breaks_plain_numpy():
         np.histogram(NEAR_CONSTANT, bins=20)
 
 
-@pytest.mark.parametrize("values, n", [
-    (NEAR_CONSTANT, 4),
-    (np.full(7, 0.25, dtype=np.float32), 7),  # exactly constant
-    (np.array([1.0, np.nan, 2.0, np.inf, -np.inf, 3.0]), 3),  # non-finite entries dropped
-    (np.array([1e9, 1e9 + 1e-3]), 2),  # a range below float resolution at a large magnitude
-    (np.linspace(0, 1, 100), 100),
-])
+@pytest.mark.parametrize(
+    "values, n",
+    [
+        (NEAR_CONSTANT, 4),
+        (np.full(7, 0.25, dtype=np.float32), 7),  # exactly constant
+        (np.array([1.0, np.nan, 2.0, np.inf, -np.inf, 3.0]), 3),  # non-finite entries dropped
+        (np.array([1e9, 1e9 + 1e-3]), 2),  # a range below float resolution at a large magnitude
+        (np.linspace(0, 1, 100), 100),
+    ],
+)
 def test_histogram_bins_count_every_finite_value_in_increasing_bins(values, n):
     counts, edges = histogram_bins(values, num_bins=20)
     assert len(counts) == 20 and len(edges) == 21
@@ -110,12 +113,23 @@ def test_the_guard_lets_ctrl_c_through():
 
 # ----------------------------------------------------------------------------- pipelines
 BASE = [
-    "+debug=fast", "logger=wandb", "stage.base_sft.steps=1", "stage.sft_c.steps=1",
-    "stage.cw_dpo.steps=3", "callbacks.probes.n_items=4", "callbacks.probes.every_n_steps=1",
-    "callbacks.probes.max_cost_frac=null", "callbacks.probes.n_samples=2",
-    "callbacks.probes.sample_max_new_tokens=4", "callbacks.dynamics.histogram_every_n_steps=1",
-    "callbacks.dynamics.grad_split_every_n_steps=0", "eval.caption_metrics=false",
-    "eval.calibration=false", "eval.winrate=false", "eval.n_records=4", "eval.max_new_tokens=4",
+    "+debug=fast",
+    "logger=wandb",
+    "stage.base_sft.steps=1",
+    "stage.sft_c.steps=1",
+    "stage.cw_dpo.steps=3",
+    "callbacks.probes.n_items=4",
+    "callbacks.probes.every_n_steps=1",
+    "callbacks.probes.max_cost_frac=null",
+    "callbacks.probes.n_samples=2",
+    "callbacks.probes.sample_max_new_tokens=4",
+    "callbacks.dynamics.histogram_every_n_steps=1",
+    "callbacks.dynamics.grad_split_every_n_steps=0",
+    "eval.caption_metrics=false",
+    "eval.calibration=false",
+    "eval.winrate=false",
+    "eval.n_records=4",
+    "eval.max_new_tokens=4",
 ]
 
 
@@ -134,8 +148,10 @@ def _run(out: Path, cache: Path, *extra: str):
     from cwdpo.pipeline import dump_config, run_pipeline
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*BASE, f"paths.output_dir={out}",
-                                          f"paths.cache_dir={cache}", *extra])
+        cfg = compose(
+            "train",
+            overrides=[*BASE, f"paths.output_dir={out}", f"paths.cache_dir={cache}", *extra],
+        )
     if not (out / "config.json").is_file():
         dump_config(cfg, out)
     return run_pipeline(cfg)
@@ -192,8 +208,11 @@ def test_wandb_run_holds_curves_histograms_and_tables_of_every_stage(wandb_pipel
         assert len(samples["data"]) == 2
     whole = _table(run, rows, "run/probe/delta_logp_table")  # the run-wide curve, all stages
     assert max(s for s, _, _ in whole["data"]) == 1 + 1 + 3
-    hist = [(r["cw_dpo/dynamics/cooling_weights/values"], r["cw_dpo/dynamics/dpo_a/bins"])
-            for r in rows if "cw_dpo/dynamics/cooling_weights/values" in r]
+    hist = [
+        (r["cw_dpo/dynamics/cooling_weights/values"], r["cw_dpo/dynamics/dpo_a/bins"])
+        for r in rows
+        if "cw_dpo/dynamics/cooling_weights/values" in r
+    ]
     assert len(hist) == 3  # every step, step 0 included (every a ≈ 0.5 there)
     for counts, _ in hist:
         assert sum(counts) == 4  # one cooling weight per pair of the batch
@@ -202,8 +221,9 @@ def test_wandb_run_holds_curves_histograms_and_tables_of_every_stage(wandb_pipel
     assert _no_run_left_open(out)
 
 
-def test_failing_logging_is_counted_and_training_goes_on(tiny_cache_dir, tiny_vlm_path, wandb_env,
-                                                         monkeypatch, caplog):
+def test_failing_logging_is_counted_and_training_goes_on(
+    tiny_cache_dir, tiny_vlm_path, wandb_env, monkeypatch, caplog
+):
     import wandb
     from lightning.pytorch.loggers import CSVLogger
 
@@ -232,7 +252,9 @@ def test_failing_logging_is_counted_and_training_goes_on(tiny_cache_dir, tiny_vl
     assert results["stages"]["cw_dpo"]["steps"] == 3
     fails = json.loads((out / "results.json").read_text())["logging_failures"]
     assert fails["dynamics histograms"] == 3
-    assert fails["ResumableCSVLogger.log_metrics"] >= 3 * 2  # every probe of every stage (conf/logger/csv.yaml)
+    assert (
+        fails["ResumableCSVLogger.log_metrics"] >= 3 * 2
+    )  # every probe of every stage (conf/logger/csv.yaml)
     assert any(k.startswith("plots of") for k in fails)
     assert results["stages"]["cw_dpo"]["logging_failures"]["dynamics histograms"] == 3
     warned = [r.getMessage() for r in caplog.records if "training goes on" in r.getMessage()]
@@ -241,8 +263,9 @@ def test_failing_logging_is_counted_and_training_goes_on(tiny_cache_dir, tiny_vl
     assert _no_run_left_open(out)
 
 
-def test_wandb_run_is_closed_on_error_and_resume_continues_it(tiny_cache_dir, tiny_vlm_path,
-                                                               wandb_env, monkeypatch):
+def test_wandb_run_is_closed_on_error_and_resume_continues_it(
+    tiny_cache_dir, tiny_vlm_path, wandb_env, monkeypatch
+):
     """A crash in stage 2 closes the run (and leaves a user's own run alone); resuming the run
     dir continues the same W&B run id instead of starting a second run."""
     import wandb
@@ -269,8 +292,9 @@ def test_wandb_run_is_closed_on_error_and_resume_continues_it(tiny_cache_dir, ti
     assert wandb.run is user and not user._is_finished  # never touched
 
     monkeypatch.setattr(CWDPOModule, "training_step", real_step)
-    results = _run(out, tiny_cache_dir, "callbacks.model_checkpoint.every_n_train_steps=1",
-                   f"resume={out}")
+    results = _run(
+        out, tiny_cache_dir, "callbacks.model_checkpoint.every_n_train_steps=1", f"resume={out}"
+    )
     assert results["stages"]["cw_dpo"]["steps"] == 3
     runs = _offline_runs(out)
     assert len(runs) == 2 and all(r["complete"] for r in runs)

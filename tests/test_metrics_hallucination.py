@@ -54,12 +54,16 @@ def test_pope_scores_hand_checked():
     # tp 2, fp 1, fn 1, tn 2
     s = pope_scores(answers, labels)
     assert s["accuracy"] == pytest.approx(100 * 4 / 6)
-    assert s["precision"] == pytest.approx(100 * 2 / 3) and s["recall"] == pytest.approx(100 * 2 / 3)
+    assert s["precision"] == pytest.approx(100 * 2 / 3) and s["recall"] == pytest.approx(
+        100 * 2 / 3
+    )
     assert s["f1"] == pytest.approx(100 * 2 / 3) and s["yes_ratio"] == pytest.approx(50.0)
 
 
 def test_pope_queries_are_balanced_and_labelled_by_the_truth():
-    scenes = ShapesWorld(WorldConfig(max_objects=3, cooc_trigger=("red", "circle")), seed=2).scenes("test", 300)
+    scenes = ShapesWorld(WorldConfig(max_objects=3, cooc_trigger=("red", "circle")), seed=2).scenes(
+        "test", 300
+    )
     qs = pope_queries(scenes, seed=1, cooc=COOC)
     for name, rows in qs.items():
         assert sum(y for *_, y in rows) * 2 == len(rows), name  # balanced yes / no
@@ -75,11 +79,15 @@ def test_pope_queries_are_balanced_and_labelled_by_the_truth():
         objs = list(sc.objects)
         ids = {(o.colour, o.shape) for o in objs}
         if ("red", "circle") in ids and ("blue", "square") not in ids:
-            free = [p for p in ("left", "right", "top", "bottom") if p not in {o.position for o in objs}]
+            free = [
+                p for p in ("left", "right", "top", "bottom") if p not in {o.position for o in objs}
+            ]
             objs.append(Obj("blue", "square", "small", free[0]))
         outs.append(caption(Scene(objs, 0), 0))
     p = pope(outs, scenes, seed=1, cooc=COOC)
-    assert p["pope_adv/accuracy"] == pytest.approx(50.0) and p["pope_adv/yes_ratio"] == pytest.approx(100.0)
+    assert p["pope_adv/accuracy"] == pytest.approx(50.0) and p[
+        "pope_adv/yes_ratio"
+    ] == pytest.approx(100.0)
     truth = pope([caption(sc, 0) for sc in scenes], scenes, seed=1, cooc=COOC)
     assert truth["pope/accuracy"] == truth["pope_adv/accuracy"] == 100.0
 
@@ -94,7 +102,9 @@ def test_displacement_stats_literal():
 def _records(n: int = 6):
     from cwdpo.data.sources import ShapesSource
 
-    return ShapesSource(WorldConfig(), seed=0, sizes={"train": 4, "val": 4, "test": n, "probe": 4}).captions("test")
+    return ShapesSource(
+        WorldConfig(), seed=0, sizes={"train": 4, "val": 4, "test": n, "probe": 4}
+    ).captions("test")
 
 
 def _brute_ece(confs: list[float], correct: list[bool], n_bins: int = 15) -> tuple[float, float]:
@@ -103,7 +113,13 @@ def _brute_ece(confs: list[float], correct: list[bool], n_bins: int = 15) -> tup
         lo, hi = b / n_bins, (b + 1) / n_bins
         idx = [i for i, c in enumerate(confs) if (lo < c <= hi) or (b == 0 and c == 0.0)]
         if idx:
-            ece += len(idx) / total * abs(sum(correct[i] for i in idx) / len(idx) - sum(confs[i] for i in idx) / len(idx))
+            ece += (
+                len(idx)
+                / total
+                * abs(
+                    sum(correct[i] for i in idx) / len(idx) - sum(confs[i] for i in idx) / len(idx)
+                )
+            )
     return ece, sum(confs) / total - sum(correct) / total
 
 
@@ -112,7 +128,9 @@ def test_content_calibration_matches_a_brute_force_over_content_tokens(backbone,
     recs = _records()
     texts = gold_texts(recs)
     got = content_calibration(backbone, recs, "Describe the image.", texts, batch_size=4)
-    enc = backbone.collate([r.image.load() for r in recs], ["Describe the image."] * len(recs), texts)
+    enc = backbone.collate(
+        [r.image.load() for r in recs], ["Describe the image."] * len(recs), texts
+    )
     backbone.model.eval()
     _, logits, labels = backbone.logps_and_logits(enc)
     confs, correct, n_content = [], [], 0
@@ -127,7 +145,11 @@ def test_content_calibration_matches_a_brute_force_over_content_tokens(backbone,
             correct.append(int(p.argmax()) == y)
     ece, sce = _brute_ece(confs, correct)
     # every caption's content words: colour, shape, size, position per object
-    assert n_content == sum(4 * len(r.meta["scene"].objects) for r in recs) == got["calib/content_tokens"]
+    assert (
+        n_content
+        == sum(4 * len(r.meta["scene"].objects) for r in recs)
+        == got["calib/content_tokens"]
+    )
     assert got["calib/content_ece"] == pytest.approx(ece, abs=1e-5)
     assert got["calib/content_sce"] == pytest.approx(sce, abs=1e-5)
     mask = content_token_mask(labels, backbone.tokenizer)
@@ -142,7 +164,9 @@ def test_likelihood_displacement_against_direct_sums(backbone, perturb):
     assert same["disp/chosen_fell"] == 0.0 and abs(same["disp/chosen_delta"]) < 1e-5
     perturb(backbone.model, scale=0.05, seed=7)
     got = likelihood_displacement(backbone, recs, "Describe the image.", outs, batch_size=2)
-    enc = backbone.collate([r.image.load() for r in recs], ["Describe the image."] * 4, gold_texts(recs))
+    enc = backbone.collate(
+        [r.image.load() for r in recs], ["Describe the image."] * 4, gold_texts(recs)
+    )
     backbone.model.eval()
     d = backbone.logps(enc).sum - backbone.logps(enc, reference=True).sum
     assert got["disp/chosen_delta"] == pytest.approx(float(d.mean()), abs=1e-4)

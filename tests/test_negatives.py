@@ -42,7 +42,9 @@ class FakePolicy:
         recs = self.source.captions("train")
         for i in range(len(images) * num_return_sequences):
             rec = recs[(i // num_return_sequences) % len(recs)]
-            out.append(rec.references[0] if i % 3 == 0 else f"a purple circle on the top {self.calls} {i}")
+            out.append(
+                rec.references[0] if i % 3 == 0 else f"a purple circle on the top {self.calls} {i}"
+            )
         return out
 
 
@@ -103,8 +105,15 @@ def test_on_policy_negatives_are_refreshed_on_schedule(backbone):
     backbone.snapshot_reference()
     module = CWDPOModule(backbone, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), total_steps=7)
     cb = OnPolicyNegatives(every_n_steps=3)
-    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[cb], limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=7,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[cb],
+        limit_val_batches=0,
+    )
     calls = []
     orig = dm.refresh_on_policy
 
@@ -128,15 +137,28 @@ def test_negative_config_rejects_bad_values():
 
 @pytest.mark.parametrize("data", ["shapes", "coco"])
 def test_cw_dpo_with_mixed_negatives_trains(data, tmp_path, tiny_cache_dir):
-    over = ["+debug=fast", "negatives=mixed", "negatives.dataset_fraction=0.5",
-            "negatives.num_samples=1", "negatives.max_new_tokens=6",
-            "negatives.refresh_every_n_steps=1", "stage.run=[sft_c,cw_dpo]",
-            "eval.caption_metrics=false", "eval.calibration=false", "eval.winrate=false"]
+    over = [
+        "+debug=fast",
+        "negatives=mixed",
+        "negatives.dataset_fraction=0.5",
+        "negatives.num_samples=1",
+        "negatives.max_new_tokens=6",
+        "negatives.refresh_every_n_steps=1",
+        "stage.run=[sft_c,cw_dpo]",
+        "eval.caption_metrics=false",
+        "eval.calibration=false",
+        "eval.winrate=false",
+    ]
     if data == "coco":
         fx = write_karpathy(tmp_path / "coco")
-        over += ["data=coco_karpathy", f"data.root={tmp_path / 'coco'}",
-                 f"data.source.image_root={fx.image_root}", "data.batch_size=2",
-                 "data.num_workers=0", "data.stage_split={sft_c:0.5,cw_dpo:0.5}"]
+        over += [
+            "data=coco_karpathy",
+            f"data.root={tmp_path / 'coco'}",
+            f"data.source.image_root={fx.image_root}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.stage_split={sft_c:0.5,cw_dpo:0.5}",
+        ]
     cfg = compose_cfg(over, tmp_path / "run", tiny_cache_dir)
     res = run_pipeline(cfg)
     neg = res["stages"]["cw_dpo"]["negatives"]
@@ -170,5 +192,7 @@ def test_validation_draws_are_fixed_and_leave_training_state_alone():
     with dm.evaluating():
         a = dm.on_before_batch_transfer(raw, 0)
         b = dm.on_before_batch_transfer(raw, 0)
-    assert a["rejected"] == b["rejected"] and a["image_ids"] == [r.image_id for r in dm.val_records[:4]]
+    assert a["rejected"] == b["rejected"] and a["image_ids"] == [
+        r.image_id for r in dm.val_records[:4]
+    ]
     assert (dm.rng.getstate(), dict(dm.stats.counts)) == before

@@ -324,7 +324,15 @@ def test_cw_dpo_grads_match_central_finite_differences(cooling, loss_type):
 
     def f(pc_, pr_):
         return cw_dpo_loss(
-            pc_, pr_, rc, rr, ell, beta=beta, cooling=cooling, floor=-3.0, tau=0.7,
+            pc_,
+            pr_,
+            rc,
+            rr,
+            ell,
+            beta=beta,
+            cooling=cooling,
+            floor=-3.0,
+            tau=0.7,
             loss_type=loss_type,
         ).loss
 
@@ -355,9 +363,7 @@ def test_cw_dpo_floor_mean_uses_batch_mean_of_negative_confidence():
     # a running mean passed as a tensor is used as is
     out = cw_dpo_loss(pc, pr, rc, rr, ell, beta=0.1, floor=torch.tensor(-1.25), tau=0.5)
     assert out.floor.item() == pytest.approx(-1.25)
-    torch.testing.assert_close(
-        out.weights, torch.sigmoid((ell + 1.25) / 0.5), rtol=1e-6, atol=1e-6
-    )
+    torch.testing.assert_close(out.weights, torch.sigmoid((ell + 1.25) / 0.5), rtol=1e-6, atol=1e-6)
 
 
 def test_cw_dpo_filter_threshold_masks_pairs():

@@ -43,10 +43,20 @@ def test_pipeline_runs_every_stage_and_writes_outputs(fast_run):
 def test_cw_dpo_logs_the_required_quantities(fast_run):
     out, _ = fast_run
     header = (out / "csv" / "cw_dpo" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected",
-                "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
-                "train/logps/rejected", "train/ell/chosen", "train/ell/rejected",
-                "train/cooling/mean", "train/cooling/min", "train/cooling/max"):
+    for key in (
+        "train/loss",
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/ell/chosen",
+        "train/ell/rejected",
+        "train/cooling/mean",
+        "train/cooling/min",
+        "train/cooling/max",
+    ):
         assert key in header, key
     sft = (out / "csv" / "sft_c" / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("train/loss", "train/nll_pos", "train/nll_neg", "train/penalty"):
@@ -56,9 +66,15 @@ def test_cw_dpo_logs_the_required_quantities(fast_run):
 def test_stage_two_alone_from_a_saved_policy(fast_run, tmp_path, tiny_cache_dir):
     out, _ = fast_run
     cfg = compose_cfg(
-        [*FAST, "stage=cw_dpo", f"model.path={out / 'checkpoints' / 'sft_c_hf'}",
-         "eval.caption_metrics=false", "eval.calibration=false"],
-        tmp_path, tiny_cache_dir,
+        [
+            *FAST,
+            "stage=cw_dpo",
+            f"model.path={out / 'checkpoints' / 'sft_c_hf'}",
+            "eval.caption_metrics=false",
+            "eval.calibration=false",
+        ],
+        tmp_path,
+        tiny_cache_dir,
     )
     res = run_pipeline(cfg)
     assert list(res["stages"]) == ["start", "cw_dpo"]
@@ -73,10 +89,24 @@ def test_bad_stage_order_is_rejected(tmp_path, tiny_cache_dir):
 
 def test_cli_entry_point(tmp_path, tiny_cache_dir):
     env = {**os.environ, "CWDPO_CACHE": str(tiny_cache_dir)}
-    cmd = [sys.executable, "-m", "cwdpo.train", *FAST, "eval.caption_metrics=false",
-           "+experiment=ablation_cooling", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, umask=0o022,
-                          cwd=Path(__file__).resolve().parent.parent)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cwdpo.train",
+        *FAST,
+        "eval.caption_metrics=false",
+        "+experiment=ablation_cooling",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        umask=0o022,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["experiment"] == "ablation_cooling"
@@ -91,8 +121,15 @@ def test_cli_entry_point(tmp_path, tiny_cache_dir):
     assert "INFO: Seed set to" not in proc.stderr and "💡 Tip" not in proc.stdout + proc.stderr
     assert proc.stdout.count("Seed set to 0") == 2  # the pipeline seeds twice before stage 1
     assert "| cw_dpo | dpo |" in proc.stdout and "| sft_c | sft_c |" in proc.stdout
-    assert "cw_dpo · epoch 0" in proc.stdout and "step: 2/2" in proc.stdout and "v_num" not in proc.stdout
-    for f in (tmp_path / "results.json", tmp_path / "checkpoints" / "cw_dpo_hf" / "model.safetensors"):
+    assert (
+        "cw_dpo · epoch 0" in proc.stdout
+        and "step: 2/2" in proc.stdout
+        and "v_num" not in proc.stdout
+    )
+    for f in (
+        tmp_path / "results.json",
+        tmp_path / "checkpoints" / "cw_dpo_hf" / "model.safetensors",
+    ):
         assert f.stat().st_mode & 0o044 == 0o044, f"{f}: {oct(f.stat().st_mode)}"
     assert (tmp_path / "checkpoints" / "cw_dpo_hf").stat().st_mode & 0o055 == 0o055
 
@@ -106,10 +143,20 @@ def test_typo_added_with_plus_fails_before_training(tmp_path, tiny_cache_dir):
 def test_results_table_shows_the_ground_truth_metrics(fast_run):
     out, res = fast_run
     table = (out / "results.md").read_text()
-    for head in ("F1 %", "CHAIR_i %", "CHAIR_s %", "POPE F1", "malformed %", "content ECE",
-                 "content SCE", "gold logp fell %"):
+    for head in (
+        "F1 %",
+        "CHAIR_i %",
+        "CHAIR_s %",
+        "POPE F1",
+        "malformed %",
+        "content ECE",
+        "content SCE",
+        "gold logp fell %",
+    ):
         assert head in table, head
     st = res["stages"]
-    assert "disp/chosen_fell" in st["cw_dpo"] and "disp/chosen_fell" not in st["sft_c"]  # needs π_ref
+    assert (
+        "disp/chosen_fell" in st["cw_dpo"] and "disp/chosen_fell" not in st["sft_c"]
+    )  # needs π_ref
     for m in st.values():
         assert 0.0 <= m["chair_s"] <= 100.0 and 0.0 <= m["pope/yes_ratio"] <= 100.0

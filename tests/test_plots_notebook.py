@@ -37,13 +37,24 @@ def pipeline_run(tiny_cache_dir, tiny_vlm_path, tmp_path_factory):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     overrides = [
-        "+debug=fast", "logger=wandb", "stage.run=[sft_c,cw_dpo]", "stage.sft_c.steps=1",
-        "stage.cw_dpo.steps=4", "callbacks.probes.n_items=4",
-        f"paths.output_dir={out}", f"paths.cache_dir={tiny_cache_dir}",
-        "eval.caption_metrics=false", "eval.calibration=false", "eval.winrate=false",
-        "eval.n_records=4", "callbacks.probes.every_n_steps=1", "callbacks.probes.max_cost_frac=null",
-        "callbacks.probes.n_samples=2", "callbacks.probes.sample_max_new_tokens=6",
-        "callbacks.dynamics.grad_split_every_n_steps=1", "~callbacks.model_checkpoint",
+        "+debug=fast",
+        "logger=wandb",
+        "stage.run=[sft_c,cw_dpo]",
+        "stage.sft_c.steps=1",
+        "stage.cw_dpo.steps=4",
+        "callbacks.probes.n_items=4",
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={tiny_cache_dir}",
+        "eval.caption_metrics=false",
+        "eval.calibration=false",
+        "eval.winrate=false",
+        "eval.n_records=4",
+        "callbacks.probes.every_n_steps=1",
+        "callbacks.probes.max_cost_frac=null",
+        "callbacks.probes.n_samples=2",
+        "callbacks.probes.sample_max_new_tokens=6",
+        "callbacks.dynamics.grad_split_every_n_steps=1",
+        "~callbacks.model_checkpoint",
         "+callbacks.probes.rules.always={kind: above, group: positives, stat: ell, "
         "threshold: -1.0e9, stages: [cw_dpo], min_step: 1}",
     ]
@@ -70,7 +81,10 @@ def test_results_hold_the_early_stopping_reason(pipeline_run):
     assert cw["probe_events"][0]["rule"] == "always"
     assert cw["probe_seconds"] > 0 and 0 < cw["probe_cost_frac"] < 1
     stages = json.loads((out / "stages.json").read_text())
-    assert [(s["stage"], s["offset"], s["steps"]) for s in stages] == [("sft_c", 0, 1), ("cw_dpo", 1, 1)]
+    assert [(s["stage"], s["offset"], s["steps"]) for s in stages] == [
+        ("sft_c", 0, 1),
+        ("cw_dpo", 1, 1),
+    ]
 
 
 def test_one_wandb_run_for_the_whole_pipeline(pipeline_run):
@@ -82,11 +96,19 @@ def test_one_wandb_run_for_the_whole_pipeline(pipeline_run):
     data = read_offline_run(runs[0])
     assert data["complete"]
     keys = set().union(*data["history"])
-    for k in ("sft_c/step", "sft_c/train/loss", "sft_c/probe/positives/mean",
-              "cw_dpo/step", "cw_dpo/probe/positives/mean", "cw_dpo/probe/gentle/q90",
-              "cw_dpo/dynamics/vulnerable_frac", "cw_dpo/gradsplit/norm_l",
-              "cw_dpo/gradsplit/cosine", "cw_dpo/probe/fired/always",
-              "cw_dpo/dynamics/cooling_weights/_type"):
+    for k in (
+        "sft_c/step",
+        "sft_c/train/loss",
+        "sft_c/probe/positives/mean",
+        "cw_dpo/step",
+        "cw_dpo/probe/positives/mean",
+        "cw_dpo/probe/gentle/q90",
+        "cw_dpo/dynamics/vulnerable_frac",
+        "cw_dpo/gradsplit/norm_l",
+        "cw_dpo/gradsplit/cosine",
+        "cw_dpo/probe/fired/always",
+        "cw_dpo/dynamics/cooling_weights/_type",
+    ):
         assert k in keys, k
     assert data["summary"]["stages/cw_dpo/early_stop"].startswith("always:")
 
@@ -117,17 +139,25 @@ def test_review_notebook_executes(pipeline_run, monkeypatch):
     out, _ = pipeline_run
     monkeypatch.setenv("CWDPO_RUNS", str(out))
     nb = nbformat.read(ROOT / "notebooks" / "dlogp_review.ipynb", as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {})
-               for o in outputs) >= 3  # curves, side-by-side, dynamics
+    assert (
+        sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+        >= 3
+    )  # curves, side-by-side, dynamics
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "always: positives ell" in text  # the early-stop reason is reviewed
 
 
-def test_notebook_default_run_discovery_skips_plot_folders_and_runs_without_data(tmp_path, monkeypatch):
+def test_notebook_default_run_discovery_skips_plot_folders_and_runs_without_data(
+    tmp_path, monkeypatch
+):
     """Issue #15: `cwdpo.plot --out logs/train/runs/cmp` (or a run that failed before training,
     leaving only `.hydra/`) was newer than the real runs, so the notebook loaded it and failed."""
     import os

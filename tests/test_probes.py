@@ -51,12 +51,14 @@ def test_squeezing_floor_patience_and_warmup():
 
 
 def test_rule_config_parsing_and_validation():
-    rules = parse_rules({
-        "displacement": {"kind": "drop_from_best", "threshold": 0.5, "stages": ["cw_dpo"]},
-        "off": {"kind": "below", "enabled": False},
-        "gone": None,
-        "run_q10": {"kind": "below", "group": "easy", "stat": "q10", "baseline": "run"},
-    })
+    rules = parse_rules(
+        {
+            "displacement": {"kind": "drop_from_best", "threshold": 0.5, "stages": ["cw_dpo"]},
+            "off": {"kind": "below", "enabled": False},
+            "gone": None,
+            "run_q10": {"kind": "below", "group": "easy", "stat": "q10", "baseline": "run"},
+        }
+    )
     assert [r.name for r in rules] == ["displacement", "run_q10"]
     assert rules[0].applies_to("cw_dpo") and not rules[0].applies_to("sft_c")
     assert rules[0].column == "mean" and rules[1].column == "run_q10"
@@ -68,8 +70,9 @@ def test_rule_config_parsing_and_validation():
 
 
 def _fake_trainer(tmp_path, callbacks=()):
-    return SimpleNamespace(should_stop=False, global_step=40, loggers=[], callbacks=list(callbacks),
-                           datamodule=None)
+    return SimpleNamespace(
+        should_stop=False, global_step=40, loggers=[], callbacks=list(callbacks), datamodule=None
+    )
 
 
 def _with_trajectory(tmp_path, rules, values, group="positives", stage="cw_dpo"):
@@ -131,8 +134,15 @@ def test_refresh_rule_calls_the_on_policy_callback_with_cooldown(tmp_path):
         def _refresh(self, trainer, pl_module):
             calls.append(trainer.global_step)
 
-    rules = {"refresh_on_squeeze": {"kind": "below", "group": "on_policy", "threshold": -1.0,
-                                    "action": "refresh", "cooldown": 40}}
+    rules = {
+        "refresh_on_squeeze": {
+            "kind": "below",
+            "group": "on_policy",
+            "threshold": -1.0,
+            "action": "refresh",
+            "cooldown": 40,
+        }
+    }
     cb = _with_trajectory(tmp_path, rules, [0.0, -2.0, -3.0], group="on_policy")
     trainer = _fake_trainer(tmp_path, [Recorder(every_n_steps=1000)])
     cb.apply_rules(trainer, None, 40)
@@ -182,10 +192,18 @@ def _sft_trainer(backbone, root, steps, probe, *more):
     dm = CaptionDataModule(src, src.captions("train"), batch_size=4, seed=0)
     dm.attach(backbone.collate, backbone.collate_pairs)
     module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), total_steps=steps)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, callbacks=[probe, *more],
-                        default_root_dir=str(root), enable_checkpointing=bool(more),
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        callbacks=[probe, *more],
+        default_root_dir=str(root),
+        enable_checkpointing=bool(more),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     return trainer, module, dm
 
 
@@ -195,8 +213,9 @@ def _direct(backbone, group, n=6):
     src = ShapesSource(sizes=SIZES)
     recs = probe_records(src, "probe", n=n)
     rows = probe_texts(src, recs, group, seed=0)
-    enc = backbone.collate([recs[i].image.load() for i, _ in rows],
-                           [src.prompt] * len(rows), [t for _, t in rows])
+    enc = backbone.collate(
+        [recs[i].image.load() for i, _ in rows], [src.prompt] * len(rows), [t for _, t in rows]
+    )
     backbone.model.eval()
     lp, logits, labels = backbone.logps_and_logits(enc)
     backbone.model.train()
@@ -211,8 +230,13 @@ def _csv(path):
 def test_probe_numbers_equal_a_direct_recomputation(backbone, tmp_path):
     from cwdpo.diagnostics import entropy, js_divergence, top1_prob
 
-    probe = DeltaLogpProbe(every_n_steps=2, n_items=6, batch_size=4, n_samples=0,
-                           rules={"never": {"kind": "below", "stat": "ell", "threshold": -1e9}})
+    probe = DeltaLogpProbe(
+        every_n_steps=2,
+        n_items=6,
+        batch_size=4,
+        n_samples=0,
+        rules={"never": {"kind": "below", "stat": "ell", "threshold": -1e9}},
+    )
     before = {g: _direct(backbone, g) for g in ("positives", "gentle", "easy")}
     trainer, module, dm = _sft_trainer(backbone, tmp_path, 3, probe)
     trainer.fit(module, datamodule=dm)
@@ -220,7 +244,8 @@ def test_probe_numbers_equal_a_direct_recomputation(backbone, tmp_path):
 
     rows = _csv(tmp_path / "probes.csv")
     assert [(r["step"], r["group"]) for r in rows] == [
-        (s, g) for s in ("0", "2", "3") for g in ("positives", "gentle", "easy")]
+        (s, g) for s in ("0", "2", "3") for g in ("positives", "gentle", "easy")
+    ]
     assert {r["stage"] for r in rows} == {"sft_c"}
     for g in ("positives", "gentle", "easy"):
         start = next(r for r in rows if r["group"] == g and r["step"] == "0")
@@ -240,18 +265,29 @@ def test_probe_numbers_equal_a_direct_recomputation(backbone, tmp_path):
         assert float(end["entropy"]) == pytest.approx(entropy(logp1).mean().item(), abs=1e-5)
         assert float(end["top1"]) == pytest.approx(top1_prob(logp1).mean().item(), abs=1e-6)
         assert float(end["tv"]) == pytest.approx(
-            tv_distance(logp1.exp(), logp0.exp()).mean().item(), abs=1e-5)
+            tv_distance(logp1.exp(), logp0.exp()).mean().item(), abs=1e-5
+        )
         assert float(end["js"]) == pytest.approx(
-            js_divergence(logp1.exp(), logp0.exp()).mean().item(), abs=1e-5)
+            js_divergence(logp1.exp(), logp0.exp()).mean().item(), abs=1e-5
+        )
         assert float(end["tv"]) > 0  # training moved the distributions
-    assert float(next(r for r in rows if r["group"] == "positives" and r["step"] == "3")["mean"]) > 0
+    assert (
+        float(next(r for r in rows if r["group"] == "positives" and r["step"] == "3")["mean"]) > 0
+    )
     summary = probe.summary()
     assert summary["early_stop"] is None and summary["probe_events"] == []
     assert summary["probe_seconds"] > 0 and 0 < summary["probe_cost_frac"] < 1
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert stages == [{"stage": "sft_c", "offset": 0, "steps": 3, "stop_reason": None,
-                       "probe_seconds": summary["probe_seconds"],
-                       "probe_cost_frac": summary["probe_cost_frac"]}]
+    assert stages == [
+        {
+            "stage": "sft_c",
+            "offset": 0,
+            "steps": 3,
+            "stop_reason": None,
+            "probe_seconds": summary["probe_seconds"],
+            "probe_cost_frac": summary["probe_cost_frac"],
+        }
+    ]
 
     # a second stage in the same run dir: stage-relative Δ restarts, the run baseline carries on
     probe2 = DeltaLogpProbe(every_n_steps=10, n_items=6, batch_size=6, n_samples=0)
@@ -264,23 +300,42 @@ def test_probe_numbers_equal_a_direct_recomputation(backbone, tmp_path):
     first = next(r for r in rows if r["group"] == "positives")
     assert float(first["mean"]) == 0.0
     assert float(first["run_mean"]) == pytest.approx(
-        (after["positives"][0] - before["positives"][0]).mean().item(), abs=1e-5)
+        (after["positives"][0] - before["positives"][0]).mean().item(), abs=1e-5
+    )
     last = [r for r in rows if r["group"] == "positives"][-1]
     assert float(last["run_mean"]) == pytest.approx(
-        (final["positives"][0] - before["positives"][0]).mean().item(), abs=1e-5)
+        (final["positives"][0] - before["positives"][0]).mean().item(), abs=1e-5
+    )
 
 
 def test_early_stopping_fires_in_a_live_run(backbone, tmp_path):
     """A rule that holds from step 1 on (with patience 2) ends the stage at step 2 of 6."""
-    rules = {"always": {"kind": "above", "group": "positives", "stat": "ell", "threshold": -1e9,
-                        "patience": 2, "min_step": 1},
-             "never": {"kind": "below", "group": "easy", "threshold": -1e9}}
-    probe = DeltaLogpProbe(every_n_steps=1, n_items=3, batch_size=3, n_samples=0, max_cost_frac=None,
-                           groups=["positives", "easy"], rules=rules)
+    rules = {
+        "always": {
+            "kind": "above",
+            "group": "positives",
+            "stat": "ell",
+            "threshold": -1e9,
+            "patience": 2,
+            "min_step": 1,
+        },
+        "never": {"kind": "below", "group": "easy", "threshold": -1e9},
+    }
+    probe = DeltaLogpProbe(
+        every_n_steps=1,
+        n_items=3,
+        batch_size=3,
+        n_samples=0,
+        max_cost_frac=None,
+        groups=["positives", "easy"],
+        rules=rules,
+    )
     trainer, module, dm = _sft_trainer(backbone, tmp_path, 6, probe)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
-    assert probe.stop_reason.startswith("always: positives ell") and "at step 2" in probe.stop_reason
+    assert (
+        probe.stop_reason.startswith("always: positives ell") and "at step 2" in probe.stop_reason
+    )
     assert [e["rule"] for e in probe.events] == ["always"]
     assert json.loads((tmp_path / "stages.json").read_text())[0]["stop_reason"] == probe.stop_reason
 
@@ -291,11 +346,18 @@ def test_resumed_stage_keeps_its_start_and_history(backbone, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def ckpt():
-        return ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0,
-                               every_n_train_steps=2)
+        return ModelCheckpoint(
+            dirpath=tmp_path / "ck", save_last=True, save_top_k=0, every_n_train_steps=2
+        )
 
-    kw = {"every_n_steps": 2, "n_items": 3, "batch_size": 3, "n_samples": 0,
-          "groups": ["positives"], "max_cost_frac": None}
+    kw = {
+        "every_n_steps": 2,
+        "n_items": 3,
+        "batch_size": 3,
+        "n_samples": 0,
+        "groups": ["positives"],
+        "max_cost_frac": None,
+    }
     start = _direct(backbone, "positives", n=3)
     probe = DeltaLogpProbe(**kw)
     trainer, module, dm = _sft_trainer(backbone, tmp_path, 2, probe, ckpt())
@@ -313,7 +375,8 @@ def test_resumed_stage_keeps_its_start_and_history(backbone, tmp_path):
     end = _direct(backbone, "positives", n=3)
     assert float(rows[2]["mean"]) == pytest.approx((end[0] - start[0]).mean().item(), abs=1e-5)
     assert float(rows[2]["tv"]) == pytest.approx(
-        tv_distance(end[2].exp(), start[2].exp()).mean().item(), abs=1e-5)
+        tv_distance(end[2].exp(), start[2].exp()).mean().item(), abs=1e-5
+    )
 
 
 def test_on_policy_group_is_sampled_from_the_policy_seeded_and_isolated(backbone):

@@ -23,8 +23,10 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 def _batch(bb, pb, idx=None):
     idx = list(range(len(pb))) if idx is None else idx
     return bb.collate_pairs(
-        [pb.images[i] for i in idx], [pb.prompts[i] for i in idx],
-        [pb.chosen[i] for i in idx], [pb.rejected[i] for i in idx],
+        [pb.images[i] for i in idx],
+        [pb.prompts[i] for i in idx],
+        [pb.chosen[i] for i in idx],
+        [pb.rejected[i] for i in idx],
     )
 
 

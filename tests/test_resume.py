@@ -25,11 +25,21 @@ SECRET = "sk-cwdpo-reliability-test-4f9c2b7e1d"  # in every run's env; must neve
 STAGES = ("base_sft", "sft_c", "cw_dpo")
 TIMING = ("seconds", "cost_frac")  # wall-clock measurements: the only values allowed to differ
 ARGS = [
-    "+debug=fast", "num_threads=1", "trainer.deterministic=true", "trainer.limit_val_batches=0",
-    "eval.caption_metrics=false", "eval.n_records=4", "eval.max_new_tokens=6",
-    "negatives=mixed", "negatives.refresh_every_n_steps=1", "negatives.num_samples=1",
-    "negatives.max_new_tokens=6", "stage.base_sft.steps=2", "stage.cw_dpo.steps=3",
-    "callbacks.probes.n_items=4", "callbacks.probes.n_samples=2",
+    "+debug=fast",
+    "num_threads=1",
+    "trainer.deterministic=true",
+    "trainer.limit_val_batches=0",
+    "eval.caption_metrics=false",
+    "eval.n_records=4",
+    "eval.max_new_tokens=6",
+    "negatives=mixed",
+    "negatives.refresh_every_n_steps=1",
+    "negatives.num_samples=1",
+    "negatives.max_new_tokens=6",
+    "stage.base_sft.steps=2",
+    "stage.cw_dpo.steps=3",
+    "callbacks.probes.n_items=4",
+    "callbacks.probes.n_samples=2",
     "callbacks.dynamics.grad_split_every_n_steps=0",
 ]
 
@@ -76,7 +86,10 @@ def wait(pid: int) -> int:
 
 def _mtimes(run: Path, stage: str) -> dict[str, int]:
     ck = run / "checkpoints"
-    return {p.name: p.stat().st_mtime_ns for p in (ck / f"{stage}.done.json", ck / f"{stage}_hf" / "model.safetensors")}
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in (ck / f"{stage}.done.json", ck / f"{stage}_hf" / "model.safetensors")
+    }
 
 
 def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
@@ -90,15 +103,27 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     env = {"OPENAI_API_KEY": SECRET, "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
     logs = {k: root / f"{k}.log" for k in ("ref", "kill1", "kill2", "resume")}
     # Uninterrupted reference (also logging to W&B, offline), in parallel with the killed run.
-    p_ref = start_cli([*common, f"hydra.run.dir={ref}", "logger=wandb"],
-                      {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}, logs["ref"])
+    p_ref = start_cli(
+        [*common, f"hydra.run.dir={ref}", "logger=wandb"],
+        {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        logs["ref"],
+    )
     # 1. killed between stages: base_sft and sft_c finished, cw_dpo about to start.
-    s1 = wait(start_cli([*common, f"hydra.run.dir={run}"], {**env, KILL_ENV: "cw_dpo:start"}, logs["kill1"]))
+    s1 = wait(
+        start_cli(
+            [*common, f"hydra.run.dir={run}"], {**env, KILL_ENV: "cw_dpo:start"}, logs["kill1"]
+        )
+    )
     m1 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
     # 2. resume=<run dir>: cw_dpo starts from the saved sft_c policy in a fresh process and is
     #    killed right after its step-1 checkpoint.
-    s2 = wait(start_cli([*common, f"hydra.run.dir={run2}", f"resume={run}"],
-                        {**env, KILL_ENV: "cw_dpo:1"}, logs["kill2"]))
+    s2 = wait(
+        start_cli(
+            [*common, f"hydra.run.dir={run2}", f"resume={run}"],
+            {**env, KILL_ENV: "cw_dpo:1"},
+            logs["kill2"],
+        )
+    )
     m2 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
     ckpt_path = run / "checkpoints" / "cw_dpo" / "last.ckpt"
     killed_ckpt = None
@@ -110,8 +135,16 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     # 3. hydra.run.dir=<run dir> resume=true: cw_dpo continues from last.ckpt (step 1).
     s3 = wait(start_cli([*common, f"hydra.run.dir={run}", "resume=true"], env, logs["resume"]))
     m3 = {"base_sft": _mtimes(run, "base_sft"), "sft_c": _mtimes(run, "sft_c")}
-    _RUNS.update(root=root, ref=ref, run=run, run2=run2, logs=logs, status=(s_ref, s1, s2, s3),
-                 mtimes=(m1, m2, m3), killed_ckpt=killed_ckpt)
+    _RUNS.update(
+        root=root,
+        ref=ref,
+        run=run,
+        run2=run2,
+        logs=logs,
+        status=(s_ref, s1, s2, s3),
+        mtimes=(m1, m2, m3),
+        killed_ckpt=killed_ckpt,
+    )
     return _RUNS
 
 
@@ -165,19 +198,24 @@ def _csv_rows(run: Path, stage: str) -> list[dict[str, str]]:
     import csv
 
     with (run / "csv" / stage / "metrics.csv").open(newline="") as f:
-        return [{k: v for k, v in r.items() if v != "" and not any(t in k for t in TIMING)}
-                for r in csv.DictReader(f)]
+        return [
+            {k: v for k, v in r.items() if v != "" and not any(t in k for t in TIMING)}
+            for r in csv.DictReader(f)
+        ]
 
 
 def test_metrics_history_survives_resume_and_wall_time_counts_every_attempt(runs):
     """Lightning's CSVLogger deleted a resumed stage's metrics.csv (the rows before the
     checkpoint were lost); `wall_seconds` counted only the last attempt. Now every row is
     there once, equal to the uninterrupted run's, and every attempt's time is counted."""
+
     def at_resume_step(rows: list[dict[str, str]]) -> list[dict[str, str]]:
         # The step-1 on-policy refresh ran (and is in the checkpoint) before the kill; its
         # counters go into step 1's row, which the killed process never wrote: not re-logged.
-        return [{k: v for k, v in r.items() if not (r["step"] == "1" and k.startswith("on_policy/"))}
-                for r in rows]
+        return [
+            {k: v for k, v in r.items() if not (r["step"] == "1" and k.startswith("on_policy/"))}
+            for r in rows
+        ]
 
     for stage in STAGES:
         ref, resumed = _csv_rows(runs["ref"], stage), _csv_rows(runs["run"], stage)
@@ -231,7 +269,11 @@ def test_resumed_cw_dpo_reference_is_the_sft_c_policy(runs):
     assert not [k for k in state if k.startswith("backbone.reference.")]
     saved.snapshot_reference()
     assert runs["killed_ckpt"]["cwdpo_reference_signature"] == reference_signature(saved)
-    policy = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
+    policy = {
+        k.removeprefix("backbone.model."): v
+        for k, v in state.items()
+        if k.startswith("backbone.model.")
+    }
     assert policy.keys() == sft_c.keys()
     assert any(not torch.equal(policy[k], sft_c[k]) for k in policy)  # the policy moved on
 
@@ -260,11 +302,15 @@ def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, p
     perturb(backbone.reference.requires_grad_(True), 0.01, 3)  # another π_ref
     other = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1))
     other.setup("fit")
-    stale = {"state_dict": {k: v for k, v in full.items() if not k.startswith("backbone.reference.")},
-             "cwdpo_reference_signature": ckpt["cwdpo_reference_signature"]}
+    stale = {
+        "state_dict": {k: v for k, v in full.items() if not k.startswith("backbone.reference.")},
+        "cwdpo_reference_signature": ckpt["cwdpo_reference_signature"],
+    }
     with pytest.raises(RuntimeError, match="different reference policy"):
         other.on_load_checkpoint(stale)
-    other.on_load_checkpoint({"cwdpo_reference_signature": other._ref_signature})  # DeepSpeed: no state_dict
+    other.on_load_checkpoint(
+        {"cwdpo_reference_signature": other._ref_signature}
+    )  # DeepSpeed: no state_dict
 
 
 def test_reference_signature_ignores_storage_dtype_and_sees_changes(backbone, perturb):
@@ -284,8 +330,11 @@ def test_resumed_probe_deltas_match_the_uninterrupted_run(runs):
 
     def last_rows(path: Path) -> dict[tuple[str, str], float]:
         with path.open() as f:  # the last row per (step, group) wins (a resume may repeat steps)
-            return {(r["step"], r["group"]): float(r["mean"]) for r in csv.DictReader(f)
-                    if r["stage"] == "cw_dpo"}
+            return {
+                (r["step"], r["group"]): float(r["mean"])
+                for r in csv.DictReader(f)
+                if r["stage"] == "cw_dpo"
+            }
 
     assert last_rows(runs["run"] / "probes.csv") == last_rows(runs["ref"] / "probes.csv")
 
@@ -400,7 +449,13 @@ def test_csv_logger_keeps_rows_before_the_resume_step_and_fresh_runs_drop_them(t
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["train/loss"]) for r in rows] == [
-        ("0", "0.0"), ("1", "1.0"), ("2", "2.0"), ("3", "13.0"), ("4", "14.0"), ("5", "15.0")]
+        ("0", "0.0"),
+        ("1", "1.0"),
+        ("2", "2.0"),
+        ("3", "13.0"),
+        ("4", "14.0"),
+        ("5", "15.0"),
+    ]
     assert set(rows[0]) == {"step", "train/loss", "val/loss"} and rows[0]["val/loss"] == ""
     RunState(tmp_path).clear(["cw_dpo"])
     assert not path.exists()

@@ -28,7 +28,11 @@ def _calls(name: str):
     """(file, line, call) for every `<module>.<name>(...)` call in the package."""
     for f in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == name
+            ):
                 yield f, node.lineno, node
 
 
@@ -38,14 +42,24 @@ def test_every_torch_load_in_the_package_is_weights_only():
     for f, line, call in _calls("load"):
         if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch":
             kw = {k.arg: k.value for k in call.keywords}
-            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            ok = (
+                isinstance(kw.get("weights_only"), ast.Constant)
+                and kw["weights_only"].value is True
+            )
             if not ok:
                 bad.append(f"{f.relative_to(PACKAGE.parent)}:{line}")
     assert not bad, f"torch.load without weights_only=True at {bad}"
-    pickles = [f"{f.name}:{line}" for name in ("loads",) for f, line, call in _calls(name)
-               if isinstance(call.func.value, ast.Name) and call.func.value.id in ("pickle", "dill")]
-    pickles += [f"{f.name}:{line}" for f, line, call in _calls("load")
-                if isinstance(call.func.value, ast.Name) and call.func.value.id in ("pickle", "dill")]
+    pickles = [
+        f"{f.name}:{line}"
+        for name in ("loads",)
+        for f, line, call in _calls(name)
+        if isinstance(call.func.value, ast.Name) and call.func.value.id in ("pickle", "dill")
+    ]
+    pickles += [
+        f"{f.name}:{line}"
+        for f, line, call in _calls("load")
+        if isinstance(call.func.value, ast.Name) and call.func.value.id in ("pickle", "dill")
+    ]
     assert not pickles, f"raw unpickling at {pickles}"
 
 
@@ -113,6 +127,7 @@ def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
         def fake(path, *a, **k):
             seen.append((name, k.get("trust_remote_code")))
             raise RuntimeError("stop here")
+
         return fake
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", record("processor"))
@@ -121,13 +136,18 @@ def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
             load_model_and_processor(tiny_vlm_path, trust_remote_code=flag)
     assert seen == [("processor", False), ("processor", True)]
     monkeypatch.undo()
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", record("model"))
+    monkeypatch.setattr(
+        transformers.AutoModelForImageTextToText, "from_pretrained", record("model")
+    )
     with pytest.raises(Exception, match="stop here"):
         load_model_and_processor(tiny_vlm_path, trust_remote_code=True)
     assert seen[-1] == ("model", True)
-    literal = [f"{f.name}:{line}" for f, line, call in _calls("from_pretrained")
-               for k in call.keywords
-               if k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value]
+    literal = [
+        f"{f.name}:{line}"
+        for f, line, call in _calls("from_pretrained")
+        for k in call.keywords
+        if k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value
+    ]
     assert not literal, f"hard-coded trust_remote_code=True at {literal}"
 
 
@@ -135,11 +155,16 @@ def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
 def test_api_keys_in_the_config_are_refused():
     from cwdpo.train import check_no_secrets
 
-    for override in ("+eval.judge.api_key=sk-abc", "+eval.judge.api_key=${oc.env:OPENAI_API_KEY}",
-                     "+logger.wandb.token=abc"):
+    for override in (
+        "+eval.judge.api_key=sk-abc",
+        "+eval.judge.api_key=${oc.env:OPENAI_API_KEY}",
+        "+logger.wandb.token=abc",
+    ):
         with pytest.raises(ValueError, match="read from the environment only"):
             check_no_secrets(train_cfg([override]))
-    check_no_secrets(train_cfg(["+eval.judge.api_key_env=OPENAI_API_KEY", "+eval.judge.api_key=null"]))
+    check_no_secrets(
+        train_cfg(["+eval.judge.api_key_env=OPENAI_API_KEY", "+eval.judge.api_key=null"])
+    )
 
 
 def test_http_judge_never_shows_its_key(monkeypatch):

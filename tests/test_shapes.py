@@ -125,7 +125,9 @@ def test_fact_scores_matching_is_not_fooled_by_mention_order():
 
 
 def test_parse_caption_extracts_objects_and_count():
-    f = S.parse_caption("there are two shapes : a large red square on the bottom and a blue circle .")
+    f = S.parse_caption(
+        "there are two shapes : a large red square on the bottom and a blue circle ."
+    )
     assert f.count == "two"
     assert f.objects == [("large", "red", "square", "bottom"), (None, "blue", "circle", None)]
     assert S.parse_caption("a picture of nothing").objects == []
@@ -145,7 +147,8 @@ def test_hard_negatives_change_exactly_one_fact():
         assert 0.5 <= s["accuracy"] < 1.0, (p.rejected, scene.objects)
         # exactly one of the stated facts is wrong
         assert s["accuracy"] == pytest.approx((s["stated"] - 1) / s["stated"]), (
-            p.rejected, scene.objects,
+            p.rejected,
+            scene.objects,
         )
         assert not _is_positive(p.rejected, scene)
     assert kinds == {f"hard:{k}" for k in ("colour", "shape", "size", "position", "count")}
@@ -205,8 +208,12 @@ def test_render_puts_the_right_colour_at_object_centres():
         assert img.shape == (s, s, 3) and img.dtype == np.uint8
         assert tuple(img[0, 0]) == (245, 245, 245)  # background corner
         for o in sc.objects:
-            fx, fy = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),
-                      "bottom": (0.5, 0.75)}[o.position]
+            fx, fy = {
+                "left": (0.25, 0.5),
+                "right": (0.75, 0.5),
+                "top": (0.5, 0.25),
+                "bottom": (0.5, 0.75),
+            }[o.position]
             # a point just below the nominal centre lies inside circle, square and triangle
             # (apex up) for any jitter of ±0.04·size
             x, y = int(fx * s), int((fy + 0.05) * s)

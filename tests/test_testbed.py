@@ -16,8 +16,14 @@ from cwdpo.data.sources import ShapesSource
 from cwdpo.data.verifier import mentions_object, minimal_negative, verify, word_edit_distance
 from tests.helpers import compose_cfg
 
-COOC = dict(max_objects=3, templates=(0,), canonical_order=True, cooc_trigger=("red", "circle"),
-            cooc_companion=("blue", "square"), hallucination_rate=0.3)
+COOC = dict(
+    max_objects=3,
+    templates=(0,),
+    canonical_order=True,
+    cooc_trigger=("red", "circle"),
+    cooc_companion=("blue", "square"),
+    hallucination_rate=0.3,
+)
 
 
 def _has(sc: Scene, ident: tuple[str, str]) -> bool:
@@ -41,30 +47,49 @@ def test_cooccurrence_rule_shifts_between_base_stage1_and_stage2_heldout():
         assert n > 150 and _within(r, p, n), (p, r, n)
     for sc in base + test:  # the companion never appears without its trigger, always small
         assert not _has(sc, ("blue", "square")) or _has(sc, ("red", "circle"))
-        assert all(o.size == "small" for o in sc.objects if (o.colour, o.shape) == ("blue", "square"))
+        assert all(
+            o.size == "small" for o in sc.objects if (o.colour, o.shape) == ("blue", "square")
+        )
         order = [S.POSITIONS.index(o.position) for o in sc.objects]
         assert order == sorted(order) and len(sc.objects) <= 3
 
 
 def test_annotator_noise_hallucinates_companions_at_rate_h_in_training_only():
     for h in (0.0, 0.3):
-        src = ShapesSource(WorldConfig(**{**COOC, "hallucination_rate": h}), seed=1,
-                           sizes={"base": 1500, "train": 200, "val": 8, "test": 400, "probe": 8})
-        eligible = [r for r in src.captions("base")
-                    if _has(r.meta["scene"], ("red", "circle")) and not _has(r.meta["scene"], ("blue", "square"))]
+        src = ShapesSource(
+            WorldConfig(**{**COOC, "hallucination_rate": h}),
+            seed=1,
+            sizes={"base": 1500, "train": 200, "val": 8, "test": 400, "probe": 8},
+        )
+        eligible = [
+            r
+            for r in src.captions("base")
+            if _has(r.meta["scene"], ("red", "circle"))
+            and not _has(r.meta["scene"], ("blue", "square"))
+        ]
         noisy = [r for r in eligible if mentions_object(r.references[0], "blue", "square")]
         rate = len(noisy) / len(eligible)
-        assert len(eligible) > 80 and (rate == 0.0 if h == 0 else _within(rate, h, len(eligible))), rate
+        assert len(eligible) > 80 and (
+            rate == 0.0 if h == 0 else _within(rate, h, len(eligible))
+        ), rate
         for r in noisy:  # the noisy caption is well-formed but no positive: the truth judges
             v = verify(r.references[0], r.meta["scene"])
-            assert not v.malformed and v.hallucinated == 1 and not src.is_positive(r.references[0], r)
+            assert (
+                not v.malformed and v.hallucinated == 1 and not src.is_positive(r.references[0], r)
+            )
         for r in src.captions("test"):  # held-out references are the truth
             assert src.is_positive(r.references[0], r)
 
 
 def test_companion_is_drawn_faint():
-    sc = Scene([Obj("blue", "square", "small", "left")], 0, 32, 0.0, faint=("blue", "square"),
-               faint_contrast=0.35)
+    sc = Scene(
+        [Obj("blue", "square", "small", "left")],
+        0,
+        32,
+        0.0,
+        faint=("blue", "square"),
+        faint_contrast=0.35,
+    )
     px = np.asarray(sc.render())[16, 8].astype(float)
     want = 245 + 0.35 * (np.array(S.COLOURS["blue"]) - 245)
     assert np.abs(px - want).max() <= 1
@@ -87,8 +112,9 @@ def _one_word_edit(a: str, b: str) -> bool:
 def _pref_dm(src: ShapesSource, **neg) -> PreferenceDataModule:
     if neg.get("kind") == "self_judged":
         neg.setdefault("dataset_fraction", 0.0)
-    dm = PreferenceDataModule(src, src.captions("train"), batch_size=8, seed=0,
-                              negatives=NegativeConfig(**neg))
+    dm = PreferenceDataModule(
+        src, src.captions("train"), batch_size=8, seed=0, negatives=NegativeConfig(**neg)
+    )
     dm.attach(lambda *a: {}, lambda *a: {})
     dm.trainer = None
     return dm
@@ -106,8 +132,12 @@ def _draw(dm, n_batches: int) -> list[dict]:
 
 @pytest.mark.parametrize("world", [COOC, {}])  # the testbed and the default (1–2 object) world
 def test_hard_negatives_are_one_fact_edits_of_the_chosen(world):
-    src = ShapesSource(WorldConfig(**world), seed=0, minimal_negatives=True,
-                       sizes={"train": 200, "val": 4, "test": 4, "probe": 4})
+    src = ShapesSource(
+        WorldConfig(**world),
+        seed=0,
+        minimal_negatives=True,
+        sizes={"train": 200, "val": 4, "test": 4, "probe": 4},
+    )
     batches = _draw(_pref_dm(src, easy_fraction=0.0), 40)
     pairs = [(c, r) for b in batches for c, r in zip(b["chosen"], b["rejected"])]
     rate = sum(_one_word_edit(c, r) for c, r in pairs) / len(pairs)
@@ -129,7 +159,11 @@ def test_hard_negatives_are_one_fact_edits_of_the_chosen(world):
 def test_old_independent_template_draw_is_not_minimal():
     """The null-control default (minimal_negatives off) reproduces the review's finding."""
     src = ShapesSource(WorldConfig(), seed=0, sizes={"train": 200, "val": 4, "test": 4, "probe": 4})
-    pairs = [(c, r) for b in _draw(_pref_dm(src, easy_fraction=0.0), 40) for c, r in zip(b["chosen"], b["rejected"])]
+    pairs = [
+        (c, r)
+        for b in _draw(_pref_dm(src, easy_fraction=0.0), 40)
+        for c, r in zip(b["chosen"], b["rejected"])
+    ]
     assert sum(_one_word_edit(c, r) for c, r in pairs) / len(pairs) < 0.5
 
 
@@ -153,19 +187,36 @@ class ScriptedPolicy:
     def __init__(self, src: ShapesSource) -> None:
         self.by_image = {}
         for r in src.captions("train"):
-            t = r.references[0] if src.is_positive(r.references[0], r) else S.caption(r.meta["scene"], 0)
-            self.by_image[len(self.by_image)] = [t, minimal_negative(t, r.meta["scene"], random.Random(1))[0],
-                                                 t[:-2] + " banana banana .", "banana ."]
+            t = (
+                r.references[0]
+                if src.is_positive(r.references[0], r)
+                else S.caption(r.meta["scene"], 0)
+            )
+            self.by_image[len(self.by_image)] = [
+                t,
+                minimal_negative(t, r.meta["scene"], random.Random(1))[0],
+                t[:-2] + " banana banana .",
+                "banana .",
+            ]
 
     def __call__(self, images, prompts, num_return_sequences=1, **kw):
         start = self.calls if hasattr(self, "calls") else 0
         self.calls = start + len(images)
-        return [s for i in range(start, start + len(images)) for s in self.by_image[i][:num_return_sequences]]
+        return [
+            s
+            for i in range(start, start + len(images))
+            for s in self.by_image[i][:num_return_sequences]
+        ]
 
 
 def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
-    src = ShapesSource(WorldConfig(**COOC), seed=0, minimal_negatives=True, judge="verifier",
-                       sizes={"train": 40, "val": 4, "test": 4, "probe": 4})
+    src = ShapesSource(
+        WorldConfig(**COOC),
+        seed=0,
+        minimal_negatives=True,
+        judge="verifier",
+        sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
+    )
     dm = _pref_dm(src, kind="self_judged", num_samples=4, generation_batch_size=7)
     stats = dm.refresh_on_policy(ScriptedPolicy(src), step=0)
     assert stats["self_judged/pairs"] == 40
@@ -184,8 +235,13 @@ def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
 
 
 def test_easy_mix_swaps_that_share_of_rejected_for_easy_negatives():
-    src = ShapesSource(WorldConfig(**COOC), seed=0, minimal_negatives=True, judge="verifier",
-                       sizes={"train": 40, "val": 4, "test": 4, "probe": 4})
+    src = ShapesSource(
+        WorldConfig(**COOC),
+        seed=0,
+        minimal_negatives=True,
+        judge="verifier",
+        sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
+    )
     dm = _pref_dm(src, kind="self_judged", num_samples=4, easy_mix=0.5)
     dm.refresh_on_policy(ScriptedPolicy(src), step=0)
     easy = np.concatenate([b["neg_is_easy"].numpy() for b in _draw(dm, 60)])
@@ -205,11 +261,22 @@ def test_testbed_config_composes_and_builds(tmp_path):
 def test_testbed_pipeline_end_to_end_with_self_judged_pairs(tmp_path, tiny_cache_dir):
     from cwdpo.pipeline import run_pipeline
 
-    cfg = compose_cfg(["+debug=fast", "data=shapes_cooc", "negatives=self_judged", "data.source.sizes.base=24",
-                       "eval.caption_metrics=false"], tmp_path, tiny_cache_dir)
+    cfg = compose_cfg(
+        [
+            "+debug=fast",
+            "data=shapes_cooc",
+            "negatives=self_judged",
+            "data.source.sizes.base=24",
+            "eval.caption_metrics=false",
+        ],
+        tmp_path,
+        tiny_cache_dir,
+    )
     res = run_pipeline(cfg)
     neg = res["stages"]["cw_dpo"]["negatives"]
-    assert set(neg["sources"]) and all(k.startswith("self:") for k in neg["sources"]), neg["sources"]
+    assert set(neg["sources"]) and all(k.startswith("self:") for k in neg["sources"]), neg[
+        "sources"
+    ]
     assert neg["dataset_fraction"] == 0.0 and neg["refresh_steps"] == [0]
     m = res["stages"]["cw_dpo"]
     for key in ("companion_halluc", "pope_adv/accuracy", "disp/chosen_fell", "calib/content_ece"):

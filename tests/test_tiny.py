@@ -79,7 +79,10 @@ def test_image_changes_the_logits(loaded):
 
 def test_cache_is_reused_without_rebuilding(tiny_cache_dir, tiny_vlm_path, monkeypatch):
     weights = next(tiny_vlm_path.glob("*.safetensors"))
-    before = (weights.stat().st_mtime_ns, (tiny_vlm_path / "cwdpo_tiny_spec.json").stat().st_mtime_ns)
+    before = (
+        weights.stat().st_mtime_ns,
+        (tiny_vlm_path / "cwdpo_tiny_spec.json").stat().st_mtime_ns,
+    )
 
     def boom(*a, **k):
         raise AssertionError("ensure_tiny_vlm rebuilt a cached model")
@@ -87,7 +90,10 @@ def test_cache_is_reused_without_rebuilding(tiny_cache_dir, tiny_vlm_path, monke
     monkeypatch.setattr(tiny, "build_tiny_vlm", boom)
     again = ensure_tiny_vlm(tiny_cache_dir)
     assert again == tiny_vlm_path
-    after = (weights.stat().st_mtime_ns, (tiny_vlm_path / "cwdpo_tiny_spec.json").stat().st_mtime_ns)
+    after = (
+        weights.stat().st_mtime_ns,
+        (tiny_vlm_path / "cwdpo_tiny_spec.json").stat().st_mtime_ns,
+    )
     assert after == before
     # no temp dirs left behind by the atomic build (other tests may share this cache dir)
     assert not [p.name for p in tiny_cache_dir.iterdir() if ".tmp-" in p.name]

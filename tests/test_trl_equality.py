@@ -114,7 +114,9 @@ class _StubModel:
         assert torch.equal(labels[:, 1:] != IGNORE_INDEX, self.mask)  # same response tokens
         zeros = torch.zeros_like(self.token_logps)
         return types.SimpleNamespace(
-            log_probs=self.token_logps, entropy=zeros, mean_logits=zeros,
+            log_probs=self.token_logps,
+            entropy=zeros,
+            mean_logits=zeros,
             is_top1=torch.zeros_like(self.mask),
         )
 

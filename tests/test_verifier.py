@@ -41,7 +41,16 @@ def test_every_template_parses_completely():
         ("a small red circle on the left .", TWO, 1, 4 / 8, 0, 1, 0, False),
         ("a red circle .", TWO, 1, 2 / 8, 0, 1, 0, False),
         # hallucinated companion: 4 wrong-object facts out of 8 stated... matched optimally
-        ("a small red circle on the left and a small blue square on the right .", ONE, 4 / 8, 1, 1, 0, 0, False),
+        (
+            "a small red circle on the left and a small blue square on the right .",
+            ONE,
+            4 / 8,
+            1,
+            1,
+            0,
+            0,
+            False,
+        ),
         # wrong colour: the object is hallucinated *and* the real one omitted (CHAIR identity)
         ("a small green circle on the left .", ONE, 3 / 4, 3 / 4, 1, 1, 0, False),
         # wrong count: 4 of 5 stated facts right, objects exact, not exact overall
@@ -53,7 +62,16 @@ def test_every_template_parses_completely():
         ("a small red circle on the left and .", ONE, 1, 1, 0, 0, 1, False),
         ("banana guitar ocean .", ONE, 0, 0, 0, 1, 4, False),
         ("", ONE, 0, 0, 0, 1, 0, False),
-        ("a large blue square on the top and a small red circle on the left .", TWO, 1, 1, 0, 0, 0, True),
+        (
+            "a large blue square on the top and a small red circle on the left .",
+            TWO,
+            1,
+            1,
+            0,
+            0,
+            0,
+            True,
+        ),
         # "on the" + non-position: the phrase ends at the shape; "on the banana" is junk
         ("a small red circle on the banana .", ONE, 1, 2 / 4 + 1 / 4, 0, 0, 3, False),
         ("A Small RED circle on the LEFT.", ONE, 1, 1, 0, 0, 0, True),  # case, no space before "."
@@ -84,7 +102,9 @@ def test_junk_lowers_the_judge_score_in_proportion():
 
 def test_header_only_at_the_start_and_mentions_object():
     p = parse("a red circle . there is one shape : a red circle .")
-    assert p.header is None and len(p.mentions) == 1 and len(p.unparsed) == 9  # 13 tokens, 4 before the first "."
+    assert (
+        p.header is None and len(p.mentions) == 1 and len(p.unparsed) == 9
+    )  # 13 tokens, 4 before the first "."
     assert mentions_object("a picture of a large blue square and a red circle .", "blue", "square")
     assert not mentions_object("a picture of a large blue circle .", "blue", "square")
     assert parse("this image shows a red circle .").header == "shows"

@@ -70,8 +70,9 @@ class DynamicsMonitor(StageAware, L.Callback):
                 (self.out_dir / name).unlink(missing_ok=True)
         self.offset = stage_offset(self.out_dir, self.stage, bool(self.first))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._step = trainer.global_step
 
     def _split_due(self) -> bool:
@@ -79,15 +80,17 @@ class DynamicsMonitor(StageAware, L.Callback):
         return k > 0 and self._step % k == 0
 
     @never_fatal("dynamics/gradsplit")
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         pol = getattr(pl_module, "last_logps", None)
         if not self._split_due() or pol is None or not pol.token.requires_grad:
             return
         self._params = [p for p in pl_module.backbone.model.parameters() if p.requires_grad]
         n = pol.token.shape[0] // 2  # collate_pairs: chosen rows, then rejected rows
-        self._split = gradient_split(loss, [pol.token], self._params, n, retain_graph=True,
-                                     return_grads=self.check_residual)
+        self._split = gradient_split(
+            loss, [pol.token], self._params, n, retain_graph=True, return_grads=self.check_residual
+        )
 
     @never_fatal("dynamics/gradsplit")
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,7 +100,11 @@ class DynamicsMonitor(StageAware, L.Callback):
         if trainer.accumulate_grad_batches == 1:  # .grad holds exactly this batch's gradient
             diff = ref = 0.0
             for p, a, b in zip(self._params, s.grads_w, s.grads_l):
-                g = p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+                g = (
+                    p.grad.double()
+                    if p.grad is not None
+                    else torch.zeros_like(p, dtype=torch.float64)
+                )
                 mine = torch.zeros_like(g)
                 if a is not None:
                     mine += a.double()
@@ -110,8 +117,14 @@ class DynamicsMonitor(StageAware, L.Callback):
         self._params = []
 
     @never_fatal("dynamics/stats")
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         out = getattr(pl_module, "last_output", None)
         if out is None or getattr(out, "weights", None) is None:
             return
@@ -120,7 +133,9 @@ class DynamicsMonitor(StageAware, L.Callback):
         split, self._split = self._split, None
         if split is not None:
             sd = {f"gradsplit/{k}": v for k, v in split.as_dict().items()}
-            sd["gradsplit/ratio_l_w"] = split.norm_l / split.norm_w if split.norm_w > 0 else math.nan
+            sd["gradsplit/ratio_l_w"] = (
+                split.norm_l / split.norm_w if split.norm_w > 0 else math.nan
+            )
             if split.residual is not None:
                 sd["gradsplit/residual"] = split.residual
             metrics.update(sd)
@@ -128,17 +143,26 @@ class DynamicsMonitor(StageAware, L.Callback):
         log_scalars(trainer, metrics, step)
         if step % self.record_every_n_steps == 0 or split is not None:
             base = {"stage": self.stage, "step": step, "run_step": self.offset + step}
-            append_csv(self.out_dir / DYNAMICS_CSV,
-                       [{**base, "metric": k, "value": v} for k, v in metrics.items()])
+            append_csv(
+                self.out_dir / DYNAMICS_CSV,
+                [{**base, "metric": k, "value": v} for k, v in metrics.items()],
+            )
             w, a = out.weights.float().cpu(), self._a(out, pl_module).cpu()
             easy = batch.get("neg_is_easy") if isinstance(batch, dict) else None
             sources = batch.get("sources") if isinstance(batch, dict) else None
-            append_csv(self.out_dir / WEIGHTS_CSV, [
-                {**base, "w": float(w[i]), "a": float(a[i]),
-                 "easy": int(easy[i]) if easy is not None else "",
-                 "source": sources[i] if sources is not None else ""}
-                for i in range(len(w))
-            ])
+            append_csv(
+                self.out_dir / WEIGHTS_CSV,
+                [
+                    {
+                        **base,
+                        "w": float(w[i]),
+                        "a": float(a[i]),
+                        "easy": int(easy[i]) if easy is not None else "",
+                        "source": sources[i] if sources is not None else "",
+                    }
+                    for i in range(len(w))
+                ],
+            )
         k = self.histogram_every_n_steps
         if k > 0 and step % k == 0:
             self.log_histograms(trainer, out, pl_module, step)
@@ -178,15 +202,20 @@ class DynamicsMonitor(StageAware, L.Callback):
         return m
 
     @never_fatal("dynamics histograms")
-    def log_histograms(self, trainer: L.Trainer, out: Any, pl_module: L.LightningModule,
-                       step: int) -> None:
+    def log_histograms(
+        self, trainer: L.Trainer, out: Any, pl_module: L.LightningModule, step: int
+    ) -> None:
         """W&B histograms on the project's own bins: at the first CW-DPO step every
         a = σ(β·margin) is ≈ 0.5, a range numpy's 20 float32 bins cannot split."""
         from cwdpo.callbacks.wandb_logger import has_wandb, log_media
 
         if not has_wandb(trainer):
             return
-        log_media(trainer, {
-            "dynamics/cooling_weights": wandb_histogram(out.weights.float().cpu().numpy()),
-            "dynamics/dpo_a": wandb_histogram(self._a(out, pl_module).cpu().numpy()),
-        }, step)
+        log_media(
+            trainer,
+            {
+                "dynamics/cooling_weights": wandb_histogram(out.weights.float().cpu().numpy()),
+                "dynamics/dpo_a": wandb_histogram(self._a(out, pl_module).cpu().numpy()),
+            },
+            step,
+        )

@@ -40,12 +40,19 @@ class NonFiniteError(CompactHydraException, RuntimeError):
 
 
 class NonFiniteGuard(L.Callback):
-    def __init__(self, policy: str = "skip", check_grads: bool = True, max_consecutive_skips: int = 10,
-                 stage: str = "") -> None:
+    def __init__(
+        self,
+        policy: str = "skip",
+        check_grads: bool = True,
+        max_consecutive_skips: int = 10,
+        stage: str = "",
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"faults.policy must be one of {list(POLICIES)}, got {policy!r}")
         if max_consecutive_skips < 0:
-            raise ValueError(f"faults.max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
+            raise ValueError(
+                f"faults.max_consecutive_skips must be >= 0, got {max_consecutive_skips}"
+            )
         self.policy, self.check_grads = policy, check_grads
         self.max_consecutive_skips = max_consecutive_skips
         self.stage = stage
@@ -54,7 +61,9 @@ class NonFiniteGuard(L.Callback):
         self._bad_loss: float | None = None
 
     # -------------------------------------------------------------- checks
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         # Not reset here: with gradient accumulation one bad micro-batch spoils the whole step.
         if self.policy == "off" or bool(torch.isfinite(loss.detach()).all()):
             return
@@ -63,7 +72,9 @@ class NonFiniteGuard(L.Callback):
         if self.policy == "stop":
             self._stop(trainer, f"non-finite loss ({self._bad_loss})")
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         if self.policy == "off":
             return
         what = []
@@ -83,21 +94,41 @@ class NonFiniteGuard(L.Callback):
             self._stop(trainer, reason)
         self.consecutive += 1
         if self.consecutive > self.max_consecutive_skips:
-            self._stop(trainer, f"{reason} — {self.consecutive} non-finite steps in a row "
-                                f"(faults.policy=skip, faults.max_consecutive_skips="
-                                f"{self.max_consecutive_skips})", escalated=True)
+            self._stop(
+                trainer,
+                f"{reason} — {self.consecutive} non-finite steps in a row "
+                f"(faults.policy=skip, faults.max_consecutive_skips="
+                f"{self.max_consecutive_skips})",
+                escalated=True,
+            )
         for group in optimizer.param_groups:  # no update: AdamW skips parameters without grad
             for p in group["params"]:
                 p.grad = None
         self.skipped += 1
-        log.warning("%s step %d: %s — update skipped (%d so far; faults.policy=skip)",
-                    self._where(trainer), trainer.global_step + 1, reason, self.skipped)
+        log.warning(
+            "%s step %d: %s — update skipped (%d so far; faults.policy=skip)",
+            self._where(trainer),
+            trainer.global_step + 1,
+            reason,
+            self.skipped,
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.policy != "off":
-            pl_module.log("faults/skipped_steps", float(self.skipped), on_step=True, on_epoch=False,
-                          batch_size=1)
+            pl_module.log(
+                "faults/skipped_steps",
+                float(self.skipped),
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     # -------------------------------------------------------------- stop
     def _where(self, trainer: L.Trainer) -> str:
@@ -108,8 +139,10 @@ class NonFiniteGuard(L.Callback):
         checkpoint that exists, what `resume=<run dir>` would continue from, the exact command,
         and advice that changes something (no "set faults.policy=skip" when it already is)."""
         step = trainer.global_step + 1  # the step being computed
-        ckpt_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None)
-                        or Path(trainer.default_root_dir) / "checkpoints" / (self.stage or "stage"))
+        ckpt_dir = Path(
+            getattr(trainer.checkpoint_callback, "dirpath", None)
+            or Path(trainer.default_root_dir) / "checkpoints" / (self.stage or "stage")
+        )
         path = ckpt_dir / f"nonfinite-step={step}.ckpt"
         saved = f"the state before this update is saved in {path}"
         try:
@@ -123,9 +156,13 @@ class NonFiniteGuard(L.Callback):
         )
 
     def _advice(self, trainer: L.Trainer, escalated: bool) -> str:
-        lrs = sorted({g.get("initial_lr", g["lr"]) for o in trainer.optimizers for g in o.param_groups})
+        lrs = sorted(
+            {g.get("initial_lr", g["lr"]) for o in trainer.optimizers for g in o.param_groups}
+        )
         key = f"stage.{self.stage}.optimizer.lr" if self.stage else "the learning rate"
-        tips = [f"a lower {key} (now {', '.join(f'{lr:g}' for lr in lrs)})" if lrs else f"a lower {key}"]
+        tips = [
+            f"a lower {key} (now {', '.join(f'{lr:g}' for lr in lrs)})" if lrs else f"a lower {key}"
+        ]
         if self.policy != "skip":
             tips.append("faults.policy=skip to skip such steps")
         elif escalated:
@@ -144,7 +181,11 @@ class NonFiniteGuard(L.Callback):
 def _resume_hint(trainer: L.Trainer, ckpt_dir: Path, stage: str) -> str:
     """What `resume=<run dir>` continues from now, and the exact command."""
     run_dir = Path(trainer.default_root_dir)
-    last = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if ckpt_dir.is_dir() else []
+    last = (
+        sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        if ckpt_dir.is_dir()
+        else []
+    )
     cb = trainer.checkpoint_callback
     what = f"stage {stage}" if stage else "this stage"
     if last:
@@ -166,11 +207,16 @@ def resume_command(run_dir: Path) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        args = [a for a in HydraConfig.get().overrides.task
-                if a.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.run.dir")]
+        args = [
+            a
+            for a in HydraConfig.get().overrides.task
+            if a.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.run.dir")
+        ]
     except Exception:  # not under Hydra (tests, notebooks): the run dir is enough to name
         pass
-    return " ".join(["python -m cwdpo.train", *map(shlex.quote, args), f"resume={shlex.quote(str(run_dir))}"])
+    return " ".join(
+        ["python -m cwdpo.train", *map(shlex.quote, args), f"resume={shlex.quote(str(run_dir))}"]
+    )
 
 
 def _grad_scaler_active(trainer: L.Trainer) -> bool:
@@ -201,8 +247,9 @@ class KillAt(L.Callback):
         if self.active and self.at == "start":
             _kill()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.active and self.at != "start" and trainer.global_step == int(self.at):
             _kill()
 
@@ -219,8 +266,12 @@ def reliability_callbacks(stage: str, cfg: Any) -> list[L.Callback]:
 
     f = cfg.get("faults") or {}
     cbs: list[L.Callback] = [
-        NonFiniteGuard(policy=f.get("policy", "skip"), check_grads=bool(f.get("check_grads", True)),
-                       max_consecutive_skips=int(f.get("max_consecutive_skips", 10)), stage=stage),
+        NonFiniteGuard(
+            policy=f.get("policy", "skip"),
+            check_grads=bool(f.get("check_grads", True)),
+            max_consecutive_skips=int(f.get("max_consecutive_skips", 10)),
+            stage=stage,
+        ),
         GlobalRNGState(),
     ]
     if os.environ.get(KILL_ENV):

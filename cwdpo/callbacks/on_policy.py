@@ -22,12 +22,23 @@ class OnPolicyNegatives(L.Callback):
         if self.last_refresh is None:  # a resumed run keeps its restored buffer
             self._refresh(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         for k, v in self.pending.items():
             pl_module.log(k, v, on_step=True, on_epoch=False, batch_size=1)
         self.pending = {}
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self.last_refresh and step < trainer.max_steps:
+        if (
+            step % self.every_n_steps == 0
+            and step != self.last_refresh
+            and step < trainer.max_steps
+        ):
             self._refresh(trainer, pl_module)
 
     def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -209,8 +209,9 @@ def rule_fires(rule: ProbeRule, steps: Sequence[int], values: Sequence[float]) -
     if len(values) < rule.patience:
         return False
     idx = range(len(values) - rule.patience, len(values))
-    return all(steps[i] >= rule.min_step and _holds(rule.kind, rule.threshold, values, i)
-               for i in idx)
+    return all(
+        steps[i] >= rule.min_step and _holds(rule.kind, rule.threshold, values, i) for i in idx
+    )
 
 
 def describe_firing(rule: ProbeRule, steps: Sequence[int], values: Sequence[float]) -> str:
@@ -281,7 +282,9 @@ def probe_records(source: Any, split: str = "probe", fallback: str = "val", n: i
     return list(recs)[:n]
 
 
-def probe_texts(source: Any, records: Sequence[Any], group: str, seed: int) -> list[tuple[int, str]]:
+def probe_texts(
+    source: Any, records: Sequence[Any], group: str, seed: int
+) -> list[tuple[int, str]]:
     """(record index, text) for a dataset group, drawn with a per-group seeded RNG.
 
     The RNG is seeded by (seed, group) so every stage (and every run with that seed) probes
@@ -382,15 +385,24 @@ class DeltaLogpProbe(StageAware, L.Callback):
         self.sets = self.build_sets(trainer, pl_module)
         self.probe_seconds += time.perf_counter() - t
         if self._restored is not None:  # rules see the whole stage, not just since the resume
-            self.trajectory = [_numeric(r) for r in _read_csv(self.out_dir / PROBES_CSV)
-                               if r["stage"] == self.stage]
+            self.trajectory = [
+                _numeric(r)
+                for r in _read_csv(self.out_dir / PROBES_CSV)
+                if r["stage"] == self.stage
+            ]
             self.last_probe_step = self._restored.get("last_probe_step")
         if not self._restore_starts():  # a resumed stage probes on as if never interrupted
             self.probe(trainer, pl_module)
         self.t_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self.last_probe_step and self.sets:
             self.probe(trainer, pl_module)
@@ -404,9 +416,15 @@ class DeltaLogpProbe(StageAware, L.Callback):
         self.log_samples(trainer, pl_module)
         self.log_curves(trainer)
         s = self.summary()
-        record_stage(self.out_dir, self.stage, self.offset, trainer.global_step,
-                     stop_reason=self.stop_reason, probe_seconds=s["probe_seconds"],
-                     probe_cost_frac=s["probe_cost_frac"])
+        record_stage(
+            self.out_dir,
+            self.stage,
+            self.offset,
+            trainer.global_step,
+            stop_reason=self.stop_reason,
+            probe_seconds=s["probe_seconds"],
+            probe_cost_frac=s["probe_cost_frac"],
+        )
 
     # ------------------------------------------------------------ building
     def build_sets(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, ProbeSet]:
@@ -429,8 +447,9 @@ class DeltaLogpProbe(StageAware, L.Callback):
             saved = (self._restored or {}).get("on_policy")
             if saved:  # resumed: the stage-start samples, not fresh ones from the resumed policy
                 where = {r.image_id: i for i, r in enumerate(records)}
-                rows = [(where[i], t) for i, t in zip(saved["image_ids"], saved["texts"])
-                        if i in where]
+                rows = [
+                    (where[i], t) for i, t in zip(saved["image_ids"], saved["texts"]) if i in where
+                ]
             else:
                 rows = self._on_policy_rows(backbone, source, records)
             if rows:
@@ -449,9 +468,11 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 if i not in images:
                     images[i] = load_images(records[i])
                 ims.append(images[i])
-            ps.batches.append(backbone.collate(
-                ims, [_prompt(source, records[i]) for i, _ in chunk], [t for _, t in chunk]
-            ))
+            ps.batches.append(
+                backbone.collate(
+                    ims, [_prompt(source, records[i]) for i, _ in chunk], [t for _, t in chunk]
+                )
+            )
         return ps
 
     def _on_policy_rows(self, backbone, source, records) -> list[tuple[int, str]]:
@@ -462,8 +483,10 @@ class DeltaLogpProbe(StageAware, L.Callback):
             for s in range(0, len(records), self.batch_size):
                 chunk = records[s : s + self.batch_size]
                 texts = backbone.generate(
-                    [load_images(r) for r in chunk], [_prompt(source, r) for r in chunk],
-                    max_new_tokens=self.on_policy_max_new_tokens, do_sample=True,
+                    [load_images(r) for r in chunk],
+                    [_prompt(source, r) for r in chunk],
+                    max_new_tokens=self.on_policy_max_new_tokens,
+                    do_sample=True,
                     temperature=self.on_policy_temperature,
                 )
                 for j, (r, t) in enumerate(zip(chunk, texts)):
@@ -512,8 +535,14 @@ class DeltaLogpProbe(StageAware, L.Callback):
                     metrics[f"probe/{r['group']}/{k}"] = v
         append_csv(self.out_dir / PROBES_CSV, rows)
         self.trajectory.extend(rows)
-        metrics.update({"probe/seconds": dt, "probe/periodic_cost_frac": self.cost_frac(),
-                        "probe/every_n_steps": self.every_n_steps, "probe/run_step": self.offset + step})
+        metrics.update(
+            {
+                "probe/seconds": dt,
+                "probe/periodic_cost_frac": self.cost_frac(),
+                "probe/every_n_steps": self.every_n_steps,
+                "probe/run_step": self.offset + step,
+            }
+        )
         log_scalars(trainer, metrics, step)
         self._bound_cost(trainer, step)
         if not final:
@@ -521,22 +550,35 @@ class DeltaLogpProbe(StageAware, L.Callback):
 
     def _set_start(self, group: str, ps: ProbeSet, m: dict[str, torch.Tensor]) -> None:
         index = support(m["logp"], self.dist_topk)
-        self.start[group] = {"ell": m["ell"], "sum": m["sum"], "index": index,
-                             "dist": coarsen(m["logp"].exp(), index)}
+        self.start[group] = {
+            "ell": m["ell"],
+            "sum": m["sum"],
+            "index": index,
+            "dist": coarsen(m["logp"].exp(), index),
+        }
         self._set_run_base(group, ps, m["ell"], m["sum"])
 
-    def _set_run_base(self, group: str, ps: ProbeSet, ell: torch.Tensor, sums: torch.Tensor) -> None:
+    def _set_run_base(
+        self, group: str, ps: ProbeSet, ell: torch.Tensor, sums: torch.Tensor
+    ) -> None:
         """The run-wide baseline: the first stage that probed these very texts (its start)."""
         state_path = self.out_dir / STATE_JSON
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         saved = state.get(group)
         if saved and saved.get("key") == ps.key:
-            self.run_base[group] = {"ell": torch.tensor(saved["ell"]), "sum": torch.tensor(saved["sum"])}
+            self.run_base[group] = {
+                "ell": torch.tensor(saved["ell"]),
+                "sum": torch.tensor(saved["sum"]),
+            }
             return
         self.run_base[group] = {"ell": ell, "sum": sums}
         if not saved:
-            state[group] = {"key": ps.key, "stage": self.stage, "ell": ell.tolist(),
-                            "sum": sums.tolist()}
+            state[group] = {
+                "key": ps.key,
+                "stage": self.stage,
+                "ell": ell.tolist(),
+                "sum": sums.tolist(),
+            }
             if is_rank_zero():  # every rank measured the same; one writes
                 atomic_write_text(state_path, json.dumps(state) + "\n")
 
@@ -551,11 +593,19 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 self._set_run_base(group, ps, st["ell"], st["sum"])
         return bool(self.sets) and all(g in self.start for g in self.sets)
 
-    def group_row(self, group: str, ps: ProbeSet, m: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+    def group_row(
+        self, group: str, ps: ProbeSet, m: dict[str, torch.Tensor], step: int
+    ) -> dict[str, Any]:
         """One probes.csv row: stage-relative Δℓ̄ stats, run-relative ones, Σ and distributions."""
         st, base = self.start[group], self.run_base[group]
-        row: dict[str, Any] = {"stage": self.stage, "step": step, "run_step": self.offset + step,
-                               "group": group, "n": len(ps), "ell": float(m["ell"].mean())}
+        row: dict[str, Any] = {
+            "stage": self.stage,
+            "step": step,
+            "run_step": self.offset + step,
+            "group": group,
+            "n": len(ps),
+            "ell": float(m["ell"].mean()),
+        }
         row.update(group_stats(m["ell"] - st["ell"], self.quantiles))
         run = group_stats(m["ell"] - base["ell"], self.quantiles)
         row.update({f"run_{k}": v for k, v in run.items()})
@@ -577,8 +627,11 @@ class DeltaLogpProbe(StageAware, L.Callback):
         too_costly = bool(step > 0 and self.max_cost_frac and frac > self.max_cost_frac)
         if any_rank(trainer, too_costly):  # timings differ per rank; the schedule must not
             self.every_n_steps *= 2
-            log.info("periodic probes took %.0f%% of the stage's time: probing every %d steps now",
-                     100 * frac, self.every_n_steps)
+            log.info(
+                "periodic probes took %.0f%% of the stage's time: probing every %d steps now",
+                100 * frac,
+                self.every_n_steps,
+            )
 
     # ------------------------------------------------------------ control
     def series(self, group: str, column: str) -> tuple[list[int], list[float]]:
@@ -605,11 +658,21 @@ class DeltaLogpProbe(StageAware, L.Callback):
                 continue
             if last is not None and step - last < max(rule.cooldown, 1):
                 continue
-            reason = (describe_firing(rule, steps, values) if here
-                      else f"{rule.name}: held on another rank at step {step}")
+            reason = (
+                describe_firing(rule, steps, values)
+                if here
+                else f"{rule.name}: held on another rank at step {step}"
+            )
             self._last_fired[rule.name] = step
-            self.events.append({"stage": self.stage, "step": step, "rule": rule.name,
-                                "action": rule.action, "reason": reason})
+            self.events.append(
+                {
+                    "stage": self.stage,
+                    "step": step,
+                    "rule": rule.name,
+                    "action": rule.action,
+                    "reason": reason,
+                }
+            )
             log.info("probe rule fired (%s): %s", rule.action, reason)
             if rule.action == "stop" and self.stop_reason is None:
                 self.stop_reason = reason
@@ -645,13 +708,22 @@ class DeltaLogpProbe(StageAware, L.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed stage needs to continue the same curves (tensors and plain
         types only: loadable with `torch.load(weights_only=True)`)."""
-        start = {g: {"key": self.sets[g].key, **{k: st[k] for k in ("ell", "sum", "index", "dist")}}
-                 for g, st in self.start.items() if g in self.sets}
+        start = {
+            g: {"key": self.sets[g].key, **{k: st[k] for k in ("ell", "sum", "index", "dist")}}
+            for g, st in self.start.items()
+            if g in self.sets
+        }
         op = self.sets.get("on_policy")
-        return {"every_n_steps": self.every_n_steps, "stop_reason": self.stop_reason,
-                "events": self.events, "last_fired": self._last_fired, "holding": self._holding,
-                "start": start, "last_probe_step": self.last_probe_step,
-                "on_policy": {"image_ids": op.image_ids, "texts": op.texts} if op else None}
+        return {
+            "every_n_steps": self.every_n_steps,
+            "stop_reason": self.stop_reason,
+            "events": self.events,
+            "last_fired": self._last_fired,
+            "holding": self._holding,
+            "start": start,
+            "last_probe_step": self.last_probe_step,
+            "on_policy": {"image_ids": op.image_ids, "texts": op.texts} if op else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
@@ -665,10 +737,13 @@ class DeltaLogpProbe(StageAware, L.Callback):
     def summary(self) -> dict[str, Any]:
         """What the pipeline saves in results.json for this stage."""
         wall = (self.t_end or time.perf_counter()) - (self.t_begin or time.perf_counter())
-        return {"early_stop": self.stop_reason, "probe_events": list(self.events),
-                "probe_seconds": round(self.probe_seconds, 3),
-                "probe_cost_frac": round(self.probe_seconds / max(wall, 1e-9), 4),
-                "probe_every_n_steps": self.every_n_steps}
+        return {
+            "early_stop": self.stop_reason,
+            "probe_events": list(self.events),
+            "probe_seconds": round(self.probe_seconds, 3),
+            "probe_cost_frac": round(self.probe_seconds / max(wall, 1e-9), 4),
+            "probe_every_n_steps": self.every_n_steps,
+        }
 
     @never_fatal("probe/delta_logp curves")
     def log_curves(self, trainer: L.Trainer) -> None:
@@ -684,16 +759,31 @@ class DeltaLogpProbe(StageAware, L.Callback):
         steps = sorted({r["step"] for r in self.trajectory})
         ys = [[float(self._at(g, s, "mean")) for s in steps] for g in groups]
         data["probe/delta_logp"] = wandb.plot.line_series(
-            xs=steps, ys=ys, keys=groups, title=f"{self.stage}: Δℓ̄ from the stage start",
-            xname=f"{self.stage}/step")
+            xs=steps,
+            ys=ys,
+            keys=groups,
+            title=f"{self.stage}: Δℓ̄ from the stage start",
+            xname=f"{self.stage}/step",
+        )
         rows = _read_csv(self.out_dir / PROBES_CSV)
         run_steps = sorted({int(r["run_step"]) for r in rows})
         by = {(r["group"], int(r["run_step"])): float(r["run_mean"]) for r in rows}
         run_groups = list(dict.fromkeys(r["group"] for r in rows))
         ys = [[by.get((g, s), float("nan")) for s in run_steps] for g in run_groups]
-        log_media(trainer, {"run/probe/delta_logp": wandb.plot.line_series(
-            xs=run_steps, ys=ys, keys=run_groups, title="Δℓ̄ from the run start (all stages)",
-            xname="run step")}, trainer.global_step, prefix=False)
+        log_media(
+            trainer,
+            {
+                "run/probe/delta_logp": wandb.plot.line_series(
+                    xs=run_steps,
+                    ys=ys,
+                    keys=run_groups,
+                    title="Δℓ̄ from the run start (all stages)",
+                    xname="run step",
+                )
+            },
+            trainer.global_step,
+            prefix=False,
+        )
         log_media(trainer, data, trainer.global_step)
 
     def _at(self, group: str, step: int, column: str) -> float:
@@ -713,14 +803,24 @@ class DeltaLogpProbe(StageAware, L.Callback):
             return
         recs = probe_records(source, self.split, self.fallback_split, self.n_samples)
         images = [load_images(r) for r in recs]
-        outs = pl_module.backbone.generate(images, [_prompt(source, r) for r in recs],
-                                           max_new_tokens=self.sample_max_new_tokens)
+        outs = pl_module.backbone.generate(
+            images, [_prompt(source, r) for r in recs], max_new_tokens=self.sample_max_new_tokens
+        )
         rows = []
         for r, o in zip(recs, outs):
             score = source.score(o, r)
-            rows.append({"image_id": r.image_id, "reference": r.references[0], "generated": o,
-                         "score": score, "positive": bool(source.is_positive(o, r))})
-        if not is_rank_zero():  # all ranks generate (FSDP needs every rank in a forward); one writes
+            rows.append(
+                {
+                    "image_id": r.image_id,
+                    "reference": r.references[0],
+                    "generated": o,
+                    "score": score,
+                    "positive": bool(source.is_positive(o, r)),
+                }
+            )
+        if (
+            not is_rank_zero()
+        ):  # all ranks generate (FSDP needs every rank in a forward); one writes
             return
         d = self.out_dir / "samples"
         d.mkdir(exist_ok=True)
@@ -732,8 +832,13 @@ class DeltaLogpProbe(StageAware, L.Callback):
 
             table = wandb.Table(columns=["image", "image_id", "reference", "generated", "score"])
             for im, row in zip(images, rows):
-                table.add_data(wandb.Image(im), row["image_id"], row["reference"],
-                               row["generated"], row["score"])
+                table.add_data(
+                    wandb.Image(im),
+                    row["image_id"],
+                    row["reference"],
+                    row["generated"],
+                    row["score"],
+                )
             log_media(trainer, {"samples/captions": table}, trainer.global_step)
 
 
@@ -763,7 +868,20 @@ def probe_summary(trainer: L.Trainer) -> dict[str, Any]:
 
 
 __all__ = [
-    "GROUPS", "DeltaLogpProbe", "ProbeRule", "ProbeSet", "StageAware", "append_csv",
-    "describe_firing", "parse_rules", "probe_records", "probe_summary", "probe_texts",
-    "quantile_key", "read_stages", "record_stage", "rule_fires", "stage_offset",
+    "GROUPS",
+    "DeltaLogpProbe",
+    "ProbeRule",
+    "ProbeSet",
+    "StageAware",
+    "append_csv",
+    "describe_firing",
+    "parse_rules",
+    "probe_records",
+    "probe_summary",
+    "probe_texts",
+    "quantile_key",
+    "read_stages",
+    "record_stage",
+    "rule_fires",
+    "stage_offset",
 ]

@@ -51,8 +51,10 @@ def resolve_mode(mode: str | None) -> str:
     mode = os.environ.get("WANDB_MODE") or mode or "offline"
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode == "online" and not _has_credentials():
-        log.warning("W&B mode 'online' but no API key (WANDB_API_KEY / netrc): logging offline; "
-                    "`wandb sync <run>/wandb/offline-run-*` uploads it later")
+        log.warning(
+            "W&B mode 'online' but no API key (WANDB_API_KEY / netrc): logging offline; "
+            "`wandb sync <run>/wandb/offline-run-*` uploads it later"
+        )
         mode = "offline"
     return mode
 
@@ -158,7 +160,9 @@ class StageWandbLogger(WandbLogger):
         self.log_media(metrics, step)
 
     @rank_zero_only
-    def log_media(self, data: Mapping[str, Any], step: int | None = None, prefix: bool = True) -> None:
+    def log_media(
+        self, data: Mapping[str, Any], step: int | None = None, prefix: bool = True
+    ) -> None:
         """Log anything wandb accepts (scalars, Histogram, Table, custom charts)."""
         out = {(self._key(k) if prefix else k): v for k, v in data.items()}
         if step is not None:
@@ -175,8 +179,9 @@ def has_wandb(trainer: L.Trainer) -> bool:
     return bool(wandb_loggers(trainer))
 
 
-def log_media(trainer: L.Trainer, data: Mapping[str, Any], step: int | None = None,
-              prefix: bool = True) -> None:
+def log_media(
+    trainer: L.Trainer, data: Mapping[str, Any], step: int | None = None, prefix: bool = True
+) -> None:
     """Histograms / tables / line series to the W&B loggers only (the CSV logger takes scalars).
 
     Never raises: a failure is recorded under the keys it was logging (`cwdpo.utils.safe_log`).
@@ -192,8 +197,9 @@ def log_media(trainer: L.Trainer, data: Mapping[str, Any], step: int | None = No
                 lg.experiment.log(dict(data))
 
 
-def finish_run(run_dir: str | Path, summary: Mapping[str, Any] | None = None,
-               exit_code: int = 0) -> None:
+def finish_run(
+    run_dir: str | Path, summary: Mapping[str, Any] | None = None, exit_code: int = 0
+) -> None:
     """End the W&B run this process opened for `run_dir`, if any, after writing `summary`.
 
     The pipeline calls it in a `finally` (success, error, Ctrl-C); runs it did not open are
@@ -280,8 +286,12 @@ def _parse_run_file(path: Path) -> dict[str, Any]:
         rec.ParseFromString(raw)
         which = rec.WhichOneof("record_type")
         if which == "history":
-            history.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json)
-                            for it in rec.history.item})
+            history.append(
+                {
+                    (it.key or "/".join(it.nested_key)): json.loads(it.value_json)
+                    for it in rec.history.item
+                }
+            )
         elif which == "summary":
             for it in rec.summary.update:
                 summary[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)

@@ -80,22 +80,32 @@ class NegativeConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dataset_fraction <= 1.0:
-            raise ValueError(f"negatives.dataset_fraction must be in [0, 1], got {self.dataset_fraction}")
+            raise ValueError(
+                f"negatives.dataset_fraction must be in [0, 1], got {self.dataset_fraction}"
+            )
         if not 0.0 <= self.easy_fraction <= 1.0:
             raise ValueError(f"negatives.easy_fraction must be in [0, 1], got {self.easy_fraction}")
         if not 0.0 <= self.easy_mix <= 1.0:
             raise ValueError(f"negatives.easy_mix must be in [0, 1], got {self.easy_mix}")
         if self.kind not in ("dataset", "on_policy", "mixed", "self_judged"):
-            raise ValueError(f"negatives.kind must be dataset|on_policy|mixed|self_judged, got {self.kind!r}")
+            raise ValueError(
+                f"negatives.kind must be dataset|on_policy|mixed|self_judged, got {self.kind!r}"
+            )
         if self.easy_mix > 0 and self.kind != "self_judged":
-            raise ValueError(f"negatives.easy_mix={self.easy_mix} only applies to negatives=self_judged "
-                             "(dataset negatives use negatives.easy_fraction)")
+            raise ValueError(
+                f"negatives.easy_mix={self.easy_mix} only applies to negatives=self_judged "
+                "(dataset negatives use negatives.easy_fraction)"
+            )
         if self.kind == "self_judged" and self.num_samples < 2:
-            raise ValueError(f"negatives.num_samples must be >= 2 for self_judged pairs, got {self.num_samples}")
+            raise ValueError(
+                f"negatives.num_samples must be >= 2 for self_judged pairs, got {self.num_samples}"
+            )
         fixed = {"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(self.kind)
         if fixed is not None and self.dataset_fraction != fixed:
-            raise ValueError(f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
-                             f"negatives=mixed (negatives={self.kind} means {fixed})")
+            raise ValueError(
+                f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
+                f"negatives=mixed (negatives={self.kind} means {fixed})"
+            )
 
 
 class _Base(L.LightningDataModule):
@@ -184,9 +194,13 @@ class _Base(L.LightningDataModule):
         so val/loss compares like with like and validation never shifts the training stream."""
         if self._training():
             return self.rng
-        return random.Random(self.seed * 7919 + 104_729 + sum((i + 1) * 31**k for k, i in enumerate(idx)))
+        return random.Random(
+            self.seed * 7919 + 104_729 + sum((i + 1) * 31**k for k, i in enumerate(idx))
+        )
 
-    def _unpack(self, batch: Any) -> tuple[list[CaptionRecord], list[Any], list[str], list[str], random.Random]:
+    def _unpack(
+        self, batch: Any
+    ) -> tuple[list[CaptionRecord], list[Any], list[str], list[str], random.Random]:
         """(records, images, prompts, one positive per record, the batch's RNG)."""
         if self.collate is None:
             raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
@@ -197,7 +211,9 @@ class _Base(L.LightningDataModule):
         prompts = [prompt_of(self.source, r) for r in rows]
         return rows, images, prompts, [rng.choice(r.references) for r in rows], rng
 
-    def _gentle_negative(self, rec: CaptionRecord, rng: random.Random, chosen: str | None = None) -> tuple[str, str]:
+    def _gentle_negative(
+        self, rec: CaptionRecord, rng: random.Random, chosen: str | None = None
+    ) -> tuple[str, str]:
         """A hard (one-fact-off) negative that is not a positive; sources are counted."""
         for _ in range(5):
             text, src = self.source.negative(rec, rng, hard=True, chosen=chosen)
@@ -205,12 +221,16 @@ class _Base(L.LightningDataModule):
                 if self._training():
                     self.negative_sources[src] += 1
                 return text, src
-        raise DataError(f"could not draw a gentle negative for image {rec.image_id} that is not "
-                        "a positive (does the record have a rejected text equal to a reference?)")
+        raise DataError(
+            f"could not draw a gentle negative for image {rec.image_id} that is not "
+            "a positive (does the record have a rejected text equal to a reference?)"
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(),
-                "train_position": train_position(self.train_sampler, getattr(self, "trainer", None))}
+        return {
+            "rng": self.rng.getstate(),
+            "train_position": train_position(self.train_sampler, getattr(self, "trainer", None)),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "rng" in state:
@@ -311,8 +331,10 @@ class PreferenceDataModule(_Base):
         """[best, worst] by the source's judge when the gap is ≥ min_gap, else [best] (or [])."""
         scored = [(self.source.score(t, rec), t) for t in samples]
         if any(sc is None for sc, _ in scored):
-            raise DataError("negatives=self_judged needs a source whose score() judges captions "
-                            f"(ShapesWorld); {type(self.source).__name__} returns None")
+            raise DataError(
+                "negatives=self_judged needs a source whose score() judges captions "
+                f"(ShapesWorld); {type(self.source).__name__} returns None"
+            )
         if not scored:
             return []
         best = max(scored, key=lambda x: x[0])  # first of the ties: deterministic
@@ -347,7 +369,9 @@ class PreferenceDataModule(_Base):
             text, src = self.source.negative(rec, rng, hard=hard, chosen=chosen)
             if not self.source.is_positive(text, rec) and text not in rec.references:
                 return text, src
-        raise DataError(f"could not draw a negative for image {rec.image_id} that is not a positive")
+        raise DataError(
+            f"could not draw a negative for image {rec.image_id} that is not a positive"
+        )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         rows, images, prompts, chosen, rng = self._unpack(batch)
@@ -360,23 +384,39 @@ class PreferenceDataModule(_Base):
             for _, src in negs:
                 self.stats.counts[src] += 1
         pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
-        is_dataset = torch.tensor([0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for _, s in negs])
+        is_dataset = torch.tensor(
+            [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for _, s in negs]
+        )
         is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
-        return {"pairs": pairs, "n": len(rows), "neg_is_dataset": is_dataset, "neg_is_easy": is_easy,
-                "sources": [s for _, s in negs], "rejected": [t for t, _ in negs], "chosen": list(chosen),
-                "image_ids": [r.image_id for r in rows]}
+        return {
+            "pairs": pairs,
+            "n": len(rows),
+            "neg_is_dataset": is_dataset,
+            "neg_is_easy": is_easy,
+            "sources": [s for _, s in negs],
+            "rejected": [t for t, _ in negs],
+            "chosen": list(chosen),
+            "image_ids": [r.image_id for r in rows],
+        }
 
     def state_dict(self) -> dict[str, Any]:
         st = self.stats
-        stats = {"counts": dict(st.counts), "refresh_steps": list(st.refresh_steps),
-                 "rejected_as_positive": st.rejected_as_positive,
-                 "on_policy_fallback": st.on_policy_fallback}
+        stats = {
+            "counts": dict(st.counts),
+            "refresh_steps": list(st.refresh_steps),
+            "rejected_as_positive": st.rejected_as_positive,
+            "on_policy_fallback": st.on_policy_fallback,
+        }
         return {**super().state_dict(), "buffer": self.buffer, "stats": stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "stats" in state:
             st = state["stats"]
-            self.stats = NegativeStats(Counter(st["counts"]), list(st["refresh_steps"]),
-                                       int(st["rejected_as_positive"]), int(st["on_policy_fallback"]))
+            self.stats = NegativeStats(
+                Counter(st["counts"]),
+                list(st["refresh_steps"]),
+                int(st["rejected_as_positive"]),
+                int(st["on_policy_fallback"]),
+            )
         self.buffer = dict(state.get("buffer", {}))

@@ -34,12 +34,48 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 PROMPT = "Describe the image."
 # Words used only by off-distribution easy negatives: in the tokenizer vocab, never in captions.
 DISTRACTORS = (
-    "banana", "guitar", "ocean", "sleeps", "quickly", "mountain", "purple-ish", "window",
-    "coffee", "river", "dances", "cloud", "yesterday", "piano", "forest", "bright",
+    "banana",
+    "guitar",
+    "ocean",
+    "sleeps",
+    "quickly",
+    "mountain",
+    "purple-ish",
+    "window",
+    "coffee",
+    "river",
+    "dances",
+    "cloud",
+    "yesterday",
+    "piano",
+    "forest",
+    "bright",
 )
 TEMPLATE_WORDS = (
-    "a", "an", "the", "and", "there", "is", "are", "shapes", "shape", "on", "at", "in", "of",
-    "picture", "image", "with", "this", "shows", "objects", "object", "describe", ".", ",", ":",
+    "a",
+    "an",
+    "the",
+    "and",
+    "there",
+    "is",
+    "are",
+    "shapes",
+    "shape",
+    "on",
+    "at",
+    "in",
+    "of",
+    "picture",
+    "image",
+    "with",
+    "this",
+    "shows",
+    "objects",
+    "object",
+    "describe",
+    ".",
+    ",",
+    ":",
 )
 
 
@@ -93,29 +129,47 @@ class WorldConfig:
     cooc_prob_shift: float = 0.5  # ... in stage-2 / val / test data
     shift_from: float = 0.75  # train rows from this fraction on are stage-2 (= data.stage_split)
     companion_contrast: float = 0.35  # 1 = full colour, 0 = invisible (background)
-    hallucination_rate: float = 0.0  # annotator noise h: base/train captions add an absent companion
+    hallucination_rate: float = (
+        0.0  # annotator noise h: base/train captions add an absent companion
+    )
 
     def __post_init__(self) -> None:
-        for k in ("trigger_rate", "cooc_prob", "cooc_prob_shift", "shift_from", "companion_contrast",
-                  "hallucination_rate"):
+        for k in (
+            "trigger_rate",
+            "cooc_prob",
+            "cooc_prob_shift",
+            "shift_from",
+            "companion_contrast",
+            "hallucination_rate",
+        ):
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"data.source.world.{k} must be in [0, 1], got {v}")
         if self.cooc_trigger is not None:
-            self.cooc_trigger, self.cooc_companion = tuple(self.cooc_trigger), tuple(self.cooc_companion)
+            self.cooc_trigger, self.cooc_companion = (
+                tuple(self.cooc_trigger),
+                tuple(self.cooc_companion),
+            )
             for k in ("cooc_trigger", "cooc_companion"):
                 c, sh = getattr(self, k)
                 if c not in self.colours or sh not in self.shapes:
-                    raise ValueError(f"data.source.world.{k}={[c, sh]}: colour must be one of "
-                                     f"{list(self.colours)} and shape one of {list(self.shapes)}")
+                    raise ValueError(
+                        f"data.source.world.{k}={[c, sh]}: colour must be one of "
+                        f"{list(self.colours)} and shape one of {list(self.shapes)}"
+                    )
             if self.cooc_trigger == self.cooc_companion:
-                raise ValueError(f"data.source.world.cooc_trigger and cooc_companion are both {self.cooc_trigger}")
+                raise ValueError(
+                    f"data.source.world.cooc_trigger and cooc_companion are both {self.cooc_trigger}"
+                )
             if self.max_objects < 2:
                 raise ValueError("the co-occurrence rule needs data.source.world.max_objects >= 2")
 
 
 _SLOT = {  # (centre x, centre y) as fractions of the canvas
-    "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
 }
 
 
@@ -151,7 +205,9 @@ def render_scene(scene: Scene) -> Image.Image:
 _ORDER = {p: i for i, p in enumerate(POSITIONS)}
 
 
-def sample_scene(rng: random.Random, cfg: WorldConfig, seed: int, cooc_prob: float | None = None) -> Scene:
+def sample_scene(
+    rng: random.Random, cfg: WorldConfig, seed: int, cooc_prob: float | None = None
+) -> Scene:
     if cfg.cooc_trigger is not None:
         return _sample_cooc_scene(rng, cfg, seed, cfg.cooc_prob if cooc_prob is None else cooc_prob)
     n = rng.randint(cfg.min_objects, cfg.max_objects)
@@ -182,8 +238,14 @@ def _sample_cooc_scene(rng: random.Random, cfg: WorldConfig, seed: int, p: float
             continue
         objects.append(Obj(c, sh, rng.choice(cfg.sizes), positions.pop()))
     objects.sort(key=lambda o: _ORDER[o.position])  # the testbed's deterministic order
-    return Scene(objects, seed=seed, image_size=cfg.image_size, noise=cfg.noise,
-                 faint=cfg.cooc_companion, faint_contrast=cfg.companion_contrast)
+    return Scene(
+        objects,
+        seed=seed,
+        image_size=cfg.image_size,
+        noise=cfg.noise,
+        faint=cfg.cooc_companion,
+        faint_contrast=cfg.companion_contrast,
+    )
 
 
 def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
@@ -198,8 +260,10 @@ def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
     free = [p for p in cfg.positions if p not in {o.position for o in scene.objects}]
     if not free or rng.random() >= cfg.hallucination_rate:
         return scene
-    objs = sorted([*scene.objects, Obj(*cfg.cooc_companion, "small", rng.choice(free))],
-                  key=lambda o: _ORDER[o.position])
+    objs = sorted(
+        [*scene.objects, Obj(*cfg.cooc_companion, "small", rng.choice(free))],
+        key=lambda o: _ORDER[o.position],
+    )
     return Scene(objs, scene.seed, scene.image_size, scene.noise, scene.faint, scene.faint_contrast)
 
 
@@ -216,9 +280,11 @@ def caption(scene: Scene, template: int) -> str:
     if template == 2:
         return "a picture of " + " and ".join(f"a {o.phrase()}" for o in reversed(objs)) + " ."
     if template == 3:
-        return "this image shows " + " and ".join(
-            f"a {o.phrase()}" for o in sorted(objs, key=lambda o: o.position)
-        ) + " ."
+        return (
+            "this image shows "
+            + " and ".join(f"a {o.phrase()}" for o in sorted(objs, key=lambda o: o.position))
+            + " ."
+        )
     raise ValueError(f"unknown template {template}")
 
 
@@ -264,9 +330,15 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
     agree, stated = [], 0
     for size, colour, shape, pos in facts.objects:
         stated += 2 + (size is not None) + (pos is not None)
-        agree.append([(colour == o.colour) + (shape == o.shape)
-                      + (size is not None and size == o.size)
-                      + (pos is not None and pos == o.position) for o in objs])
+        agree.append(
+            [
+                (colour == o.colour)
+                + (shape == o.shape)
+                + (size is not None and size == o.size)
+                + (pos is not None and pos == o.position)
+                for o in objs
+            ]
+        )
     # Optimal one-to-one matching of mentions to scene objects (≤ 4 objects: ≤ 16 states),
     # so mention order can never steal the object another mention describes exactly.
     best = {0: (0, 0)}  # used-object bitmask -> (correct facts, exact objects)
@@ -290,7 +362,9 @@ def fact_scores(text: str, scene: Scene) -> dict[str, float]:
     return {
         "accuracy": correct / stated if stated else 0.0,
         "recall": min(n_mentioned, len(objs)) / len(objs),
-        "exact": float(exact_objs == len(scene.objects) == n_mentioned and not parse(text).malformed),
+        "exact": float(
+            exact_objs == len(scene.objects) == n_mentioned and not parse(text).malformed
+        ),
         "stated": float(stated),
     }
 
@@ -300,7 +374,9 @@ def fact_accuracy(text: str, scene: Scene) -> float:
 
 
 # ---------------------------------------------------------------- negatives
-def hard_negative(scene: Scene, template: int, rng: random.Random, cfg: WorldConfig) -> tuple[str, str]:
+def hard_negative(
+    scene: Scene, template: int, rng: random.Random, cfg: WorldConfig
+) -> tuple[str, str]:
     """One fact perturbed (colour, shape, size, position or count): a *gentle* negative."""
     kinds = ["colour", "shape", "size", "position"]
     if template == 1:
@@ -309,14 +385,15 @@ def hard_negative(scene: Scene, template: int, rng: random.Random, cfg: WorldCon
     objs = list(scene.objects)
     if kind == "count":
         wrong = rng.choice([k for k in NUMBERS[1:] if k != NUMBERS[len(objs)]])
-        text = caption(scene, template).replace(
-            f" {NUMBERS[len(objs)]} ", f" {wrong} ", 1
-        )
+        text = caption(scene, template).replace(f" {NUMBERS[len(objs)]} ", f" {wrong} ", 1)
         return text, "hard:count"
     i = rng.randrange(len(objs))
     o = objs[i]
     pool = {
-        "colour": cfg.colours, "shape": cfg.shapes, "size": cfg.sizes, "position": cfg.positions,
+        "colour": cfg.colours,
+        "shape": cfg.shapes,
+        "size": cfg.sizes,
+        "position": cfg.positions,
     }[kind]
     taken = {x.position for x in objs}
     choices = [v for v in pool if v != getattr(o, kind) and (kind != "position" or v not in taken)]
@@ -326,9 +403,7 @@ def hard_negative(scene: Scene, template: int, rng: random.Random, cfg: WorldCon
     return caption(Scene(objs, scene.seed, scene.image_size, scene.noise), template), f"hard:{kind}"
 
 
-def easy_negative(
-    scene: Scene, other: Scene, template: int, rng: random.Random
-) -> tuple[str, str]:
+def easy_negative(scene: Scene, other: Scene, template: int, rng: random.Random) -> tuple[str, str]:
     """Trivially wrong text: another scene's caption, shuffled words, or off-distribution."""
     kind = rng.choice(["other", "shuffled", "off"])
     if kind == "other" and other.objects != scene.objects:
@@ -365,8 +440,10 @@ class ShapesWorld:
         rng = random.Random(self.seed * 7919 + base)
         if self.cfg.cooc_trigger is None:
             return [sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)]
-        return [sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
-                for i in range(n)]
+        return [
+            sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
+            for i in range(n)
+        ]
 
     def captions(self, split: str, n: int) -> list[CaptionRecord]:
         """Caption records; base/train references come from the (noisy) annotator, held-out
@@ -374,13 +451,15 @@ class ShapesWorld:
         out = []
         for i, sc in enumerate(self.scenes(split, n)):
             seen = annotate(sc, self.cfg) if split in ("base", "train") else sc
-            out.append(CaptionRecord(
-                image_id=f"shapes-{split}-{i}",
-                image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                references=references(seen, self.cfg.templates),
-                split=split,
-                meta={"scene": sc, **({"annotated_scene": seen} if seen is not sc else {})},
-            ))
+            out.append(
+                CaptionRecord(
+                    image_id=f"shapes-{split}-{i}",
+                    image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
+                    references=references(seen, self.cfg.templates),
+                    split=split,
+                    meta={"scene": sc, **({"annotated_scene": seen} if seen is not sc else {})},
+                )
+            )
         return out
 
     def pairs(

@@ -52,7 +52,9 @@ class ShapesSource:
 
     world: shapes.WorldConfig = field(default_factory=shapes.WorldConfig)
     seed: int = 0
-    sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 100, "test": 200, "probe": 64})
+    sizes: dict[str, int] = field(
+        default_factory=lambda: {"train": 2000, "val": 100, "test": 200, "probe": 64}
+    )
     prompt: str = shapes.PROMPT
     judge: str = "precision"  # score(): "precision" (facts %) | "verifier" (F1 × parsed share)
     # hard negatives as one-fact edits of the chosen caption itself (same template and object
@@ -61,10 +63,20 @@ class ShapesSource:
 
     def __post_init__(self) -> None:
         if self.judge not in ("precision", "verifier"):
-            raise DataError(f"data.source.judge must be 'precision' or 'verifier', got {self.judge!r}")
+            raise DataError(
+                f"data.source.judge must be 'precision' or 'verifier', got {self.judge!r}"
+            )
         if isinstance(self.world, Mapping):
             w = dict(self.world)
-            for k in ("colours", "shapes", "sizes", "positions", "templates", "cooc_trigger", "cooc_companion"):
+            for k in (
+                "colours",
+                "shapes",
+                "sizes",
+                "positions",
+                "templates",
+                "cooc_trigger",
+                "cooc_companion",
+            ):
                 if k in w:
                     w[k] = tuple(w[k])
             self.world = shapes.WorldConfig(**w)
@@ -97,8 +109,12 @@ class ShapesSource:
         scene = record.meta["scene"]
         if hard and self.minimal_negatives and chosen is not None:
             w = self.world
-            out = minimal_negative(chosen, scene, rng, {"colour": w.colours, "shape": w.shapes,
-                                                        "size": w.sizes, "position": w.positions})
+            out = minimal_negative(
+                chosen,
+                scene,
+                rng,
+                {"colour": w.colours, "shape": w.shapes, "size": w.sizes, "position": w.positions},
+            )
             if out is not None:
                 return out
         t = rng.choice(self.world.templates)
@@ -132,7 +148,9 @@ class CaptionFileSource:
     format: str  # "karpathy" | "nocaps"
     annotations: str
     image_root: str
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"}
+    )
     prompt: str = "Describe the image in one sentence."
     sizes: dict[str, int] | None = None  # cap on rows per split (same knob as ShapesWorld's)
     skip_bad_images: bool = False
@@ -140,26 +158,38 @@ class CaptionFileSource:
 
     def __post_init__(self) -> None:
         if self.format not in ("karpathy", "nocaps"):
-            raise DataError(f"data.source.format must be 'karpathy' or 'nocaps', got {self.format!r}")
+            raise DataError(
+                f"data.source.format must be 'karpathy' or 'nocaps', got {self.format!r}"
+            )
         self._cache: dict[str, list[CaptionRecord]] = {}
         self._vocab = None
 
     def captions(self, split: str) -> list[CaptionRecord]:
         if split not in self._cache:
             if split not in self.splits:
-                raise DataError(f"no file split mapped for {split!r}; data.source.splits = {self.splits}")
+                raise DataError(
+                    f"no file split mapped for {split!r}; data.source.splits = {self.splits}"
+                )
             if self.format == "karpathy":
                 from cwdpo.data.karpathy import read_karpathy
 
-                recs = read_karpathy(self.annotations, self.image_root, splits=(self.splits[split],),
-                                     skip_bad_images=self.skip_bad_images,
-                                     check_images=self.check_images)
+                recs = read_karpathy(
+                    self.annotations,
+                    self.image_root,
+                    splits=(self.splits[split],),
+                    skip_bad_images=self.skip_bad_images,
+                    check_images=self.check_images,
+                )
             else:
                 from cwdpo.data.nocaps import read_nocaps
 
-                recs = read_nocaps(self.annotations, self.image_root, split=self.splits[split],
-                                   skip_bad_images=self.skip_bad_images,
-                                   check_images=self.check_images)
+                recs = read_nocaps(
+                    self.annotations,
+                    self.image_root,
+                    split=self.splits[split],
+                    skip_bad_images=self.skip_bad_images,
+                    check_images=self.check_images,
+                )
             limit = (self.sizes or {}).get(split)
             recs = recs[: int(limit)] if limit else recs
             if not recs:
@@ -219,14 +249,21 @@ class PreferenceFileSource:
     def __post_init__(self) -> None:
         from cwdpo.data.trl_pairs import read_preference_pairs
 
-        pairs = read_preference_pairs(self.path, self.image_root, skip_bad_images=self.skip_bad_images)
+        pairs = read_preference_pairs(
+            self.path, self.image_root, skip_bad_images=self.skip_bad_images
+        )
         for i, p in enumerate(pairs):
             if normalize(p.chosen) == normalize(p.rejected):
-                raise DataError(f"{self.path}: row {i} ({p.image_id}): chosen and rejected are the "
-                                f"same text after normalisation ({p.chosen!r})")
+                raise DataError(
+                    f"{self.path}: row {i} ({p.image_id}): chosen and rejected are the "
+                    f"same text after normalisation ({p.chosen!r})"
+                )
         recs = [
             CaptionRecord(
-                image_id=p.image_id, image=p.image, references=[p.chosen], split="train",
+                image_id=p.image_id,
+                image=p.image,
+                references=[p.chosen],
+                split="train",
                 meta={"prompt": p.prompt, "rejected": p.rejected, **p.meta},
             )
             for p in pairs
@@ -235,8 +272,7 @@ class PreferenceFileSource:
             from cwdpo.data.image_check import check_record_images
 
             rows = [f"row {i} ({r.image_id})" for i, r in enumerate(recs)]  # as the reader counts
-            recs = check_record_images(recs, rows, self.path,
-                                       skip_bad_images=self.skip_bad_images)
+            recs = check_record_images(recs, rows, self.path, skip_bad_images=self.skip_bad_images)
         n_hold = sum(self.holdout.values())
         if len(recs) <= n_hold:
             raise DataError(

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 ATTRS = ("size", "colour", "shape", "position")
 _TOKEN = re.compile(r"[\w-]+|[^\w\s]")
-HEADERS: dict[str, tuple[str, ...]] = {"picture": ("a", "picture", "of"), "shows": ("this", "image", "shows")}
+HEADERS: dict[str, tuple[str, ...]] = {
+    "picture": ("a", "picture", "of"),
+    "shows": ("this", "image", "shows"),
+}
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,14 @@ def parse(text: str) -> Parse:
     tok = tokenize(text)
     p = Parse(tokens=tok)
     i = 0
-    if tok[:1] == ["there"] and len(tok) >= 5 and tok[1] in ("is", "are") and tok[2] in S.NUMBERS \
-            and tok[3] in ("shape", "shapes") and tok[4] == ":":
+    if (
+        tok[:1] == ["there"]
+        and len(tok) >= 5
+        and tok[1] in ("is", "are")
+        and tok[2] in S.NUMBERS
+        and tok[3] in ("shape", "shapes")
+        and tok[4] == ":"
+    ):
         p.header, p.count, p.count_index, i = "count", tok[2], 2, 5
     else:
         for name, words in HEADERS.items():
@@ -164,8 +173,11 @@ class Verdict:
 
     @property
     def exact(self) -> bool:
-        return (not self.malformed and self.exact_objects == self.n_objects == self.n_mentions
-                and self.count_correct is not False)
+        return (
+            not self.malformed
+            and self.exact_objects == self.n_objects == self.n_mentions
+            and self.count_correct is not False
+        )
 
     @property
     def score(self) -> float:
@@ -182,7 +194,10 @@ def _match(mentions: list[Mention], scene: Scene) -> tuple[int, int]:
     objs = scene.objects
     best: dict[int, tuple[int, int]] = {0: (0, 0)}
     for m in mentions:
-        row = [sum(getattr(m, a) is not None and getattr(m, a) == getattr(o, a) for a in ATTRS) for o in objs]
+        row = [
+            sum(getattr(m, a) is not None and getattr(m, a) == getattr(o, a) for a in ATTRS)
+            for o in objs
+        ]
         nxt: dict[int, tuple[int, int]] = {}
         for used, (c, e) in best.items():
             for i in [k for k in range(len(objs)) if not used >> k & 1] or [None]:
@@ -204,12 +219,22 @@ def verify(text: str | Parse, scene: Scene) -> Verdict:
         stated += 1
         count_correct = p.count == S.NUMBERS[len(scene.objects)]
         correct += count_correct
-    said, there = Counter(m.identity() for m in p.mentions), Counter((o.colour, o.shape) for o in scene.objects)
+    said, there = (
+        Counter(m.identity() for m in p.mentions),
+        Counter((o.colour, o.shape) for o in scene.objects),
+    )
     return Verdict(
-        n_tokens=len(p.tokens), n_unparsed=len(p.unparsed), malformed=p.malformed,
-        n_mentions=len(p.mentions), n_objects=len(scene.objects), stated=stated, correct=correct,
-        correct_attrs=attrs, exact_objects=exact_objs,
-        hallucinated=sum((said - there).values()), omitted=sum((there - said).values()),
+        n_tokens=len(p.tokens),
+        n_unparsed=len(p.unparsed),
+        malformed=p.malformed,
+        n_mentions=len(p.mentions),
+        n_objects=len(scene.objects),
+        stated=stated,
+        correct=correct,
+        correct_attrs=attrs,
+        exact_objects=exact_objs,
+        hallucinated=sum((said - there).values()),
+        omitted=sum((there - said).values()),
         count_correct=count_correct,
     )
 
@@ -221,7 +246,10 @@ def mentions_object(text: str | Parse, colour: str, shape: str) -> bool:
 
 
 def minimal_negative(
-    text: str, scene: Scene, rng: random.Random, pools: dict[str, tuple[str, ...]] | None = None,
+    text: str,
+    scene: Scene,
+    rng: random.Random,
+    pools: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[str, str] | None:
     """A one-fact edit of `text` itself: one attribute word of one mention (or the stated count)
     replaced, same template, same object order, every other token kept; the edit must lower the
@@ -231,14 +259,22 @@ def minimal_negative(
     independently drawn template makes the pair differ in many tokens, not one fact.
     """
     p = parse(text)
-    pools = pools or {"colour": tuple(S.COLOURS), "shape": S.SHAPES, "size": S.SIZES,
-                      "position": S.POSITIONS}
+    pools = pools or {
+        "colour": tuple(S.COLOURS),
+        "shape": S.SHAPES,
+        "size": S.SIZES,
+        "position": S.POSITIONS,
+    }
     base = verify(p, scene).score
     taken = {o.position for o in scene.objects} | {m.position for m in p.mentions if m.position}
     sites: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     for m in p.mentions:
         for attr, idx in m.spans:
-            pool = tuple(v for v in pools[attr] if v != p.tokens[idx] and (attr != "position" or v not in taken))
+            pool = tuple(
+                v
+                for v in pools[attr]
+                if v != p.tokens[idx] and (attr != "position" or v not in taken)
+            )
             if pool:
                 sites.setdefault(attr, []).append((idx, pool))
     if p.count_index is not None:

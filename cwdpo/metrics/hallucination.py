@@ -37,7 +37,9 @@ def caption_metrics(
     """CHAIR_i/s, object recall, attribute precision/recall/F1, exact, malformed, length and (with a
     co-occurrence rule) how often the companion is said where absent / present."""
     if len(outputs) != len(scenes) or not outputs:
-        raise ValueError(f"caption_metrics needs one output per scene, got {len(outputs)} and {len(scenes)}")
+        raise ValueError(
+            f"caption_metrics needs one output per scene, got {len(outputs)} and {len(scenes)}"
+        )
     vs = [verify(o, s) for o, s in zip(outputs, scenes)]
     mentions = sum(v.n_mentions for v in vs)
     stated = sum(v.stated for v in vs)
@@ -56,14 +58,25 @@ def caption_metrics(
         trigger, comp = cooc
         absent = [o for o, s in zip(outputs, scenes) if trigger in _ids(s) and comp not in _ids(s)]
         present = [o for o, s in zip(outputs, scenes) if comp in _ids(s)]
-        out["companion_halluc"] = 100.0 * sum(mentions_object(o, *comp) for o in absent) / len(absent) if absent else float("nan")
-        out["companion_recall"] = 100.0 * sum(mentions_object(o, *comp) for o in present) / len(present) if present else float("nan")
+        out["companion_halluc"] = (
+            100.0 * sum(mentions_object(o, *comp) for o in absent) / len(absent)
+            if absent
+            else float("nan")
+        )
+        out["companion_recall"] = (
+            100.0 * sum(mentions_object(o, *comp) for o in present) / len(present)
+            if present
+            else float("nan")
+        )
     return out
 
 
 def pope_queries(
-    scenes: Sequence[Scene], seed: int = 0, cooc: tuple[Ident, Ident] | None = None,
-    colours: Sequence[str] = tuple(S.COLOURS), shapes: Sequence[str] = S.SHAPES,
+    scenes: Sequence[Scene],
+    seed: int = 0,
+    cooc: tuple[Ident, Ident] | None = None,
+    colours: Sequence[str] = tuple(S.COLOURS),
+    shapes: Sequence[str] = S.SHAPES,
 ) -> dict[str, list[tuple[int, Ident, bool]]]:
     """Balanced (scene index, object, truly present) queries. random: every present object plus
     as many absent ones drawn uniformly; adversarial (with a rule): for each trigger scene without
@@ -92,14 +105,18 @@ def pope_scores(answers: Sequence[bool], labels: Sequence[bool]) -> dict[str, fl
     rec = tp / (tp + fn) if tp + fn else 0.0
     return {
         "accuracy": 100.0 * sum(a == b for a, b in zip(answers, labels)) / n if n else float("nan"),
-        "precision": 100.0 * prec, "recall": 100.0 * rec,
+        "precision": 100.0 * prec,
+        "recall": 100.0 * rec,
         "f1": 100.0 * (2 * prec * rec / (prec + rec) if prec + rec else 0.0),
         "yes_ratio": 100.0 * sum(answers) / n if n else float("nan"),
     }
 
 
 def pope(
-    outputs: Sequence[str], scenes: Sequence[Scene], seed: int = 0, cooc: tuple[Ident, Ident] | None = None
+    outputs: Sequence[str],
+    scenes: Sequence[Scene],
+    seed: int = 0,
+    cooc: tuple[Ident, Ident] | None = None,
 ) -> dict[str, float]:
     """POPE-style probe answered by the captions: `pope/<accuracy|f1|yes_ratio|…>` on the random
     split, `pope_adv/…` on the adversarial (co-occurrence) split."""

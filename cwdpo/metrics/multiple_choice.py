@@ -38,9 +38,13 @@ class MultipleChoiceAccuracy(Metric):
         if len(predictions) != len(answers):
             raise ValueError("predictions and answers must have the same length")
         n = len(predictions)
-        self.correct.append(torch.tensor([p == a for p, a in zip(predictions, answers)], dtype=torch.float32))
+        self.correct.append(
+            torch.tensor([p == a for p, a in zip(predictions, answers)], dtype=torch.float32)
+        )
         self.categories.append(encode_strings(list(categories or [""] * n)))
-        self.groups.append(encode_strings(list(groups) if groups is not None else [str(i) for i in range(n)]))
+        self.groups.append(
+            encode_strings(list(groups) if groups is not None else [str(i) for i in range(n)])
+        )
 
     def compute(self) -> dict[str, float]:
         def flat(state: Any) -> torch.Tensor:
@@ -49,8 +53,16 @@ class MultipleChoiceAccuracy(Metric):
         if not self.correct:
             raise RuntimeError("MultipleChoiceAccuracy.compute() called before any update()")
         correct = flat(self.correct).tolist()
-        cats = [s for t in (self.categories if isinstance(self.categories, list) else [self.categories]) for s in decode_strings(t)]
-        groups = [s for t in (self.groups if isinstance(self.groups, list) else [self.groups]) for s in decode_strings(t)]
+        cats = [
+            s
+            for t in (self.categories if isinstance(self.categories, list) else [self.categories])
+            for s in decode_strings(t)
+        ]
+        groups = [
+            s
+            for t in (self.groups if isinstance(self.groups, list) else [self.groups])
+            for s in decode_strings(t)
+        ]
         by_group: dict[str, list[float]] = defaultdict(list)
         group_cat: dict[str, str] = {}
         for c, cat, g in zip(correct, cats, groups):

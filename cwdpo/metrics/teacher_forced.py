@@ -24,7 +24,9 @@ import torch
 from cwdpo.data import shapes as S
 from cwdpo.data.verifier import minimal_negative
 
-CONTENT_WORDS = frozenset(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | set(S.NUMBERS)
+CONTENT_WORDS = (
+    frozenset(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | set(S.NUMBERS)
+)
 DISPLACEMENT_TOL = 1e-4  # nats: a "fall" is a drop beyond float noise
 
 
@@ -33,7 +35,9 @@ def gold_texts(records: Sequence[Any]) -> list[str]:
     return [S.caption(r.meta["scene"], 0) for r in records]
 
 
-def content_token_mask(labels: torch.Tensor, tokenizer: Any, words: frozenset[str] = CONTENT_WORDS) -> torch.Tensor:
+def content_token_mask(
+    labels: torch.Tensor, tokenizer: Any, words: frozenset[str] = CONTENT_WORDS
+) -> torch.Tensor:
     """True where the label token, decoded alone and stripped, is a content word."""
     ids = labels[labels >= 0].unique().tolist()
     keep = {i for i in ids if tokenizer.decode([i]).strip().lower() in words}
@@ -58,24 +62,40 @@ def content_calibration(
         labels = labels.masked_fill(~content_token_mask(labels, backbone.tokenizer), -100)
         metric.update(logits.float().cpu(), labels)
     c = metric.compute()
-    return {"calib/content_ece": c["ece"], "calib/content_sce": c["mean_top1_prob"] - c["accuracy"],
-            "calib/content_accuracy": c["accuracy"], "calib/content_confidence": c["mean_top1_prob"],
-            "calib/content_tokens": float(c["n_tokens"])}
+    return {
+        "calib/content_ece": c["ece"],
+        "calib/content_sce": c["mean_top1_prob"] - c["accuracy"],
+        "calib/content_accuracy": c["accuracy"],
+        "calib/content_confidence": c["mean_top1_prob"],
+        "calib/content_tokens": float(c["n_tokens"]),
+    }
 
 
-def displacement_stats(policy: torch.Tensor, reference: torch.Tensor, tol: float = DISPLACEMENT_TOL) -> dict[str, float]:
+def displacement_stats(
+    policy: torch.Tensor, reference: torch.Tensor, tol: float = DISPLACEMENT_TOL
+) -> dict[str, float]:
     """Share (percent) of examples with log π_θ < log π_ref − tol, and the mean change (nats)."""
     d = policy.double() - reference.double()
     return {"fell": 100.0 * float((d < -tol).double().mean()), "delta": float(d.mean())}
 
 
 @torch.no_grad()
-def _seq_logps(backbone: Any, records: Sequence[Any], prompt: str, texts: Sequence[str],
-               reference: bool, batch_size: int) -> torch.Tensor:
+def _seq_logps(
+    backbone: Any,
+    records: Sequence[Any],
+    prompt: str,
+    texts: Sequence[str],
+    reference: bool,
+    batch_size: int,
+) -> torch.Tensor:
     from cwdpo.evaluation import teacher_forced_batches
 
-    return torch.cat([backbone.logps(enc, reference=reference).sum.float().cpu()
-                      for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size)])
+    return torch.cat(
+        [
+            backbone.logps(enc, reference=reference).sum.float().cpu()
+            for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -90,9 +110,15 @@ def likelihood_displacement(
         e = minimal_negative(g, r.meta["scene"], random.Random(i))
         edits.append(e[0] if e else g)
     res: dict[str, float] = {}
-    for name, texts in (("chosen", gold), ("rejected", edits), ("output", [o or "." for o in outputs])):
-        st = displacement_stats(_seq_logps(backbone, records, prompt, texts, False, batch_size),
-                                _seq_logps(backbone, records, prompt, texts, True, batch_size))
+    for name, texts in (
+        ("chosen", gold),
+        ("rejected", edits),
+        ("output", [o or "." for o in outputs]),
+    ):
+        st = displacement_stats(
+            _seq_logps(backbone, records, prompt, texts, False, batch_size),
+            _seq_logps(backbone, records, prompt, texts, True, batch_size),
+        )
         res[f"disp/{name}_delta"] = st["delta"]
         if name == "chosen":
             res["disp/chosen_fell"] = st["fell"]

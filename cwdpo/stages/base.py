@@ -15,7 +15,10 @@ from cwdpo.utils.strategies import data_parallel_mesh, shard_backbone
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.1
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.1,
 ) -> LambdaLR:
     """Linear warm-up then cosine decay to `min_ratio` of the peak learning rate."""
 
@@ -66,14 +69,23 @@ class StageModule(L.LightningModule):
         on_step = prefix == "train"
         for k, v in metrics.items():
             v = torch.as_tensor(v, dtype=torch.float32).detach()
-            self.log(f"{prefix}/{k}", v, on_step=on_step, on_epoch=not on_step,
-                     prog_bar=k == "loss", batch_size=n, sync_dist=not on_step)
+            self.log(
+                f"{prefix}/{k}",
+                v,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=k == "loss",
+                batch_size=n,
+                sync_dist=not on_step,
+            )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Total gradient norm every step: the stability statistics in `cwdpo.report` use it."""
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

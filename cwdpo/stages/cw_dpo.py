@@ -17,7 +17,13 @@ from cwdpo.ref_cache import (
 )
 from cwdpo.stages.base import StageModule
 
-DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_dropout")
+DROPOUT_ATTRS = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+    "attn_dropout",
+)
 
 
 def disable_dropout_(model: torch.nn.Module) -> int:
@@ -66,7 +72,11 @@ class CWDPOModule(StageModule):
         self.prefix_sharing = prefix_sharing
         self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
         self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
-        self.filter_threshold, self.loss_type, self.rpo_alpha = filter_threshold, loss_type, rpo_alpha
+        self.filter_threshold, self.loss_type, self.rpo_alpha = (
+            filter_threshold,
+            loss_type,
+            rpo_alpha,
+        )
         # baselines (issue 17): w_c ≡ loser_weight, w_c shuffled in the batch, or loss_type="sft":
         # NLL of the chosen only (RFT on self-judged pairs, SFT continuation on dataset pairs)
         if loss_type not in ("sigmoid", "ipo", "sft"):
@@ -74,11 +84,15 @@ class CWDPOModule(StageModule):
         if loser_weight is not None and loser_weight < 0:
             raise ValueError(f"stage.cw_dpo.loser_weight must be >= 0 or null, got {loser_weight}")
         if shuffle_weights and (not cooling or loser_weight is not None):
-            raise ValueError("stage.cw_dpo.shuffle_weights needs cooling=true and loser_weight=null "
-                             f"(got cooling={cooling}, loser_weight={loser_weight})")
+            raise ValueError(
+                "stage.cw_dpo.shuffle_weights needs cooling=true and loser_weight=null "
+                f"(got cooling={cooling}, loser_weight={loser_weight})"
+            )
         self.loser_weight, self.shuffle_weights = loser_weight, shuffle_weights
         self.last_output = None  # for diagnostics callbacks
-        self.last_logps = None  # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
+        self.last_logps = (
+            None  # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
+        )
 
     def on_fit_start(self) -> None:
         if not self.backbone.has_reference:
@@ -102,7 +116,9 @@ class CWDPOModule(StageModule):
 
     def setup(self, stage: str) -> None:
         # before the strategy moves, casts or shards anything, and before a checkpoint is restored
-        self._ref_signature = reference_signature(self.backbone) if self.backbone.has_reference else None
+        self._ref_signature = (
+            reference_signature(self.backbone) if self.backbone.has_reference else None
+        )
 
     def _drops_reference(self) -> bool:
         trainer = self._trainer  # None outside a fit (e.g. a hand-made checkpoint)
@@ -118,14 +134,22 @@ class CWDPOModule(StageModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, live = checkpoint.get("cwdpo_reference_signature"), getattr(self, "_ref_signature", None)
+        saved, live = (
+            checkpoint.get("cwdpo_reference_signature"),
+            getattr(self, "_ref_signature", None),
+        )
         if saved is not None and live is not None and saved != live:
             raise RuntimeError(
                 "this CW-DPO checkpoint was trained against a different reference policy than the "
                 "one loaded now (signatures differ): resume from the run directory whose stage-1 "
-                "output it started from (`resume=<run dir>`), or start the stage fresh")
+                "output it started from (`resume=<run dir>`), or start the stage fresh"
+            )
         state, ref = checkpoint.get("state_dict"), self.backbone.reference
-        if state is not None and ref is not None and not any(k.startswith(self.REFERENCE_PREFIX) for k in state):
+        if (
+            state is not None
+            and ref is not None
+            and not any(k.startswith(self.REFERENCE_PREFIX) for k in state)
+        ):
             state.update({self.REFERENCE_PREFIX + k: v for k, v in ref.state_dict().items()})
 
     def on_train_epoch_end(self) -> None:
@@ -158,11 +182,19 @@ class CWDPOModule(StageModule):
             ps, rs = pol.sum / count, ref / count
         perm = torch.randperm(n, device=ps.device) if self.shuffle_weights else None
         out = cw_dpo_loss(
-            ps[:n], ps[n:], rs[:n], rs[n:], pol.mean[n:],
-            beta=self.beta, cooling=self.cooling, floor=self.floor, tau=self.tau,
+            ps[:n],
+            ps[n:],
+            rs[:n],
+            rs[n:],
+            pol.mean[n:],
+            beta=self.beta,
+            cooling=self.cooling,
+            floor=self.floor,
+            tau=self.tau,
             filter_threshold=self.filter_threshold,
             loss_type="sigmoid" if self.loss_type == "sft" else self.loss_type,
-            loser_weight=self.loser_weight, permutation=perm,
+            loser_weight=self.loser_weight,
+            permutation=perm,
         )
         # "sft": the DPO terms above are only logged; the loss is the chosen's per-token NLL
         loss = -pol.mean[:n].mean() if self.loss_type == "sft" else out.loss
@@ -179,7 +211,9 @@ class CWDPOModule(StageModule):
             "logps/rejected": pol.sum[n:].mean().detach(),
             "ell/chosen": pol.mean[:n].mean().detach(),
             "ell/rejected": pol.mean[n:].mean().detach(),
-            "cooling/mean": w.mean(), "cooling/min": w.min(), "cooling/max": w.max(),
+            "cooling/mean": w.mean(),
+            "cooling/min": w.min(),
+            "cooling/max": w.max(),
             "vulnerable_frac": _vulnerable(out.logits, self.beta),
         }
         if out.kept is not None:

@@ -27,7 +27,11 @@ class SFTCModule(StageModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lam, self.margin_c = lam, margin_c
-        self.reduction, self.label_smoothing, self.constraint = reduction, label_smoothing, constraint
+        self.reduction, self.label_smoothing, self.constraint = (
+            reduction,
+            label_smoothing,
+            constraint,
+        )
 
     def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         paired = "pairs" in batch
@@ -35,7 +39,9 @@ class SFTCModule(StageModule):
         lp, logits, labels = self.backbone.logps_and_logits(enc)
         n = batch["n"]
         pos_slice = slice(0, n)
-        pos_nll = smoothed_nll(logits[pos_slice], labels[pos_slice], self.label_smoothing, self.reduction)
+        pos_nll = smoothed_nll(
+            logits[pos_slice], labels[pos_slice], self.label_smoothing, self.reduction
+        )
         neg_nll = None
         if paired:
             neg_nll = smoothed_nll(logits[n:], labels[n:], 0.0, self.reduction)
@@ -46,6 +52,7 @@ class SFTCModule(StageModule):
             "ell_pos": lp.mean[pos_slice].mean().detach(),
         }
         if paired:
-            metrics.update(nll_neg=out.neg_nll, violated=out.violated,
-                           ell_neg=lp.mean[n:].mean().detach())
+            metrics.update(
+                nll_neg=out.neg_nll, violated=out.violated, ell_neg=lp.mean[n:].mean().detach()
+            )
         return out.loss, metrics

@@ -60,14 +60,20 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO: atomic writes (temp + fsync + rename), weights_only loads."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if weights_only is False:
-            log.warning("weights_only=False requested for %s: loading with weights_only=True anyway", path)
+            log.warning(
+                "weights_only=False requested for %s: loading with weights_only=True anyway", path
+            )
         return safe_torch_load(path, map_location=map_location)
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -133,7 +139,13 @@ def collect_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "numpy": [
+            str(name),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -171,8 +183,9 @@ class GlobalRNGState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             set_rng_state(self._pending)
             self._pending = None
@@ -213,13 +226,17 @@ class RunState:
         return json.loads(self.marker(stage).read_text())
 
     def mark_done(self, stage: str, metrics: Mapping[str, Any], outputs: list[str]) -> None:
-        atomic_write_json(self.marker(stage), {"stage": stage, "metrics": dict(metrics), "outputs": list(outputs)})
+        atomic_write_json(
+            self.marker(stage), {"stage": stage, "metrics": dict(metrics), "outputs": list(outputs)}
+        )
 
     def last_checkpoint(self, stage: str) -> Path | None:
         """The newest `last*.ckpt` (ModelCheckpoint writes `last-v1.ckpt` if it could not
         restore its own state, e.g. after its settings changed)."""
         d = self.stage_ckpt_dir(stage)
-        found = sorted(d.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if d.is_dir() else []
+        found = (
+            sorted(d.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if d.is_dir() else []
+        )
         return found[-1] if found else None
 
     def csv_file(self, stage: str) -> Path:
@@ -235,8 +252,12 @@ class RunState:
         stale += [self.csv_file(s) for s in stages if self.csv_file(s).exists()]
         (self.run_dir / "wandb_run_id").unlink(missing_ok=True)  # a fresh run is a new W&B run
         if stale:
-            log.warning("fresh run in %s: removing state of an earlier run (%s); pass resume=true "
-                        "to continue it instead", self.run_dir, ", ".join(p.name for p in stale))
+            log.warning(
+                "fresh run in %s: removing state of an earlier run (%s); pass resume=true "
+                "to continue it instead",
+                self.run_dir,
+                ", ".join(p.name for p in stale),
+            )
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -262,7 +283,9 @@ def _last_write(run_dir: Path, after: float) -> float:
     return latest
 
 
-def begin_attempt(run_dir: str | Path, start: float, resuming: bool, write: bool = True) -> list[float]:
+def begin_attempt(
+    run_dir: str | Path, start: float, resuming: bool, write: bool = True
+) -> list[float]:
     """Record an attempt of a run in `<run>/attempts.json`; return the wall seconds of the earlier
     ones (a resumed run's `wall_seconds` counts every attempt, killed ones included).
 
@@ -304,7 +327,11 @@ def end_attempt(run_dir: str | Path, end: float) -> None:
 def resume_dir(resume: Any, output_dir: str | Path) -> Path | None:
     """`resume=null|false` → None; `resume=true` → the run's own output dir; `resume=<path>` →
     that run directory (which must exist)."""
-    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("", "false", "null", "none")):
+    if (
+        resume is None
+        or resume is False
+        or (isinstance(resume, str) and resume.lower() in ("", "false", "null", "none"))
+    ):
         return None
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
         return Path(output_dir)
@@ -316,8 +343,12 @@ def resume_dir(resume: Any, output_dir: str | Path) -> Path | None:
     return p
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "",
-                   ignore: tuple[str, ...] = ("resume",)) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str = "",
+    ignore: tuple[str, ...] = ("resume",),
+) -> list[str]:
     """Dotted keys whose values differ between two plain config dicts."""
     out: list[str] = []
     for k in sorted(set(old) | set(new), key=str):

@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Logger methods that write something; each is wrapped by `guard_logger`.
-LOGGER_METHODS = ("log_metrics", "log_hyperparams", "log_graph", "save", "finalize",
-                  "after_save_checkpoint")
+LOGGER_METHODS = (
+    "log_metrics",
+    "log_hyperparams",
+    "log_graph",
+    "save",
+    "finalize",
+    "after_save_checkpoint",
+)
 
 
 class LogFailures:
@@ -38,8 +44,13 @@ class LogFailures:
         key = (what, type(err).__name__)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("logging %s failed, training goes on (%s: %s); further failures of it "
-                        "are counted in results.json", what, type(err).__name__, err)
+            log.warning(
+                "logging %s failed, training goes on (%s: %s); further failures of it "
+                "are counted in results.json",
+                what,
+                type(err).__name__,
+                err,
+            )
 
     @contextmanager
     def guard(self, what: str) -> Iterator[None]:

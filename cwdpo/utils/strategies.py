@@ -24,11 +24,19 @@ class FSDP2Strategy(ModelParallelStrategy):
     (`tensor_parallel_size=1`), full single-file checkpoints by default.
     """
 
-    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1,
-                 save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
-        super().__init__(data_parallel_size=data_parallel_size,
-                         tensor_parallel_size=tensor_parallel_size,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: int | str = "auto",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # one data-parallel group over every process
@@ -64,8 +72,11 @@ def shard_model(model: nn.Module, mesh: Any) -> int:
     from torch.distributed.fsdp import fully_shard
 
     names = block_classes(model)
-    blocks = {n: m for n, m in model.named_modules()
-              if type(m).__name__ in names and not in_vision_tower(n)}
+    blocks = {
+        n: m
+        for n, m in model.named_modules()
+        if type(m).__name__ in names and not in_vision_tower(n)
+    }
     for m in blocks.values():
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -89,8 +100,11 @@ def keep_root_in_step(model: nn.Module, block_prefixes: tuple[str, ...]) -> None
         logits = getattr(output, "logits", None)
         if logits is None or not torch.is_grad_enabled():
             return output
-        root = [p for n, p in module.named_parameters()
-                if p.requires_grad and not n.startswith(block_prefixes)]
+        root = [
+            p
+            for n, p in module.named_parameters()
+            if p.requires_grad and not n.startswith(block_prefixes)
+        ]
         if root:
             output.logits = logits + 0.0 * sum(p.reshape(-1)[:1].sum() for p in root)
         return output
