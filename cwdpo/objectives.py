@@ -140,6 +140,31 @@ def cooling_weight(
     return torch.sigmoid((neg_mean_logps.detach().float() - floor) / tau)
 
 
+def resolve_floor(
+    floor: float | Literal["mean"] | torch.Tensor,
+    neg_mean_logps: torch.Tensor,
+    kept: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ℓ_floor as a float32 scalar tensor: the ℓ̄ at which the cooling weight w_c is ½.
+
+    `stage.cw_dpo.floor` is this one quantity; only where its value comes from differs:
+    - a number (the config's default, -2.0): a fixed ℓ_floor in nats per token;
+    - "mean": the batch mean of ℓ̄_θ(y_l|x) over the negatives that survive
+      `filter_threshold` (all of them when none survive or no filter is set), so w_c
+      centres on the batch: half the negatives are "easier than average";
+    - a tensor: a value the caller computed (e.g. a running mean), used as is.
+    It is not `filter_threshold` (a hard cut that drops pairs) and not the Δℓ̄ threshold of
+    the squeezing probe rule (callbacks.probes.rules.squeezing.threshold).
+    """
+    ell = neg_mean_logps.detach()
+    if isinstance(floor, str):
+        if floor != "mean":
+            raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
+        pool = ell if kept is None or not kept.any() else ell[kept]  # filtered pairs don't count
+        return pool.float().mean()
+    return torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
+
+
 @dataclass
 class DPOOutput:
     loss: torch.Tensor  # scalar
@@ -213,8 +238,9 @@ def cw_dpo_loss(
 ) -> CWDPOOutput:
     """CW-DPO: −log σ(β(Δ_w − w_c·Δ_l)), w_c from the policy's ℓ̄ on the negative.
 
-    floor="mean" uses the batch mean of ℓ̄ over negatives (callers keeping a running mean
-    pass it as a tensor). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
+    `floor` is ℓ_floor, the centre of the cooling sigmoid, in one of three forms (see
+    `resolve_floor`): a number, "mean" (batch mean of ℓ̄ over the kept negatives), or a tensor
+    a caller computed (e.g. a running mean). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
     filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
     Controls for "is it the cooling?": `loser_weight=c` sets w_c ≡ c for every pair (0 = chosen
     only, CW-DPO's mean w_c = DPO with the same average loser weight); `permutation` reorders
@@ -229,13 +255,7 @@ def cw_dpo_loss(
         raise ValueError("a w_c permutation needs cooling=True (w_c ≡ 1 has nothing to shuffle)")
     ell = policy_rejected_mean.detach()
     kept = None if filter_threshold is None else ell >= filter_threshold
-    if isinstance(floor, str):
-        if floor != "mean":
-            raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
-        pool = ell if kept is None or not kept.any() else ell[kept]  # filtered pairs don't count
-        floor_t = pool.float().mean()
-    else:
-        floor_t = torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
+    floor_t = resolve_floor(floor, ell, kept)
     weights = cooling_weight(ell, floor_t, tau) if cooling else None
     if weights is not None and permutation is not None:
         weights = weights[permutation]
