@@ -5,12 +5,16 @@ Notation follows DESIGN.md / arXiv 2510.11978:
   Δ(y)      = log π_θ(y|x) − log π_ref(y|x)              (sequence sums)
   SFT-C:  L = E[−log π_θ(y⁺|x)] + λ · ReLU(C − E[−log π_θ(y⁻|x)])
   CW-DPO: L = −E[log σ(β(Δ(y_w) − w_c · Δ(y_l)))],  w_c = sg[σ((ℓ̄_θ(y_l|x) − ℓ_floor)/τ)]
+
+Stage 2 picks its objective by `LossType` through `preference_loss` (one function per
+objective, as open-instruct's `dpo_utils` dispatches on its loss enum).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -272,3 +276,136 @@ def cw_dpo_loss(
         mask=kept,
     )
     return CWDPOOutput(**vars(out), kept=kept, floor=floor_t.detach())
+
+
+# ---------------------------------------------------------------- stage-2 objectives
+class LossType(str, Enum):
+    """`stage.cw_dpo.loss_type`: the objective stage 2 trains on."""
+
+    SIGMOID = "sigmoid"  # (CW-)DPO on sequence log-ratios
+    IPO = "ipo"  # IPO's squared loss on per-token average log-ratios (as TRL)
+    SFT = "sft"  # NLL of the chosen only (RFT / SFT-continuation baselines)
+
+
+class PairLogps(Protocol):
+    """What the objectives read of the policy's `SeqLogps` over 2n rows (chosen, then rejected)."""
+
+    sum: torch.Tensor  # [2n] log π_θ(y|x)
+    mean: torch.Tensor  # [2n] ℓ̄_θ(y|x)
+    count: torch.Tensor  # [2n] response tokens L
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The stage-2 knobs the objectives read (`stage.cw_dpo.*`, see `cw_dpo_loss`)."""
+
+    loss_type: LossType | str = LossType.SIGMOID
+    beta: float = 0.1
+    cooling: bool = True
+    floor: float | str | torch.Tensor = -2.0  # ℓ_floor, see `resolve_floor`
+    tau: float = 0.5
+    filter_threshold: float | None = None
+    rpo_alpha: float = 0.0  # RPO: + α · token-mean NLL of the chosen, on any loss type
+    loser_weight: float | None = None  # baseline: w_c ≡ loser_weight
+    shuffle_weights: bool = False  # baseline: w_c permuted within the batch
+
+
+@dataclass
+class PreferenceOutput:
+    loss: torch.Tensor  # scalar: what the step minimises (RPO term included)
+    terms: CWDPOOutput  # the (CW-)DPO terms: logged, and read by the dynamics callback
+    rpo_nll: torch.Tensor | None = None  # token-mean NLL of the chosen when rpo_alpha > 0
+
+
+def _cw_terms(
+    logps: torch.Tensor,
+    ref: torch.Tensor,
+    policy_mean: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    loss_type: Literal["sigmoid", "ipo"],
+    permutation: torch.Tensor | None,
+) -> CWDPOOutput:
+    """`cw_dpo_loss` on 2n rows (chosen, then rejected) of policy / reference log-probs."""
+    return cw_dpo_loss(
+        logps[:n],
+        logps[n:],
+        ref[:n],
+        ref[n:],
+        policy_mean[n:],
+        beta=cfg.beta,
+        cooling=cfg.cooling,
+        floor=cfg.floor,
+        tau=cfg.tau,
+        filter_threshold=cfg.filter_threshold,
+        loss_type=loss_type,
+        loser_weight=cfg.loser_weight,
+        permutation=permutation,
+    )
+
+
+def sigmoid_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """CW-DPO (vanilla DPO with cooling off) on sequence log-probs: −log σ(β(Δ_w − w_c·Δ_l))."""
+    out = _cw_terms(policy.sum, ref, policy.mean, n, cfg, "sigmoid", permutation)
+    return out.loss, out
+
+
+def ipo_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """IPO (as in TRL): (logits − 1/(2β))² on per-token average log-ratios, log π / L."""
+    count = policy.count.clamp(min=1).to(policy.sum.dtype)
+    out = _cw_terms(policy.sum / count, ref / count, policy.mean, n, cfg, "ipo", permutation)
+    return out.loss, out
+
+
+def sft_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """The chosen's per-token NLL, −mean ℓ̄_θ(y_w|x); the DPO terms are computed for logging."""
+    out = _cw_terms(policy.sum, ref, policy.mean, n, cfg, "sigmoid", permutation)
+    return -policy.mean[:n].mean(), out
+
+
+def rpo_nll(policy: PairLogps, n: int) -> torch.Tensor:
+    """RPO's (as in TRL) NLL term: −Σ log π_θ(y_w|x) / Σ L_w, token mean over the chosen."""
+    return -policy.sum[:n].sum() / policy.count[:n].sum().clamp(min=1)
+
+
+OBJECTIVES = {
+    LossType.SIGMOID: sigmoid_objective,
+    LossType.IPO: ipo_objective,
+    LossType.SFT: sft_objective,
+}
+
+
+def preference_loss(
+    policy: PairLogps, ref: torch.Tensor, n: int, cfg: PreferenceConfig
+) -> PreferenceOutput:
+    """Stage 2's loss: the objective of `cfg.loss_type`, plus RPO's α·NLL when rpo_alpha > 0.
+
+    `policy` holds 2n rows (n chosen, then n rejected), `ref` the reference's sequence sums.
+    `shuffle_weights` draws the w_c permutation here (torch.randperm, the global RNG).
+    """
+    objective = OBJECTIVES[LossType(cfg.loss_type)]
+    perm = torch.randperm(n, device=policy.sum.device) if cfg.shuffle_weights else None
+    loss, terms = objective(policy, ref, n, cfg, perm)
+    nll = None
+    if cfg.rpo_alpha > 0:
+        nll = rpo_nll(policy, n)
+        loss = loss + cfg.rpo_alpha * nll
+    return PreferenceOutput(loss=loss, terms=terms, rpo_nll=nll)
