@@ -5,12 +5,16 @@ Notation follows DESIGN.md / arXiv 2510.11978:
   Δ(y)      = log π_θ(y|x) − log π_ref(y|x)              (sequence sums)
   SFT-C:  L = E[−log π_θ(y⁺|x)] + λ · ReLU(C − E[−log π_θ(y⁻|x)])
   CW-DPO: L = −E[log σ(β(Δ(y_w) − w_c · Δ(y_l)))],  w_c = sg[σ((ℓ̄_θ(y_l|x) − ℓ_floor)/τ)]
+
+Stage 2 picks its objective by `LossType` through `preference_loss` (one function per
+objective, as open-instruct's `dpo_utils` dispatches on its loss enum).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +144,31 @@ def cooling_weight(
     return torch.sigmoid((neg_mean_logps.detach().float() - floor) / tau)
 
 
+def resolve_floor(
+    floor: float | Literal["mean"] | torch.Tensor,
+    neg_mean_logps: torch.Tensor,
+    kept: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ℓ_floor as a float32 scalar tensor: the ℓ̄ at which the cooling weight w_c is ½.
+
+    `stage.cw_dpo.floor` is this one quantity; only where its value comes from differs:
+    - a number (the config's default, -2.0): a fixed ℓ_floor in nats per token;
+    - "mean": the batch mean of ℓ̄_θ(y_l|x) over the negatives that survive
+      `filter_threshold` (all of them when none survive or no filter is set), so w_c
+      centres on the batch: half the negatives are "easier than average";
+    - a tensor: a value the caller computed (e.g. a running mean), used as is.
+    It is not `filter_threshold` (a hard cut that drops pairs) and not the Δℓ̄ threshold of
+    the squeezing probe rule (callbacks.probes.rules.squeezing.threshold).
+    """
+    ell = neg_mean_logps.detach()
+    if isinstance(floor, str):
+        if floor != "mean":
+            raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
+        pool = ell if kept is None or not kept.any() else ell[kept]  # filtered pairs don't count
+        return pool.float().mean()
+    return torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
+
+
 @dataclass
 class DPOOutput:
     loss: torch.Tensor  # scalar
@@ -213,8 +242,9 @@ def cw_dpo_loss(
 ) -> CWDPOOutput:
     """CW-DPO: −log σ(β(Δ_w − w_c·Δ_l)), w_c from the policy's ℓ̄ on the negative.
 
-    floor="mean" uses the batch mean of ℓ̄ over negatives (callers keeping a running mean
-    pass it as a tensor). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
+    `floor` is ℓ_floor, the centre of the cooling sigmoid, in one of three forms (see
+    `resolve_floor`): a number, "mean" (batch mean of ℓ̄ over the kept negatives), or a tensor
+    a caller computed (e.g. a running mean). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
     filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
     Controls for "is it the cooling?": `loser_weight=c` sets w_c ≡ c for every pair (0 = chosen
     only, CW-DPO's mean w_c = DPO with the same average loser weight); `permutation` reorders
@@ -229,13 +259,7 @@ def cw_dpo_loss(
         raise ValueError("a w_c permutation needs cooling=True (w_c ≡ 1 has nothing to shuffle)")
     ell = policy_rejected_mean.detach()
     kept = None if filter_threshold is None else ell >= filter_threshold
-    if isinstance(floor, str):
-        if floor != "mean":
-            raise ValueError(f"floor must be a number or 'mean', got {floor!r}")
-        pool = ell if kept is None or not kept.any() else ell[kept]  # filtered pairs don't count
-        floor_t = pool.float().mean()
-    else:
-        floor_t = torch.as_tensor(floor, dtype=torch.float32, device=ell.device)
+    floor_t = resolve_floor(floor, ell, kept)
     weights = cooling_weight(ell, floor_t, tau) if cooling else None
     if weights is not None and permutation is not None:
         weights = weights[permutation]
@@ -252,3 +276,136 @@ def cw_dpo_loss(
         mask=kept,
     )
     return CWDPOOutput(**vars(out), kept=kept, floor=floor_t.detach())
+
+
+# ---------------------------------------------------------------- stage-2 objectives
+class LossType(str, Enum):
+    """`stage.cw_dpo.loss_type`: the objective stage 2 trains on."""
+
+    SIGMOID = "sigmoid"  # (CW-)DPO on sequence log-ratios
+    IPO = "ipo"  # IPO's squared loss on per-token average log-ratios (as TRL)
+    SFT = "sft"  # NLL of the chosen only (RFT / SFT-continuation baselines)
+
+
+class PairLogps(Protocol):
+    """What the objectives read of the policy's `SeqLogps` over 2n rows (chosen, then rejected)."""
+
+    sum: torch.Tensor  # [2n] log π_θ(y|x)
+    mean: torch.Tensor  # [2n] ℓ̄_θ(y|x)
+    count: torch.Tensor  # [2n] response tokens L
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The stage-2 knobs the objectives read (`stage.cw_dpo.*`, see `cw_dpo_loss`)."""
+
+    loss_type: LossType | str = LossType.SIGMOID
+    beta: float = 0.1
+    cooling: bool = True
+    floor: float | str | torch.Tensor = -2.0  # ℓ_floor, see `resolve_floor`
+    tau: float = 0.5
+    filter_threshold: float | None = None
+    rpo_alpha: float = 0.0  # RPO: + α · token-mean NLL of the chosen, on any loss type
+    loser_weight: float | None = None  # baseline: w_c ≡ loser_weight
+    shuffle_weights: bool = False  # baseline: w_c permuted within the batch
+
+
+@dataclass
+class PreferenceOutput:
+    loss: torch.Tensor  # scalar: what the step minimises (RPO term included)
+    terms: CWDPOOutput  # the (CW-)DPO terms: logged, and read by the dynamics callback
+    rpo_nll: torch.Tensor | None = None  # token-mean NLL of the chosen when rpo_alpha > 0
+
+
+def _cw_terms(
+    logps: torch.Tensor,
+    ref: torch.Tensor,
+    policy_mean: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    loss_type: Literal["sigmoid", "ipo"],
+    permutation: torch.Tensor | None,
+) -> CWDPOOutput:
+    """`cw_dpo_loss` on 2n rows (chosen, then rejected) of policy / reference log-probs."""
+    return cw_dpo_loss(
+        logps[:n],
+        logps[n:],
+        ref[:n],
+        ref[n:],
+        policy_mean[n:],
+        beta=cfg.beta,
+        cooling=cfg.cooling,
+        floor=cfg.floor,
+        tau=cfg.tau,
+        filter_threshold=cfg.filter_threshold,
+        loss_type=loss_type,
+        loser_weight=cfg.loser_weight,
+        permutation=permutation,
+    )
+
+
+def sigmoid_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """CW-DPO (vanilla DPO with cooling off) on sequence log-probs: −log σ(β(Δ_w − w_c·Δ_l))."""
+    out = _cw_terms(policy.sum, ref, policy.mean, n, cfg, "sigmoid", permutation)
+    return out.loss, out
+
+
+def ipo_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """IPO (as in TRL): (logits − 1/(2β))² on per-token average log-ratios, log π / L."""
+    count = policy.count.clamp(min=1).to(policy.sum.dtype)
+    out = _cw_terms(policy.sum / count, ref / count, policy.mean, n, cfg, "ipo", permutation)
+    return out.loss, out
+
+
+def sft_objective(
+    policy: PairLogps,
+    ref: torch.Tensor,
+    n: int,
+    cfg: PreferenceConfig,
+    permutation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CWDPOOutput]:
+    """The chosen's per-token NLL, −mean ℓ̄_θ(y_w|x); the DPO terms are computed for logging."""
+    out = _cw_terms(policy.sum, ref, policy.mean, n, cfg, "sigmoid", permutation)
+    return -policy.mean[:n].mean(), out
+
+
+def rpo_nll(policy: PairLogps, n: int) -> torch.Tensor:
+    """RPO's (as in TRL) NLL term: −Σ log π_θ(y_w|x) / Σ L_w, token mean over the chosen."""
+    return -policy.sum[:n].sum() / policy.count[:n].sum().clamp(min=1)
+
+
+OBJECTIVES = {
+    LossType.SIGMOID: sigmoid_objective,
+    LossType.IPO: ipo_objective,
+    LossType.SFT: sft_objective,
+}
+
+
+def preference_loss(
+    policy: PairLogps, ref: torch.Tensor, n: int, cfg: PreferenceConfig
+) -> PreferenceOutput:
+    """Stage 2's loss: the objective of `cfg.loss_type`, plus RPO's α·NLL when rpo_alpha > 0.
+
+    `policy` holds 2n rows (n chosen, then n rejected), `ref` the reference's sequence sums.
+    `shuffle_weights` draws the w_c permutation here (torch.randperm, the global RNG).
+    """
+    objective = OBJECTIVES[LossType(cfg.loss_type)]
+    perm = torch.randperm(n, device=policy.sum.device) if cfg.shuffle_weights else None
+    loss, terms = objective(policy, ref, n, cfg, perm)
+    nll = None
+    if cfg.rpo_alpha > 0:
+        nll = rpo_nll(policy, n)
+        loss = loss + cfg.rpo_alpha * nll
+    return PreferenceOutput(loss=loss, terms=terms, rpo_nll=nll)

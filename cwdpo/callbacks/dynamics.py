@@ -30,7 +30,13 @@ from cwdpo.callbacks.probes import (
     record_stage,
     stage_offset,
 )
-from cwdpo.diagnostics import VULNERABLE_REGION, GradSplit, gradient_split, group_stats
+from cwdpo.diagnostics import (
+    VULNERABLE_REGION,
+    GradSplit,
+    gradient_split,
+    group_stats,
+    vulnerable_fraction,
+)
 from cwdpo.utils.safe_log import never_fatal, wandb_histogram
 
 DYNAMICS_CSV = "dynamics.csv"
@@ -63,6 +69,11 @@ class DynamicsMonitor(StageAware, L.Callback):
         self._resumed = False
 
     # ------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # one configured region: the stage's own train/vulnerable_frac counts this one too
+        if hasattr(pl_module, "vulnerable_region"):
+            pl_module.vulnerable_region = self.vulnerable_region
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.resolve_stage(trainer, pl_module)
         if self.first and not self._resumed:
@@ -186,12 +197,12 @@ class DynamicsMonitor(StageAware, L.Callback):
         """Cooling-weight stats, mean a, and the vulnerable fraction of one batch."""
         w = out.weights.detach().float().cpu()
         a = torch.sigmoid(beta * out.logits.detach().float().cpu())
-        lo, hi = self.vulnerable_region
         m = {f"dynamics/cooling/{k}": v for k, v in group_stats(w, self.quantiles).items()}
         m["dynamics/cooling/std"] = float(w.std(unbiased=False))
         m["dynamics/cooling/min"], m["dynamics/cooling/max"] = float(w.min()), float(w.max())
         m["dynamics/a_mean"] = float(a.mean())
-        m["dynamics/vulnerable_frac"] = float(((a >= lo) & (a <= hi)).float().mean())
+        logits, region = out.logits.detach().float().cpu(), self.vulnerable_region
+        m["dynamics/vulnerable_frac"] = float(vulnerable_fraction(logits, beta, region))
         easy = batch.get("neg_is_easy") if isinstance(batch, dict) else None
         if easy is not None and len(easy) == len(w):
             easy = easy.bool().cpu()

@@ -8,7 +8,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from cwdpo.objectives import cw_dpo_loss
+from cwdpo.diagnostics import VULNERABLE_REGION, vulnerable_fraction
+from cwdpo.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
 from cwdpo.ref_cache import (
     RefLogpCache,
     cached_reference_logps,
@@ -46,6 +47,9 @@ class CWDPOModule(StageModule):
     """−log σ(β(Δ_w − w_c·Δ_l)); reference log-probs from the backbone's reference policy."""
 
     stage_name = "cw_dpo"
+    #: a ∈ [lo, hi] of `train/vulnerable_frac`; the dynamics callback sets its configured
+    #: `callbacks.dynamics.vulnerable_region` here, so both metrics count the same region
+    vulnerable_region: tuple[float, float] = VULNERABLE_REGION
 
     def __init__(
         self,
@@ -79,7 +83,7 @@ class CWDPOModule(StageModule):
         )
         # baselines (issue 17): w_c ≡ loser_weight, w_c shuffled in the batch, or loss_type="sft":
         # NLL of the chosen only (RFT on self-judged pairs, SFT continuation on dataset pairs)
-        if loss_type not in ("sigmoid", "ipo", "sft"):
+        if loss_type not in {t.value for t in LossType}:
             raise ValueError(f"stage.cw_dpo.loss_type must be sigmoid|ipo|sft, got {loss_type!r}")
         if loser_weight is not None and loser_weight < 0:
             raise ValueError(f"stage.cw_dpo.loser_weight must be >= 0 or null, got {loser_weight}")
@@ -174,33 +178,31 @@ class CWDPOModule(StageModule):
             ref = self.backbone.pair_logps(enc, n, reference=True, prefix_sharing=shared).sum
         return pol, ref, n
 
-    def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pol, ref, n = self.pair_logps(batch)
-        ps, rs = pol.sum, ref
-        if self.loss_type == "ipo":  # IPO (as in TRL) works on per-token average log-ratios
-            count = pol.count.clamp(min=1).to(pol.sum.dtype)
-            ps, rs = pol.sum / count, ref / count
-        perm = torch.randperm(n, device=ps.device) if self.shuffle_weights else None
-        out = cw_dpo_loss(
-            ps[:n],
-            ps[n:],
-            rs[:n],
-            rs[n:],
-            pol.mean[n:],
+    @property
+    def objective(self) -> PreferenceConfig:
+        """The loss knobs as `objectives.preference_loss` reads them."""
+        return PreferenceConfig(
+            loss_type=self.loss_type,
             beta=self.beta,
             cooling=self.cooling,
             floor=self.floor,
             tau=self.tau,
             filter_threshold=self.filter_threshold,
-            loss_type="sigmoid" if self.loss_type == "sft" else self.loss_type,
+            rpo_alpha=self.rpo_alpha,
             loser_weight=self.loser_weight,
-            permutation=perm,
+            shuffle_weights=self.shuffle_weights,
         )
-        # "sft": the DPO terms above are only logged; the loss is the chosen's per-token NLL
-        loss = -pol.mean[:n].mean() if self.loss_type == "sft" else out.loss
-        if self.rpo_alpha > 0:  # RPO (as in TRL): DPO + token-mean NLL of the chosen responses
-            loss = loss + self.rpo_alpha * (-pol.sum[:n].sum() / pol.count[:n].sum().clamp(min=1))
-        self.last_output, self.last_logps = out, pol
+
+    def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pol, ref, n = self.pair_logps(batch)
+        res = preference_loss(pol, ref, n, self.objective)
+        self.last_output, self.last_logps = res.terms, pol
+        return res.loss, self.step_metrics(pol, n, res.terms, batch)
+
+    def step_metrics(
+        self, pol: Any, n: int, out: CWDPOOutput, batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """TRL-named reward / log-prob metrics, cooling-weight stats, the vulnerable fraction."""
         w = out.weights
         metrics = {
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -214,17 +216,11 @@ class CWDPOModule(StageModule):
             "cooling/mean": w.mean(),
             "cooling/min": w.min(),
             "cooling/max": w.max(),
-            "vulnerable_frac": _vulnerable(out.logits, self.beta),
+            "vulnerable_frac": vulnerable_fraction(out.logits, self.beta, self.vulnerable_region),
         }
         if out.kept is not None:
             metrics["filtered_frac"] = 1.0 - out.kept.float().mean()
         if "neg_is_dataset" in batch:
             metrics["negatives/dataset_frac"] = batch["neg_is_dataset"].float().mean()
             metrics["negatives/easy_frac"] = batch["neg_is_easy"].float().mean()
-        return loss, metrics
-
-
-def _vulnerable(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Fraction of pairs with a = σ(β·logits) in DPO's vulnerable region [0.8, 0.99]."""
-    a = torch.sigmoid(beta * logits)
-    return ((a >= 0.8) & (a <= 0.99)).float().mean()
+        return metrics
