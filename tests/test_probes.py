@@ -180,6 +180,31 @@ def test_default_config_rules():
     assert {r.action for r in parse_rules(stop.rules)} == {"stop"}
 
 
+def test_default_config_instantiates_into_a_probe_config():
+    """The Hydra `_target_` passes flat keywords; they land in one validated `ProbeConfig`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from cwdpo.callbacks.probes import ProbeConfig
+    from cwdpo.config import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cb = instantiate(compose("train").callbacks.probes)
+    assert isinstance(cb, DeltaLogpProbe) and isinstance(cb.cfg, ProbeConfig)
+    assert cb.cfg.groups == ["positives", "gentle", "easy"] and cb.every_n_steps == 20
+    assert {r.name for r in cb.rules} == {"displacement", "squeezing"}
+    kw = {"n_items": 4, "groups": ["positives", "on_policy"], "on_policy": False}
+    same = DeltaLogpProbe(config=ProbeConfig(**kw))
+    assert same.cfg == DeltaLogpProbe(**kw).cfg
+    assert same.cfg.groups == ["positives"] and same.cfg.on_policy is True  # listed: on
+    with pytest.raises(TypeError, match="not both"):
+        DeltaLogpProbe(config=ProbeConfig(), n_items=4)
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+        DeltaLogpProbe(every_n_steps=0)
+    with pytest.raises(TypeError):
+        DeltaLogpProbe(n_itmes=4)  # a typo is refused, naming the key
+
+
 # ---------------------------------------------------------------- live probes on the tiny VLM
 SIZES = {"train": 12, "val": 4, "test": 4, "probe": 6}
 

@@ -22,14 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 
-from cwdpo.callbacks.probes import (
-    STAGES_JSON,
-    StageAware,
-    append_csv,
-    log_scalars,
-    record_stage,
-    stage_offset,
-)
 from cwdpo.diagnostics import (
     VULNERABLE_REGION,
     GradSplit,
@@ -37,7 +29,8 @@ from cwdpo.diagnostics import (
     group_stats,
     vulnerable_fraction,
 )
-from cwdpo.utils.safe_log import never_fatal, wandb_histogram
+from cwdpo.utils.run_files import StageAware, append_csv, record_stage, stage_offset
+from cwdpo.utils.safe_log import log_scalars, never_fatal, wandb_histogram
 
 DYNAMICS_CSV = "dynamics.csv"
 WEIGHTS_CSV = "cooling_weights.csv"
@@ -77,8 +70,7 @@ class DynamicsMonitor(StageAware, L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.resolve_stage(trainer, pl_module)
         if self.first and not self._resumed:
-            for name in (DYNAMICS_CSV, WEIGHTS_CSV, STAGES_JSON):
-                (self.out_dir / name).unlink(missing_ok=True)
+            self.clear_run_files(DYNAMICS_CSV, WEIGHTS_CSV)
         self.offset = stage_offset(self.out_dir, self.stage, bool(self.first))
 
     def on_train_batch_start(

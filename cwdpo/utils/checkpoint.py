@@ -10,6 +10,7 @@
   global torch / Python / NumPy RNG state, for what draws from it (on-policy sampling).
 - `RunState`: per-stage "done" markers in `<run>/checkpoints/`, written atomically after the
   stage's HF save and evaluation, and the stage's `last.ckpt` to resume a stage mid-way.
+  (The curves' shared files, `stages.json` and the CSV appends, are `utils/run_files.py`'s.)
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -130,3 +131,11 @@ def wandb_histogram(values: Any, num_bins: int = 20) -> Any | None:
 
     bins = histogram_bins(values, num_bins)
     return None if bins is None else wandb.Histogram(np_histogram=bins)
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """To every logger directly: also allowed in hooks where `LightningModule.log` is not."""
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    for lg in trainer.loggers:
+        with FAILURES.guard(f"{type(lg).__name__} scalars"):
+            lg.log_metrics(clean, step=step)
