@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cwdpo.objectives import cw_dpo_loss
-from tests.helpers import compose_cfg
+from tests.helpers import bare_cw_dpo_module, compose_cfg
 
 # two pairs: Δ_w = pc − rc, Δ_l = pr − rr
 PC, PR = torch.tensor([-4.0, -6.0]), torch.tensor([-9.0, -5.0])
@@ -72,30 +72,12 @@ class _LP:
 
 
 def _module(**kw):
-    from cwdpo.stages import CWDPOModule
-
-    m = CWDPOModule.__new__(CWDPOModule)
-    torch.nn.Module.__init__(m)
-    defaults = dict(
-        beta=BETA,
-        cooling=True,
-        floor=-2.0,
-        tau=0.5,
-        filter_threshold=None,
-        loss_type="sigmoid",
-        rpo_alpha=0.0,
-        loser_weight=None,
-        shuffle_weights=False,
-    )
-    for k, v in {**defaults, **kw}.items():
-        setattr(m, k, v)
     pol = _LP(
         torch.cat([PC, PR]),
         torch.cat([torch.tensor([-0.4, -0.8]), ELL]),
         torch.tensor([10, 5, 9, 5]),
     )
-    m.pair_logps = lambda batch: (pol, torch.cat([RC, RR]), 2)
-    return m
+    return bare_cw_dpo_module(lambda batch: (pol, torch.cat([RC, RR]), 2), beta=BETA, **kw)
 
 
 def test_sft_loss_type_is_the_chosen_per_token_nll_and_shuffle_permutes():

@@ -21,6 +21,7 @@ from cwdpo.objectives import (
     sft_objective,
     sigmoid_objective,
 )
+from tests.helpers import bare_cw_dpo_module
 
 # two pairs, rows = (chosen 0, chosen 1, rejected 0, rejected 1)
 POL = SimpleNamespace(
@@ -120,25 +121,7 @@ def test_resolve_floor_sources():
 
 
 def _module():
-    from cwdpo.stages import CWDPOModule
-
-    m = CWDPOModule.__new__(CWDPOModule)
-    torch.nn.Module.__init__(m)
-    knobs = dict(
-        beta=BETA,
-        cooling=True,
-        floor=-2.0,
-        tau=0.5,
-        filter_threshold=None,
-        loss_type="sigmoid",
-        rpo_alpha=0.0,
-        loser_weight=None,
-        shuffle_weights=False,
-    )
-    for k, v in knobs.items():
-        setattr(m, k, v)
-    m.pair_logps = lambda batch: (POL, REF, N)
-    return m
+    return bare_cw_dpo_module(lambda batch: (POL, REF, N), beta=BETA)
 
 
 def test_train_and_dynamics_vulnerable_frac_use_the_configured_region():
