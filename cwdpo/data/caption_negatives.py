@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cwdpo.data.karpathy import Stats, bump, report_skipped
-from cwdpo.data.records import CaptionRecord, DataError, PreferenceRecord
+from cwdpo.data.records import CaptionRecord, DataError, PreferenceRecord, normalize
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,6 @@ class Perturbation:
     @property
     def source(self) -> str:
         return f"hard:{self.kind}"
-
-
-def normalize(text: str) -> str:
-    """Case-, punctuation- and whitespace-insensitive form used to compare captions."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def _match_case(src: str, word: str) -> str:

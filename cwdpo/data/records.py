@@ -7,6 +7,7 @@ as an `ImageRef` so that a dataset of 100k images costs nothing until a batch as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from PIL import Image
 
 class DataError(ValueError):
     """Bad input data: the message names the file / row / field and what was expected."""
+
+
+def normalize(text: str) -> str:
+    """Case-, punctuation- and whitespace-insensitive form used to compare captions."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,12 @@ positive — so on-policy sampling can drop samples that are not actually wrong.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cwdpo.data import shapes
-from cwdpo.data.records import CaptionRecord, DataError
+from cwdpo.data.records import CaptionRecord, DataError, normalize
 from cwdpo.data.verifier import minimal_negative, verify
 
 
@@ -35,10 +34,6 @@ class CaptionSource(Protocol):
     def score(self, text: str, record: CaptionRecord) -> float | None:
         """Ground-truth quality in [0, 1] when the source knows it (ShapesWorld facts)."""
         ...
-
-
-def normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def matches_reference(text: str, record: CaptionRecord) -> bool:
