@@ -325,15 +325,14 @@ def rows_from_source(source: Any, split: str, n: int, seed: int = 0) -> Rows:
     """n rows of the configured data: image(s), prompt, first reference, a dataset negative."""
     import random
 
-    from cwdpo.data.records import load_images
-    from cwdpo.data.sources import prompt_of
+    from cwdpo.data.records import load_images, record_prompt
 
     recs = source.captions(split)[:n]
     rng = random.Random(seed)
     negs = [source.negative(r, rng, hard=True)[0] for r in recs]
     return Rows(
         [load_images(r) for r in recs],
-        [prompt_of(source, r) for r in recs],
+        [record_prompt(r, source.prompt) for r in recs],
         [r.references[0] for r in recs],
         negs,
     )

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cwdpo.backbone import VLMBackbone
-from cwdpo.data.records import CaptionRecord, load_images, record_images
+from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
 from cwdpo.data.sources import CaptionSource
 
 
@@ -28,7 +28,7 @@ def generate_captions(
         chunk = records[s : s + batch_size]
         out += backbone.generate(
             [load_images(r) for r in chunk],
-            [r.meta.get("prompt") or prompt for r in chunk],
+            [record_prompt(r, prompt) for r in chunk],
             max_new_tokens=max_new_tokens,
         )
     return out
@@ -51,7 +51,7 @@ def teacher_forced_batches(
             chunk = records[s : s + batch_size]
             enc = backbone.collate(
                 [load_images(r) for r in chunk],
-                [r.meta.get("prompt") or prompt for r in chunk],
+                [record_prompt(r, prompt) for r in chunk],
                 list(texts[s : s + batch_size]),
             )
             yield {k: v.to(backbone.device) for k, v in enc.items()}
@@ -170,7 +170,10 @@ def win_rate(
     ground-truth facts where the source knows them, else reference CIDEr."""
     from cwdpo.metrics.winrate import ReferenceJudge, ScoreJudge, WinRate
 
-    items = [{"references": r.references, "prompt": source.prompt, "record": r} for r in records]
+    items = [
+        {"references": r.references, "prompt": record_prompt(r, source.prompt), "record": r}
+        for r in records
+    ]
     out: dict[str, Any] = {}
     if judge is not None:
         out["winrate/judge"] = repr(judge)

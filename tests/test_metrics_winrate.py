@@ -282,3 +282,41 @@ def test_http_judge_connection_error_names_url():
     judge = HttpJudge("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2)
     with pytest.raises(HttpJudgeError, match=re.escape("http://127.0.0.1:9/v1/chat/completions")):
         judge(["a"], ["b"], [{"references": ["r"]}])
+
+
+def test_win_rate_judge_sees_the_prompt_generation_used():
+    """A record with its own prompt (preference data) is generated with it, and the judge is
+    shown that same prompt, not the source's default."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cwdpo.data.records import CaptionRecord, ImageRef
+    from cwdpo.evaluation import generate_captions, win_rate
+
+    recs = [
+        CaptionRecord(
+            f"im{i}",
+            ImageRef(factory=lambda: Image.new("RGB", (4, 4))),
+            ["a red circle"],
+            meta={"prompt": f"own prompt {i}"} if i else {},
+        )
+        for i in range(2)
+    ]
+    source = SimpleNamespace(prompt="source prompt", score=lambda text, record: None)
+    generated: list[str] = []
+
+    def generate(images, prompts, max_new_tokens):
+        generated.extend(prompts)
+        return ["a red circle"] * len(prompts)
+
+    outputs = generate_captions(SimpleNamespace(generate=generate), recs, source.prompt)
+    seen: list[str] = []
+
+    def judge(a, b, items):
+        seen.extend(item["prompt"] for item in items)
+        return [1.0] * len(a)
+
+    win_rate(source, recs, outputs, outputs, judge=judge)
+    assert generated == ["source prompt", "own prompt 1"]
+    assert seen == generated

@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cwdpo.data.records import CaptionRecord, DataError, load_images
-from cwdpo.data.sources import CaptionSource, prompt_of
+from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
+from cwdpo.data.sources import CaptionSource
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
@@ -208,7 +208,7 @@ class _Base(L.LightningDataModule):
         recs = self._records()
         rows = [recs[i] for i in idx]
         rng = self._batch_rng(idx)
-        prompts = [prompt_of(self.source, r) for r in rows]
+        prompts = [record_prompt(r, self.source.prompt) for r in rows]
         return rows, images, prompts, [rng.choice(r.references) for r in rows], rng
 
     def _gentle_negative(
@@ -295,7 +295,7 @@ class PreferenceDataModule(_Base):
             images = [load_images(r) for r in chunk]
             outs = generate(
                 images,
-                [prompt_of(self.source, r) for r in chunk],
+                [record_prompt(r, self.source.prompt) for r in chunk],
                 max_new_tokens=self.neg.max_new_tokens,
                 do_sample=True,
                 temperature=self.neg.temperature,

@@ -105,6 +105,14 @@ class MCQuestion:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def record_prompt(record: Any, default: str) -> str:
+    """The prompt a record is generated and scored with: its own (`meta["prompt"]`, preference
+    data carries one per row), else `default` (the source's). Generation, the teacher-forced
+    metrics, the probes and the win-rate judge all read it here, so they agree."""
+    meta = getattr(record, "meta", None)
+    return (meta.get("prompt") if isinstance(meta, dict) else None) or default
+
+
 def record_images(record: Any) -> list[ImageRef]:
     """Every image of a record, in order: `meta["images"]` when a row has several (TRL rows,
     MMMU image_1..image_7), else the record's one `image`."""

@@ -219,11 +219,6 @@ class CaptionFileSource:
         return None
 
 
-def prompt_of(source: CaptionSource, record: CaptionRecord) -> str:
-    """Per-record prompt (preference data carries its own), else the source's."""
-    return record.meta.get("prompt") or source.prompt
-
-
 @dataclass
 class PreferenceFileSource:
     """TRL-style preference data (JSONL or a local HF `datasets` dir: images/prompt/chosen/rejected).

@@ -15,8 +15,8 @@ import lightning as L
 import torch
 
 from cwdpo.callbacks.probes.config import ProbeConfig
-from cwdpo.callbacks.probes.sets import probe_records, record_prompt
-from cwdpo.data.records import load_images
+from cwdpo.callbacks.probes.sets import probe_records
+from cwdpo.data.records import load_images, record_prompt
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_text
 from cwdpo.utils.run_files import read_csv
@@ -87,7 +87,9 @@ def log_samples(
     recs = probe_records(source, cfg.split, cfg.fallback_split, cfg.n_samples)
     images = [load_images(r) for r in recs]
     outs = pl_module.backbone.generate(
-        images, [record_prompt(source, r) for r in recs], max_new_tokens=cfg.sample_max_new_tokens
+        images,
+        [record_prompt(r, source.prompt) for r in recs],
+        max_new_tokens=cfg.sample_max_new_tokens,
     )
     rows = [
         {

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cwdpo.callbacks.probes.config import ProbeConfig
-from cwdpo.data.records import load_images
+from cwdpo.data.records import load_images, record_prompt
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ class ProbeSet:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def record_prompt(source: Any, record: Any) -> str:
-    return (record.meta or {}).get("prompt") or source.prompt
 
 
 def probe_records(source: Any, split: str = "probe", fallback: str = "val", n: int = 64) -> list:
@@ -93,7 +89,7 @@ def collate_set(
             if i not in images:
                 images[i] = load_images(records[i])
             ims.append(images[i])
-        prompts = [record_prompt(source, records[i]) for i, _ in chunk]
+        prompts = [record_prompt(records[i], source.prompt) for i, _ in chunk]
         ps.batches.append(backbone.collate(ims, prompts, [t for _, t in chunk]))
     return ps
 
@@ -109,7 +105,7 @@ def on_policy_rows(
             chunk = records[s : s + cfg.batch_size]
             texts = backbone.generate(
                 [load_images(r) for r in chunk],
-                [record_prompt(source, r) for r in chunk],
+                [record_prompt(r, source.prompt) for r in chunk],
                 max_new_tokens=cfg.on_policy_max_new_tokens,
                 do_sample=True,
                 temperature=cfg.on_policy_temperature,
