@@ -36,6 +36,7 @@ from cwdpo.processing import (
     strip_duplicate_bos,
     turn_end_token_id,
 )
+from cwdpo.utils.modes import eval_mode
 
 #: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
 #: attention; Qwen's mm_token_type_ids: M-RoPE) come from the processor at prompt width;
@@ -567,9 +568,7 @@ class VLMBackbone(nn.Module):
             self.tokenizer.padding_side = old
         drop = set(PER_TOKEN_KEYS) - set(self.per_token_keys) | {"labels"}
         enc = {k: v.to(self.device) for k, v in enc.items() if k not in drop}
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -581,8 +580,6 @@ class VLMBackbone(nn.Module):
                 eos_token_id=self.stop_token_ids,
                 use_cache=True,
             )
-        finally:
-            self.model.train(was_training)
         new = out[:, enc["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 

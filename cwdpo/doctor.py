@@ -31,6 +31,7 @@ import torch
 
 from cwdpo.backbone import VLMBackbone, module_group
 from cwdpo.objectives import IGNORE_INDEX
+from cwdpo.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,6 @@ def run_checks(
     bb: VLMBackbone, rows: Rows, tol: float, leak_tol: float | None = None
 ) -> list[Check]:
     """Every check on `rows` (2+ rows of different lengths exercise padding)."""
-    was = bb.model.training
-    bb.model.eval()
     out: list[Check] = []
     steps = [
         ("labels", lambda: [check_labels(bb, rows)]),
@@ -297,15 +296,13 @@ def run_checks(
         ("LoRA", lambda: [check_lora(bb)]),
         ("fast paths", lambda: check_fast_paths(bb, rows, tol)),
     ]
-    try:
+    with eval_mode(bb.model):
         for name, step in steps:
             try:
                 out += step()
             except Exception as e:  # a check that crashes is a failed check, named
                 out.append(Check(name, "fail", type(e).__name__, str(e)[:300]))
                 log.exception("doctor check %r crashed", name)
-    finally:
-        bb.model.train(was)
     return out
 
 

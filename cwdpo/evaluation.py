@@ -13,6 +13,7 @@ import torch
 from cwdpo.backbone import VLMBackbone
 from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
 from cwdpo.data.sources import CaptionSource
+from cwdpo.utils.modes import eval_mode
 
 
 @torch.no_grad()
@@ -44,9 +45,7 @@ def teacher_forced_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Collated (image, prompt, text) batches on the backbone's device, with the model in eval
     mode while they are consumed (restored after): the teacher-forced metrics' one loop."""
-    was = backbone.model.training
-    backbone.model.eval()
-    try:
+    with eval_mode(backbone.model):
         for s in range(0, len(records), batch_size):
             chunk = records[s : s + batch_size]
             enc = backbone.collate(
@@ -55,8 +54,6 @@ def teacher_forced_batches(
                 list(texts[s : s + batch_size]),
             )
             yield {k: v.to(backbone.device) for k, v in enc.items()}
-    finally:
-        backbone.model.train(was)
 
 
 @torch.no_grad()
@@ -233,9 +230,7 @@ def predict_multiple_choice(
         for letter, text in sorted(q.options.items()):
             rows.append((i, letter, q, mc_prompt(q), letter if scoring == "letter" else text))
     scores: list[float] = []
-    was = backbone.model.training
-    backbone.model.eval()
-    try:
+    with eval_mode(backbone.model):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             enc = backbone.collate(
@@ -247,8 +242,6 @@ def predict_multiple_choice(
             last = lp.mask & (lp.mask.cumsum(-1) == lp.count[:, None])
             vals = (lp.token * (lp.mask & ~last)).sum(-1) if scoring == "letter" else lp.mean
             scores += vals.float().cpu().tolist()
-    finally:
-        backbone.model.train(was)
     best: dict[int, tuple[float, str]] = {}
     for (i, letter, *_), sc in zip(rows, scores):
         if i not in best or sc > best[i][0]:
@@ -285,20 +278,15 @@ def preference_calibration(
     if not loader:
         return {}
     metric = PreferenceCalibration()
-    was = backbone.model.training
-    backbone.model.eval()
-    try:
-        with dm.evaluating():
-            for b, raw in enumerate(loader):
-                if b >= max_batches:
-                    break
-                batch = dm.on_before_batch_transfer(raw, 0)
-                enc = {k: v.to(backbone.device) for k, v in batch["pairs"].items()}
-                n = batch["n"]
-                pol = backbone.logps(enc).sum
-                ref = backbone.logps(enc, reference=True).sum
-                margin = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
-                metric.update(margin.float().cpu(), beta)
-    finally:
-        backbone.model.train(was)
+    with eval_mode(backbone.model), dm.evaluating():
+        for b, raw in enumerate(loader):
+            if b >= max_batches:
+                break
+            batch = dm.on_before_batch_transfer(raw, 0)
+            enc = {k: v.to(backbone.device) for k, v in batch["pairs"].items()}
+            n = batch["n"]
+            pol = backbone.logps(enc).sum
+            ref = backbone.logps(enc, reference=True).sum
+            margin = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+            metric.update(margin.float().cpu(), beta)
     return {f"pref_calib/{k}": float(v) for k, v in metric.compute().items()}

@@ -13,6 +13,7 @@ from cwdpo.callbacks.probes.sets import ProbeSet
 from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, support
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_text
+from cwdpo.utils.modes import eval_mode
 from cwdpo.utils.run_files import read_json
 
 STATE_JSON = "probes_state.json"  # the run-wide baseline of every probe set
@@ -22,11 +23,8 @@ START_KEYS = ("ell", "sum", "index", "dist")
 @torch.no_grad()
 def measure(backbone: Any, ps: ProbeSet) -> dict[str, torch.Tensor]:
     """ℓ̄ and log π per text, and next-token log-probs at every response position."""
-    model = backbone.model
-    was = model.training
-    model.eval()
     ells, sums, dists = [], [], []
-    try:
+    with eval_mode(backbone.model):
         for enc in ps.batches:
             enc = {k: v.to(backbone.device) for k, v in enc.items()}
             lp, logits, labels = backbone.logps_and_logits(enc)
@@ -34,8 +32,6 @@ def measure(backbone: Any, ps: ProbeSet) -> dict[str, torch.Tensor]:
             sums.append(lp.sum.float().cpu())
             mask = labels != -100
             dists.append(torch.log_softmax(logits[mask].float(), -1).cpu())
-    finally:
-        model.train(was)
     return {"ell": torch.cat(ells), "sum": torch.cat(sums), "logp": torch.cat(dists)}
 
 
