@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
-from cwdpo.data.sources import CaptionSource
+from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
@@ -215,12 +215,11 @@ class _Base(L.LightningDataModule):
         self, rec: CaptionRecord, rng: random.Random, chosen: str | None = None
     ) -> tuple[str, str]:
         """A hard (one-fact-off) negative that is not a positive; sources are counted."""
-        for _ in range(5):
-            text, src = self.source.negative(rec, rng, hard=True, chosen=chosen)
-            if not self.source.is_positive(text, rec) and text not in rec.references:
-                if self._training():
-                    self.negative_sources[src] += 1
-                return text, src
+        got = draw_negative(self.source, rec, rng, hard=True, chosen=chosen)
+        if got is not None:
+            if self._training():
+                self.negative_sources[got[1]] += 1
+            return got
         raise DataError(
             f"could not draw a gentle negative for image {rec.image_id} that is not "
             "a positive (does the record have a rejected text equal to a reference?)"
@@ -351,10 +350,16 @@ class PreferenceDataModule(_Base):
             rejected, src = self._gentle_negative(rec, rng, chosen)  # a one-fact edit of it
             src = f"self:minimal:{src}"
         if self.neg.easy_mix > 0 and rng.random() < self.neg.easy_mix:
-            for _ in range(5):
-                text, esrc = self.source.negative(rec, rng, hard=False, chosen=chosen)
-                if text != chosen and not self.source.is_positive(text, rec):
-                    return chosen, text, esrc
+            easy = draw_negative(
+                self.source,
+                rec,
+                rng,
+                hard=False,
+                chosen=chosen,
+                accept=lambda t: t != chosen and not self.source.is_positive(t, rec),
+            )
+            if easy is not None:
+                return chosen, *easy
         return chosen, rejected, src
 
     def _negative(self, rec: CaptionRecord, chosen: str, rng: random.Random) -> tuple[str, str]:
@@ -364,11 +369,15 @@ class PreferenceDataModule(_Base):
                 return rng.choice(pool), "on_policy"
             if self._training():
                 self.stats.on_policy_fallback += 1
-        for _ in range(5):
-            hard = rng.random() >= self.neg.easy_fraction
-            text, src = self.source.negative(rec, rng, hard=hard, chosen=chosen)
-            if not self.source.is_positive(text, rec) and text not in rec.references:
-                return text, src
+        got = draw_negative(
+            self.source,
+            rec,
+            rng,
+            hard=lambda: rng.random() >= self.neg.easy_fraction,
+            chosen=chosen,
+        )
+        if got is not None:
+            return got
         raise DataError(
             f"could not draw a negative for image {rec.image_id} that is not a positive"
         )

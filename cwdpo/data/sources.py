@@ -8,7 +8,7 @@ positive — so on-policy sampling can drop samples that are not actually wrong.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +39,32 @@ class CaptionSource(Protocol):
 def matches_reference(text: str, record: CaptionRecord) -> bool:
     """A sample counts as a positive when it equals a reference after normalisation."""
     return normalize(text) in {normalize(r) for r in record.references}
+
+
+def draw_negative(
+    source: CaptionSource,
+    record: CaptionRecord,
+    rng: random.Random,
+    hard: bool | Callable[[], bool],
+    chosen: str | None = None,
+    accept: Callable[[str], bool] | None = None,
+    tries: int = 5,
+) -> tuple[str, str] | None:
+    """The one "draw until the negative is not a positive" loop: up to `tries` draws of
+    `source.negative`, the first (text, source) that `accept`s, else None. `accept` defaults
+    to "neither a positive nor a reference"; `hard` may be a callable drawn before each try."""
+    if accept is None:
+
+        def accept(text: str) -> bool:
+            return not source.is_positive(text, record) and text not in record.references
+
+    for _ in range(tries):
+        text, src = source.negative(
+            record, rng, hard=hard() if callable(hard) else hard, chosen=chosen
+        )
+        if accept(text):
+            return text, src
+    return None
 
 
 @dataclass

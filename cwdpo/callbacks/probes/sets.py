@@ -18,6 +18,7 @@ import torch
 
 from cwdpo.callbacks.probes.config import ProbeConfig
 from cwdpo.data.records import load_images, record_prompt
+from cwdpo.data.sources import draw_negative
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,17 @@ def probe_texts(
         if group == "positives":
             out.append((i, rng.choice(rec.references)))
             continue
-        hard = group == "gentle"
-        for _ in range(5):
-            text, _src = source.negative(rec, rng, hard=hard)
-            if text.strip() and text not in rec.references and not source.is_positive(text, rec):
-                out.append((i, text))
-                break
+        got = draw_negative(
+            source,
+            rec,
+            rng,
+            hard=group == "gentle",
+            accept=lambda t, rec=rec: (
+                bool(t.strip()) and t not in rec.references and not source.is_positive(t, rec)
+            ),
+        )
+        if got is not None:
+            out.append((i, got[0]))
     return out
 
 
