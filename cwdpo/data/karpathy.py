@@ -64,30 +64,36 @@ def load_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{p}: cannot parse {what} as JSON: {e}") from e
 
 
-def _bad(json_path: Path, i: int, row: Any, field: str, expected: str, got: Any) -> DataError:
-    ident = ""
-    if isinstance(row, dict) and "imgid" in row:
-        ident = f" (imgid={row['imgid']!r})"
+def bad_field(json_path: Path, where: str, field: str, expected: str, got: Any) -> DataError:
+    """The reader error for one bad field: file, row (`where`), field, what was expected and
+    (cut to 80 characters) what was found. Shared by the Karpathy and NoCaps readers."""
     got_s = repr(got)
     if len(got_s) > 80:
         got_s = got_s[:77] + "..."
-    return DataError(
-        f"{json_path}: images[{i}]{ident}: field {field!r}: expected {expected}, got {got_s}"
-    )
+    return DataError(f"{json_path}: {where}: field {field!r}: expected {expected}, got {got_s}")
+
+
+def _row(i: int, row: Any) -> str:
+    ident = f" (imgid={row['imgid']!r})" if isinstance(row, dict) and "imgid" in row else ""
+    return f"images[{i}]{ident}"
 
 
 def _references(json_path: Path, i: int, row: dict[str, Any]) -> list[str]:
     sents = row.get("sentences")
     if not isinstance(sents, list) or not sents:
-        raise _bad(json_path, i, row, "sentences", "a non-empty list of {'raw': str, ...}", sents)
+        raise bad_field(
+            json_path, _row(i, row), "sentences", "a non-empty list of {'raw': str, ...}", sents
+        )
     refs = []
     for j, s in enumerate(sents):
         raw = s.get("raw") if isinstance(s, dict) else None
         if not isinstance(raw, str):
-            raise _bad(json_path, i, row, f"sentences[{j}].raw", "a caption string", raw)
+            raise bad_field(json_path, _row(i, row), f"sentences[{j}].raw", "a caption string", raw)
         raw = raw.strip()
         if not raw:
-            raise _bad(json_path, i, row, f"sentences[{j}].raw", "a non-empty caption", s["raw"])
+            raise bad_field(
+                json_path, _row(i, row), f"sentences[{j}].raw", "a non-empty caption", s["raw"]
+            )
         refs.append(raw)
     return refs
 
@@ -143,24 +149,25 @@ def read_karpathy(
     missing = 0
     for i, row in enumerate(data["images"]):
         if not isinstance(row, dict):
-            raise _bad(json_path, i, row, "<row>", "a JSON object", row)
+            raise bad_field(json_path, _row(i, row), "<row>", "a JSON object", row)
         filename = row.get("filename")
         if not isinstance(filename, str) or not filename:
-            raise _bad(json_path, i, row, "filename", "a non-empty file name", filename)
+            raise bad_field(json_path, _row(i, row), "filename", "a non-empty file name", filename)
         orig_split = row.get("split")
         if orig_split not in KARPATHY_SPLITS:
-            raise _bad(json_path, i, row, "split", f"one of {KARPATHY_SPLITS}", orig_split)
+            raise bad_field(
+                json_path, _row(i, row), "split", f"one of {KARPATHY_SPLITS}", orig_split
+            )
         if "cocoid" in row and row["cocoid"] is not None:
             image_id = str(row["cocoid"])
         elif "imgid" in row and row["imgid"] is not None:
             image_id = str(row["imgid"])
         else:
-            raise _bad(json_path, i, row, "imgid", "an image id (imgid or cocoid)", None)
+            raise bad_field(json_path, _row(i, row), "imgid", "an image id (imgid or cocoid)", None)
         if image_id in seen:
-            raise _bad(
+            raise bad_field(
                 json_path,
-                i,
-                row,
+                _row(i, row),
                 "cocoid/imgid",
                 f"a unique id (also at images[{seen[image_id]}])",
                 image_id,

@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from cwdpo.data.image_check import check_record_images
-from cwdpo.data.karpathy import Stats, bump, load_json, report_skipped, require_path
+from cwdpo.data.karpathy import (
+    Stats,
+    bad_field,
+    bump,
+    load_json,
+    report_skipped,
+    require_path,
+)
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
-
-
-def _bad(json_path: Path, where: str, field: str, expected: str, got: Any) -> DataError:
-    got_s = repr(got)
-    if len(got_s) > 80:
-        got_s = got_s[:77] + "..."
-    return DataError(f"{json_path}: {where}: field {field!r}: expected {expected}, got {got_s}")
 
 
 def read_nocaps(
@@ -66,35 +66,37 @@ def read_nocaps(
     for i, img in enumerate(data["images"]):
         where = f"images[{i}]"
         if not isinstance(img, dict):
-            raise _bad(json_path, where, "<row>", "a JSON object", img)
+            raise bad_field(json_path, where, "<row>", "a JSON object", img)
         if img.get("id") is None:
-            raise _bad(json_path, where, "id", "an image id", None)
+            raise bad_field(json_path, where, "id", "an image id", None)
         image_id = str(img["id"])
         where = f"images[{i}] (id={image_id})"
         if image_id in images:
-            raise _bad(json_path, where, "id", "a unique image id", img["id"])
+            raise bad_field(json_path, where, "id", "a unique image id", img["id"])
         fname = img.get("file_name")
         if not isinstance(fname, str) or not fname:
-            raise _bad(json_path, where, "file_name", "a non-empty file name", fname)
+            raise bad_field(json_path, where, "file_name", "a non-empty file name", fname)
         if img.get("domain") not in NOCAPS_DOMAINS:
-            raise _bad(json_path, where, "domain", f"one of {NOCAPS_DOMAINS}", img.get("domain"))
+            raise bad_field(
+                json_path, where, "domain", f"one of {NOCAPS_DOMAINS}", img.get("domain")
+            )
         images[image_id] = (i, img)
 
     refs: dict[str, list[str]] = {k: [] for k in images}
     for j, ann in enumerate(anns):
         where = f"annotations[{j}]"
         if not isinstance(ann, dict):
-            raise _bad(json_path, where, "<row>", "a JSON object", ann)
+            raise bad_field(json_path, where, "<row>", "a JSON object", ann)
         if ann.get("image_id") is None:
-            raise _bad(json_path, where, "image_id", "an image id", None)
+            raise bad_field(json_path, where, "image_id", "an image id", None)
         image_id = str(ann["image_id"])
         if image_id not in refs:
-            raise _bad(
+            raise bad_field(
                 json_path, where, "image_id", "the id of an entry in 'images'", ann["image_id"]
             )
         cap = ann.get("caption")
         if not isinstance(cap, str) or not cap.strip():
-            raise _bad(json_path, where, "caption", "a non-empty caption string", cap)
+            raise bad_field(json_path, where, "caption", "a non-empty caption string", cap)
         refs[image_id].append(cap.strip())
 
     records: list[CaptionRecord] = []
@@ -102,7 +104,7 @@ def read_nocaps(
     missing = 0
     for image_id, (i, img) in images.items():
         if not refs[image_id] and not allow_no_references:
-            raise _bad(
+            raise bad_field(
                 json_path,
                 f"images[{i}] (id={image_id})",
                 "annotations",
