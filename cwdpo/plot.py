@@ -81,8 +81,10 @@ def is_run(path: Path) -> bool:
     return any((path / f).is_file() for f in RUN_FILES)
 
 
-def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories among / below `paths`, in the given order (sorted below each)."""
+def find_dynamics_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories with probe / dynamics files (`RUN_FILES`) among / below `paths`, in the
+    given order (sorted below each). Not `report.find_runs`, which finds finished runs
+    (`results.json`) and raises when there are none."""
     out: list[Path] = []
     for p in map(Path, paths):
         if is_run(p):
@@ -105,7 +107,8 @@ def _overrides(path: Path) -> str:
     return ",".join(str(x) for x in items if not str(x).startswith(("hydra.", "+debug")))
 
 
-def load_run(path: str | Path, label: str | None = None) -> Run:
+def load_dynamics_run(path: str | Path, label: str | None = None) -> Run:
+    """Every file a plot reads from one run directory (missing ones empty)."""
     path = Path(path)
     config = _json(path / "config.json", {})
     run = Run(
@@ -123,9 +126,10 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 
 def load_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
     """Load runs; labels default to the experiment name, made unique with overrides / dir name."""
-    dirs = find_runs(paths)
+    dirs = find_dynamics_runs(paths)
     runs = [
-        load_run(d, labels[i] if labels and i < len(labels) else None) for i, d in enumerate(dirs)
+        load_dynamics_run(d, labels[i] if labels and i < len(labels) else None)
+        for i, d in enumerate(dirs)
     ]
     if not labels:
         seen: dict[str, int] = {}
@@ -295,7 +299,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     """The pipeline's end-of-run hook: plots never fail a run, they only warn."""
     try:
         run_dir = Path(run_dir)
-        return plot_run(load_run(run_dir)) if is_run(run_dir) else []
+        return plot_run(load_dynamics_run(run_dir)) if is_run(run_dir) else []
     except Exception as e:  # a plotting bug must not lose a finished run
         FAILURES.record(f"plots of {run_dir}", e)
         return []

@@ -59,6 +59,7 @@ PRIMARY = "f1"  # the study's pre-declared primary metric (falls back to facts %
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Finished run directories (with `results.json`) below `paths`; raises if none."""
     runs: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -133,6 +134,7 @@ def stability(
 
 
 def load_run(run: Path, **target: Any) -> tuple[tuple[str, list[str]], dict[str, float]]:
+    """(setting, final-stage metric row) of one finished run, the unit the report aggregates."""
     res = json.loads((run / "results.json").read_text())
     stages = res["stages"]
     last_name = list(stages)[-1]
