@@ -179,3 +179,17 @@ def test_eval_winrate_with_a_configured_http_judge(
     # no caption has GOOD in it, so the fake answers "B" every time: A wins exactly when swapped
     assert res["winrate/win_rate"] == pytest.approx(sum(swaps) / 6)
     assert "HttpJudge" in res["winrate/judge"] and SECRET not in json.dumps(res)
+
+
+def test_eval_mode_restores_the_previous_mode_also_on_error():
+    from cwdpo.utils.modes import eval_mode
+
+    m = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    for was in (True, False):
+        m.train(was)
+        with eval_mode(m) as inner:
+            assert inner is m and not m.training and not m[0].training
+        assert m.training is was and m[0].training is was
+        with pytest.raises(RuntimeError), eval_mode(m):
+            raise RuntimeError("boom")
+        assert m.training is was
