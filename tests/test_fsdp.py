@@ -1,7 +1,8 @@
-"""FSDP on CPU: 2 gloo processes under Lightning's FSDPStrategy (FULL_SHARD) train the CW-DPO
-stage to the same weights as 1 process with the same global batch, with full fine-tuning (the
-frozen reference copy is sharded with the policy) and with LoRA (the reference is the base with
-the adapters disabled); a checkpoint saved under FSDP resumes to the uninterrupted result."""
+"""FSDP on CPU: 2 gloo processes under FSDP2 (`cwdpo.utils.strategies.FSDP2Strategy`, i.e.
+`trainer=fsdp_cpu`; torch refuses FSDP1 on CPU, pinned below) train the CW-DPO stage to the same
+weights as 1 process with the same global batch, with full fine-tuning (the frozen reference
+copy is sharded with the policy) and with LoRA (the reference is the base with the adapters
+disabled); a checkpoint saved under FSDP2 resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
         "strategy": "fsdp",
         **kw,
     }
+    _launch([str(script), json.dumps(args)], cwd=tmp, timeout=600)
+
+
+def _launch(args: list[str], cwd: Path, timeout: float) -> None:
+    """`python *args` as Lightning's launcher would see it; fails with the output's tail."""
     proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(args)],
+        [sys.executable, *args],
         env=_launcher_env(),
-        cwd=tmp,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -151,15 +157,7 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
         "callbacks.dynamics.grad_split_every_n_steps=0",
         f"hydra.run.dir={run}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cwdpo.train", *args],
-        env=_launcher_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _launch(["-m", "cwdpo.train", *args], cwd=REPO, timeout=900)
     results = json.loads((run / "results.json").read_text())
     assert results["stages"]["cw_dpo"]["steps"] == 2
     assert "pref_calib/ece" in results["stages"]["cw_dpo"]  # the reference scored after fit
