@@ -156,6 +156,20 @@ def _launcher_env() -> dict[str, str]:
     return env
 
 
+def launch(args: list[str], cwd: Path, timeout: float) -> None:
+    """`python *args` in `_launcher_env()`, as Lightning's launcher would start it; fails with
+    the tail of its output."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env=_launcher_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
 @pytest.fixture(scope="module")
 def script(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("ddp") / "ddp_run.py"
@@ -260,7 +274,6 @@ def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
         str(tiny_vlm_path), str(single), devices=1, batch_size=4, mirror_world=2
     )
 
-    env = _launcher_env()
     args = {
         "tiny": str(tiny_vlm_path),
         "out": str(ddp),
@@ -269,15 +282,7 @@ def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
         "prefix_sharing": True,
         "ref_cache": True,
     }
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(args)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch([str(script), json.dumps(args)], cwd=tmp_path, timeout=600)
 
     assert json.loads((ddp / "results.json").read_text()) == {"world_size": 2, "steps": 3}
     # outputs written once: one rank wrote, one checkpoint set, one metrics log
@@ -434,16 +439,7 @@ def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
     ranks at the same step (a rank-local stop would leave rank 0 waiting in its next all-reduce)."""
     script = tmp_path / "probe_rules.py"
     script.write_text(PROBE_RULES_SCRIPT)
-    env = _launcher_env()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch([str(script), str(tmp_path)], cwd=tmp_path, timeout=300)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["steps"] == r1["steps"] < 20  # stopped early, together
     assert r1["stop_reason"].startswith("displacement: positives mean fell 0.700")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_ddp import _initial_weights, _launcher_env, _load_script
+from tests.test_ddp import _initial_weights, _launcher_env, _load_script, launch
 
 
 def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
@@ -26,20 +26,7 @@ def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
         "strategy": "fsdp",
         **kw,
     }
-    _launch([str(script), json.dumps(args)], cwd=tmp, timeout=600)
-
-
-def _launch(args: list[str], cwd: Path, timeout: float) -> None:
-    """`python *args` as Lightning's launcher would see it; fails with the output's tail."""
-    proc = subprocess.run(
-        [sys.executable, *args],
-        env=_launcher_env(),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch([str(script), json.dumps(args)], cwd=tmp, timeout=600)
 
 
 def _ckpt_policy(path: Path) -> dict[str, torch.Tensor]:
@@ -157,7 +144,7 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
         "callbacks.dynamics.grad_split_every_n_steps=0",
         f"hydra.run.dir={run}",
     ]
-    _launch(["-m", "cwdpo.train", *args], cwd=REPO, timeout=900)
+    launch(["-m", "cwdpo.train", *args], cwd=REPO, timeout=900)
     results = json.loads((run / "results.json").read_text())
     assert results["stages"]["cw_dpo"]["steps"] == 2
     assert "pref_calib/ece" in results["stages"]["cw_dpo"]  # the reference scored after fit
