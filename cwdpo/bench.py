@@ -6,7 +6,7 @@ alike (the median over rounds is reported):
 
 - our training step (CWDPOModule.compute + backward + AdamW step), for cooling on (CW-DPO) and
   off (vanilla DPO), on three paths: `plain` (collate_pairs + one forward, like TRL),
-  `prefix` (image + prompt once per pair, cwdpo.prefix) and `prefix+cache` (plus the reference
+  `prefix` (image + prompt once per pair, cwdpo.model.prefix) and `prefix+cache` (plus the reference
   log-prob cache, warm: what every epoch after the first costs);
 - TRL's `DPOTrainer.training_step` + optimizer step on the same pairs, batch and precision;
 - LoRA vs full fine-tuning (reference = adapters disabled vs a frozen copy): time and memory;
@@ -174,8 +174,8 @@ def _our_batch(bb, pairs, device):
 
 
 def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[str, Any]]:
-    from cwdpo.backbone import LoRASettings, VLMBackbone
-    from cwdpo.ref_cache import RefLogpCache, reference_fingerprint
+    from cwdpo.model.backbone import LoRASettings, VLMBackbone
+    from cwdpo.model.ref_cache import RefLogpCache, reference_fingerprint
     from cwdpo.stages import CWDPOModule
 
     torch.manual_seed(args.seed)
@@ -240,7 +240,7 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
 
 
 def _composition(bb, batch) -> dict[str, Any]:
-    from cwdpo.objectives import IGNORE_INDEX
+    from cwdpo.batch import IGNORE_INDEX
 
     enc = batch["pairs"]
     image_id = getattr(bb.model.config, "image_token_id", None)
@@ -265,7 +265,7 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
     from transformers import AutoModelForImageTextToText
     from trl import DPOConfig, DPOTrainer
 
-    from cwdpo.processing import load_processor
+    from cwdpo.model.processing import load_processor
 
     torch.manual_seed(args.seed)
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -328,7 +328,7 @@ def _trl_variant(args, path, pairs, device) -> tuple[Variant, dict[str, Any]]:
 
 
 def _generation(args, path, pairs, device) -> dict[str, Any]:
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(args.seed)
     bb = VLMBackbone.from_pretrained(path, max_length=args.max_length)
@@ -359,7 +359,7 @@ def _generation(args, path, pairs, device) -> dict[str, Any]:
 
 def _objective_overhead(n: int, reps: int = 500) -> dict[str, float]:
     """Noise-free view of the cooling cost: the objective alone, cooling on vs off."""
-    from cwdpo.objectives import cw_dpo_loss
+    from cwdpo.losses.objectives import cw_dpo_loss
 
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(n, generator=g) * 50 for _ in range(4)]
@@ -383,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default=None,
         help="HF image-text-to-text dir, or tiny:<family> "
-        "(a cwdpo.families build, e.g. tiny:qwen2_vl; default: tiny LLaVA)",
+        "(a cwdpo.model.families build, e.g. tiny:qwen2_vl; default: tiny LLaVA)",
     )
     p.add_argument("--cache", default=None, help="cache dir for the tiny VLM (default CWDPO_CACHE)")
     p.add_argument("--pairs", type=int, default=8, help="pairs per batch (batch = 2× rows)")
@@ -450,17 +450,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict[str, Any]:
-    from cwdpo.tiny import ensure_tiny_vlm
+    from cwdpo.model.tiny import ensure_tiny_vlm
     from cwdpo.utils.io import atomic_write_json
 
-    if args.model and args.model.startswith("tiny:"):  # a tiny family build (cwdpo.families)
-        from cwdpo.families import ensure_family
+    if args.model and args.model.startswith("tiny:"):  # a tiny family build (cwdpo.model.families)
+        from cwdpo.model.families import ensure_family
 
         path = ensure_family(args.model.split(":", 1)[1], args.cache)
     elif args.image_tokens:  # the image-heavy shape: same tiny LLaVA, bigger images
         import math
 
-        from cwdpo.tiny import TinySpec
+        from cwdpo.model.tiny import TinySpec
 
         side = math.isqrt(args.image_tokens)
         if side * side != args.image_tokens:

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from cwdpo.backbone import VLMBackbone, module_group
-from cwdpo.objectives import IGNORE_INDEX
+from cwdpo.batch import IGNORE_INDEX
+from cwdpo.model.backbone import VLMBackbone, module_group
 from cwdpo.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def check_leak(bb: VLMBackbone, rows: Rows, tol: float) -> Check:
 
 def check_fast_paths(bb: VLMBackbone, rows: Rows, tol: float) -> list[Check]:
     """Prefix sharing and the reference cache against the plain reference log-probs."""
-    from cwdpo.prefix import supports_prefix_sharing
-    from cwdpo.ref_cache import RefLogpCache, cached_reference_logps, reference_fingerprint
+    from cwdpo.model.prefix import supports_prefix_sharing
+    from cwdpo.model.ref_cache import RefLogpCache, cached_reference_logps, reference_fingerprint
 
     batch = _to(bb.collate_pairs(rows.images, rows.prompts, rows.chosen, rows.rejected), bb.device)
     n = len(rows.prompts)
@@ -370,7 +370,7 @@ def run_doctor(cfg: Any) -> tuple[list[Check], int]:
 def main() -> None:
     import hydra
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     code = {"rc": 0}
 

@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cwdpo.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 TASKS = ("captioning", "calibration", "winrate", "multiple_choice")
@@ -24,12 +24,12 @@ def _load(cfg: DictConfig, path: str | None):
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    from cwdpo.evaluation import (
+    from cwdpo.run.evaluation import (
         evaluate_captioning,
         generate_captions,
         teacher_forced_calibration,
     )
-    from cwdpo.pipeline import results_table
+    from cwdpo.run.pipeline import results_table
     from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
     tasks = list(cfg.eval.tasks)
@@ -91,7 +91,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:
     from cwdpo.data.multiple_choice import read_mmbench, read_mmmu
-    from cwdpo.evaluation import evaluate_multiple_choice
+    from cwdpo.run.evaluation import evaluate_multiple_choice
 
     mc = cfg.mc
     if mc.format == "mmbench":
@@ -109,7 +109,7 @@ def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from cwdpo.config_schema import validate_config
+    from cwdpo.run.config_schema import validate_config
 
     validate_config(cfg, "eval")
     from cwdpo.utils.terminal import tidy_terminal

@@ -87,7 +87,7 @@ def build_realistic(cache: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from cwdpo.families import ensure_family
+    from cwdpo.model.families import ensure_family
     from cwdpo.utils.io import atomic_save_dir
 
     out = cache / "qwen2_5_vl_3b_shape"
@@ -114,7 +114,7 @@ def build_realistic(cache: Path) -> Path:
 
 def bench_targets(cache: Path, realistic: bool) -> list[tuple[str, str | None]]:
     """(name, `--model` value; None = the embedded tiny VLM) of every model to benchmark."""
-    from cwdpo.families import FAMILIES
+    from cwdpo.model.families import FAMILIES
 
     targets: list[tuple[str, str | None]] = [("tiny-llava (embedded)", None)]
     targets += [(f"tiny {name}", f"tiny:{name}") for name in FAMILIES if name != "llava"]

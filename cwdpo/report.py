@@ -23,7 +23,7 @@ import hydra.utils
 import numpy as np
 import pandas as pd
 
-from cwdpo.evaluation import win_rate
+from cwdpo.run.evaluation import win_rate
 from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

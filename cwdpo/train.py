@@ -11,21 +11,21 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from cwdpo.config import CONFIG_DIR
-from cwdpo.config_schema import ConfigError
-from cwdpo.data.records import DataError
+from cwdpo.errors import DataError
+from cwdpo.run.config import CONFIG_DIR
+from cwdpo.run.config_schema import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from cwdpo.config_schema import validate_config
+    from cwdpo.run.config_schema import validate_config
 
     check_no_secrets(cfg)
     validate_config(cfg, "train")  # every value's type and range, before any model loads
 
-    from cwdpo.pipeline import dump_config, run_pipeline
+    from cwdpo.run.pipeline import dump_config, run_pipeline
     from cwdpo.utils.checkpoint import resume_dir
     from cwdpo.utils.run_dir import check_cache_dir, hold_run_dir
 

@@ -1,6 +1,6 @@
 """Shared fixtures: one tiny VLM per test session, fresh backbones per test, ShapesWorld pairs.
 
-The tiny LLaVA (cwdpo.tiny) is built once into a session tmp dir (~5 s) and loaded per test
+The tiny LLaVA (cwdpo.model.tiny) is built once into a session tmp dir (~5 s) and loaded per test
 (~0.1 s), so tests may mutate their backbone (optimizer steps, LoRA, snapshots) freely.
 """
 
@@ -47,7 +47,7 @@ def tiny_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vlm_path(tiny_cache_dir) -> Path:
-    from cwdpo.tiny import ensure_tiny_vlm
+    from cwdpo.model.tiny import ensure_tiny_vlm
 
     return ensure_tiny_vlm(tiny_cache_dir)
 
@@ -55,7 +55,7 @@ def tiny_vlm_path(tiny_cache_dir) -> Path:
 @pytest.fixture
 def backbone(tiny_vlm_path):
     """A fresh policy (no LoRA, no reference yet) with the default seed-0 tiny weights."""
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(0)
     return VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128)

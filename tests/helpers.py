@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cwdpo.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR
 
 
 def compose_cfg(

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from cwdpo.config import CONFIG_DIR
 from cwdpo.data.records import DataError, ImageRef
+from cwdpo.run.config import CONFIG_DIR
 from tests.formats import (
     karpathy_rows,
     make_image,
@@ -88,7 +88,7 @@ def test_chosen_identical_to_rejected_is_refused(tmp_path, backbone):
 
 
 def test_response_longer_than_max_length_is_truncated_never_the_image(backbone):
-    from cwdpo.objectives import IGNORE_INDEX
+    from cwdpo.batch import IGNORE_INDEX
 
     img, prompt = make_image(1), "Describe the image."
     prompt_ids, _ = backbone._encode_prompts([img], [prompt])
@@ -132,7 +132,7 @@ def test_missing_mandatory_dataset_root_is_named():
 
 # ----------------------------------------------------------------------------- paths
 def test_model_path_without_a_processor_is_named(tmp_path, tiny_vlm_path):
-    from cwdpo.backbone import ModelLoadError, VLMBackbone
+    from cwdpo.model.backbone import ModelLoadError, VLMBackbone
 
     weights_only = tmp_path / "weights-only"
     weights_only.mkdir()
@@ -171,7 +171,7 @@ def test_split_with_no_rows_is_named(tmp_path):
 
 
 def test_stage_left_without_rows_is_named_before_training(tmp_path):
-    from cwdpo.pipeline import run_pipeline
+    from cwdpo.run.pipeline import run_pipeline
 
     cfg = train_cfg(
         [
@@ -190,7 +190,7 @@ def test_incompatible_stage_order_is_refused(tmp_path, backbone):
 
     import torch
 
-    from cwdpo.pipeline import run_pipeline
+    from cwdpo.run.pipeline import run_pipeline
     from cwdpo.stages import CWDPOModule
 
     for run, msg in (

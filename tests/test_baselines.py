@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cwdpo.objectives import cw_dpo_loss
+from cwdpo.losses.objectives import cw_dpo_loss
 from tests.helpers import bare_cw_dpo_module, compose_cfg
 
 # two pairs: Δ_w = pc − rc, Δ_l = pr − rr

@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from cwdpo.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR
 from tests.helpers import compose_cfg
 
 CONF = Path(CONFIG_DIR)

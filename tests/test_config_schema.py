@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cwdpo.config_schema import ConfigError, rules_for, validate_config
+from cwdpo.run.config_schema import ConfigError, rules_for, validate_config
 from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_all_errors_are_reported_at_once(tmp_path):
     ],
 )
 def test_suspicious_values_warn(override, message, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="cwdpo.config_schema"):
+    with caplog.at_level("WARNING", logger="cwdpo.run.config_schema"):
         warnings = validate_config(cfg_of(override, tmp_path))
     assert any(re.search(message, w) for w in warnings), warnings
     assert any(re.search(message, r.getMessage()) for r in caplog.records)

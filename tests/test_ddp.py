@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
     from cwdpo.data.shapes import ShapesWorld
     from cwdpo.stages import CWDPOModule
 
@@ -181,7 +181,7 @@ def test_trainer_configs_compose():
     import hydra
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         for name in TRAINERS:
@@ -205,7 +205,7 @@ def test_multinode_reads_slurm_and_torchrun_env(monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     for var in ("SLURM_NNODES", "NNODES", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -306,7 +306,7 @@ def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
 
 
 def _initial_weights(path):
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     bb = VLMBackbone.from_pretrained(path, max_length=128)
     return {k: v.detach().clone() for k, v in bb.model.state_dict().items()}

@@ -23,7 +23,7 @@ def _strategy(overrides: list[str]):
     import hydra
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["trainer=deepspeed", *overrides])

@@ -15,8 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cwdpo.config import CONFIG_DIR
-from cwdpo.pipeline import stage_knobs, stages_to_run
+from cwdpo.run.config import CONFIG_DIR
+from cwdpo.run.pipeline import stage_knobs, stages_to_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "experiments/README.md", "docs/scaling.md", "docs/reliability.md")

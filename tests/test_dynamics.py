@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwdpo.diagnostics import (
+from cwdpo.losses.diagnostics import (
     coarsen,
     distribution_stats,
     entropy,
@@ -28,7 +28,7 @@ from cwdpo.diagnostics import (
     tv_distance,
     vulnerable_fraction,
 )
-from cwdpo.objectives import cw_dpo_loss
+from cwdpo.losses.objectives import cw_dpo_loss
 
 
 # ---------------------------------------------------------------- pure functions

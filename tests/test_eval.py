@@ -9,7 +9,7 @@ import torch
 
 from cwdpo.data.multiple_choice import read_mmbench, read_mmmu
 from cwdpo.eval import run_eval
-from cwdpo.evaluation import mc_prompt, predict_multiple_choice
+from cwdpo.run.evaluation import mc_prompt, predict_multiple_choice
 from tests.formats import write_mmbench_tsv, write_mmmu_parquet
 from tests.helpers import compose_cfg
 
@@ -133,7 +133,7 @@ def test_eval_winrate_with_a_configured_http_judge(
 
     import hydra.utils
 
-    from cwdpo.evaluation import generate_captions
+    from cwdpo.run.evaluation import generate_captions
     from tests.test_metrics_winrate import SECRET, FakeJudgeServer
 
     perturb(backbone.model, 0.3, 7)  # a second, different policy to compare with

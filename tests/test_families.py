@@ -1,6 +1,6 @@
 """The family matrix: every supported open VLM family, as a tiny random-weight build of its real
-transformers classes (cwdpo.families), through every path cwdpo runs. Adding a family = one
-entry in `cwdpo.families.FAMILIES`.
+transformers classes (cwdpo.model.families), through every path cwdpo runs. Adding a family = one
+entry in `cwdpo.model.families.FAMILIES`.
 
 Numbers are checked against an independent reference (`cwdpo.doctor.reference_token_logps`,
 which `python -m cwdpo.doctor` runs on a user's checkpoint too): one HF forward per row, built by
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cwdpo.backbone import VLMBackbone
+from cwdpo.batch import IGNORE_INDEX
 from cwdpo.doctor import end_token_text, reference_token_logps, row_token_logps
-from cwdpo.families import FAMILIES, ensure_family
-from cwdpo.objectives import IGNORE_INDEX
+from cwdpo.model.backbone import VLMBackbone
+from cwdpo.model.families import FAMILIES, ensure_family
 
 NAMES = list(FAMILIES)
 #: max |Δ log-prob| per family vs the per-row reference (written for the closing note when
@@ -282,7 +282,7 @@ def test_lora_short_form_from_a_dictconfig(fam):
 
 @pytest.mark.parametrize("frozen", [("vision",), ("projector",), ("vision", "projector")])
 def test_freeze_vision_tower_and_projector(fam, rows, frozen):
-    from cwdpo.backbone import module_group
+    from cwdpo.model.backbone import module_group
 
     name, path = fam
     bb = load(path, freeze_vision="vision" in frozen, freeze_projector="projector" in frozen)
@@ -308,7 +308,7 @@ def test_lora_language_preset_targets_only_the_language_model(fam):
     bb = load(path, lora={"r": 2, "alpha": 4, "target_modules": "language"}, freeze_vision=True)
     wrapped = [n for n, m in bb.model.named_modules() if hasattr(m, "lora_A")]
     assert wrapped, name
-    from cwdpo.backbone import module_group
+    from cwdpo.model.backbone import module_group
 
     assert {module_group(n) for n in wrapped} == {"language"}, name
     allin = load(path, lora={"r": 2, "alpha": 4}, freeze_vision=True)
@@ -331,7 +331,7 @@ PIPE = [
 
 @pytest.mark.parametrize("mode", ["lora_on_policy", "full"])
 def test_short_pipeline_trains(fam, rows, tmp_path, mode):
-    from cwdpo.pipeline import run_pipeline
+    from cwdpo.run.pipeline import run_pipeline
     from tests.helpers import compose_cfg
 
     name, path = fam
@@ -428,7 +428,7 @@ def test_trl_rows_with_several_images_train_on_all_of_them(fam, tmp_path):
 def test_mmmu_images_are_placed_where_the_question_puts_them(fam, tmp_path, monkeypatch):
     from cwdpo.data.multiple_choice import read_mmmu
     from cwdpo.data.records import load_images
-    from cwdpo.evaluation import mc_prompt, predict_multiple_choice
+    from cwdpo.run.evaluation import mc_prompt, predict_multiple_choice
     from tests.formats import write_mmmu_parquet
 
     name, path = fam
@@ -460,7 +460,7 @@ def test_mmmu_images_are_placed_where_the_question_puts_them(fam, tmp_path, monk
 def test_a_single_image_family_refuses_several_images_naming_the_row(
     rows, family_dirs, tiny_cache_dir, monkeypatch
 ):
-    import cwdpo.backbone as B
+    import cwdpo.model.backbone as B
     from cwdpo.data.records import DataError
 
     bb = load(family_path("paligemma", family_dirs, tiny_cache_dir))
@@ -560,7 +560,7 @@ def test_doctor_fails_where_a_long_run_would_compute_something_wrong(
 ):
     """Gemma3 with its token_type_ids dropped (the old behaviour): causal image attention,
     log-probs off the model's own forward → the doctor fails, naming the check, exit code 1."""
-    import cwdpo.backbone as B
+    import cwdpo.model.backbone as B
     from cwdpo.doctor import run_doctor
     from tests.helpers import compose_cfg
 
@@ -657,7 +657,7 @@ def test_shared_prefix_equals_plain_logps_and_grads(fam, rows, mode):
     the plain path's log-probs and every parameter gradient, gradient checkpointing on and
     off, full fine-tuning and LoRA, sdpa and eager attention (bool vs additive masks); rows
     have three different prompt lengths."""
-    from cwdpo.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
+    from cwdpo.model.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
 
     name, path = fam
     lora = {"r": 4, "alpha": 8} if mode.startswith("lora") else None
@@ -703,7 +703,7 @@ def test_reference_cache_hits_on_the_second_epoch(fam, rows, tmp_path):
     """Cached reference log-probs equal the plain reference forward on every family (packed
     Qwen patches included); the second pass over the pairs is all hits, no forward; a partial
     miss computes the missing pair only (packed patches split per pair by image_grid_thw)."""
-    from cwdpo.ref_cache import (
+    from cwdpo.model.ref_cache import (
         RefLogpCache,
         cached_reference_logps,
         pair_keys,

@@ -51,9 +51,9 @@ class Snapshots(L.Callback):
 def train(
     path, tmp_path, callbacks: list[L.Callback], steps: int = 3, enable_checkpointing: bool = False
 ) -> tuple[L.Trainer, Any]:
-    from cwdpo.backbone import VLMBackbone
     from cwdpo.data.datamodules import CaptionDataModule
     from cwdpo.data.sources import ShapesSource
+    from cwdpo.model.backbone import VLMBackbone
     from cwdpo.stages import SFTCModule
     from cwdpo.utils.checkpoint import AtomicCheckpointIO
 
@@ -212,7 +212,7 @@ def test_policy_comes_from_config_and_is_validated():
         reliability_callbacks("cw_dpo", OmegaConf.create({"faults": {"policy": "ignore"}}))
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train")

@@ -148,7 +148,7 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
     results = json.loads((run / "results.json").read_text())
     assert results["stages"]["cw_dpo"]["steps"] == 2
     assert "pref_calib/ece" in results["stages"]["cw_dpo"]  # the reference scored after fit
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     for stage in ("sft_c", "cw_dpo"):
         hf = run / "checkpoints" / f"{stage}_hf"
@@ -167,7 +167,7 @@ MIXED_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from cwdpo.backbone import VLMBackbone
+from cwdpo.model.backbone import VLMBackbone
 from cwdpo.data.shapes import ShapesWorld
 from cwdpo.utils.strategies import shard_model
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwdpo.backbone import VLMBackbone
+from cwdpo.model.backbone import VLMBackbone
 from tests.test_ddp import _initial_weights, _load_script
 
 pytestmark = pytest.mark.gpu
@@ -61,7 +61,7 @@ def test_bf16_mixed_cw_dpo_steps_with_prefix_sharing_and_ref_cache(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_path_equals_plain_path_on_gpu(tiny_vlm_path, pair_batch, dtype):
-    from cwdpo.prefix import shared_prefix_logps
+    from cwdpo.model.prefix import shared_prefix_logps
 
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, dtype=dtype, max_length=128).to("cuda")
     batch = {
@@ -95,11 +95,11 @@ def family_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
 
 
-@pytest.mark.parametrize("family", sorted(__import__("cwdpo.families").families.FAMILIES))
+@pytest.mark.parametrize("family", sorted(__import__("cwdpo.model.families").families.FAMILIES))
 def test_bf16_mixed_steps_and_generation_on_every_family(script, family, family_cache, tmp_path):
     """Every tiny family: bf16-mixed CW-DPO steps with the fast path and the reference cache
     (LoRA), then greedy generation on the GPU."""
-    from cwdpo.families import ensure_family
+    from cwdpo.model.families import ensure_family
 
     path = ensure_family(family, family_cache)
     bb = script.run(

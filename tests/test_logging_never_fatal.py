@@ -144,8 +144,8 @@ def wandb_env(tmp_path, monkeypatch):
 def _run(out: Path, cache: Path, *extra: str):
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
-    from cwdpo.pipeline import dump_config, run_pipeline
+    from cwdpo.run.config import CONFIG_DIR
+    from cwdpo.run.pipeline import dump_config, run_pipeline
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose(
@@ -308,10 +308,10 @@ def test_wandb_run_is_closed_on_error_and_resume_continues_it(
 
 
 def test_wandb_run_is_closed_on_ctrl_c(tiny_cache_dir, tiny_vlm_path, wandb_env, monkeypatch):
-    import cwdpo.pipeline
+    import cwdpo.run.pipeline
 
     calls = {"n": 0}
-    real = cwdpo.pipeline.evaluate_captioning
+    real = cwdpo.run.pipeline.evaluate_captioning
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -319,7 +319,7 @@ def test_wandb_run_is_closed_on_ctrl_c(tiny_cache_dir, tiny_vlm_path, wandb_env,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(cwdpo.pipeline, "evaluate_captioning", interrupted)
+    monkeypatch.setattr(cwdpo.run.pipeline, "evaluate_captioning", interrupted)
     out = wandb_env / "run"
     with pytest.raises(KeyboardInterrupt):
         _run(out, tiny_cache_dir, "stage.run=[base_sft,sft_c]")

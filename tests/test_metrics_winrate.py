@@ -292,7 +292,7 @@ def test_win_rate_judge_sees_the_prompt_generation_used():
     from PIL import Image
 
     from cwdpo.data.records import CaptionRecord, ImageRef
-    from cwdpo.evaluation import generate_captions, win_rate
+    from cwdpo.run.evaluation import generate_captions, win_rate
 
     recs = [
         CaptionRecord(

@@ -13,7 +13,7 @@ from cwdpo.callbacks.on_policy import OnPolicyNegatives
 from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
 from cwdpo.data.shapes import WorldConfig
 from cwdpo.data.sources import ShapesSource
-from cwdpo.pipeline import run_pipeline
+from cwdpo.run.pipeline import run_pipeline
 from cwdpo.stages import CWDPOModule
 from tests.formats import write_karpathy
 from tests.helpers import compose_cfg

@@ -1,4 +1,4 @@
-"""cwdpo.objectives against independent references: brute-force loops, torch's cross_entropy,
+"""cwdpo.losses.objectives against independent references: brute-force loops, torch's cross_entropy,
 closed-form gradients, finite differences and the DESIGN.md formulas."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cwdpo.objectives import (
-    IGNORE_INDEX,
+from cwdpo.batch import IGNORE_INDEX
+from cwdpo.losses.objectives import (
     cooling_weight,
     cw_dpo_loss,
     dpo_loss,

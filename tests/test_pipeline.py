@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cwdpo.pipeline import run_pipeline
+from cwdpo.run.pipeline import run_pipeline
 from tests.helpers import compose_cfg
 
 FAST = ["+debug=fast", "eval.caption_metrics=true", "eval.meteor=false"]

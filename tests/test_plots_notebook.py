@@ -29,8 +29,8 @@ def pipeline_run(tiny_cache_dir, tiny_vlm_path, tmp_path_factory):
 
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
-    from cwdpo.pipeline import dump_config, run_pipeline
+    from cwdpo.run.config import CONFIG_DIR
+    from cwdpo.run.pipeline import dump_config, run_pipeline
 
     out = tmp_path_factory.mktemp("runs") / "cw_dpo_run"
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(out.parent), "WANDB_SILENT": "true"}

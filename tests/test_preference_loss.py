@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cwdpo.objectives import (
+from cwdpo.losses.objectives import (
     OBJECTIVES,
     LossType,
     PreferenceConfig,

@@ -1,4 +1,4 @@
-"""The prefix-shared pair forward (cwdpo.prefix) equals the plain `collate_pairs` + `logps`
+"""The prefix-shared pair forward (cwdpo.model.prefix) equals the plain `collate_pairs` + `logps`
 path: log-probs AND parameter gradients, equal and unequal prompt lengths, policy and
 reference, full fine-tuning and LoRA, gradient checkpointing; unsupported attention
 implementations fall back to the plain path."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwdpo.backbone import LoRASettings
-from cwdpo.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
+from cwdpo.model.backbone import LoRASettings
+from cwdpo.model.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
 
 LORA = LoRASettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "linear_1"])
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -87,7 +87,7 @@ def test_unequal_prompt_lengths(backbone, pair_batch):
 
 
 def test_reference_and_lora(tiny_vlm_path, pair_batch, perturb):
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(0)
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, lora=LORA)
@@ -117,7 +117,7 @@ def test_full_finetune_reference_copy(backbone, pair_batch, perturb):
 def test_gradient_checkpointing_uses_the_fast_path(tiny_vlm_path, pair_batch):
     """The packed row is one ordinary forward: exact under gradient checkpointing too (it used
     to fall back to the plain path there, transformers dropping the KV cache)."""
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(0)
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, gradient_checkpointing=True)
@@ -136,7 +136,7 @@ def test_unsupported_attention_falls_back(backbone, pair_batch, monkeypatch):
     assert supports_prefix_sharing(backbone.model, batch)
     assert not supports_prefix_sharing(backbone.model, video)
     calls = []
-    monkeypatch.setattr("cwdpo.prefix.supports_prefix_sharing", lambda m, b=None: False)
+    monkeypatch.setattr("cwdpo.model.prefix.supports_prefix_sharing", lambda m, b=None: False)
     real = backbone.logps
     monkeypatch.setattr(backbone, "logps", lambda b, **kw: calls.append(1) or real(b, **kw))
     backbone.pair_logps(batch, n, prefix_sharing=True)
@@ -144,7 +144,7 @@ def test_unsupported_attention_falls_back(backbone, pair_batch, monkeypatch):
 
 
 def test_eager_attention_equals_plain(tiny_vlm_path, pair_batch):
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(0)
     bb = VLMBackbone.from_pretrained(tiny_vlm_path, max_length=128, attn_implementation="eager")
@@ -182,7 +182,7 @@ def test_cw_dpo_module_prefix_flag(backbone, pair_batch, perturb):
 def test_gradient_split_through_the_fast_path(backbone, pair_batch):
     """The dynamics callback splits ∇L into chosen / rejected parts through `SeqLogps.token`:
     the fast path's loss must reach the parameters through it, giving the plain path's split."""
-    from cwdpo.diagnostics import gradient_split
+    from cwdpo.losses.diagnostics import gradient_split
 
     batch, n = _batch(backbone, pair_batch), len(pair_batch)
     params = [p for p in backbone.model.parameters() if p.requires_grad]

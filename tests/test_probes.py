@@ -23,7 +23,7 @@ from cwdpo.callbacks.probes import (
     rule_fires,
 )
 from cwdpo.data.sources import ShapesSource
-from cwdpo.diagnostics import tv_distance
+from cwdpo.losses.diagnostics import tv_distance
 
 STEPS = [0, 20, 40, 60, 80, 100]
 
@@ -168,7 +168,7 @@ def test_log_rule_fires_when_its_condition_starts_to_hold(tmp_path):
 def test_default_config_rules():
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         default = compose("train").callbacks.probes
@@ -186,7 +186,7 @@ def test_default_config_instantiates_into_a_probe_config():
     from hydra.utils import instantiate
 
     from cwdpo.callbacks.probes import ProbeConfig
-    from cwdpo.config import CONFIG_DIR
+    from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cb = instantiate(compose("train").callbacks.probes)
@@ -253,7 +253,7 @@ def _csv(path):
 
 
 def test_probe_numbers_equal_a_direct_recomputation(backbone, tmp_path):
-    from cwdpo.diagnostics import entropy, js_divergence, top1_prob
+    from cwdpo.losses.diagnostics import entropy, js_divergence, top1_prob
 
     probe = DeltaLogpProbe(
         every_n_steps=2,

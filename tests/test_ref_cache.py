@@ -8,8 +8,8 @@ from functools import partial
 
 import torch
 
-from cwdpo.backbone import LoRASettings
-from cwdpo.ref_cache import (
+from cwdpo.model.backbone import LoRASettings
+from cwdpo.model.ref_cache import (
     RefLogpCache,
     cached_reference_logps,
     module_fingerprint,
@@ -86,7 +86,7 @@ def test_keys_cover_data_and_model(backbone, pair_batch, perturb):
 
 
 def test_lora_fingerprint_is_the_base(tiny_vlm_path, perturb):
-    from cwdpo.backbone import VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
 
     torch.manual_seed(0)
     bb = VLMBackbone.from_pretrained(

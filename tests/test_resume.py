@@ -70,7 +70,7 @@ def _child(args: list[str], env: dict[str, str], log: Path) -> None:
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> int:
     """`python -m cwdpo.train *args` in a forked child (so it can be SIGKILLed); returns the pid."""
-    import cwdpo.pipeline  # noqa: F401  (heavy imports once, in the parent)
+    import cwdpo.run.pipeline  # noqa: F401  (heavy imports once, in the parent)
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -260,8 +260,8 @@ def test_resumed_cw_dpo_reference_is_the_sft_c_policy(runs):
     """The Lightning ckpt leaves the frozen π_ref out and records its signature: that of the
     saved stage-1 output, which the resumed run re-snapshots (and which test_resume_mid_stage
     shows gives bitwise-equal results)."""
-    from cwdpo.backbone import VLMBackbone
-    from cwdpo.ref_cache import reference_signature
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.ref_cache import reference_signature
 
     saved = VLMBackbone.from_pretrained(runs["run"] / "checkpoints" / "sft_c_hf")
     sft_c = saved.model.state_dict()  # HF files use the legacy key layout: load, then compare
@@ -314,7 +314,7 @@ def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, p
 
 
 def test_reference_signature_ignores_storage_dtype_and_sees_changes(backbone, perturb):
-    from cwdpo.ref_cache import reference_signature
+    from cwdpo.model.ref_cache import reference_signature
 
     backbone.snapshot_reference()
     sig = reference_signature(backbone)

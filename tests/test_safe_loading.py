@@ -13,7 +13,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from cwdpo.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cwdpo"
 UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -83,7 +83,7 @@ def test_checkpoint_loader_refuses_pickled_code(tmp_path):
 
 
 def test_pipeline_trainers_use_the_safe_checkpoint_io(tmp_path):
-    from cwdpo.pipeline import build_trainer
+    from cwdpo.run.pipeline import build_trainer
     from cwdpo.utils.checkpoint import AtomicCheckpointIO
 
     cfg = train_cfg(["+debug=fast", f"paths.output_dir={tmp_path}"])
@@ -112,7 +112,7 @@ def test_pipeline_stage_outputs_are_safetensors_only(runs):
 def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
     import transformers
 
-    from cwdpo.backbone import VLMBackbone, load_model_and_processor
+    from cwdpo.model.backbone import VLMBackbone, load_model_and_processor
 
     for f in sorted((Path(CONFIG_DIR) / "model").glob("*.yaml")):
         assert yaml.safe_load(f.read_text()).get("trust_remote_code") is False, f.name

@@ -259,7 +259,7 @@ def test_testbed_config_composes_and_builds(tmp_path):
 
 
 def test_testbed_pipeline_end_to_end_with_self_judged_pairs(tmp_path, tiny_cache_dir):
-    from cwdpo.pipeline import run_pipeline
+    from cwdpo.run.pipeline import run_pipeline
 
     cfg = compose_cfg(
         [

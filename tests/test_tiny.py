@@ -14,9 +14,9 @@ from transformers import (
     LlavaProcessor,
 )
 
-from cwdpo import tiny
 from cwdpo.data import shapes as S
-from cwdpo.tiny import TinySpec, ensure_tiny_vlm
+from cwdpo.model import tiny
+from cwdpo.model.tiny import TinySpec, ensure_tiny_vlm
 
 SPEC = TinySpec()
 

@@ -26,7 +26,8 @@ trl = pytest.importorskip("trl")
 from trl import DPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head, selective_log_softmax  # noqa: E402
 
-from cwdpo.objectives import IGNORE_INDEX, dpo_loss, sequence_logps  # noqa: E402
+from cwdpo.batch import IGNORE_INDEX  # noqa: E402
+from cwdpo.losses.objectives import dpo_loss, sequence_logps  # noqa: E402
 
 BETA = 0.1
 

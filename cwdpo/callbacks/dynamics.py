@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cwdpo.diagnostics import (
+from cwdpo.losses.diagnostics import (
     VULNERABLE_REGION,
     GradSplit,
     gradient_split,

@@ -15,9 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file / row / field and what was expected."""
+from cwdpo.errors import DataError
 
 
 def normalize(text: str) -> str:

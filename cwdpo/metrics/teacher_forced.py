@@ -52,8 +52,8 @@ def content_calibration(
     backbone: Any, records: Sequence[Any], prompt: str, texts: Sequence[str], batch_size: int = 64
 ) -> dict[str, float]:
     """`calib/content_ece`, `calib/content_sce` (signed), accuracy and confidence on content tokens."""
-    from cwdpo.evaluation import teacher_forced_batches
     from cwdpo.metrics.calibration import TokenCalibration
+    from cwdpo.run.evaluation import teacher_forced_batches
 
     metric = TokenCalibration()
     for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size):
@@ -88,7 +88,7 @@ def _seq_logps(
     reference: bool,
     batch_size: int,
 ) -> torch.Tensor:
-    from cwdpo.evaluation import teacher_forced_batches
+    from cwdpo.run.evaluation import teacher_forced_batches
 
     return torch.cat(
         [

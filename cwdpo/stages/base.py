@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from cwdpo.backbone import VLMBackbone
+from cwdpo.model.backbone import VLMBackbone
 from cwdpo.utils.strategies import data_parallel_mesh, shard_backbone
 
 
@@ -32,7 +32,7 @@ def warmup_cosine(
 
 
 class StageModule(L.LightningModule):
-    """Thin by design: subclasses turn a batch into a loss via `cwdpo.objectives`."""
+    """Thin by design: subclasses turn a batch into a loss via `cwdpo.losses.objectives`."""
 
     stage_name = "stage"
 

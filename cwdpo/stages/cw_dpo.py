@@ -8,9 +8,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from cwdpo.diagnostics import VULNERABLE_REGION, vulnerable_fraction
-from cwdpo.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
-from cwdpo.ref_cache import (
+from cwdpo.losses.diagnostics import VULNERABLE_REGION, vulnerable_fraction
+from cwdpo.losses.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
+from cwdpo.model.ref_cache import (
     RefLogpCache,
     cached_reference_logps,
     reference_fingerprint,
@@ -70,8 +70,8 @@ class CWDPOModule(StageModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.disable_dropout = disable_dropout
-        # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.prefix), and reuse
-        # reference log-probs of dataset pairs across epochs (cwdpo.ref_cache: a directory or
+        # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.model.prefix), and reuse
+        # reference log-probs of dataset pairs across epochs (cwdpo.model.ref_cache: a directory or
         # a RefLogpCache). Both are exact up to float rounding; both default off.
         self.prefix_sharing = prefix_sharing
         self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 import torch
 
-from cwdpo.objectives import sft_c_loss, smoothed_nll
+from cwdpo.losses.objectives import sft_c_loss, smoothed_nll
 from cwdpo.stages.base import StageModule
 
 
 class SFTCModule(StageModule):
-    """L = E[NLL_ε(y⁺)] + λ·ReLU(C − E[NLL(y⁻)]) — see `cwdpo.objectives.sft_c_loss`."""
+    """L = E[NLL_ε(y⁺)] + λ·ReLU(C − E[NLL(y⁻)]) — see `cwdpo.losses.objectives.sft_c_loss`."""
 
     stage_name = "sft_c"
 

@@ -113,7 +113,7 @@ def check_cache_dir(cfg: Any) -> None:
     raw = OmegaConf.to_container(cfg.model, resolve=False).get("path") if "model" in cfg else None
     if not (isinstance(raw, str) and "tiny_vlm:" in raw):
         return
-    from cwdpo.tiny import TinySpec
+    from cwdpo.model.tiny import TinySpec
 
     cache = Path(str(cfg.paths.cache_dir))
     if not (cache / f"tiny-llava-{TinySpec().key()}" / "cwdpo_tiny_spec.json").is_file():

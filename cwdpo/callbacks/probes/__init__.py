@@ -34,7 +34,7 @@ from cwdpo.callbacks.probes.rules import (
     rule_fires,
 )
 from cwdpo.callbacks.probes.sets import ProbeSet, probe_records, probe_texts
-from cwdpo.diagnostics import quantile_key
+from cwdpo.losses.diagnostics import quantile_key
 from cwdpo.utils.run_files import (
     STAGES_JSON,
     StageAware,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cwdpo.callbacks.probes.sets import ProbeSet
-from cwdpo.diagnostics import coarsen, distribution_stats, group_stats, support
+from cwdpo.losses.diagnostics import coarsen, distribution_stats, group_stats, support
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_text
 from cwdpo.utils.modes import eval_mode

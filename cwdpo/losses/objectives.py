@@ -19,11 +19,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")  # the collated batch's non-vision keys
-#: Per-token model inputs some processors return beside input_ids (Gemma3's / PaliGemma's
-#: token_type_ids, Qwen's mm_token_type_ids): [rows, width] like input_ids, not vision inputs.
-PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+from cwdpo.batch import IGNORE_INDEX
 
 
 @dataclass

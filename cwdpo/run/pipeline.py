@@ -18,21 +18,21 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cwdpo.backbone import VLMBackbone
 from cwdpo.callbacks.faults import NonFiniteGuard, reliability_callbacks
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.callbacks.wandb_logger import finish_run
-from cwdpo.config_schema import STAGES
-from cwdpo.config_schema import check_stage_order as _check_stage_order
 from cwdpo.data.datamodules import (
     CaptionDataModule,
     NegativeConfig,
     PreferenceDataModule,
     split_records,
 )
-from cwdpo.data.records import DataError
-from cwdpo.evaluation import evaluate_captioning, preference_calibration
+from cwdpo.errors import DataError
+from cwdpo.model.backbone import VLMBackbone
 from cwdpo.plot import write_run_plots
+from cwdpo.run.config_schema import STAGES
+from cwdpo.run.config_schema import check_stage_order as _check_stage_order
+from cwdpo.run.evaluation import evaluate_captioning, preference_calibration
 from cwdpo.stages import CWDPOModule, SFTCModule
 from cwdpo.utils.checkpoint import (
     AtomicCheckpointIO,

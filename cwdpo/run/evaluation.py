@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from cwdpo.backbone import VLMBackbone
 from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
 from cwdpo.data.sources import CaptionSource
+from cwdpo.model.backbone import VLMBackbone
 from cwdpo.utils.modes import eval_mode
 
 
@@ -199,7 +199,7 @@ def mc_prompt(q: Any) -> str:
     numbers = q.meta.get("image_numbers")
     if numbers:
         from cwdpo.data.multiple_choice import IMAGE_PLACEHOLDER
-        from cwdpo.data.records import DataError
+        from cwdpo.errors import DataError
 
         def pos(m: Any) -> str:
             k = int(m.group(1))
@@ -219,7 +219,7 @@ def predict_multiple_choice(
 ) -> list[str]:
     """Pick the option with the highest log-likelihood: of its letter, or (scoring="text") of
     its text's average token log-prob — one teacher-forced forward per (question, option)."""
-    from cwdpo.data.records import DataError
+    from cwdpo.errors import DataError
 
     if scoring not in ("letter", "text"):
         raise ValueError(f"scoring must be 'letter' or 'text', got {scoring!r}")

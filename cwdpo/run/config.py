@@ -6,11 +6,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 
 def _tiny_vlm(cache_dir: str) -> str:
-    from cwdpo.tiny import ensure_tiny_vlm
+    from cwdpo.model.tiny import ensure_tiny_vlm
 
     return str(ensure_tiny_vlm(cache_dir))
 

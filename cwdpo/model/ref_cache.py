@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cwdpo.objectives import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
+from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def pair_keys(batch: dict[str, torch.Tensor], n: int, fingerprint: str) -> list[
     """One 32-byte key per pair of a `collate_pairs` batch (rows i and n+i): token ids and
     per-token inputs of both rows, where their responses start, and the pair's own vision
     inputs (packed Qwen patches split per pair by image_grid_thw)."""
-    from cwdpo.prefix import is_packed, select_packed
+    from cwdpo.model.prefix import is_packed, select_packed
 
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows = ids.shape[0]
@@ -128,7 +128,7 @@ def select_pairs(
 ) -> dict[str, torch.Tensor]:
     """Sub-batch of pairs `idx` (chosen rows then rejected rows), right padding trimmed;
     packed patches (Qwen) are split per image by image_grid_thw."""
-    from cwdpo.prefix import is_packed, select_packed
+    from cwdpo.model.prefix import is_packed, select_packed
 
     rows = batch["input_ids"].shape[0]
     sel = torch.cat([idx, idx + n]).to(batch["input_ids"].device)

@@ -21,15 +21,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cwdpo.data.records import DataError
-from cwdpo.objectives import (
-    IGNORE_INDEX,
-    PER_TOKEN_KEYS,
-    TEXT_KEYS,
-    SeqLogps,
-    sequence_logps,
-)
-from cwdpo.processing import (
+from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
+from cwdpo.errors import DataError
+from cwdpo.losses.objectives import SeqLogps, sequence_logps
+from cwdpo.model.processing import (
     ProcessorLoadError,
     load_processor,
     render_prompt,
@@ -535,10 +530,10 @@ class VLMBackbone(nn.Module):
         prefix_sharing: bool = False,
     ) -> SeqLogps:
         """Log-probs of a `collate_pairs` batch (n pairs, 2n rows). prefix_sharing=True runs
-        image + prompt once per pair (`cwdpo.prefix`: one packed row per pair, gradient
+        image + prompt once per pair (`cwdpo.model.prefix`: one packed row per pair, gradient
         checkpointing included) where the model supports it, else the plain `logps` path."""
         if prefix_sharing:
-            from cwdpo.prefix import shared_prefix_logps, supports_prefix_sharing
+            from cwdpo.model.prefix import shared_prefix_logps, supports_prefix_sharing
 
             ctx = self._reference_ctx() if reference else nullcontext(self.model)
             with ctx as model, torch.no_grad() if reference else nullcontext():

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cwdpo.processing import image_only_class
-from cwdpo.tiny import default_cache_dir, train_bpe
+from cwdpo.model.processing import image_only_class
+from cwdpo.model.tiny import default_cache_dir, train_bpe
 from cwdpo.utils.io import atomic_save_dir
 
 
@@ -637,8 +637,8 @@ def _build_llava_onevision(spec: FamilySpec):
 
 
 def _build_llava(spec: FamilySpec):
-    """LLaVA-1.5: the embedded tiny LLaVA (cwdpo.tiny), unchanged."""
-    raise NotImplementedError  # built by cwdpo.tiny.build_tiny_vlm (see build_family)
+    """LLaVA-1.5: the embedded tiny LLaVA (cwdpo.model.tiny), unchanged."""
+    raise NotImplementedError  # built by cwdpo.model.tiny.build_tiny_vlm (see build_family)
 
 
 FAMILIES: dict[str, Family] = {
@@ -666,7 +666,7 @@ def build_family(name: str, out_dir: str | Path, spec: FamilySpec = FamilySpec()
         raise KeyError(f"unknown VLM family {name!r}; known: {sorted(FAMILIES)}")
     out_dir = Path(out_dir)
     if name == "llava":
-        from cwdpo.tiny import build_tiny_vlm
+        from cwdpo.model.tiny import build_tiny_vlm
 
         return build_tiny_vlm(out_dir)
     torch.manual_seed(spec.seed)
@@ -686,7 +686,7 @@ def ensure_family(
 ) -> Path:
     """Path of the cached tiny build of family `name`, building it on first use."""
     if name == "llava":
-        from cwdpo.tiny import ensure_tiny_vlm
+        from cwdpo.model.tiny import ensure_tiny_vlm
 
         return ensure_tiny_vlm(cache_dir)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
