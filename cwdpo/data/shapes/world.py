@@ -1,23 +1,16 @@
-"""ShapesWorld: a procedural image-caption world with known ground truth.
+"""The ShapesWorld itself: its words, scenes, rendering, sampling and caption templates.
 
-Every scene is a few coloured shapes on a canvas; captions are generated from several
-templates (so CIDEr has multiple references) and a parser turns any caption back into
-facts, so we can say exactly which statements are wrong. Negatives come in graded
-difficulty: *hard/gentle* (one attribute perturbed) and *easy* (another scene's caption,
-shuffled words, off-distribution text).
+Everything here is pure and seeded, so the facts checker (`facts`), the negatives
+(`negatives`) and the datasets (`dataset`) can all rebuild the same scene from a seed.
 """
 
 from __future__ import annotations
 
 import random
-import re
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from cwdpo.data.records import CaptionRecord, ImageRef, PreferenceRecord
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -290,209 +283,6 @@ def caption(scene: Scene, template: int) -> str:
 
 def references(scene: Scene, templates: tuple[int, ...] = (0, 1, 2, 3)) -> list[str]:
     return [caption(scene, t) for t in templates]
-
-
-_OBJ_RE = re.compile(
-    r"\b(?:a|an)\s+(?:(small|large)\s+)?(\w+)\s+(circle|square|triangle)(?:\s+on\s+the\s+(\w+))?"
-)
-_COUNT_RE = re.compile(r"\bthere\s+(?:is|are)\s+(\w+)\s+shapes?\b")
-
-
-@dataclass
-class Facts:
-    objects: list[tuple[str | None, str, str, str | None]] = field(default_factory=list)
-    count: str | None = None
-
-
-def parse_caption(text: str) -> Facts:
-    """Extract stated facts: per object (size?, colour, shape, position?) and the count."""
-    t = text.lower()
-    facts = Facts()
-    for m in _OBJ_RE.finditer(t):
-        facts.objects.append((m.group(1), m.group(2), m.group(3), m.group(4)))
-    c = _COUNT_RE.search(t)
-    facts.count = c.group(1) if c else None
-    return facts
-
-
-def fact_scores(text: str, scene: Scene) -> dict[str, float]:
-    """Precision of the caption's stated facts and recall of the scene's objects.
-
-    A fact is one attribute of one mentioned object (colour, shape, size, position) or the
-    stated count. Mentions are matched one-to-one to scene objects to maximise agreement.
-    `accuracy` = correct facts / stated facts (0 when nothing parseable is stated);
-    `exact` = every object described exactly, nothing extra, and the whole caption parses
-    (`cwdpo.data.verifier`: no junk tokens, terminated). `verifier.verify` adds recall of
-    attributes, hallucinated / omitted objects and a junk-aware score.
-    """
-    facts = parse_caption(text)
-    objs = scene.objects
-    agree, stated = [], 0
-    for size, colour, shape, pos in facts.objects:
-        stated += 2 + (size is not None) + (pos is not None)
-        agree.append(
-            [
-                (colour == o.colour)
-                + (shape == o.shape)
-                + (size is not None and size == o.size)
-                + (pos is not None and pos == o.position)
-                for o in objs
-            ]
-        )
-    # Optimal one-to-one matching of mentions to scene objects (≤ 4 objects: ≤ 16 states),
-    # so mention order can never steal the object another mention describes exactly.
-    best = {0: (0, 0)}  # used-object bitmask -> (correct facts, exact objects)
-    for row in agree:
-        nxt: dict[int, tuple[int, int]] = {}
-        for used, (c, e) in best.items():
-            free = [i for i in range(len(objs)) if not used >> i & 1]
-            for i in free or [None]:
-                key = used if i is None else used | 1 << i
-                val = (c, e) if i is None else (c + row[i], e + (row[i] == 4))
-                if val > nxt.get(key, (-1, -1)):
-                    nxt[key] = val
-        best = nxt
-    correct, exact_objs = max(best.values())
-    if facts.count is not None:
-        stated += 1
-        correct += facts.count == NUMBERS[len(scene.objects)]
-    n_mentioned = len(facts.objects)
-    from cwdpo.data.verifier import parse  # the full grammar: gold + junk is not exact
-
-    return {
-        "accuracy": correct / stated if stated else 0.0,
-        "recall": min(n_mentioned, len(objs)) / len(objs),
-        "exact": float(
-            exact_objs == len(scene.objects) == n_mentioned and not parse(text).malformed
-        ),
-        "stated": float(stated),
-    }
-
-
-def fact_accuracy(text: str, scene: Scene) -> float:
-    return fact_scores(text, scene)["accuracy"]
-
-
-# ---------------------------------------------------------------- negatives
-def hard_negative(
-    scene: Scene, template: int, rng: random.Random, cfg: WorldConfig
-) -> tuple[str, str]:
-    """One fact perturbed (colour, shape, size, position or count): a *gentle* negative."""
-    kinds = ["colour", "shape", "size", "position"]
-    if template == 1:
-        kinds.append("count")
-    kind = rng.choice(kinds)
-    objs = list(scene.objects)
-    if kind == "count":
-        wrong = rng.choice([k for k in NUMBERS[1:] if k != NUMBERS[len(objs)]])
-        text = caption(scene, template).replace(f" {NUMBERS[len(objs)]} ", f" {wrong} ", 1)
-        return text, "hard:count"
-    i = rng.randrange(len(objs))
-    o = objs[i]
-    pool = {
-        "colour": cfg.colours,
-        "shape": cfg.shapes,
-        "size": cfg.sizes,
-        "position": cfg.positions,
-    }[kind]
-    taken = {x.position for x in objs}
-    choices = [v for v in pool if v != getattr(o, kind) and (kind != "position" or v not in taken)]
-    if not choices:  # e.g. every position taken: fall back to colour, always possible
-        kind, choices = "colour", [c for c in cfg.colours if c != o.colour]
-    objs[i] = Obj(**{**vars(o), kind: rng.choice(choices)})
-    return caption(Scene(objs, scene.seed, scene.image_size, scene.noise), template), f"hard:{kind}"
-
-
-def easy_negative(scene: Scene, other: Scene, template: int, rng: random.Random) -> tuple[str, str]:
-    """Trivially wrong text: another scene's caption, shuffled words, or off-distribution."""
-    kind = rng.choice(["other", "shuffled", "off"])
-    if kind == "other" and other.objects != scene.objects:
-        return caption(other, template), "easy:other_image"
-    if kind == "shuffled":
-        words = caption(scene, template).split()
-        for _ in range(10):
-            rng.shuffle(words)
-            text = " ".join(words)
-            if text != caption(scene, template):
-                return text, "easy:shuffled"
-    n = rng.randint(4, 9)
-    return " ".join(rng.choice(DISTRACTORS) for _ in range(n)) + " .", "easy:off_distribution"
-
-
-# ---------------------------------------------------------------- datasets
-@dataclass
-class ShapesWorld:
-    """A seeded world: `captions(split)` and `pairs(split)` are deterministic in the seed."""
-
-    cfg: WorldConfig = field(default_factory=WorldConfig)
-    seed: int = 0
-
-    def cooc_prob(self, split: str, i: int, n: int) -> float:
-        """P(companion | trigger) of row i of n: base / stage-1 rows at `cooc_prob`, stage-2
-        rows (train from `shift_from` on) and held-out splits at `cooc_prob_shift`."""
-        if split == "base" or (split == "train" and i < round(self.cfg.shift_from * n)):
-            return self.cfg.cooc_prob
-        return self.cfg.cooc_prob_shift
-
-    def scenes(self, split: str, n: int) -> list[Scene]:
-        # Split-specific streams never overlap: the split name is part of the seed.
-        base = {"train": 0, "val": 1, "test": 2, "probe": 3, "base": 5}.get(split, 4) * 10_000_019
-        rng = random.Random(self.seed * 7919 + base)
-        if self.cfg.cooc_trigger is None:
-            return [sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)]
-        return [
-            sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
-            for i in range(n)
-        ]
-
-    def captions(self, split: str, n: int) -> list[CaptionRecord]:
-        """Caption records; base/train references come from the (noisy) annotator, held-out
-        ones from the truth. `meta["scene"]` is always the truth the verifier judges against."""
-        out = []
-        for i, sc in enumerate(self.scenes(split, n)):
-            seen = annotate(sc, self.cfg) if split in ("base", "train") else sc
-            out.append(
-                CaptionRecord(
-                    image_id=f"shapes-{split}-{i}",
-                    image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                    references=references(seen, self.cfg.templates),
-                    split=split,
-                    meta={"scene": sc, **({"annotated_scene": seen} if seen is not sc else {})},
-                )
-            )
-        return out
-
-    def pairs(
-        self, split: str, n: int, easy_fraction: float = 0.5, offset: int = 0
-    ) -> list[PreferenceRecord]:
-        """Dataset preference pairs with graded negatives; `easy_fraction` sets the mix."""
-        scenes = self.scenes(split, n + offset)[offset:]
-        rng = random.Random(self.seed * 31 + offset + 17)
-        out = []
-        for i, sc in enumerate(scenes):
-            t = rng.choice(self.cfg.templates)
-            chosen = caption(sc, t)
-            if rng.random() < easy_fraction:
-                rejected, src = easy_negative(sc, scenes[(i + 1) % len(scenes)], t, rng)
-            else:
-                rejected, src = hard_negative(sc, t, rng, self.cfg)
-            refs = references(sc, self.cfg.templates)
-            if rejected in refs:  # a perturbation that lands on a true caption is no negative
-                rejected, src = hard_negative(sc, t, rng, self.cfg)
-            if rejected in refs:
-                continue
-            out.append(
-                PreferenceRecord(
-                    image_id=f"shapes-{split}-{offset + i}",
-                    image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                    prompt=PROMPT,
-                    chosen=chosen,
-                    rejected=rejected,
-                    source=src,
-                    meta={"scene": sc, "references": refs},
-                )
-            )
-        return out
 
 
 def vocabulary() -> list[str]:
