@@ -11,24 +11,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from cwdpo.data.records import CaptionRecord, ImageRef, PreferenceRecord
+from cwdpo.data.shapes import world as W
 from cwdpo.data.shapes.negatives import easy_negative, hard_negative
-from cwdpo.data.shapes.world import (
-    PROMPT,
-    Scene,
-    WorldConfig,
-    annotate,
-    caption,
-    references,
-    render_scene,
-    sample_scene,
-)
 
 
 @dataclass
 class ShapesWorld:
     """A seeded world: `captions(split)` and `pairs(split)` are deterministic in the seed."""
 
-    cfg: WorldConfig = field(default_factory=WorldConfig)
+    cfg: W.WorldConfig = field(default_factory=W.WorldConfig)
     seed: int = 0
 
     def cooc_prob(self, split: str, i: int, n: int) -> float:
@@ -38,14 +29,16 @@ class ShapesWorld:
             return self.cfg.cooc_prob
         return self.cfg.cooc_prob_shift
 
-    def scenes(self, split: str, n: int) -> list[Scene]:
+    def scenes(self, split: str, n: int) -> list[W.Scene]:
         # Split-specific streams never overlap: the split name is part of the seed.
         base = {"train": 0, "val": 1, "test": 2, "probe": 3, "base": 5}.get(split, 4) * 10_000_019
         rng = random.Random(self.seed * 7919 + base)
         if self.cfg.cooc_trigger is None:
-            return [sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)]
+            return [
+                W.sample_scene(rng, self.cfg, seed=base + self.seed * 131 + i) for i in range(n)
+            ]
         return [
-            sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
+            W.sample_scene(rng, self.cfg, base + self.seed * 131 + i, self.cooc_prob(split, i, n))
             for i in range(n)
         ]
 
@@ -54,12 +47,12 @@ class ShapesWorld:
         ones from the truth. `meta["scene"]` is always the truth the verifier judges against."""
         out = []
         for i, sc in enumerate(self.scenes(split, n)):
-            seen = annotate(sc, self.cfg) if split in ("base", "train") else sc
+            seen = W.annotate(sc, self.cfg) if split in ("base", "train") else sc
             out.append(
                 CaptionRecord(
                     image_id=f"shapes-{split}-{i}",
-                    image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                    references=references(seen, self.cfg.templates),
+                    image=ImageRef(factory=partial(W.render_scene, sc), name=f"shapes-{split}-{i}"),
+                    references=W.references(seen, self.cfg.templates),
                     split=split,
                     meta={"scene": sc, **({"annotated_scene": seen} if seen is not sc else {})},
                 )
@@ -75,12 +68,12 @@ class ShapesWorld:
         out = []
         for i, sc in enumerate(scenes):
             t = rng.choice(self.cfg.templates)
-            chosen = caption(sc, t)
+            chosen = W.caption(sc, t)
             if rng.random() < easy_fraction:
                 rejected, src = easy_negative(sc, scenes[(i + 1) % len(scenes)], t, rng)
             else:
                 rejected, src = hard_negative(sc, t, rng, self.cfg)
-            refs = references(sc, self.cfg.templates)
+            refs = W.references(sc, self.cfg.templates)
             if rejected in refs:  # a perturbation that lands on a true caption is no negative
                 rejected, src = hard_negative(sc, t, rng, self.cfg)
             if rejected in refs:
@@ -88,8 +81,8 @@ class ShapesWorld:
             out.append(
                 PreferenceRecord(
                     image_id=f"shapes-{split}-{offset + i}",
-                    image=ImageRef(factory=partial(render_scene, sc), name=f"shapes-{split}-{i}"),
-                    prompt=PROMPT,
+                    image=ImageRef(factory=partial(W.render_scene, sc), name=f"shapes-{split}-{i}"),
+                    prompt=W.PROMPT,
                     chosen=chosen,
                     rejected=rejected,
                     source=src,

@@ -7,7 +7,7 @@ Everything here is pure and seeded, so the facts checker (`facts`), the negative
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -211,7 +211,16 @@ def sample_scene(
     ]
     if cfg.canonical_order:
         objects.sort(key=lambda o: _ORDER[o.position])
-    return Scene(objects, seed=seed, image_size=cfg.image_size, noise=cfg.noise)
+    return _scene(objects, seed, cfg)
+
+
+def _scene(objects: list[Obj], seed: int, cfg: WorldConfig, faint_companion: bool = False) -> Scene:
+    """A scene at the world's canvas size and noise; in the testbed the companion is drawn faint."""
+    if not faint_companion:
+        return Scene(objects, seed=seed, image_size=cfg.image_size, noise=cfg.noise)
+    return Scene(
+        objects, seed, cfg.image_size, cfg.noise, cfg.cooc_companion, cfg.companion_contrast
+    )
 
 
 def _sample_cooc_scene(rng: random.Random, cfg: WorldConfig, seed: int, p: float) -> Scene:
@@ -231,14 +240,7 @@ def _sample_cooc_scene(rng: random.Random, cfg: WorldConfig, seed: int, p: float
             continue
         objects.append(Obj(c, sh, rng.choice(cfg.sizes), positions.pop()))
     objects.sort(key=lambda o: _ORDER[o.position])  # the testbed's deterministic order
-    return Scene(
-        objects,
-        seed=seed,
-        image_size=cfg.image_size,
-        noise=cfg.noise,
-        faint=cfg.cooc_companion,
-        faint_contrast=cfg.companion_contrast,
-    )
+    return _scene(objects, seed, cfg, faint_companion=True)
 
 
 def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
@@ -257,7 +259,7 @@ def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
         [*scene.objects, Obj(*cfg.cooc_companion, "small", rng.choice(free))],
         key=lambda o: _ORDER[o.position],
     )
-    return Scene(objs, scene.seed, scene.image_size, scene.noise, scene.faint, scene.faint_contrast)
+    return replace(scene, objects=objs)
 
 
 def caption(scene: Scene, template: int) -> str:
