@@ -31,7 +31,7 @@ from pycocoevalcap.cider.cider import Cider
 from torch import Tensor
 from torchmetrics import Metric
 
-from cwdpo.metrics.captioning import tokenize_captions
+from cwdpo.metrics.caption_tokenizer import tokenize_captions
 
 __all__ = [
     "FactsJudge",
