@@ -1,4 +1,5 @@
-"""Compose the project's Hydra config in tests (no CLI, output dir under tmp)."""
+"""Test helpers: compose the project's Hydra config (no CLI, output dir under tmp), a bare
+CW-DPO module on literal log-probs, and offline caption preference pairs."""
 
 from __future__ import annotations
 
@@ -45,3 +46,85 @@ def bare_cw_dpo_module(pair_logps, **knobs):
         setattr(m, k, v)
     m.pair_logps = pair_logps
     return m
+
+
+def make_dataset_pairs(
+    records, prompt, vocab=None, hard_fraction=0.5, rng_seed=0, *, per="reference", stats=None
+):
+    """Offline preference pairs (reference, dataset negative) for caption records; test-only
+    (training draws its negatives through `cwdpo.data.sources`).
+
+    `per="reference"`: one pair per (record, reference); `per="record"`: one pair per record
+    with a reference drawn at random. Each pair is hard with probability `hard_fraction`
+    (falling back to easy when no swap is possible, `meta["fallback"]`), else easy. `source`
+    says which; hard pairs record the swap in `meta["perturbed"]` = {kind, from, to}, easy ones
+    `meta["negative_image_id"]`. Deterministic for a given `rng_seed`. `vocab` defaults to one
+    mined from `records`. Records without references are skipped (logged, counted).
+    """
+    import logging
+    import random
+    from collections import Counter
+
+    from cwdpo.data.caption_negatives import CaptionVocab
+    from cwdpo.data.reading import bump, report_skipped
+
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    if per not in ("reference", "record"):
+        raise ValueError(f"per must be 'reference' or 'record', got {per!r}")
+    records = list(records)
+    vocab = CaptionVocab.mine(records) if vocab is None else vocab
+    rng = random.Random(rng_seed)
+    pool = [r for r in records if r.references]
+    counts: Counter[str] = Counter()
+    pairs = []
+    for rec in records:
+        if not rec.references:
+            counts["no_references"] += 1
+            continue
+        if per == "reference":
+            chosen = list(enumerate(rec.references))
+        else:
+            j = rng.randrange(len(rec.references))
+            chosen = [(j, rec.references[j])]
+        for j, ref in chosen:
+            pairs.append(
+                _dataset_pair(rec, j, ref, prompt, vocab, pool, hard_fraction, rng, counts)
+            )
+    n_skipped = counts.pop("no_references", 0)
+    report_skipped(
+        stats, "skipped_no_references", n_skipped, "caption records", "records without references"
+    )
+    for k, n in counts.items():
+        bump(stats, k, n)
+    logging.getLogger(__name__).info("dataset negatives: %s", dict(sorted(counts.items())))
+    return pairs
+
+
+def _dataset_pair(rec, j, ref, prompt, vocab, pool, hard_fraction, rng, counts):
+    """One pair of `make_dataset_pairs`: reference `j` of `rec` against a hard or easy negative."""
+    from cwdpo.data.caption_negatives import EASY_SOURCE, other_image_caption, perturb
+    from cwdpo.data.records import PreferenceRecord
+
+    meta = {**rec.meta, "split": rec.split, "reference_index": j}
+    want_hard = rng.random() < hard_fraction
+    p = perturb(ref, vocab, rng, rec.references) if want_hard else None
+    if p is not None:
+        text, source = p.text, p.source
+        meta["perturbed"] = {"kind": p.kind, "from": p.original, "to": p.replacement}
+    else:
+        text, meta["negative_image_id"] = other_image_caption(rec, pool, rng)
+        source = EASY_SOURCE
+        if want_hard:
+            meta["fallback"] = "no_hard_negative"
+            counts["hard_fallback_to_easy"] += 1
+    counts[source] += 1
+    return PreferenceRecord(
+        image_id=rec.image_id,
+        image=rec.image,
+        prompt=prompt,
+        chosen=ref,
+        rejected=text,
+        source=source,
+        meta=meta,
+    )

@@ -13,13 +13,13 @@ from cwdpo.data.caption_negatives import (
     CaptionVocab,
     easy_negative,
     hard_negative,
-    make_dataset_pairs,
     normalize,
     perturb,
 )
 from cwdpo.data.karpathy import read_karpathy
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 from tests.formats import write_karpathy
+from tests.helpers import make_dataset_pairs
 
 CORPUS = [
     "A red car and a blue car.",

@@ -190,7 +190,7 @@ def test_python_tokenizer_matches_ptb_on_typical_captions():
             "black-and-white photo of a cat & dog #1 50% $5 a*b",
         ]
     )
-    assert [cap.python_ptb_tokenize(c) for c in caps] == cap._ptb_tokenize(caps)
+    assert [cap.python_ptb_tokenize(c) for c in caps] == cap.ptb_tokenize(caps)
 
 
 @needs_java

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cwdpo.data.reading import report_skipped
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 
 MAX_WORKERS = 8
@@ -68,8 +69,6 @@ def check_record_images(
     """`records` minus those whose image does not decode (`skip_bad_images`: logged and counted
     in `stats["skipped_bad_image"]`), else `DataError` naming `source`, the row (`rows[i]`,
     e.g. "images[12] (imgid=7)") and the image path."""
-    from cwdpo.data.karpathy import report_skipped
-
     flat = [(k, ref) for k, r in enumerate(records) for ref in _images_of(r)]
     reasons = unreadable_images([ref for _, ref in flat])
     bad: dict[int, tuple[ImageRef, str]] = {}  # record index → its first unreadable image

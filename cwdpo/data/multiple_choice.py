@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cwdpo.data.karpathy import Stats, bump, report_skipped, require_path
+from cwdpo.data.reading import Stats, bump, report_skipped, require_path
 from cwdpo.data.records import DataError, ImageRef, MCQuestion
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,8 @@ def _check_answer(answer: str, options: dict[str, str], where: str) -> None:
         )
 
 
-def read_mmbench(tsv_path: str | Path, *, stats: Stats | None = None) -> list[MCQuestion]:
-    """Read an MMBench TSV (`index, question, hint, A, B, C, D, answer, category, l2-category,
-    image`) into `MCQuestion`s.
-
-    Options with empty/NaN cells are absent (some questions have only A and B). `image` is
-    base64; as in VLMEvalKit, a short `image` cell holding another row's `index` reuses that
-    row's image (how MMBench stores circular copies). A file without an `answer` column (test
-    split) gives `answer=""`. `meta` keeps `index`, `l2-category` and the circular group id.
-    """
+def _read_tsv(tsv_path: str | Path) -> tuple[Path, Any]:
+    """The TSV as a string-typed DataFrame with the required columns."""
     import pandas as pd
 
     path = require_path(tsv_path, "MMBench TSV", directory=False)
@@ -76,55 +69,73 @@ def read_mmbench(tsv_path: str | Path, *, stats: Stats | None = None) -> list[MC
     missing = [c for c in MMBENCH_REQUIRED if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    return path, df
+
+
+def _mmbench_image(row: dict[str, Any], qid: str, where: str, by_index: dict) -> bytes:
+    """The decoded image bytes; a short cell holding another row's index reuses its image."""
+    img_cell = str(row["image"]).strip()
+    if len(img_cell) <= 64 and img_cell in by_index and img_cell != qid:
+        img_cell = str(by_index[img_cell]["image"]).strip()
+    if _blank(img_cell):
+        raise DataError(f"{where}: field 'image': expected a base64-encoded image, got ''")
+    try:
+        return base64.b64decode(img_cell, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise DataError(f"{where}: field 'image': expected base64-encoded image bytes: {e}") from e
+
+
+def _mmbench_question(
+    row: dict[str, Any], i: int, path: Path, letters: list[str], has_answer: bool, by_index: dict
+) -> MCQuestion:
+    """Row `i` as a question: index, options (at least A and B), answer, image, meta."""
+    qid = str(row["index"]).strip()
+    where = f"{path}: row {i} (index={qid})"
+    if not qid:
+        raise DataError(f"{where}: field 'index': expected a question index, got ''")
+    options = {k: str(row[k]).strip() for k in letters if not _blank(row[k])}
+    _check_options(options, where, "A..")
+    if len(options) < 2:
+        raise DataError(f"{where}: field 'A'/'B': expected at least two options, got {options}")
+    answer = str(row["answer"]).strip() if has_answer else ""
+    if has_answer:
+        _check_answer(answer, options, where)
+    data = _mmbench_image(row, qid, where, by_index)
+    meta: dict[str, Any] = {"index": qid}
+    for k in ("l2-category", "source", "split"):
+        if k in row and not _blank(row[k]):
+            meta[k] = str(row[k])
+    if qid.isdigit():
+        meta["circular_group"] = str(int(qid) % CIRCULAR_OFFSET)
+    return MCQuestion(
+        qid=qid,
+        image=ImageRef(data=data, name=f"{path}: index {qid}"),
+        question=str(row["question"]).strip(),
+        options=options,
+        answer=answer,
+        category="" if _blank(row.get("category")) else str(row["category"]),
+        hint="" if _blank(row.get("hint")) else str(row["hint"]).strip(),
+        meta=meta,
+    )
+
+
+def read_mmbench(tsv_path: str | Path, *, stats: Stats | None = None) -> list[MCQuestion]:
+    """Read an MMBench TSV (`index, question, hint, A, B, C, D, answer, category, l2-category,
+    image`) into `MCQuestion`s.
+
+    Options with empty/NaN cells are absent (some questions have only A and B). `image` is
+    base64; as in VLMEvalKit, a short `image` cell holding another row's `index` reuses that
+    row's image (how MMBench stores circular copies). A file without an `answer` column (test
+    split) gives `answer=""`. `meta` keeps `index`, `l2-category` and the circular group id.
+    """
+    path, df = _read_tsv(tsv_path)
     letters = [c for c in LETTERS if c in df.columns]
     has_answer = "answer" in df.columns
-
     rows = df.to_dict("records")
     by_index = {str(r["index"]).strip(): r for r in rows}
-    out: list[MCQuestion] = []
-    for i, row in enumerate(rows):
-        qid = str(row["index"]).strip()
-        where = f"{path}: row {i} (index={qid})"
-        if not qid:
-            raise DataError(f"{where}: field 'index': expected a question index, got ''")
-        options = {k: str(row[k]).strip() for k in letters if not _blank(row[k])}
-        _check_options(options, where, "A..")
-        if len(options) < 2:
-            raise DataError(f"{where}: field 'A'/'B': expected at least two options, got {options}")
-        answer = str(row["answer"]).strip() if has_answer else ""
-        if has_answer:
-            _check_answer(answer, options, where)
-
-        img_cell = str(row["image"]).strip()
-        if len(img_cell) <= 64 and img_cell in by_index and img_cell != qid:
-            img_cell = str(by_index[img_cell]["image"]).strip()
-        if _blank(img_cell):
-            raise DataError(f"{where}: field 'image': expected a base64-encoded image, got ''")
-        try:
-            data = base64.b64decode(img_cell, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise DataError(
-                f"{where}: field 'image': expected base64-encoded image bytes: {e}"
-            ) from e
-
-        meta: dict[str, Any] = {"index": qid}
-        for k in ("l2-category", "source", "split"):
-            if k in row and not _blank(row[k]):
-                meta[k] = str(row[k])
-        if qid.isdigit():
-            meta["circular_group"] = str(int(qid) % CIRCULAR_OFFSET)
-        out.append(
-            MCQuestion(
-                qid=qid,
-                image=ImageRef(data=data, name=f"{path}: index {qid}"),
-                question=str(row["question"]).strip(),
-                options=options,
-                answer=answer,
-                category="" if _blank(row.get("category")) else str(row["category"]),
-                hint="" if _blank(row.get("hint")) else str(row["hint"]).strip(),
-                meta=meta,
-            )
-        )
+    out = [
+        _mmbench_question(row, i, path, letters, has_answer, by_index) for i, row in enumerate(rows)
+    ]
     if not out:
         raise DataError(f"{path}: no questions")
     bump(stats, "records", len(out))
@@ -174,6 +185,86 @@ def _image_cell(v: Any) -> bytes | None:
     return None
 
 
+def _parquet_rows(f: Path) -> list[dict[str, Any]]:
+    """The rows of one shard, which must have the MMMU columns."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(f).to_pylist()
+    except Exception as e:
+        raise DataError(f"{f}: cannot read parquet: {e}") from e
+    if rows:
+        missing = [c for c in MMMU_REQUIRED if c not in rows[0]]
+        if missing:
+            raise DataError(f"{f}: missing column(s) {missing}; found {list(rows[0])}")
+    return rows
+
+
+def _mmmu_options(raw: Any, where: str) -> list[str]:
+    """The option texts of an `options` cell (a string holding a Python list); [] = open-ended."""
+    try:
+        opts = ast.literal_eval(raw) if isinstance(raw, str) else raw
+    except (ValueError, SyntaxError) as e:
+        raise DataError(
+            f"{where}: field 'options': expected a string holding a Python list, got {raw!r:.80}"
+        ) from e
+    if not isinstance(opts, list | tuple) or not all(isinstance(o, str) for o in opts):
+        raise DataError(f"{where}: field 'options': expected a list of strings, got {raw!r:.80}")
+    if len(opts) > len(LETTERS):
+        raise DataError(f"{where}: field 'options': at most {len(LETTERS)} options supported")
+    return list(opts)
+
+
+def _mmmu_images(
+    row: dict[str, Any], f: Path, qid: str, where: str, opts: list[str]
+) -> tuple[list[ImageRef], list[int]]:
+    """The non-null `image_1..image_7` and their numbers; every `<image k>` placeholder in the
+    question or an option must point at one of them."""
+    images, numbers = [], []
+    for k in range(1, 8):
+        data = _image_cell(row.get(f"image_{k}"))
+        if data is not None:
+            images.append(ImageRef(data=data, name=f"{f}: id {qid} image_{k}"))
+            numbers.append(k)
+    for field, text in (
+        ("question", str(row["question"])),
+        *((f"options[{j}]", o) for j, o in enumerate(opts)),
+    ):
+        for k in IMAGE_PLACEHOLDER.findall(text):
+            if int(k) not in numbers:
+                raise DataError(
+                    f"{where}: field {field!r} refers to <image {k}> but column image_{k} "
+                    f"is empty (images present: {[f'image_{n}' for n in numbers]})"
+                )
+    return images, numbers
+
+
+def _mmmu_question(row: dict[str, Any], i: int, f: Path) -> MCQuestion | None:
+    """Row `i` of shard `f` as a question, or None for an open-ended row (no options)."""
+    qid = str(row["id"])
+    where = f"{f}: row {i} (id={qid})"
+    opts = _mmmu_options(row["options"], where)
+    if not opts:
+        return None
+    options = {LETTERS[k]: o.strip() for k, o in enumerate(opts)}
+    answer = str(row["answer"]).strip()
+    _check_answer(answer, options, where)
+    images, numbers = _mmmu_images(row, f, qid, where, opts)
+    meta: dict[str, Any] = {"num_images": len(images), "images": images, "image_numbers": numbers}
+    for k in ("subfield", "question_type", "img_type", "topic_difficulty"):
+        if row.get(k) is not None:
+            meta[k] = row[k]
+    return MCQuestion(
+        qid=qid,
+        image=images[0] if images else None,
+        question=str(row["question"]),
+        options=options,
+        answer=answer,
+        category=str(row.get("subfield") or ""),
+        meta=meta,
+    )
+
+
 def read_mmmu(
     parquet_path_or_dir: str | Path, *, split: str | None = None, stats: Stats | None = None
 ) -> list[MCQuestion]:
@@ -189,81 +280,16 @@ def read_mmmu(
     Open-ended rows (empty options) are skipped, logged and counted in
     `stats["skipped_open_ended"]`. An answer that is not an option letter raises `DataError`.
     """
-    import pyarrow.parquet as pq
-
     root = require_path(parquet_path_or_dir, "MMMU parquet file or directory")
     out: list[MCQuestion] = []
     open_ended = 0
     for f in _parquet_files(root, split):
-        try:
-            rows = pq.read_table(f).to_pylist()
-        except Exception as e:
-            raise DataError(f"{f}: cannot read parquet: {e}") from e
-        if rows:
-            missing = [c for c in MMMU_REQUIRED if c not in rows[0]]
-            if missing:
-                raise DataError(f"{f}: missing column(s) {missing}; found {list(rows[0])}")
-        for i, row in enumerate(rows):
-            qid = str(row["id"])
-            where = f"{f}: row {i} (id={qid})"
-            raw = row["options"]
-            try:
-                opts = ast.literal_eval(raw) if isinstance(raw, str) else raw
-            except (ValueError, SyntaxError) as e:
-                raise DataError(
-                    f"{where}: field 'options': expected a string holding a Python list, got "
-                    f"{raw!r:.80}"
-                ) from e
-            if not isinstance(opts, list | tuple) or not all(isinstance(o, str) for o in opts):
-                raise DataError(
-                    f"{where}: field 'options': expected a list of strings, got {raw!r:.80}"
-                )
-            if not opts:
+        for i, row in enumerate(_parquet_rows(f)):
+            q = _mmmu_question(row, i, f)
+            if q is None:
                 open_ended += 1
-                continue
-            if len(opts) > len(LETTERS):
-                raise DataError(
-                    f"{where}: field 'options': at most {len(LETTERS)} options supported"
-                )
-            options = {LETTERS[k]: o.strip() for k, o in enumerate(opts)}
-            answer = str(row["answer"]).strip()
-            _check_answer(answer, options, where)
-
-            images, numbers = [], []
-            for k in range(1, 8):
-                data = _image_cell(row.get(f"image_{k}"))
-                if data is not None:
-                    images.append(ImageRef(data=data, name=f"{f}: id {qid} image_{k}"))
-                    numbers.append(k)
-            for field, text in (
-                ("question", str(row["question"])),
-                *((f"options[{j}]", o) for j, o in enumerate(opts)),
-            ):
-                for k in IMAGE_PLACEHOLDER.findall(text):
-                    if int(k) not in numbers:
-                        raise DataError(
-                            f"{where}: field {field!r} refers to <image {k}> but column image_{k} "
-                            f"is empty (images present: {[f'image_{n}' for n in numbers]})"
-                        )
-            meta: dict[str, Any] = {
-                "num_images": len(images),
-                "images": images,
-                "image_numbers": numbers,
-            }
-            for k in ("subfield", "question_type", "img_type", "topic_difficulty"):
-                if row.get(k) is not None:
-                    meta[k] = row[k]
-            out.append(
-                MCQuestion(
-                    qid=qid,
-                    image=images[0] if images else None,
-                    question=str(row["question"]),
-                    options=options,
-                    answer=answer,
-                    category=str(row.get("subfield") or ""),
-                    meta=meta,
-                )
-            )
+            else:
+                out.append(q)
     report_skipped(
         stats, "skipped_open_ended", open_ended, root, "open-ended questions (no options)"
     )

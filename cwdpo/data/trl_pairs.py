@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from cwdpo.data.karpathy import Stats, bump, report_skipped, require_path
+from cwdpo.data.reading import Stats, bump, report_skipped, require_path
 from cwdpo.data.records import DataError, ImageRef, PreferenceRecord
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -176,6 +176,81 @@ def _open(path: Any, split: str) -> tuple[Iterator[tuple[int, dict[str, Any]]], 
     return _iter_hf(ds, str(p)), str(p), p
 
 
+def _row_images(row: dict[str, Any], where: str, base: Path) -> tuple[str, list[ImageRef]]:
+    """(the image column, its images); `_MissingImage` for an image path that does not exist."""
+    for col in TEXT_COLUMNS:
+        if col not in row:
+            raise DataError(f"{where}: missing field {col!r} (expected {TEXT_COLUMNS} + 'images')")
+    img_col = "images" if "images" in row else "image" if "image" in row else None
+    if img_col is None:
+        raise DataError(f"{where}: missing field 'images' (or 'image')")
+    images = _image_refs(row[img_col], base, f"{where}: field {img_col!r}")
+    if not images:
+        raise DataError(
+            f"{where}: field {img_col!r}: expected at least one image, got {row[img_col]!r:.80}"
+        )
+    return img_col, images
+
+
+def _row_texts(row: dict[str, Any], where: str) -> dict[str, str]:
+    """Plain prompt/chosen/rejected; the responses non-empty and different from each other."""
+    texts = {c: message_text(row[c], f"{where}: field {c!r}") for c in TEXT_COLUMNS}
+    for c in ("chosen", "rejected"):
+        if not texts[c]:
+            raise DataError(
+                f"{where}: field {c!r}: expected a non-empty response, got {row[c]!r:.80}"
+            )
+    if texts["chosen"] == texts["rejected"]:
+        raise DataError(
+            f"{where}: field 'rejected': expected a response different from 'chosen', "
+            f"both are {texts['chosen']!r:.80}"
+        )
+    return texts
+
+
+def _row_meta(
+    row: dict[str, Any], i: int, name: str, img_col: str, images: list[ImageRef]
+) -> dict[str, Any]:
+    """Row, file, the row's other scalar columns, prompt messages and (several) images."""
+    meta: dict[str, Any] = {"row": i, "file": name}
+    for k, v in row.items():
+        if k not in (*TEXT_COLUMNS, img_col) and isinstance(v, str | int | float | bool):
+            meta[k] = v
+    if isinstance(row["prompt"], list):
+        meta["prompt_messages"] = row["prompt"]
+    if len(images) > 1:
+        meta["images"] = images
+    meta["num_images"] = len(images)
+    return meta
+
+
+def _row_image_id(row: dict[str, Any], img_col: str, stem: str, i: int) -> str:
+    """An id column, else the first image's path (it names itself), else "<stem>:<row>"."""
+    image_id = next((str(row[c]) for c in _ID_COLUMNS if row.get(c) is not None), None)
+    if image_id is None:
+        first = row[img_col][0] if isinstance(row[img_col], list) else row[img_col]
+        image_id = first if isinstance(first, str) else f"{stem}:{i}"
+    return image_id
+
+
+def _pair(row: Any, i: int, name: str, base: Path, stem: str) -> PreferenceRecord:
+    """Row `i` as a pair, checked in file order: object, columns, images, texts."""
+    where = f"{name}: row {i}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    img_col, images = _row_images(row, where, base)
+    texts = _row_texts(row, where)
+    return PreferenceRecord(
+        image_id=_row_image_id(row, img_col, stem, i),
+        image=images[0],
+        prompt=texts["prompt"],
+        chosen=texts["chosen"],
+        rejected=texts["rejected"],
+        source="trl",
+        meta=_row_meta(row, i, name, img_col, images),
+    )
+
+
 def read_preference_pairs(
     path: str | Path | Any,
     image_root: str | Path | None = None,
@@ -203,70 +278,16 @@ def read_preference_pairs(
     stem = Path(name).stem if name != "<Dataset>" else "dataset"
 
     out: list[PreferenceRecord] = []
-    missing = multi = 0
+    missing = 0
     for i, row in rows:
-        where = f"{name}: row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for col in TEXT_COLUMNS:
-            if col not in row:
-                raise DataError(
-                    f"{where}: missing field {col!r} (expected {TEXT_COLUMNS} + 'images')"
-                )
-        img_col = "images" if "images" in row else "image" if "image" in row else None
-        if img_col is None:
-            raise DataError(f"{where}: missing field 'images' (or 'image')")
         try:
-            images = _image_refs(row[img_col], base, f"{where}: field {img_col!r}")
+            out.append(_pair(row, i, name, base, stem))
         except _MissingImage as e:
-            if skip_bad_images:
-                missing += 1
-                continue
-            raise DataError(str(e)) from None
-        if not images:
-            raise DataError(
-                f"{where}: field {img_col!r}: expected at least one image, got {row[img_col]!r:.80}"
-            )
-
-        texts = {c: message_text(row[c], f"{where}: field {c!r}") for c in TEXT_COLUMNS}
-        for c in ("chosen", "rejected"):
-            if not texts[c]:
-                raise DataError(
-                    f"{where}: field {c!r}: expected a non-empty response, got {row[c]!r:.80}"
-                )
-        if texts["chosen"] == texts["rejected"]:
-            raise DataError(
-                f"{where}: field 'rejected': expected a response different from 'chosen', "
-                f"both are {texts['chosen']!r:.80}"
-            )
-
-        meta: dict[str, Any] = {"row": i, "file": name}
-        for k, v in row.items():
-            if k not in (*TEXT_COLUMNS, img_col) and isinstance(v, str | int | float | bool):
-                meta[k] = v
-        if isinstance(row["prompt"], list):
-            meta["prompt_messages"] = row["prompt"]
-        if len(images) > 1:
-            multi += 1
-            meta["images"] = images
-        meta["num_images"] = len(images)
-
-        image_id = next((str(row[c]) for c in _ID_COLUMNS if row.get(c) is not None), None)
-        if image_id is None:  # an image given by path names itself; bytes get the row index
-            first = row[img_col][0] if isinstance(row[img_col], list) else row[img_col]
-            image_id = first if isinstance(first, str) else f"{stem}:{i}"
-        out.append(
-            PreferenceRecord(
-                image_id=image_id,
-                image=images[0],
-                prompt=texts["prompt"],
-                chosen=texts["chosen"],
-                rejected=texts["rejected"],
-                source="trl",
-                meta=meta,
-            )
-        )
+            if not skip_bad_images:
+                raise DataError(str(e)) from None
+            missing += 1
     report_skipped(stats, "skipped_missing_image", missing, name, "rows with missing images")
+    multi = sum(p.meta["num_images"] > 1 for p in out)
     if multi:
         bump(stats, "multi_image_rows", multi)
     if not out:

@@ -14,33 +14,38 @@ Tokenization: the Stanford PTB tokenizer shipped with pycocoevalcap (Java). With
 pure-Python approximation (:func:`python_ptb_tokenize`) is used and METEOR (a Java program) is
 reported as NaN; :attr:`CaptionMetrics.last_info` says which tokenizer ran and why METEOR is
 missing, so numbers from the two paths are never silently mixed.
+
+The pieces live apart (`caption_tokenizer`, `coco_scorers`: scorers and the shared METEOR JVM,
+`string_codec`: strings as tensors) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import math
-import os
-import re
-import shutil
-import threading
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from cwdpo.metrics.caption_tokenizer import (
+    TokenizerName,
+    java_available,
+    ptb_tokenize,
+    python_ptb_tokenize,
+    resolve_tokenizer,
+    tokenize_captions,
+)
+from cwdpo.metrics.coco_scorers import close_shared_meteor, coco_caption_scores, shared_meteor
+from cwdpo.metrics.string_codec import decode_nested, decode_strings, encode_nested, encode_strings
+
 __all__ = [
     "METRIC_NAMES",
     "CaptionMetrics",
+    "TokenizerName",
     "close_shared_meteor",
     "coco_caption_scores",
     "decode_nested",
@@ -48,265 +53,19 @@ __all__ = [
     "encode_nested",
     "encode_strings",
     "java_available",
+    "ptb_tokenize",
     "python_ptb_tokenize",
     "resolve_tokenizer",
     "shared_meteor",
     "tokenize_captions",
 ]
 
-TokenizerName = Literal["ptb", "python"]
 METRIC_NAMES: tuple[str, ...] = (
     "cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l",
 )  # fmt: skip
 SCALE = 100.0
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------------------------
-def java_available() -> bool:
-    """Whether a ``java`` executable is on PATH (PTB tokenizer and METEOR need it)."""
-    return shutil.which("java") is not None
-
-
-def resolve_tokenizer(tokenizer: str = "auto") -> TokenizerName:
-    """Map ``"auto" | "ptb" | "python"`` to the tokenizer that will actually run.
-
-    ``auto`` picks PTB when Java is available (the standard), else the Python fallback. Asking for
-    ``ptb`` without Java is an error rather than a silent switch.
-    """
-    if tokenizer == "auto":
-        return "ptb" if java_available() else "python"
-    if tokenizer == "ptb":
-        if not java_available():
-            raise RuntimeError("tokenizer='ptb' needs Java (`java` not found on PATH)")
-        return "ptb"
-    if tokenizer == "python":
-        return "python"
-    raise ValueError(f"tokenizer must be 'auto', 'ptb' or 'python', got {tokenizer!r}")
-
-
-_PUNCT = frozenset(PUNCTUATIONS)  # the exact list PTBTokenizer drops after tokenizing
-# PTB rewrites brackets to these tokens; with -lowerCase they are lowercase and so *not* in
-# PUNCTUATIONS (which has "-LRB-"), i.e. COCO evaluation keeps them. We mimic that.
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_ABBREVIATIONS = frozenset(
-    {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "jr.", "sr.", "vs.", "etc.", "inc.", "co."}
-    | {"ltd.", "no.", "ft.", "mt.", "approx."}
-)
-_SPLIT_WORDS = {"gonna": "gon na", "wanna": "wan na", "gotta": "got ta", "cannot": "can not"}
-_CLITICS = frozenset({"n't", "'s", "'m", "'re", "'ve", "'ll", "'d"})
-_CONTRACTION = re.compile(r"^(.+?)(n't|'s|'m|'re|'ve|'ll|'d)$")
-_ALWAYS_SPLIT = re.compile(r"([;#$%*]|[!?]+)")
-_SPLIT_UNLESS_NUMBER = re.compile(r"(?<!\d)([,:])|([,:])(?!\d)")
-_DROP = re.compile(r"\.{2,}|-{2,}|[\"`\u2013\u2014\u201c\u201d]")
-
-
-def python_ptb_tokenize(text: str) -> str:
-    """Pure-Python approximation of ``PTBTokenizer -preserveLines -lowerCase`` + punctuation removal.
-
-    Used only when Java is missing. It lowercases, splits the punctuation PTB splits off
-    (``, ; # $ % *`` and runs of ``!?``; commas/colons inside numbers stay), turns brackets into ``-lrb-``-style
-    tokens like PTB, splits clitics (``don't -> do n't``, ``dog's -> dog 's``), splits a final
-    period except on abbreviations (``mr.``, ``u.s.``), drops characters outside the BMP (PTB cannot
-    tokenize them) and finally removes exactly pycocoevalcap's ``PUNCTUATIONS`` list. On ordinary
-    captions the output equals PTB's; exotic inputs may differ slightly.
-    """
-    text = "".join(ch for ch in text.lower() if ord(ch) <= 0xFFFF)
-    for bracket, token in _BRACKETS.items():
-        text = text.replace(bracket, f" {token} ")
-    text = _DROP.sub(" ", text)
-    text = _ALWAYS_SPLIT.sub(r" \1 ", text)
-    text = _SPLIT_UNLESS_NUMBER.sub(lambda m: f" {m.group(0)} ", text)
-    out: list[str] = []
-    for raw in text.split():
-        tok = raw
-        if tok in _SPLIT_WORDS:
-            out.extend(_SPLIT_WORDS[tok].split())
-            continue
-        if tok in _CLITICS:
-            out.append(tok)
-            continue
-        tok = tok.strip("'")
-        if (
-            len(tok) > 1
-            and tok.endswith(".")
-            and tok not in _ABBREVIATIONS
-            and "." not in tok[:-1]
-            and not re.fullmatch(r"[a-z]\.", tok)
-        ):
-            tok = tok[:-1]
-        m = _CONTRACTION.match(tok)
-        pieces = [m.group(1), m.group(2)] if m else [tok]
-        out.extend(p for p in pieces if p and p not in _PUNCT)
-    return " ".join(out)
-
-
-def _ptb_tokenize(captions: Sequence[str]) -> list[str]:
-    """Run pycocoevalcap's ``PTBTokenizer`` once (one JVM) over all captions, order preserved."""
-    # Any line/paragraph separator would shift PTB's one-line-per-caption output, so whitespace
-    # runs are collapsed first (tokenization is whitespace-insensitive, results are unchanged).
-    cleaned = {i: [{"caption": " ".join(c.split())}] for i, c in enumerate(captions)}
-    try:
-        # PTBTokenizer writes a temp file next to its jar (inside site-packages)
-        out = PTBTokenizer().tokenize(cleaned)
-    except OSError as err:
-        raise RuntimeError(
-            f"PTB tokenization failed ({err}); pycocoevalcap's tokenizer directory must be "
-            "writable, or use tokenizer='python'"
-        ) from err
-    if len(out) != len(captions):
-        raise RuntimeError(
-            f"PTBTokenizer returned {len(out)} lines for {len(captions)} captions "
-            "(is Java working and pycocoevalcap's package directory writable?)"
-        )
-    return [out[i][0] for i in range(len(captions))]
-
-
-def tokenize_captions(
-    captions: Sequence[str], tokenizer: str = "auto"
-) -> tuple[list[str], TokenizerName]:
-    """Tokenize like COCO evaluation; returns ``(tokenized, tokenizer_actually_used)``."""
-    name = resolve_tokenizer(tokenizer)
-    if not captions:
-        return [], name
-    if name == "ptb":
-        return _ptb_tokenize(captions), name
-    return [python_ptb_tokenize(c) for c in captions], name
-
-
-# --------------------------------------------------------------------------------------------
-# METEOR: one long-lived JVM per process (loading its paraphrase table takes ~20 s)
-# --------------------------------------------------------------------------------------------
-_METEOR_LOCK = threading.Lock()
-_METEOR: dict[str, Any] = {"scorer": None, "pid": None}
-
-
-def shared_meteor() -> Any:
-    """Return this process's pycocoevalcap ``Meteor`` scorer, starting its JVM on first use.
-
-    Why shared: METEOR spends ~20 s loading paraphrase tables at start-up; per-epoch evaluation
-    would pay that every time. ``Meteor()`` only spawns the process, so calling this early (the
-    metric does it in ``__init__``) lets the JVM warm up in the background. Needs Java.
-    """
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    with _METEOR_LOCK:
-        scorer = _METEOR["scorer"]
-        alive = scorer is not None and scorer.meteor_p.poll() is None
-        if not alive or _METEOR["pid"] != os.getpid():
-            scorer = Meteor()
-            _METEOR.update(scorer=scorer, pid=os.getpid())
-        return scorer
-
-
-def close_shared_meteor() -> None:
-    """Stop the shared METEOR JVM (also registered with ``atexit``); only the owning process."""
-    with _METEOR_LOCK:
-        scorer, pid = _METEOR["scorer"], _METEOR["pid"]
-        _METEOR.update(scorer=None, pid=None)
-    if scorer is not None and pid == os.getpid():
-        proc = scorer.meteor_p
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.kill()
-        proc.wait()
-
-
-atexit.register(close_shared_meteor)
-
-
-def coco_caption_scores(
-    gts: dict[Any, list[str]], res: dict[Any, list[str]], meteor: Any | None = None
-) -> dict[str, float]:
-    """Score *tokenized* captions with pycocoevalcap's scorers (raw scale, as ``COCOEvalCap``).
-
-    ``gts``: id -> tokenized references; ``res``: id -> [tokenized prediction]. METEOR is NaN when
-    ``meteor`` (a pycocoevalcap ``Meteor``) is None.
-    """
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
-    meteor_score = float(meteor.compute_score(gts, res)[0]) if meteor is not None else math.nan
-    return {
-        "cider": float(cider),
-        "bleu_1": float(bleu[0]),
-        "bleu_2": float(bleu[1]),
-        "bleu_3": float(bleu[2]),
-        "bleu_4": float(bleu[3]),
-        "meteor": meteor_score,
-        "rouge_l": float(rouge),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# String <-> tensor encoding (so torchmetrics can all-gather strings)
-# --------------------------------------------------------------------------------------------
-def _u32(n: int) -> bytes:
-    return n.to_bytes(4, "little")
-
-
-def encode_strings(strings: Sequence[str], device: torch.device | str | None = None) -> Tensor:
-    """Encode strings as a flat ``uint8`` tensor: per string a 4-byte little-endian length + UTF-8.
-
-    The format is closed under concatenation (``cat(enc(a), enc(b)) == enc(a + b)``), which is
-    what lets ``dist_reduce_fx="cat"`` gather strings from all ranks.
-    """
-    buf = bytearray()
-    for s in strings:
-        data = s.encode("utf-8")
-        buf += _u32(len(data)) + data
-    return (
-        torch.frombuffer(buf, dtype=torch.uint8).clone().to(device)
-        if buf
-        else torch.zeros(0, dtype=torch.uint8, device=device)
-    )
-
-
-def encode_nested(
-    groups: Sequence[Sequence[str]], device: torch.device | str | None = None
-) -> Tensor:
-    """Encode a list of string lists: per item a 4-byte count, then its strings as above."""
-    parts = []
-    for items in groups:
-        parts.append(torch.tensor(list(_u32(len(items))), dtype=torch.uint8, device=device))
-        parts.append(encode_strings(items, device=device))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
-
-
-def _as_bytes(data: Tensor | bytes) -> bytes:
-    if isinstance(data, Tensor):
-        return data.detach().to("cpu", torch.uint8).numpy().tobytes()
-    return data
-
-
-def _read_strings(buf: bytes, pos: int, count: int | None) -> tuple[list[str], int]:
-    out: list[str] = []
-    while pos < len(buf) and (count is None or len(out) < count):
-        n = int.from_bytes(buf[pos : pos + 4], "little")
-        out.append(buf[pos + 4 : pos + 4 + n].decode("utf-8"))
-        pos += 4 + n
-    return out, pos
-
-
-def decode_strings(data: Tensor | bytes) -> list[str]:
-    """Inverse of :func:`encode_strings`."""
-    return _read_strings(_as_bytes(data), 0, None)[0]
-
-
-def decode_nested(data: Tensor | bytes) -> list[list[str]]:
-    """Inverse of :func:`encode_nested`."""
-    buf, pos, out = _as_bytes(data), 0, []
-    while pos < len(buf):
-        count = int.from_bytes(buf[pos : pos + 4], "little")
-        items, pos = _read_strings(buf, pos + 4, count)
-        out.append(items)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The Metric
-# --------------------------------------------------------------------------------------------
 class CaptionMetrics(Metric):
     """Corpus-level COCO caption metrics, DDP-safe, with optional per-group breakdown.
 
@@ -406,6 +165,18 @@ class CaptionMetrics(Metric):
             )
         return preds, refs, groups
 
+    def _meteor_scorer(self) -> tuple[Any, str]:
+        """(the shared METEOR scorer or None, why not) for this compute: disabled, no Java, or
+        a JVM that would not start all become NaN METEOR, never a failed evaluation."""
+        if not self.meteor:
+            return None, "disabled (meteor=False)"
+        if not java_available():
+            return None, "unavailable: METEOR is a Java program and `java` is not on PATH"
+        try:
+            return shared_meteor(), "ok"
+        except OSError as err:
+            return None, f"unavailable: could not start METEOR ({err})"
+
     def compute(self) -> dict[str, float]:
         """Score everything seen so far (all ranks); see the class docstring for keys and scale."""
         preds, refs, groups = self._decoded()
@@ -422,16 +193,7 @@ class CaptionMetrics(Metric):
             gts[i] = tokens[pos : pos + len(rs)]
             pos += len(rs)
 
-        meteor_scorer, meteor_status = None, "ok"
-        if not self.meteor:
-            meteor_status = "disabled (meteor=False)"
-        elif not java_available():
-            meteor_status = "unavailable: METEOR is a Java program and `java` is not on PATH"
-        else:
-            try:
-                meteor_scorer = shared_meteor()
-            except OSError as err:
-                meteor_status = f"unavailable: could not start METEOR ({err})"
+        meteor_scorer, meteor_status = self._meteor_scorer()
 
         def score(ids: list[int]) -> dict[str, float]:
             nonlocal meteor_scorer, meteor_status

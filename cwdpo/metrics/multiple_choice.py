@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from cwdpo.metrics.captioning import decode_strings, encode_strings
+from cwdpo.metrics.string_codec import decode_strings, encode_strings
 
 
 class MultipleChoiceAccuracy(Metric):
