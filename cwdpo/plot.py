@@ -7,9 +7,10 @@ CW-DPO dynamics). To compare runs — e.g. DPO vs CW-DPO, or every job of a Hydr
     python -m cwdpo.plot logs/train/multiruns/ablation/<time>          # all jobs inside
 
 A path is a run if it holds `probes.csv` or `dynamics.csv`; otherwise it is searched for runs.
-One run → its own plots; several → overlays (`compare_*.png`). The readers are in
-`cwdpo.analysis.dynamics`, the drawing in `cwdpo.analysis.dynamics_plots`.
+One run → its own plots; several → overlays (`compare_*.png`).
 """
+# A thin CLI (its --help is this docstring): the readers are in cwdpo.analysis.dynamics, the
+# drawing in cwdpo.analysis.dynamics_plots.
 
 from __future__ import annotations
 
