@@ -361,7 +361,7 @@ def test_short_pipeline_trains(fam, rows, tmp_path, mode):
 
 
 def test_eval_entry_point(fam, tmp_path):
-    from cwdpo.eval import run_eval
+    from cwdpo.run.checkpoint_eval import run_eval
     from tests.helpers import compose_cfg
 
     name, path = fam
