@@ -38,15 +38,10 @@ def load_all(
     return loaded
 
 
-def aggregate(
-    runs: Sequence[Path],
-    baseline: str | None = "sft_only",
-    target: float = 0.9,
-    target_key: str = "train/rewards/accuracies",
-    selection: dict[str, set[str]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Setting → mean ± std of every column over its runs (see `aggregate_loaded`)."""
-    return aggregate_loaded(load_all(runs, baseline, target, target_key, selection))
+def aggregate(runs: Sequence[Path], **load: Any) -> dict[str, dict[str, Any]]:
+    """Setting → mean ± std of every column over its runs (see `aggregate_loaded`); `load`:
+    `load_all`'s options (baseline, target, target_key, selection)."""
+    return aggregate_loaded(load_all(runs, **load))
 
 
 def aggregate_loaded(loaded: Sequence[Loaded]) -> dict[str, dict[str, Any]]:
