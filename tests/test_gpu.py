@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.model.families import FAMILIES
 from tests.test_ddp import _initial_weights, _load_script
 
 pytestmark = pytest.mark.gpu
@@ -95,7 +96,7 @@ def family_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
 
 
-@pytest.mark.parametrize("family", sorted(__import__("cwdpo.model.families").families.FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_mixed_steps_and_generation_on_every_family(script, family, family_cache, tmp_path):
     """Every tiny family: bf16-mixed CW-DPO steps with the fast path and the reference cache
     (LoRA), then greedy generation on the GPU."""
