@@ -1,110 +1,15 @@
 """`python -m cwdpo.eval ckpt=<model dir> ...`: evaluate a checkpoint, write eval.json + eval.md."""
 
+# A thin Hydra CLI: the evaluation is cwdpo.run.checkpoint_eval.run_eval.
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Any
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from cwdpo.run.checkpoint_eval import TASKS, run_eval
 from cwdpo.run.config import CONFIG_DIR
 
-log = logging.getLogger(__name__)
-TASKS = ("captioning", "calibration", "winrate", "multiple_choice")
-
-
-def _load(cfg: DictConfig, path: str | None):
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if path is not None:
-        model_cfg["path"] = str(path)
-    return hydra.utils.instantiate(model_cfg)
-
-
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    from cwdpo.run.evaluation import (
-        evaluate_captioning,
-        generate_captions,
-        teacher_forced_calibration,
-    )
-    from cwdpo.run.pipeline import results_table
-    from cwdpo.utils.io import atomic_write_json, atomic_write_text
-
-    tasks = list(cfg.eval.tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"eval.tasks has unknown task(s) {unknown}; choose from {list(TASKS)}")
-    if "winrate" in tasks and not cfg.compare:
-        raise ValueError("eval.tasks includes winrate but no `compare=<model dir>` was given")
-    judge = hydra.utils.instantiate(cfg.judge) if "winrate" in tasks and cfg.get("judge") else None
-    key_env = getattr(judge, "api_key_env", None)
-    if key_env and not os.environ.get(key_env):  # fail before any model runs, not at request 1
-        raise ValueError(
-            f"judge: the environment variable {key_env} (judge.api_key_env) is not set; "
-            "export it, or set judge.api_key_env=null for a server without auth"
-        )
-    out_dir = Path(cfg.paths.output_dir)
-    backbone = _load(cfg, cfg.ckpt)
-    results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
-    if {"captioning", "calibration", "winrate"} & set(tasks):
-        source = hydra.utils.instantiate(cfg.data.source)
-        records = source.captions(cfg.eval.split)[: cfg.eval.n_records]
-        baseline = None
-        if "winrate" in tasks:
-            other = _load(cfg, cfg.compare)
-            baseline = generate_captions(
-                other, records, source.prompt, cfg.eval.batch_size, cfg.eval.max_new_tokens
-            )
-            results["compare"] = cfg.compare
-            del other
-        if "captioning" in tasks or baseline is not None:
-            metrics, _ = evaluate_captioning(
-                backbone,
-                source,
-                records,
-                baseline=baseline,
-                batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                calibration=False,
-                caption_metrics="captioning" in tasks,
-                judge=judge,
-            )
-            results.update(metrics)
-        if "calibration" in tasks:
-            cal = teacher_forced_calibration(backbone, records, source.prompt, cfg.eval.batch_size)
-            results.update({f"calib/{k}": v for k, v in cal.items()})
-    if "multiple_choice" in tasks:
-        results.update({f"mc/{k}": v for k, v in _multiple_choice(cfg, backbone).items()})
-    atomic_write_json(out_dir / "eval.json", results)
-    table = results_table({"stages": {Path(str(results["ckpt"])).name: results}})
-    mc = {k: v for k, v in results.items() if k.startswith("mc/")}
-    if mc:
-        table += "\n| multiple choice | value |\n|---|---|\n" + "".join(
-            f"| {k} | {v:.2f} |\n" for k, v in mc.items()
-        )
-    atomic_write_text(out_dir / "eval.md", table)
-    print("\n" + table)
-    return results
-
-
-def _multiple_choice(cfg: DictConfig, backbone: Any) -> dict[str, float]:
-    from cwdpo.data.multiple_choice import read_mmbench, read_mmmu
-    from cwdpo.run.evaluation import evaluate_multiple_choice
-
-    mc = cfg.mc
-    if mc.format == "mmbench":
-        qs = read_mmbench(mc.path)
-    elif mc.format == "mmmu":
-        qs = read_mmmu(mc.path, split=mc.split)
-    else:
-        raise ValueError(
-            f"mc.format must be 'mmbench' or 'mmmu' for multiple_choice, got {mc.format!r}"
-        )
-    return evaluate_multiple_choice(
-        backbone, qs, circular=bool(mc.circular), scoring=mc.scoring, batch_size=cfg.eval.batch_size
-    )
+__all__ = ["TASKS", "main", "run_eval"]  # TASKS: read by cwdpo.run.config_schema from here
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

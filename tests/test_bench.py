@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from cwdpo.bench import PeakMemory, main, state_bytes
+from cwdpo.bench import main
+from cwdpo.perf.memory import PeakMemory, state_bytes
 
 
 def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
@@ -60,7 +61,7 @@ def test_bench_smoke(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
     assert c["image_tokens_per_row"] > c["response_tokens_per_row"]  # the captioning case
     assert res["ratios"] == r
     # make bench's table: one row per saved JSON, our paths and TRL's side by side
-    from cwdpo.bench import summarize
+    from cwdpo.perf.summary import summarize
 
     table = summarize([out, out]).splitlines()
     assert len(table) == 4 and "prefix+cache vs TRL" in table[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cwdpo.data.multiple_choice import read_mmbench, read_mmmu
-from cwdpo.eval import run_eval
+from cwdpo.run.checkpoint_eval import run_eval
 from cwdpo.run.evaluation import mc_prompt, predict_multiple_choice
 from tests.formats import write_mmbench_tsv, write_mmmu_parquet
 from tests.helpers import compose_cfg

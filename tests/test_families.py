@@ -2,7 +2,7 @@
 transformers classes (cwdpo.model.families), through every path cwdpo runs. Adding a family = one
 entry in `cwdpo.model.families.FAMILIES`.
 
-Numbers are checked against an independent reference (`cwdpo.doctor.reference_token_logps`,
+Numbers are checked against an independent reference (`cwdpo.model.checks.reference_token_logps`,
 which `python -m cwdpo.doctor` runs on a user's checkpoint too): one HF forward per row, built by
 the family's own processor on the full text (prompt + response + turn end), so the model applies
 its own position and attention rules (Qwen M-RoPE from mm_token_type_ids, Gemma3 bidirectional
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from cwdpo.batch import IGNORE_INDEX
-from cwdpo.doctor import end_token_text, reference_token_logps, row_token_logps
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.model.checks import end_token_text, reference_token_logps, row_token_logps
 from cwdpo.model.families import FAMILIES, ensure_family
 
 NAMES = list(FAMILIES)
@@ -361,7 +361,7 @@ def test_short_pipeline_trains(fam, rows, tmp_path, mode):
 
 
 def test_eval_entry_point(fam, tmp_path):
-    from cwdpo.eval import run_eval
+    from cwdpo.run.checkpoint_eval import run_eval
     from tests.helpers import compose_cfg
 
     name, path = fam
@@ -535,7 +535,7 @@ def test_qwen_min_max_pixels_bound_the_image_token_count(rows, family_dirs, tiny
 
 # ------------------------------------------------------------------------------------ doctor
 def test_doctor_passes_on_every_family(fam, rows):
-    from cwdpo.doctor import Rows, run_checks
+    from cwdpo.model.checks import Rows, run_checks
 
     name, path = fam
     bb = load(path, lora={"r": 2, "alpha": 4})
@@ -561,7 +561,7 @@ def test_doctor_fails_where_a_long_run_would_compute_something_wrong(
     """Gemma3 with its token_type_ids dropped (the old behaviour): causal image attention,
     log-probs off the model's own forward → the doctor fails, naming the check, exit code 1."""
     import cwdpo.model.backbone as B
-    from cwdpo.doctor import run_doctor
+    from cwdpo.run.doctor import run_doctor
     from tests.helpers import compose_cfg
 
     path = tmp_path / "gemma3"

@@ -227,7 +227,7 @@ def test_failing_logging_is_counted_and_training_goes_on(
     import wandb
     from lightning.pytorch.loggers import CSVLogger
 
-    import cwdpo.plot
+    import cwdpo.analysis.dynamics_plots
 
     def broken_histogram(*a, **k):
         raise ValueError("Too many bins for data range")
@@ -244,7 +244,7 @@ def test_failing_logging_is_counted_and_training_goes_on(
 
     monkeypatch.setattr(wandb, "Histogram", broken_histogram)
     monkeypatch.setattr(CSVLogger, "log_metrics", flaky_csv)
-    monkeypatch.setattr(cwdpo.plot, "plot_run", broken_plot)
+    monkeypatch.setattr(cwdpo.analysis.dynamics_plots, "plot_run", broken_plot)
     out = wandb_env / "run"
     with caplog.at_level(logging.WARNING):
         results = _run(out, tiny_cache_dir)

@@ -114,7 +114,8 @@ def test_one_wandb_run_for_the_whole_pipeline(pipeline_run):
 
 
 def test_plots_in_the_run_dir_and_overlays(pipeline_run, tmp_path):
-    from cwdpo.plot import load_runs, main
+    from cwdpo.analysis.dynamics import load_runs
+    from cwdpo.plot import main
 
     out, _ = pipeline_run
     for name in ("delta_logp.png", "distributions.png", "dynamics.png"):

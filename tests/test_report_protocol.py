@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cwdpo.report import (
+from cwdpo.analysis.runs import find_runs
+from cwdpo.analysis.stats import (
     bootstrap_ci,
-    find_runs,
     group_rows,
     load_all,
-    main,
     paired_differences,
     select_on_val,
 )
+from cwdpo.report import main
 
 
 def _run(

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cwdpo.report import aggregate, find_runs, main, markdown, stability
+from cwdpo.analysis.runs import find_runs, stability
+from cwdpo.analysis.stats import aggregate
+from cwdpo.analysis.tables import markdown
+from cwdpo.report import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["+debug=fast", "eval.caption_metrics=false", "eval.calibration=false"]
@@ -222,7 +225,7 @@ def test_launcher_and_optuna_configs_compose(launcher, tmp_path):
 
 
 def test_sweep_series_finds_one_knob_sweeps(tmp_path):
-    from cwdpo.report import plot_sweeps, sweep_series
+    from cwdpo.analysis.report_plots import plot_sweeps, sweep_series
 
     stat = {"fact_accuracy": {"mean": 1.0, "std": 0.0}}
     agg = {f"ablation_mix negatives.dataset_fraction={v}": stat for v in ("0", "0.25", "1")}

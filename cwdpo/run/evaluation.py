@@ -13,6 +13,7 @@ import torch
 from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
 from cwdpo.data.sources import CaptionSource
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.run.winrate import win_rate
 from cwdpo.utils.modes import eval_mode
 
 
@@ -154,36 +155,6 @@ def scene_metrics(
     if backbone.has_reference:
         res.update(likelihood_displacement(backbone, records, source.prompt, outputs, batch_size))
     return res
-
-
-def win_rate(
-    source: CaptionSource,
-    records: Sequence[CaptionRecord],
-    a: Sequence[str],
-    b: Sequence[str],
-    judge: Any = None,
-) -> dict[str, Any]:
-    """Win-rate of outputs `a` over `b`: by `judge` if given (e.g. an HttpJudge), else
-    ground-truth facts where the source knows them, else reference CIDEr."""
-    from cwdpo.metrics.winrate import ReferenceJudge, ScoreJudge, WinRate
-
-    items = [
-        {"references": r.references, "prompt": record_prompt(r, source.prompt), "record": r}
-        for r in records
-    ]
-    out: dict[str, Any] = {}
-    if judge is not None:
-        out["winrate/judge"] = repr(judge)
-    elif records and source.score(a[0], records[0]) is not None:
-        judge = ScoreJudge(lambda text, item: source.score(text, item["record"]))
-    else:
-        judge = ReferenceJudge()
-    metric = WinRate()
-    metric.update(torch.tensor(judge(list(a), list(b), items), dtype=torch.float32))
-    out.update({f"winrate/{k}": float(v) for k, v in metric.compute().items()})
-    if hasattr(judge, "n_unparsed"):
-        out["winrate/unparsed"] = int(judge.n_unparsed)
-    return out
 
 
 def mc_prompt(q: Any) -> str:

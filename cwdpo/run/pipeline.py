@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cwdpo.analysis.dynamics_plots import write_run_plots
 from cwdpo.callbacks.faults import NonFiniteGuard, reliability_callbacks
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.callbacks.wandb_logger import finish_run
@@ -29,7 +30,6 @@ from cwdpo.data.datamodules import (
 )
 from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
-from cwdpo.plot import write_run_plots
 from cwdpo.run.config_schema import STAGES
 from cwdpo.run.config_schema import check_stage_order as _check_stage_order
 from cwdpo.run.evaluation import evaluate_captioning, preference_calibration
