@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,7 +61,13 @@ class TinySpec:
     version: int = 2  # bump when the builder changes
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
+
+
+def spec_key(spec: Any, **extra: Any) -> str:
+    """Cache key of a build: 12 hex digits of sha256 over the spec's fields (+ `extra`)."""
+    blob = json.dumps({**extra, **asdict(spec)}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def default_cache_dir() -> Path:
