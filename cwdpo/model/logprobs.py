@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cwdpo.batch import IGNORE_INDEX
-from cwdpo.losses.objectives import SeqLogps, sequence_logps
+from cwdpo.losses.sequence import SeqLogps, sequence_logps
 
 
 class LogProbs:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
-from cwdpo.losses.objectives import SeqLogps, token_logps
+from cwdpo.losses.sequence import SeqLogps, token_logps
 
 #: model_type values whose prefix-shared forward is tested equal to the plain forward
 #: (tests/test_families.py, one row per family).
