@@ -152,6 +152,69 @@ def test_eager_attention_equals_plain(tiny_vlm_path, pair_batch):
     _check_equal(bb, _batch(bb, pair_batch), len(pair_batch))
 
 
+def test_split_pairs_literal_layout():
+    """TRL-style: a hand-made 2-pair batch (no model: plain 0..W-1 positions) and the packed
+    rows written out. Pair 0: prompt [11 12 13], chosen [21 22], rejected [31]; pair 1: prompt
+    [14 15], chosen [23], rejected [32 33 34]. P = 3 (pair 1's prefix right-aligned behind one
+    pad column), Tc = 2, Tr = 3."""
+    I = -100  # noqa: E741
+    batch = {
+        "input_ids": torch.tensor(
+            [[11, 12, 13, 21, 22], [14, 15, 23, 0, 0], [11, 12, 13, 31, 0], [14, 15, 32, 33, 34]]
+        ),
+        "attention_mask": torch.tensor(
+            [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+        ),
+        "labels": torch.tensor(
+            [[I, I, I, 21, 22], [I, I, 23, I, I], [I, I, I, 31, I], [I, I, 32, 33, 34]]
+        ),
+        "token_type_ids": torch.tensor(
+            [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+        ),
+    }
+    sp = split_pairs(batch, 2)
+    assert (sp.P, sp.Tc, sp.Tr) == (3, 2, 3)
+    #                        | prefix   | chosen | rejected |
+    want_ids = torch.tensor([[11, 12, 13, 21, 22, 31, 0, 0], [0, 14, 15, 23, 0, 32, 33, 34]])
+    want_pos = torch.tensor([[0, 1, 2, 3, 4, 3, 0, 0], [0, 0, 1, 2, 0, 2, 3, 4]])
+    want_tt = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]])
+    assert sp.inputs.keys() == {"input_ids", "position_ids", "token_type_ids"}
+    assert torch.equal(sp.inputs["input_ids"], want_ids)
+    assert torch.equal(sp.inputs["position_ids"], want_pos)
+    assert torch.equal(sp.positions_1d, want_pos)
+    assert torch.equal(sp.inputs["token_type_ids"], want_tt)
+    assert torch.equal(sp.labels_c, torch.tensor([[21, 22], [23, I]]))
+    assert torch.equal(sp.labels_r, torch.tensor([[31, I, I], [32, 33, 34]]))
+    # query rows × key columns; a padding query (pair 0 cols 6-7, pair 1 cols 0 and 4) sees
+    # only itself, and padding is no other query's key
+    want_mask = torch.tensor(
+        [
+            [
+                [1, 0, 0, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 1, 1, 0, 0, 0, 0],
+                [1, 1, 1, 1, 1, 0, 0, 0],
+                [1, 1, 1, 0, 0, 1, 0, 0],
+                [1, 1, 1, 0, 0, 1, 1, 0],
+                [1, 1, 1, 0, 0, 1, 0, 1],
+            ],
+            [
+                [1, 0, 0, 0, 0, 0, 0, 0],
+                [0, 1, 0, 0, 0, 0, 0, 0],
+                [0, 1, 1, 0, 0, 0, 0, 0],
+                [0, 1, 1, 1, 0, 0, 0, 0],
+                [0, 1, 1, 1, 1, 0, 0, 0],
+                [0, 1, 1, 0, 0, 1, 0, 0],
+                [0, 1, 1, 0, 0, 1, 1, 0],
+                [0, 1, 1, 0, 0, 1, 1, 1],
+            ],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(sp.allowed, want_mask)
+
+
 def test_mismatched_pairs_rejected(backbone, pair_batch):
     bad = backbone.collate(  # rows i and n+i with different images / prompts
         pair_batch.images + pair_batch.images[::-1],

@@ -309,7 +309,7 @@ def test_cw_dpo_checkpoint_drops_the_reference_and_checks_it_on_load(backbone, p
     with pytest.raises(RuntimeError, match="different reference policy"):
         other.on_load_checkpoint(stale)
     other.on_load_checkpoint(
-        {"cwdpo_reference_signature": other._ref_signature}
+        {"cwdpo_reference_signature": other.reference_checkpoint.signature}
     )  # DeepSpeed: no state_dict
 
 

@@ -96,7 +96,7 @@ def test_cache_is_reused_without_rebuilding(tiny_cache_dir, tiny_vlm_path, monke
     )
     assert after == before
     # no temp dirs left behind by the atomic build (other tests may share this cache dir)
-    assert not [p.name for p in tiny_cache_dir.iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in tiny_cache_dir.iterdir() if ".tmp" in p.name]
 
 
 def test_cache_key_depends_on_every_spec_field():

@@ -12,8 +12,7 @@ import copy
 import inspect
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,21 @@ from torch import nn
 
 from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.errors import DataError
-from cwdpo.losses.objectives import SeqLogps, sequence_logps
-from cwdpo.model.processing import (
-    ProcessorLoadError,
-    load_processor,
-    render_prompt,
-    strip_duplicate_bos,
-    turn_end_token_id,
+from cwdpo.model.loading import (
+    LORA_PRESETS,
+    PROJECTOR_MODULES,
+    VISION_MODULES,
+    LoRASettings,
+    ModelLoadError,
+    add_lora,
+    disable_dropout_,
+    freeze_groups,
+    load_model_and_processor,
+    lora_settings,
+    module_group,
 )
+from cwdpo.model.logprobs import LogProbs
+from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
 from cwdpo.utils.modes import eval_mode
 
 #: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
@@ -47,138 +53,21 @@ SINGLE_IMAGE_MODEL_TYPES: frozenset[str] = frozenset()
 
 ImageInput = Image.Image | Sequence[Image.Image]
 
-
-class ModelLoadError(RuntimeError):
-    """A model directory / hub id that cannot be used (names the path and what is missing)."""
-
-
-#: LoRA target presets: peft's "all-linear" (every linear layer but the LM head, vision tower
-#: and projector included) or "language" (the language model's attention and MLP projections,
-#: the usual choice for VLM preference tuning). Any other string is a peft regex.
-LANGUAGE_LORA_TARGETS = (
-    r".*(language_model|text_model)\.(model\.)?layers\.\d+\."
-    r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-)
-LORA_PRESETS = {"language": LANGUAGE_LORA_TARGETS}
-#: Module-name patterns of the vision tower and of the projector, across families (Qwen's
-#: `visual.merger` is the projector; everything else under `visual` is the tower).
-VISION_MODULES = re.compile(r"(^|\.)(visual|vision_tower|vision_model)(\.|$)")
-PROJECTOR_MODULES = re.compile(
-    r"(^|\.)(multi_modal_projector|connector|merger|deepstack_merger_list)(\.|$)|(^|\.)image_newline$"
-)
+#: Loading, LoRA and freezing live in `cwdpo.model.loading`; these names stay importable here.
+__all__ = [
+    "LORA_PRESETS",
+    "PROJECTOR_MODULES",
+    "VISION_MODULES",
+    "LoRASettings",
+    "ModelLoadError",
+    "VLMBackbone",
+    "load_model_and_processor",
+    "lora_settings",
+    "module_group",
+]
 
 
-@dataclass
-class LoRASettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: Sequence[str] | str = "all-linear"
-
-
-def lora_settings(lora: LoRASettings | Mapping | None) -> LoRASettings | None:
-    """`model.lora` as given in a config: None, LoRASettings, or any mapping (dict or OmegaConf
-    DictConfig, e.g. the short form `{r: 4, alpha: 8}`); unset fields keep their defaults."""
-    if lora is None or isinstance(lora, LoRASettings):
-        return lora
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(lora):  # a DictConfig is no `dict`: the short form failed here
-        lora = OmegaConf.to_container(lora, resolve=True)
-    if not isinstance(lora, Mapping):
-        raise TypeError(
-            f"model.lora: expected null or a mapping like {{r: 8, alpha: 16}}, got {lora!r}"
-        )
-    known = set(LoRASettings.__dataclass_fields__)
-    unknown = sorted(set(lora) - known)
-    if unknown:
-        raise ValueError(f"model.lora has unknown key(s) {unknown}; accepted: {sorted(known)}")
-    return LoRASettings(**dict(lora))
-
-
-def module_group(name: str) -> str:
-    """ "projector", "vision" or "language" for a parameter/module name of any supported family."""
-    if PROJECTOR_MODULES.search(name):
-        return "projector"
-    if VISION_MODULES.search(name):
-        return "vision"
-    return "language"
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    """A hub id counts only if it is already cached (or downloads are explicitly allowed)."""
-    import os
-
-    if os.environ.get("CWDPO_ALLOW_DOWNLOAD") == "1":
-        return True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
-
-
-def load_model_and_processor(
-    path: str | Path,
-    dtype: str | torch.dtype | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    chat_template: str | None = None,
-    processor_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[nn.Module, Any]:
-    """Load through AutoModelForImageTextToText / AutoProcessor, with errors that name the path.
-    `processor_kwargs` override saved processor settings (e.g. Qwen's min_pixels/max_pixels,
-    which bound the image-token count)."""
-    from transformers import AutoModelForImageTextToText
-
-    p = Path(str(path))
-    if not p.exists():
-        if p.is_absolute() or str(path).startswith(".") or not _in_hf_cache(str(path)):
-            raise ModelLoadError(
-                f"model path {path} is neither an existing directory nor a hub id in the local "
-                "HF cache (set CWDPO_ALLOW_DOWNLOAD=1 to let transformers download a hub id)"
-            )
-    else:
-        if p.is_dir() and not any(
-            (p / f).is_file()
-            for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-        ):
-            raise ModelLoadError(
-                f"model directory {p} has no processor (expected processor_config.json or "
-                "preprocessor_config.json + tokenizer files saved with processor.save_pretrained)"
-            )
-    try:
-        processor = load_processor(
-            path, trust_remote_code=trust_remote_code, **dict(processor_kwargs or {})
-        )
-    except ProcessorLoadError as e:
-        raise ModelLoadError(str(e)) from e
-    if chat_template:
-        processor.chat_template = chat_template
-    if not getattr(processor, "chat_template", None):
-        raise ModelLoadError(
-            f"{path}: the processor has no chat template (cwdpo builds prompts with "
-            "apply_chat_template); set model.chat_template to a Jinja template"
-        )
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise ModelLoadError(
-            f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal "
-            "processor with a tokenizer and an image processor"
-        )
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load an image-text-to-text model from {path}: {e}") from e
-    return model, processor
-
-
-class VLMBackbone(nn.Module):
+class VLMBackbone(LogProbs, nn.Module):
     """Policy (and reference) VLM with the batching logic DPO-style training needs."""
 
     def __init__(
@@ -210,9 +99,9 @@ class VLMBackbone(nn.Module):
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         if lora is not None:
-            model = self._add_lora(model, lora, self.frozen)
+            model = add_lora(model, lora, self.frozen)
         else:
-            self._freeze(model, self.frozen)
+            freeze_groups(model, self.frozen)
         self.model = model
         self.reference: nn.Module | None = None  # frozen copy when not using LoRA
         self.has_reference = False
@@ -254,55 +143,10 @@ class VLMBackbone(nn.Module):
             freeze_projector=freeze_projector,
         )
 
-    @staticmethod
-    def _freeze(model: nn.Module, groups: tuple[str, ...]) -> None:
-        """Full fine-tuning with the vision tower and/or projector kept fixed."""
-        if not groups:
-            return
-        hit = {g: 0 for g in groups}
-        for name, p in model.named_parameters():
-            g = module_group(name)
-            if g in hit:
-                p.requires_grad_(False)
-                hit[g] += 1
-        missing = [g for g, n in hit.items() if n == 0]
-        if missing:
-            raise ValueError(
-                f"model.freeze_{missing[0]}=true but no {missing[0]} parameters were found in "
-                f"{type(model).__name__} (expected module names matching "
-                f"{(VISION_MODULES if missing[0] == 'vision' else PROJECTOR_MODULES).pattern})"
-            )
-
-    @staticmethod
-    def _add_lora(model: nn.Module, s: LoRASettings, frozen: tuple[str, ...] = ()) -> nn.Module:
-        """peft LoRA; `target_modules` may be a preset (LORA_PRESETS); adapters are never put on
-        a frozen vision tower / projector."""
-        from peft import LoraConfig, get_peft_model
-
-        target = s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules)
-        if isinstance(target, str):
-            target = LORA_PRESETS.get(target, target)
-        exclude = None
-        if frozen:
-            exclude = [
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and module_group(n) in frozen
-            ]
-        cfg = LoraConfig(
-            r=s.r,
-            lora_alpha=s.alpha,
-            lora_dropout=s.dropout,
-            target_modules=target,
-            exclude_modules=exclude or None,
-        )
-        try:
-            return get_peft_model(model, cfg)
-        except ValueError as e:
-            raise ValueError(
-                f"model.lora.target_modules={s.target_modules!r} matched no module of "
-                f"{type(model).__name__}: {e}"
-            ) from e
+    def disable_dropout(self) -> int:
+        """Dropout off in the policy (`cwdpo.model.loading.disable_dropout_`): CW-DPO's π_ref runs
+        in eval mode, so a noisy train-mode policy would give nonzero log-ratios at step 0."""
+        return disable_dropout_(self.model)
 
     # ------------------------------------------------------------------ reference policy
     def snapshot_reference(self) -> None:
@@ -310,7 +154,7 @@ class VLMBackbone(nn.Module):
         base and start fresh ones, so "adapters disabled" *is* the snapshot (no second model)."""
         if self.lora is not None:
             merged = self.model.merge_and_unload()
-            self.model = self._add_lora(merged, self.lora, self.frozen)
+            self.model = add_lora(merged, self.lora, self.frozen)
         else:
             ref = copy.deepcopy(self.model)
             ref.eval()
@@ -492,54 +336,6 @@ class VLMBackbone(nn.Module):
                     f"rejected are identical ({c!r}); a pair needs two different responses"
                 )
         return self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
-
-    # ------------------------------------------------------------------ log-probs
-    def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Logits only from the first response position on (skips the LM head on image tokens)."""
-        labels = batch["labels"]
-        is_resp = labels != IGNORE_INDEX
-        first = int(is_resp.float().argmax(-1).min().item()) if is_resp.any() else 1
-        start = max(first - 1, 0)
-        keep = labels.shape[1] - start
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs, logits_to_keep=keep, use_cache=False)
-        return out.logits, start
-
-    def logps(self, batch: dict[str, torch.Tensor], reference: bool = False) -> SeqLogps:
-        """Per-sequence response log-probs under the policy (or the reference, no grad)."""
-        ctx = self._reference_ctx() if reference else nullcontext(self.model)
-        with ctx as model, torch.no_grad() if reference else nullcontext():
-            logits, start = self._logits(model, batch)
-        labels = batch["labels"][:, start + 1 :]
-        return sequence_logps(logits[:, :-1], labels)
-
-    def logps_and_logits(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[SeqLogps, torch.Tensor, torch.Tensor]:
-        """Policy log-probs plus the aligned (logits, labels) for smoothing / calibration."""
-        logits, start = self._logits(self.model, batch)
-        labels = batch["labels"][:, start + 1 :]
-        logits = logits[:, :-1]
-        return sequence_logps(logits, labels), logits, labels
-
-    def pair_logps(
-        self,
-        batch: dict[str, torch.Tensor],
-        n: int,
-        reference: bool = False,
-        prefix_sharing: bool = False,
-    ) -> SeqLogps:
-        """Log-probs of a `collate_pairs` batch (n pairs, 2n rows). prefix_sharing=True runs
-        image + prompt once per pair (`cwdpo.model.prefix`: one packed row per pair, gradient
-        checkpointing included) where the model supports it, else the plain `logps` path."""
-        if prefix_sharing:
-            from cwdpo.model.prefix import shared_prefix_logps, supports_prefix_sharing
-
-            ctx = self._reference_ctx() if reference else nullcontext(self.model)
-            with ctx as model, torch.no_grad() if reference else nullcontext():
-                if supports_prefix_sharing(model, batch):
-                    return shared_prefix_logps(model, batch, n)
-        return self.logps(batch, reference=reference)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
-from cwdpo.losses.objectives import SeqLogps, token_logps
+from cwdpo.losses.sequence import SeqLogps, token_logps
 
 #: model_type values whose prefix-shared forward is tested equal to the plain forward
 #: (tests/test_families.py, one row per family).
@@ -188,94 +188,96 @@ def select_packed(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, 
     return out
 
 
-def split_pairs(
-    batch: dict[str, torch.Tensor], n: int, model: nn.Module | None = None
-) -> SharedPrefixBatch:
-    """Pack a `collate_pairs` batch (rows i and n+i share image and prompt) into n rows.
-    Raises ValueError if a pair's rows do not share their prompt and vision inputs."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+def _check_pairs(batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, list[str]]:
+    """Prompt length of every row [2n] and the per-token keys present; ValueError unless rows i
+    and n+i share their prompt tokens and per-token inputs over it."""
+    ids, labels = batch["input_ids"], batch["labels"]
     rows, width = ids.shape
     if rows != 2 * n:
         raise ValueError(f"a pair batch has 2·n rows; got {rows} rows for n={n}")
-    dev = ids.device
     is_resp = labels != IGNORE_INDEX
     if not bool(is_resp.any(-1).all()):
         raise ValueError("every row of a pair batch needs at least one response token")
     plen = is_resp.float().argmax(-1)  # first response column = prompt length  [2n]
-    length = mask.sum(-1)  # right-padded rows: real tokens are [0, length)
     if not torch.equal(plen[:n], plen[n:]):
         raise ValueError("chosen and rejected rows of a pair have prompts of different length")
-    cols = torch.arange(width, device=dev)
-    in_prompt = cols[None, :] < plen[:n, None]
+    in_prompt = torch.arange(width, device=ids.device)[None, :] < plen[:n, None]
     per_tok = [k for k in PER_TOKEN_KEYS if k in batch]
     for k in ("input_ids", *per_tok):
         if not torch.equal(batch[k][:n] * in_prompt, batch[k][n:] * in_prompt):
             what = "prompt tokens" if k == "input_ids" else f"{k!r} over the prompt"
             raise ValueError(f"chosen and rejected rows of a pair do not share their {what}")
+    return plen, per_tok
 
-    # source column (in the plain row) of every packed column, and which row it comes from
+
+@dataclass
+class _PackedLayout:
+    """Where every column of the n packed rows comes from in the 2n plain rows."""
+
+    src: torch.Tensor  # [n, L] source column in the plain row (clamped; see `ok`)
+    ok: torch.Tensor  # [n, L] a real token (not padding)
+    ridx: torch.Tensor  # [n, L] plain row: i (prefix, chosen) or n+i (rejected)
+    seg: torch.Tensor  # [n, L] 0 prefix, 1 chosen, 2 rejected
+    P: int
+    Tc: int
+    Tr: int
+
+    def gather(self, t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        return torch.where(self.ok, t[self.ridx, self.src], torch.full_like(self.src, fill))
+
+
+def _packed_layout(plen: torch.Tensor, length: torch.Tensor, n: int, width: int) -> _PackedLayout:
+    """[prefix right-aligned to column P | chosen response | rejected response] per pair, from
+    prompt lengths and (right-padded) row lengths [2n]."""
+    dev = plen.device
     pl = plen[:n]
     P = int(pl.max())
     rlen = length - plen
     Tc, Tr = int(rlen[:n].max()), int(rlen[n:].max())
     j = torch.arange(P, device=dev)[None, :]
     p_src = j - (P - pl[:, None])  # prefix right-aligned to column P
-    p_ok = p_src >= 0
     tc = torch.arange(Tc, device=dev)[None, :]
     tr = torch.arange(Tr, device=dev)[None, :]
     c_src, c_ok = pl[:, None] + tc, tc < rlen[:n, None]
     r_src, r_ok = pl[:, None] + tr, tr < rlen[n:, None]
     src = torch.cat([p_src, c_src, r_src], 1).clamp(0, width - 1)  # [n, L]
-    ok = torch.cat([p_ok, c_ok, r_ok], 1)
-    row = torch.cat(  # 0: the chosen row i, 1: the rejected row n+i
-        [
-            torch.zeros(n, P + Tc, dtype=torch.long, device=dev),
-            torch.ones(n, Tr, dtype=torch.long, device=dev),
-        ],
-        1,
-    )
-    seg = torch.cat(
-        [
-            torch.full((n, P), 0, device=dev),
-            torch.full((n, Tc), 1, device=dev),
-            torch.full((n, Tr), 2, device=dev),
-        ],
-        1,
-    )
-    ridx = torch.arange(n, device=dev)[:, None] + n * row  # plain row of each packed column
+    ok = torch.cat([p_src >= 0, c_ok, r_ok], 1)
+    sizes = (P, Tc, Tr)
+    seg = torch.cat([torch.full((n, w), s, device=dev) for s, w in enumerate(sizes)], 1)
+    ridx = torch.arange(n, device=dev)[:, None] + n * (seg == 2).long()  # plain row per column
+    return _PackedLayout(src, ok, ridx, seg, P, Tc, Tr)
 
-    def gather(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
-        return torch.where(ok, t[ridx, src], torch.full_like(src, fill))
 
-    inputs: dict[str, torch.Tensor] = {"input_ids": gather(ids)}
-    for k in per_tok:
-        inputs[k] = gather(batch[k])
-    pos = _plain_positions(model, batch) if model is not None else cols.expand_as(ids)
-    if pos.ndim == 3:  # M-RoPE [3, 2n, W]
-        inputs["position_ids"] = torch.where(ok, pos[:, ridx, src], 0)
-        pos1 = torch.where(ok, pos[0][ridx, src], 0)
-    else:
-        inputs["position_ids"] = pos1 = torch.where(ok, pos[ridx, src], 0)
-
-    # block mask: same segment → causal (+ the family's bidirectional blocks); responses see
-    # the whole prefix; padding is never a key (a padding query sees itself: finite outputs)
-    L = src.shape[1]
+def _block_mask(
+    lay: _PackedLayout, batch: dict[str, torch.Tensor], model: nn.Module | None
+) -> torch.Tensor:
+    """[n, L, L] bool: same segment → causal (+ the family's bidirectional blocks); responses
+    see the whole prefix; padding is never a key (a padding query sees itself: finite outputs)."""
+    seg, ok = lay.seg, lay.ok
+    L = seg.shape[1]
     q_seg, k_seg = seg[:, :, None], seg[:, None, :]
-    ii = torch.arange(L, device=dev)
+    ii = torch.arange(L, device=seg.device)
     causal = ii[None, :, None] >= ii[None, None, :]
     allowed = ((q_seg == k_seg) & causal) | ((k_seg == 0) & (q_seg > 0))
     mt = _model_type(_base(model)) if model is not None else None
     if "token_type_ids" in batch and mt in BIDIRECTIONAL_BLOCKS:
         blocks = _block_ids(mt, batch["token_type_ids"])
-        if bool((blocks[is_resp] >= 0).any()):
+        if bool((blocks[batch["labels"] != IGNORE_INDEX] >= 0).any()):
             raise ValueError("a bidirectional block reaches into a response: no shared prefix")
-        b = torch.where(ok & (seg == 0), blocks[ridx, src], -1)
+        b = torch.where(ok & (seg == 0), blocks[lay.ridx, lay.src], -1)
         allowed |= (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
     allowed &= ok[:, None, :]
-    allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None] & ~ok[:, :, None]
+    allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)[None] & ~ok[:, :, None]
+    return allowed
 
-    # vision inputs of the n chosen rows (rows n+i must hold the same)
+
+def _pair_vision_inputs(
+    batch: dict[str, torch.Tensor], n: int, per_tok: list[str]
+) -> dict[str, torch.Tensor]:
+    """Vision inputs of the n chosen rows; ValueError unless rows n+i hold the same."""
+    rows = batch["input_ids"].shape[0]
     packed = is_packed(batch)
+    inputs: dict[str, torch.Tensor] = {}
     for k, v in batch.items():
         if k in TEXT_KEYS or k in per_tok or not torch.is_tensor(v):
             continue
@@ -299,9 +301,34 @@ def split_pairs(
             if not torch.equal(v, second[k]):
                 raise ValueError(f"chosen and rejected rows of a pair have different {k!r}")
         inputs.update(first)
+    return inputs
 
-    ign = torch.full_like(src, IGNORE_INDEX)
-    lab = torch.where(ok, labels[ridx, src], ign)
+
+def split_pairs(
+    batch: dict[str, torch.Tensor], n: int, model: nn.Module | None = None
+) -> SharedPrefixBatch:
+    """Pack a `collate_pairs` batch (rows i and n+i share image and prompt) into n rows.
+    Raises ValueError if a pair's rows do not share their prompt and vision inputs."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    plen, per_tok = _check_pairs(batch, n)
+    lay = _packed_layout(plen, batch["attention_mask"].sum(-1), n, ids.shape[1])
+    src, ok, ridx = lay.src, lay.ok, lay.ridx
+    inputs: dict[str, torch.Tensor] = {"input_ids": lay.gather(ids)}
+    for k in per_tok:
+        inputs[k] = lay.gather(batch[k])
+    if model is not None:
+        pos = _plain_positions(model, batch)
+    else:
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    if pos.ndim == 3:  # M-RoPE [3, 2n, W]
+        inputs["position_ids"] = torch.where(ok, pos[:, ridx, src], 0)
+        pos1 = torch.where(ok, pos[0][ridx, src], 0)
+    else:
+        inputs["position_ids"] = pos1 = torch.where(ok, pos[ridx, src], 0)
+    allowed = _block_mask(lay, batch, model)
+    inputs.update(_pair_vision_inputs(batch, n, per_tok))
+    lab = lay.gather(labels, IGNORE_INDEX)
+    P, Tc, Tr = lay.P, lay.Tc, lay.Tr
     return SharedPrefixBatch(inputs, allowed, pos1, P, Tc, Tr, lab[:, P : P + Tc], lab[:, P + Tc :])
 
 

@@ -146,6 +146,12 @@ def select_pairs(
     return out
 
 
+def open_ref_cache(ref_cache: str | Path | RefLogpCache | None) -> RefLogpCache | None:
+    """`stage.cw_dpo.ref_cache` as configured: a directory (a new cache there), a RefLogpCache
+    (used as it is), or None (no cache: reference log-probs are computed every step)."""
+    return RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
+
+
 class RefLogpCache:
     """Reference log-prob sums of dataset pairs, keyed by `pair_keys`, persisted per rank."""
 
@@ -180,6 +186,12 @@ class RefLogpCache:
             for k, v in zip(keys.numpy(), values):
                 self.table[k.tobytes()] = (v[0], v[1])
         return self
+
+    def bind_reference(self, backbone: Any, rank: int = 0) -> RefLogpCache:
+        """At fit start: this rank's shard, holding the entries of the backbone's π_ref as it is
+        now (`reference_fingerprint`; a new snapshot starts an empty table)."""
+        self.rank = rank
+        return self.bind(reference_fingerprint(backbone))
 
     def __len__(self) -> int:
         return len(self.table)

@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from cwdpo.utils.io import atomic_save_dir
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,7 +61,13 @@ class TinySpec:
     version: int = 2  # bump when the builder changes
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
+
+
+def spec_key(spec: Any, **extra: Any) -> str:
+    """Cache key of a build: 12 hex digits of sha256 over the spec's fields (+ `extra`)."""
+    blob = json.dumps({**extra, **asdict(spec)}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def default_cache_dir() -> Path:
@@ -116,20 +123,10 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Build the tiny LLaVA and its processor into `out_dir` (atomically: temp dir + rename)."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def _tiny_processor(spec: TinySpec, tokenizer: Any):
+    """LLaVA-1.5's processor at the tiny sizes: CLIP preprocessing, one `<image>` per patch."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(spec.vocab_size)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -137,7 +134,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
@@ -145,6 +142,12 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def _tiny_config(spec: TinySpec, tokenizer: Any):
+    """LlavaConfig: a CLIP vision tower and a Llama language model at the tiny sizes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 2,
@@ -154,6 +157,11 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
     )
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
@@ -162,43 +170,41 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads,
         max_position_embeddings=spec.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **special,
         tie_word_embeddings=False,
     )
-    n_img = (spec.image_size // spec.patch_size) ** 2
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_img,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        **special,
         tie_word_embeddings=False,
     )
+
+
+def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Build the tiny LLaVA and its processor into `out_dir` (atomically: temp dir + swap)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(spec.vocab_size)
+    processor = _tiny_processor(spec, tokenizer)
+    config = _tiny_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "cwdpo_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_save_dir(out_dir, write)
 
 
 def ensure_tiny_vlm(cache_dir: str | Path | None = None, spec: TinySpec = TinySpec()) -> Path:

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from cwdpo.losses.diagnostics import VULNERABLE_REGION, vulnerable_fraction
 from cwdpo.losses.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
-from cwdpo.model.ref_cache import (
-    RefLogpCache,
-    cached_reference_logps,
-    reference_fingerprint,
-    reference_signature,
-)
+from cwdpo.model.ref_cache import cached_reference_logps, open_ref_cache, reference_signature
 from cwdpo.stages.base import StageModule
-
-DROPOUT_ATTRS = (
-    "dropout",
-    "attention_dropout",
-    "activation_dropout",
-    "hidden_dropout",
-    "attn_dropout",
-)
-
-
-def disable_dropout_(model: torch.nn.Module) -> int:
-    """Dropout off in the policy (as TRL's `disable_dropout`): the reference runs in eval mode,
-    so with dropout the log-ratios would be noisy and nonzero at step 0. Covers nn.Dropout
-    (LoRA's lora_dropout included) and the float probabilities HF modules keep as attributes
-    (e.g. CLIP/SigLIP attention's `dropout`, Llama/Qwen attention's `attention_dropout`)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0:
-            m.p, n = 0.0, n + 1
-        for attr in DROPOUT_ATTRS:  # HF modules that pass a float p to F.dropout / SDPA
-            if isinstance(getattr(m, attr, None), float) and getattr(m, attr) > 0:
-                setattr(m, attr, 0.0)
-                n += 1
-    return n
+from cwdpo.utils.reference_checkpoint import ReferenceCheckpoint, drops_reference
 
 
 class CWDPOModule(StageModule):
@@ -74,7 +44,9 @@ class CWDPOModule(StageModule):
         # reference log-probs of dataset pairs across epochs (cwdpo.model.ref_cache: a directory or
         # a RefLogpCache). Both are exact up to float rounding; both default off.
         self.prefix_sharing = prefix_sharing
-        self.ref_cache = RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
+        self.ref_cache = open_ref_cache(ref_cache)
+        # π_ref in checkpoints: its signature, not its frozen copy (utils/reference_checkpoint.py)
+        self.reference_checkpoint = ReferenceCheckpoint()
         self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
         self.filter_threshold, self.loss_type, self.rpo_alpha = (
             filter_threshold,
@@ -105,56 +77,23 @@ class CWDPOModule(StageModule):
                 "stage=cw_dpo from a checkpoint (the pipeline snapshots π_ref ← π_θ)"
             )
         if self.disable_dropout:
-            disable_dropout_(self.backbone.model)
+            self.backbone.disable_dropout()
         if self.ref_cache is not None:
-            self.ref_cache.rank = self.global_rank
-            self.ref_cache.bind(reference_fingerprint(self.backbone))
+            self.ref_cache.bind_reference(self.backbone, rank=self.global_rank)
 
-    # π_ref is not training state: before fit it is re-created from the stage's starting policy
-    # (the pipeline snapshots it from the saved stage-1 output, also on resume). Checkpoints
-    # record its signature, and under single-device / DDP leave the frozen copy out (full
-    # fine-tuning: about half the weights on disk); loading refuses a checkpoint trained against
-    # another reference and puts the live copy back, so strict loading still checks the policy.
-    # FSDP and DeepSpeed save and load weights themselves: the copy stays in their checkpoints.
-    REFERENCE_PREFIX = "backbone.reference."
-
+    # π_ref is not training state: checkpoints carry its signature, not (under single-device /
+    # DDP) its frozen copy, and loading refuses another reference (cwdpo.utils.reference_checkpoint)
     def setup(self, stage: str) -> None:
         # before the strategy moves, casts or shards anything, and before a checkpoint is restored
-        self._ref_signature = (
+        self.reference_checkpoint.signature = (
             reference_signature(self.backbone) if self.backbone.has_reference else None
         )
 
-    def _drops_reference(self) -> bool:
-        trainer = self._trainer  # None outside a fit (e.g. a hand-made checkpoint)
-        return trainer is None or type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        signature = getattr(self, "_ref_signature", None)
-        if signature is not None:
-            checkpoint["cwdpo_reference_signature"] = signature
-        state = checkpoint.get("state_dict")
-        if state is not None and self._drops_reference():
-            for key in [k for k in state if k.startswith(self.REFERENCE_PREFIX)]:
-                del state[key]
+        self.reference_checkpoint.save(checkpoint, drop=drops_reference(self._trainer))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, live = (
-            checkpoint.get("cwdpo_reference_signature"),
-            getattr(self, "_ref_signature", None),
-        )
-        if saved is not None and live is not None and saved != live:
-            raise RuntimeError(
-                "this CW-DPO checkpoint was trained against a different reference policy than the "
-                "one loaded now (signatures differ): resume from the run directory whose stage-1 "
-                "output it started from (`resume=<run dir>`), or start the stage fresh"
-            )
-        state, ref = checkpoint.get("state_dict"), self.backbone.reference
-        if (
-            state is not None
-            and ref is not None
-            and not any(k.startswith(self.REFERENCE_PREFIX) for k in state)
-        ):
-            state.update({self.REFERENCE_PREFIX + k: v for k, v in ref.state_dict().items()})
+        self.reference_checkpoint.load(checkpoint, self.backbone.reference)
 
     def on_train_epoch_end(self) -> None:
         if self.ref_cache is not None:
