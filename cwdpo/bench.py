@@ -158,19 +158,21 @@ def _pairs(n: int, seed: int):
 
 
 def _our_batch(bb, pairs, device):
+    from cwdpo.batch import PairBatch
+
     images = [p.image.load() for p in pairs]
     enc = bb.collate_pairs(
         images, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
     )
     n = len(pairs)
-    return {
-        "pairs": {k: v.to(device) for k, v in enc.items()},
-        "n": n,
-        "neg_is_dataset": torch.ones(n, device=device),
-        "neg_is_easy": torch.tensor(
+    return PairBatch(
+        inputs={k: v.to(device) for k, v in enc.items()},
+        n=n,
+        neg_is_dataset=torch.ones(n, device=device),
+        neg_is_easy=torch.tensor(
             [float(p.source.startswith("easy")) for p in pairs], device=device
         ),
-    }
+    )
 
 
 def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[str, Any]]:
@@ -242,7 +244,7 @@ def _our_variants(args, path, pairs, device, lora) -> tuple[list[Variant], dict[
 def _composition(bb, batch) -> dict[str, Any]:
     from cwdpo.batch import IGNORE_INDEX
 
-    enc = batch["pairs"]
+    enc = batch.inputs
     image_id = getattr(bb.model.config, "image_token_id", None)
     if image_id is None:
         image_id = getattr(bb.model.config, "image_token_index", -1)

@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+    from cwdpo.batch import PairBatch
     from cwdpo.model.backbone import VLMBackbone
     from cwdpo.data.shapes import ShapesWorld
     from cwdpo.stages import CWDPOModule
@@ -79,8 +80,8 @@ SCRIPT = textwrap.dedent(
             ps = [self.pairs[i] for i in idx]
             enc = self.backbone.collate_pairs([self.images[i] for i in idx], [p.prompt for p in ps],
                                               [p.chosen for p in ps], [p.rejected for p in ps])
-            return {"pairs": enc, "n": len(ps), "neg_is_dataset": torch.ones(len(ps)),
-                    "neg_is_easy": torch.zeros(len(ps))}
+            return PairBatch(enc, len(ps), neg_is_dataset=torch.ones(len(ps)),
+                             neg_is_easy=torch.zeros(len(ps)))
 
 
     def make_strategy(name, devices):

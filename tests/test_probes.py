@@ -214,8 +214,14 @@ def _sft_trainer(backbone, root, steps, probe, *more):
     from cwdpo.stages import SFTCModule
 
     src = ShapesSource(sizes=SIZES)
-    dm = CaptionDataModule(src, src.captions("train"), batch_size=4, seed=0)
-    dm.attach(backbone.collate, backbone.collate_pairs)
+    dm = CaptionDataModule(
+        src,
+        src.captions("train"),
+        batch_size=4,
+        seed=0,
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+    )
     module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), total_steps=steps)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -2,7 +2,8 @@
 
 Images load in DataLoader workers (bounded pool); negatives are chosen and batches are
 collated in `on_before_batch_transfer`, i.e. in the main process, because on-policy
-negatives live in a buffer that the refresh callback updates during training.
+negatives live in a buffer that the refresh callback updates during training. Batches are
+`cwdpo.batch.CaptionBatch` / `PairBatch`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch
 from cwdpo.data.negative_config import NegativeConfig
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
-Collate = Callable[..., dict[str, torch.Tensor]]
+#: `VLMBackbone.collate(images, prompts, responses)` / `collate_pairs(images, prompts, chosen,
+#: rejected)`: texts → `ModelInputs`
+Collate = Callable[..., ModelInputs]
 
 
 class _Indexed(Dataset):
@@ -58,6 +62,9 @@ def split_records(records: list[CaptionRecord], fractions: dict[str, float]) -> 
 
 
 class _Base(L.LightningDataModule):
+    """`collate` / `collate_pairs` turn texts into model inputs (the backbone's methods of the
+    same names); a module built without them serves its loaders but no batches."""
+
     def __init__(
         self,
         source: CaptionSource,
@@ -66,6 +73,8 @@ class _Base(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        collate: Collate | None = None,
+        collate_pairs: Collate | None = None,
     ) -> None:
         super().__init__()
         if not train_records:
@@ -76,16 +85,13 @@ class _Base(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.collate: Collate | None = None
+        self.collate, self.collate_pairs = collate, collate_pairs
         self.rng = random.Random(seed)
         self.records_by_loader: dict[str, list[CaptionRecord]] = {}
         self.negative_sources: Counter = Counter()  # stage 1 gentle negatives, by source
         self._evaluating = False
         self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
         self._resume_position: dict[str, int] | None = None
-
-    def attach(self, collate: Collate, collate_pairs: Collate) -> None:
-        self.collate, self.collate_pairs = collate, collate_pairs
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = rank_world()
@@ -151,8 +157,11 @@ class _Base(L.LightningDataModule):
         self, batch: Any
     ) -> tuple[list[CaptionRecord], list[Any], list[str], list[str], random.Random]:
         """(records, images, prompts, one positive per record, the batch's RNG)."""
-        if self.collate is None:
-            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
+        if self.collate is None or self.collate_pairs is None:
+            raise RuntimeError(
+                f"{type(self).__name__} was built without collate functions: pass "
+                "collate=backbone.collate, collate_pairs=backbone.collate_pairs"
+            )
         idx, images = batch
         recs = self._records()
         rows = [recs[i] for i in idx]
@@ -172,6 +181,29 @@ class _Base(L.LightningDataModule):
         raise DataError(
             f"could not draw a gentle negative for image {rec.image_id} that is not "
             "a positive (does the record have a rejected text equal to a reference?)"
+        )
+
+    def _pair_batch(
+        self,
+        rows: list[CaptionRecord],
+        images: list[Any],
+        prompts: list[str],
+        chosen: list[str],
+        negs: list[tuple[str, str]],
+    ) -> PairBatch:
+        """Collate (chosen, rejected) pairs; `negs` holds each pair's (rejected, source)."""
+        rejected, sources = [t for t, _ in negs], [s for _, s in negs]
+        return PairBatch(
+            inputs=self.collate_pairs(images, prompts, chosen, rejected),
+            n=len(rows),
+            chosen=list(chosen),
+            rejected=rejected,
+            image_ids=[r.image_id for r in rows],
+            sources=sources,
+            neg_is_dataset=torch.tensor(
+                [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for s in sources]
+            ),
+            neg_is_easy=torch.tensor([1.0 if s.startswith("easy") else 0.0 for s in sources]),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -194,12 +226,12 @@ class CaptionDataModule(_Base):
         super().__init__(*args, **kwargs)
         self.gentle_negatives = gentle_negatives
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> CaptionBatch | PairBatch:
         rows, images, prompts, pos, rng = self._unpack(batch)
         if not self.gentle_negatives:
-            return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
-        neg = [self._gentle_negative(r, rng, p)[0] for r, p in zip(rows, pos)]
-        return {"pairs": self.collate_pairs(images, prompts, pos, neg), "n": len(rows)}
+            return CaptionBatch(inputs=self.collate(images, prompts, pos), n=len(rows))
+        negs = [self._gentle_negative(r, rng, p) for r, p in zip(rows, pos)]
+        return self._pair_batch(rows, images, prompts, pos, negs)
 
 
 @dataclass
@@ -331,7 +363,7 @@ class PreferenceDataModule(_Base):
             f"could not draw a negative for image {rec.image_id} that is not a positive"
         )
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> PairBatch:
         rows, images, prompts, chosen, rng = self._unpack(batch)
         if self.self_judged:
             trip = [self._self_pair(r, c, rng) for r, c in zip(rows, chosen)]
@@ -341,21 +373,7 @@ class PreferenceDataModule(_Base):
         if self._training():
             for _, src in negs:
                 self.stats.counts[src] += 1
-        pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
-        is_dataset = torch.tensor(
-            [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for _, s in negs]
-        )
-        is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
-        return {
-            "pairs": pairs,
-            "n": len(rows),
-            "neg_is_dataset": is_dataset,
-            "neg_is_easy": is_easy,
-            "sources": [s for _, s in negs],
-            "rejected": [t for t, _ in negs],
-            "chosen": list(chosen),
-            "image_ids": [r.image_id for r in rows],
-        }
+        return self._pair_batch(rows, images, prompts, chosen, negs)
 
     def state_dict(self) -> dict[str, Any]:
         st = self.stats
