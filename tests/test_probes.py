@@ -131,7 +131,7 @@ def test_refresh_rule_calls_the_on_policy_callback_with_cooldown(tmp_path):
     calls = []
 
     class Recorder(OnPolicyNegatives):
-        def _refresh(self, trainer, pl_module):
+        def refresh(self, trainer, pl_module):
             calls.append(trainer.global_step)
 
     rules = {

@@ -2,15 +2,16 @@
 
 Images load in DataLoader workers (bounded pool); negatives are chosen and batches are
 collated in `on_before_batch_transfer`, i.e. in the main process, because on-policy
-negatives live in a buffer that the refresh callback updates during training. Batches are
-`cwdpo.batch.CaptionBatch` / `PairBatch`.
+negatives live in a buffer that the refresh callback (`cwdpo.callbacks.on_policy`) fills
+during training: the callback samples the policy, the data module only receives the samples
+(`PreferenceDataModule.set_negatives`). Batches are `cwdpo.batch.CaptionBatch` / `PairBatch`.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,44 +263,25 @@ class PreferenceDataModule(_Base):
     def needs_on_policy(self) -> bool:
         return self.neg.dataset_fraction < 1.0
 
-    @torch.no_grad()
-    def refresh_on_policy(self, generate: Callable[..., list[str]], step: int) -> dict[str, float]:
-        """Sample fresh negatives for every training image from the current policy."""
-        n, bs = self.neg.num_samples, self.neg.generation_batch_size
-        rank, world = rank_world()
-        mine = self.train_records[rank::world]  # each rank samples its own shard
+    def set_negatives(self, samples: Mapping[str, Sequence[str]], step: int) -> dict[str, float]:
+        """Take fresh policy samples (image id → its sampled captions, every training image; the
+        on-policy callback draws them) as the on-policy buffer. Samples the source judges to be
+        positives are dropped; self_judged keeps [best, worst] by the judge. Returns the counts
+        to log."""
+        by_id = {r.image_id: r for r in self.train_records}
         buffer: dict[str, list[str]] = {}
         kept = dropped = 0
-        for s in range(0, len(mine), bs):
-            chunk = mine[s : s + bs]
-            images = [load_images(r) for r in chunk]
-            outs = generate(
-                images,
-                [record_prompt(r, self.source.prompt) for r in chunk],
-                max_new_tokens=self.neg.max_new_tokens,
-                do_sample=True,
-                temperature=self.neg.temperature,
-                top_p=self.neg.top_p,
-                num_return_sequences=n,
-            )
-            for j, r in enumerate(chunk):
-                samples = [t for t in outs[j * n : (j + 1) * n] if t.strip()]
-                if self.self_judged:
-                    buffer[r.image_id] = self._judge(samples, r)
-                    kept += len(buffer[r.image_id]) == 2
-                    dropped += len(buffer[r.image_id]) < 2
-                    continue
-                good = [t for t in samples if not self.source.is_positive(t, r)]
-                dropped += len(samples) - len(good)
-                kept += len(good)
-                buffer[r.image_id] = good
-        if world > 1:  # every rank needs every image's negatives: merge the shards
-            import torch.distributed as dist
-
-            parts: list[Any] = [None] * world
-            dist.all_gather_object(parts, (buffer, kept, dropped))
-            buffer = {k: v for b, _, _ in parts for k, v in b.items()}
-            kept, dropped = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        for image_id, texts in samples.items():
+            rec, texts = by_id[image_id], [t for t in texts if t.strip()]
+            if self.self_judged:
+                buffer[image_id] = self._judge(texts, rec)
+                kept += len(buffer[image_id]) == 2
+                dropped += len(buffer[image_id]) < 2
+                continue
+            good = [t for t in texts if not self.source.is_positive(t, rec)]
+            dropped += len(texts) - len(good)
+            kept += len(good)
+            buffer[image_id] = good
         self.buffer = buffer
         self.stats.refresh_steps.append(step)
         if self.self_judged:

@@ -1,7 +1,9 @@
 """`negatives=dataset|on_policy|mixed|self_judged`: the config group's settings, checked.
 
-Read by `cwdpo.data.datamodules.PreferenceDataModule` (which negative each pair gets, and how
-on-policy samples are drawn).
+The choice settings (kind, fractions, `min_gap`, `easy_mix`) are read by
+`cwdpo.data.datamodules.PreferenceDataModule`; the sampling settings (`num_samples`,
+`temperature`, `top_p`, `max_new_tokens`, `generation_batch_size`, `refresh_every_n_steps`) by
+the on-policy callback, `cwdpo.callbacks.on_policy`.
 """
 
 from __future__ import annotations
