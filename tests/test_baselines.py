@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.losses.objectives import cw_dpo_loss
 from tests.helpers import bare_cw_dpo_module, compose_cfg
 
@@ -81,12 +82,12 @@ def _module(**kw):
 
 
 def test_sft_loss_type_is_the_chosen_per_token_nll_and_shuffle_permutes():
-    loss, metrics = _module(loss_type="sft").compute({})
+    loss, metrics = _module(loss_type="sft").compute(PairBatch({}, 2))
     assert float(loss) == pytest.approx((0.4 + 0.8) / 2)  # −mean over pairs of ℓ̄(y_w)
     assert "cooling/mean" in metrics  # the DPO terms are still logged for comparison
     torch.manual_seed(0)
-    _, m_shuf = _module(shuffle_weights=True).compute({})
-    _, m_cw = _module().compute({})
+    _, m_shuf = _module(shuffle_weights=True).compute(PairBatch({}, 2))
+    _, m_cw = _module().compute(PairBatch({}, 2))
     assert float(m_shuf["cooling/mean"]) == pytest.approx(float(m_cw["cooling/mean"]))
 
 

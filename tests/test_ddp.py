@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+    from cwdpo.batch import PairBatch
     from cwdpo.model.backbone import VLMBackbone
     from cwdpo.data.shapes import ShapesWorld
     from cwdpo.stages import CWDPOModule
@@ -79,8 +80,8 @@ SCRIPT = textwrap.dedent(
             ps = [self.pairs[i] for i in idx]
             enc = self.backbone.collate_pairs([self.images[i] for i in idx], [p.prompt for p in ps],
                                               [p.chosen for p in ps], [p.rejected for p in ps])
-            return {"pairs": enc, "n": len(ps), "neg_is_dataset": torch.ones(len(ps)),
-                    "neg_is_easy": torch.zeros(len(ps))}
+            return PairBatch(enc, len(ps), neg_is_dataset=torch.ones(len(ps)),
+                             neg_is_easy=torch.zeros(len(ps)))
 
 
     def make_strategy(name, devices):
@@ -316,6 +317,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch.distributed as dist
+    from cwdpo.callbacks.on_policy import refresh_negatives
     from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
     from cwdpo.data.shapes import WorldConfig
     from cwdpo.data.sources import ShapesSource
@@ -334,7 +336,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
         return [f"a red circle on the left {len(seen)}-{i}-{rank}"
                 for i in range(len(images) * num_return_sequences)]
 
-    stats = dm.refresh_on_policy(generate, step=0)
+    stats = refresh_negatives(dm, generate, step=0)
     with open(out, "w") as f:
         json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]}, f)
     if world > 1:  # a clean teardown: gloo threads alive at interpreter exit can abort the process

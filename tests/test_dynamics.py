@@ -129,6 +129,7 @@ def test_gradient_split_sums_to_the_full_gradient(cooling):
 
 def test_gradient_split_on_the_tiny_vlm(backbone, pair_batch):
     """Through the real stage module: one forward, split vs `loss.backward()` gradients."""
+    from cwdpo.batch import PairBatch
     from cwdpo.stages import CWDPOModule
 
     backbone.snapshot_reference()
@@ -137,7 +138,7 @@ def test_gradient_split_on_the_tiny_vlm(backbone, pair_batch):
     enc = backbone.collate_pairs(
         pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
     )
-    loss, _ = module.compute({"pairs": enc, "n": n})
+    loss, _ = module.compute(PairBatch(inputs=enc, n=n))
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     split = gradient_split(loss, [module.last_logps.token], params, n, return_grads=True)
     loss.backward()
@@ -166,8 +167,9 @@ def _cw_dpo_trainer(backbone, root, steps, callbacks, loggers):
         batch_size=4,
         seed=0,
         negatives=NegativeConfig(easy_fraction=0.5),
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
     )
-    dm.attach(backbone.collate, backbone.collate_pairs)
     backbone.snapshot_reference()
     module = CWDPOModule(
         backbone,

@@ -407,19 +407,20 @@ def test_trl_rows_with_several_images_train_on_all_of_them(fam, tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = PreferenceFileSource(str(f), holdout={"val": 1, "test": 1, "probe": 1})
-    dm = PreferenceDataModule(src, src.captions("train"), batch_size=2)
-    dm.attach(bb.collate, bb.collate_pairs)
+    dm = PreferenceDataModule(
+        src, src.captions("train"), batch_size=2, collate=bb.collate, collate_pairs=bb.collate_pairs
+    )
     raw = next(iter(dm.train_dataloader()))
     assert all(isinstance(im, list) and len(im) == 2 for im in raw[1])
     batch = dm.on_before_batch_transfer(raw, 0)
-    n = batch["n"]
+    n = batch.n
     pairs = read_preference_pairs(f)
     by_id = {p.image_id: p for p in pairs}
-    for i, image_id in enumerate(batch["image_ids"]):
+    for i, image_id in enumerate(batch.image_ids):
         p = by_id[image_id]
         ims = [r.load() for r in p.meta["images"]]
-        for row, resp in ((i, p.chosen), (n + i, batch["rejected"][i])):
-            ours, ids = row_token_logps(bb, batch["pairs"], row)
+        for row, resp in ((i, p.chosen), (n + i, batch.rejected[i])):
+            ours, ids = row_token_logps(bb, batch.inputs, row)
             ref, ref_ids = reference_token_logps(bb, ims, p.prompt, resp)
             assert ids == ref_ids
             assert (ours - ref).abs().max().item() < TOL, name

@@ -23,7 +23,7 @@ class NaNPixels(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step in self.steps:
-            batch["pos"]["pixel_values"].fill_(float("nan"))
+            batch.inputs["pixel_values"].fill_(float("nan"))
 
 
 class NaNGrad(L.Callback):
@@ -60,8 +60,14 @@ def train(
     torch.manual_seed(0)
     backbone = VLMBackbone.from_pretrained(path, max_length=128)
     source = ShapesSource(sizes={"train": 8, "val": 2, "test": 2, "probe": 2})
-    dm = CaptionDataModule(source, source.captions("train"), batch_size=2, seed=0)
-    dm.attach(backbone.collate, backbone.collate_pairs)
+    dm = CaptionDataModule(
+        source,
+        source.captions("train"),
+        batch_size=2,
+        seed=0,
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+    )
     module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=1e-3), total_steps=steps)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from cwdpo.callbacks.on_policy import OnPolicyNegatives
+from cwdpo.callbacks.on_policy import OnPolicyNegatives, refresh_negatives
 from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
 from cwdpo.data.shapes import WorldConfig
 from cwdpo.data.sources import ShapesSource
@@ -23,10 +23,19 @@ def _source(n: int = 24) -> ShapesSource:
     return ShapesSource(WorldConfig(), seed=0, sizes={"train": n, "val": 4, "test": 4, "probe": 4})
 
 
-def _dm(kind: str, fraction: float, n: int = 24, **neg) -> PreferenceDataModule:
+def _dm(kind: str, fraction: float, n: int = 24, backbone=None, **neg) -> PreferenceDataModule:
     src = _source(n)
     cfg = NegativeConfig(kind=kind, dataset_fraction=fraction, **neg)
-    return PreferenceDataModule(src, src.captions("train"), batch_size=4, seed=0, negatives=cfg)
+    collate = (backbone.collate, backbone.collate_pairs) if backbone else (lambda *a: {},) * 2
+    return PreferenceDataModule(
+        src,
+        src.captions("train"),
+        batch_size=4,
+        seed=0,
+        negatives=cfg,
+        collate=collate[0],
+        collate_pairs=collate[1],
+    )
 
 
 class FakePolicy:
@@ -48,8 +57,7 @@ class FakePolicy:
         return out
 
 
-def _batches(dm: PreferenceDataModule, n_batches: int, collate=None):
-    dm.attach(collate or (lambda *a: {}), lambda *a: {})
+def _batches(dm: PreferenceDataModule, n_batches: int):
     dm.trainer = None
     loader = dm.train_dataloader()
     out = []
@@ -64,9 +72,9 @@ def _batches(dm: PreferenceDataModule, n_batches: int, collate=None):
 def test_dataset_fraction_matches_the_knob_within_sampling_error():
     for p in (0.0, 0.25, 0.5, 1.0):
         dm = _dm("mixed", p)
-        dm.refresh_on_policy(FakePolicy(dm.source), step=0)
+        refresh_negatives(dm, FakePolicy(dm.source), step=0)
         batches = _batches(dm, 150)
-        frac = torch.cat([b["neg_is_dataset"] for b in batches])
+        frac = torch.cat([b.neg_is_dataset for b in batches])
         n = frac.numel()
         tol = 4 * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-9
         assert abs(frac.mean().item() - p) <= tol, (p, frac.mean().item())
@@ -75,33 +83,40 @@ def test_dataset_fraction_matches_the_knob_within_sampling_error():
 
 def test_no_positive_is_ever_used_as_a_negative():
     dm = _dm("on_policy", 0.0, num_samples=3)
-    stats = dm.refresh_on_policy(FakePolicy(dm.source), step=0)
+    stats = refresh_negatives(dm, FakePolicy(dm.source), step=0)
     assert stats["on_policy/dropped_as_positive"] > 0  # the fake policy did emit positives
     for b in _batches(dm, 60):
         idx_recs = {r.image_id: r for r in dm.train_records}
-        for text, img in zip(b["rejected"], b["image_ids"]):
+        for text, img in zip(b.rejected, b.image_ids):
             rec = idx_recs[img]
             assert text not in rec.references
             assert not dm.source.is_positive(text, rec)
     # the same holds for dataset negatives (easy + hard) over many draws
     dm = _dm("dataset", 1.0, easy_fraction=0.5)
     for b in _batches(dm, 60):
-        for text, img, src in zip(b["rejected"], b["image_ids"], b["sources"]):
+        for text, img, src in zip(b.rejected, b.image_ids, b.sources):
             rec = next(r for r in dm.train_records if r.image_id == img)
             assert not dm.source.is_positive(text, rec) and src != "on_policy"
 
 
 def test_sources_are_recorded_for_every_negative():
     dm = _dm("mixed", 0.5, easy_fraction=0.5)
-    dm.refresh_on_policy(FakePolicy(dm.source), step=0)
+    refresh_negatives(dm, FakePolicy(dm.source), step=0)
     _batches(dm, 40)
     kinds = {k.split(":")[0] for k in dm.stats.counts}
     assert kinds == {"on_policy", "easy", "hard"}
 
 
 def test_on_policy_negatives_are_refreshed_on_schedule(backbone):
-    dm = _dm("on_policy", 0.0, n=8, num_samples=1, max_new_tokens=4, refresh_every_n_steps=3)
-    dm.attach(backbone.collate, backbone.collate_pairs)
+    dm = _dm(
+        "on_policy",
+        0.0,
+        n=8,
+        backbone=backbone,
+        num_samples=1,
+        max_new_tokens=4,
+        refresh_every_n_steps=3,
+    )
     backbone.snapshot_reference()
     module = CWDPOModule(backbone, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), total_steps=7)
     cb = OnPolicyNegatives(every_n_steps=3)
@@ -115,13 +130,13 @@ def test_on_policy_negatives_are_refreshed_on_schedule(backbone):
         limit_val_batches=0,
     )
     calls = []
-    orig = dm.refresh_on_policy
+    orig = dm.set_negatives
 
-    def spy(gen, step):
+    def spy(samples, step):
         calls.append(step)
-        return orig(gen, step)
+        return orig(samples, step)
 
-    dm.refresh_on_policy = spy
+    dm.set_negatives = spy
     trainer.fit(module, datamodule=dm)
     assert calls == [0, 3, 6]
     assert dm.stats.refresh_steps == [0, 3, 6]
@@ -186,13 +201,10 @@ def test_coco_hard_negatives_swap_mined_words(tmp_path):
 def test_validation_draws_are_fixed_and_leave_training_state_alone():
     dm = _dm("dataset", 1.0, n=8)
     dm.val_records = dm.source.captions("val")
-    dm.attach(lambda *a: {}, lambda *a: {})
     before = (dm.rng.getstate(), dict(dm.stats.counts))
     raw = next(iter(dm.val_dataloader()))
     with dm.evaluating():
         a = dm.on_before_batch_transfer(raw, 0)
         b = dm.on_before_batch_transfer(raw, 0)
-    assert a["rejected"] == b["rejected"] and a["image_ids"] == [
-        r.image_id for r in dm.val_records[:4]
-    ]
+    assert a.rejected == b.rejected and a.image_ids == [r.image_id for r in dm.val_records[:4]]
     assert (dm.rng.getstate(), dict(dm.stats.counts)) == before

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.losses.objectives import (
     OBJECTIVES,
     LossType,
@@ -129,12 +130,12 @@ def test_train_and_dynamics_vulnerable_frac_use_the_configured_region():
 
     # a = σ(β·logits) ≈ [0.719, 0.555]: none in the default [0.8, 0.99], one in [0.7, 0.99]
     default = _module()
-    _, m = default.compute({})
+    _, m = default.compute(PairBatch({}, N))
     assert float(m["vulnerable_frac"]) == 0.0
     module, monitor = _module(), DynamicsMonitor(vulnerable_region=(0.7, 0.99))
     monitor.setup(None, module, "fit")
     assert module.vulnerable_region == (0.7, 0.99)
-    loss, metrics = module.compute({})
+    loss, metrics = module.compute(PairBatch({}, N))
     dyn = monitor.batch_metrics(module.last_output, module.beta, {})
     assert float(metrics["vulnerable_frac"]) == dyn["dynamics/vulnerable_frac"] == 0.5
     assert float(loss) == pytest.approx(float(preference_loss(POL, REF, N, _cfg()).loss))

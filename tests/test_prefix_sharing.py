@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.model.backbone import LoRASettings
 from cwdpo.model.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
 
@@ -232,7 +233,7 @@ def test_cw_dpo_module_prefix_flag(backbone, pair_batch, perturb):
 
     backbone.snapshot_reference()
     perturb(backbone.model)
-    batch = {"pairs": _batch(backbone, pair_batch), "n": len(pair_batch)}
+    batch = PairBatch(inputs=_batch(backbone, pair_batch), n=len(pair_batch))
     losses = []
     for shared in (False, True):
         m = CWDPOModule(backbone, optimizer=partial(torch.optim.SGD, lr=0.1), prefix_sharing=shared)

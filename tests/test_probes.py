@@ -131,7 +131,7 @@ def test_refresh_rule_calls_the_on_policy_callback_with_cooldown(tmp_path):
     calls = []
 
     class Recorder(OnPolicyNegatives):
-        def _refresh(self, trainer, pl_module):
+        def refresh(self, trainer, pl_module):
             calls.append(trainer.global_step)
 
     rules = {
@@ -214,8 +214,14 @@ def _sft_trainer(backbone, root, steps, probe, *more):
     from cwdpo.stages import SFTCModule
 
     src = ShapesSource(sizes=SIZES)
-    dm = CaptionDataModule(src, src.captions("train"), batch_size=4, seed=0)
-    dm.attach(backbone.collate, backbone.collate_pairs)
+    dm = CaptionDataModule(
+        src,
+        src.captions("train"),
+        batch_size=4,
+        seed=0,
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+    )
     module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), total_steps=steps)
     trainer = L.Trainer(
         accelerator="cpu",

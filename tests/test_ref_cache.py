@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.model.backbone import LoRASettings
 from cwdpo.model.ref_cache import (
     RefLogpCache,
@@ -106,7 +107,7 @@ def test_on_policy_negatives_never_stored(backbone, pair_batch, tmp_path):
     batch = _batch(backbone, pair_batch)
     cache = RefLogpCache(tmp_path).bind(reference_fingerprint(backbone))
     counter = _CountingRef(backbone)
-    cacheable = torch.tensor([1.0, 0.0, 1.0, 0.0])  # batch["neg_is_dataset"]
+    cacheable = torch.tensor([1.0, 0.0, 1.0, 0.0])  # PairBatch.neg_is_dataset
     cached_reference_logps(counter, cache, batch, n, cacheable)
     assert len(cache) == 2
     cached_reference_logps(counter, cache, batch, n, cacheable)
@@ -136,7 +137,7 @@ def test_cw_dpo_module_with_cache(backbone, pair_batch, tmp_path, perturb):
 
     backbone.snapshot_reference()
     perturb(backbone.model)
-    batch = {"pairs": _batch(backbone, pair_batch), "n": len(pair_batch)}
+    batch = PairBatch(inputs=_batch(backbone, pair_batch), n=len(pair_batch))
     opt = partial(torch.optim.SGD, lr=0.1)
     plain = CWDPOModule(backbone, optimizer=opt)
     cached = CWDPOModule(backbone, optimizer=opt, ref_cache=str(tmp_path), prefix_sharing=True)

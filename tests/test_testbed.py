@@ -9,6 +9,8 @@ import hydra
 import numpy as np
 import pytest
 
+from cwdpo.batch import PairBatch
+from cwdpo.callbacks.on_policy import refresh_negatives
 from cwdpo.data import shapes as S
 from cwdpo.data.datamodules import CaptionDataModule, NegativeConfig, PreferenceDataModule
 from cwdpo.data.shapes import Obj, Scene, ShapesWorld, WorldConfig
@@ -113,14 +115,19 @@ def _pref_dm(src: ShapesSource, **neg) -> PreferenceDataModule:
     if neg.get("kind") == "self_judged":
         neg.setdefault("dataset_fraction", 0.0)
     dm = PreferenceDataModule(
-        src, src.captions("train"), batch_size=8, seed=0, negatives=NegativeConfig(**neg)
+        src,
+        src.captions("train"),
+        batch_size=8,
+        seed=0,
+        negatives=NegativeConfig(**neg),
+        collate=lambda *a: {},
+        collate_pairs=lambda *a: {},
     )
-    dm.attach(lambda *a: {}, lambda *a: {})
     dm.trainer = None
     return dm
 
 
-def _draw(dm, n_batches: int) -> list[dict]:
+def _draw(dm, n_batches: int) -> list[PairBatch]:
     out = []
     while len(out) < n_batches:
         for b in dm.train_dataloader():
@@ -139,17 +146,24 @@ def test_hard_negatives_are_one_fact_edits_of_the_chosen(world):
         sizes={"train": 200, "val": 4, "test": 4, "probe": 4},
     )
     batches = _draw(_pref_dm(src, easy_fraction=0.0), 40)
-    pairs = [(c, r) for b in batches for c, r in zip(b["chosen"], b["rejected"])]
+    pairs = [(c, r) for b in batches for c, r in zip(b.chosen, b.rejected)]
     rate = sum(_one_word_edit(c, r) for c, r in pairs) / len(pairs)
     assert len(pairs) == 320 and rate >= 0.95, rate
     for b in batches:
-        for c, r, i in zip(b["chosen"], b["rejected"], b["image_ids"]):
+        for c, r, i in zip(b.chosen, b.rejected, b.image_ids):
             rec = next(x for x in src.captions("train") if x.image_id == i)
             assert verify(r, rec.meta["scene"]).score < verify(c, rec.meta["scene"]).score
     # stage 1's gentle negatives too
-    dm = CaptionDataModule(src, src.captions("train"), batch_size=8, seed=0, gentle_negatives=True)
     seen = []
-    dm.attach(lambda *a: {}, lambda im, pr, pos, neg: seen.extend(zip(pos, neg)) or {})
+    dm = CaptionDataModule(
+        src,
+        src.captions("train"),
+        batch_size=8,
+        seed=0,
+        gentle_negatives=True,
+        collate=lambda *a: {},
+        collate_pairs=lambda im, pr, pos, neg: seen.extend(zip(pos, neg)) or {},
+    )
     dm.trainer = None
     for b in dm.train_dataloader():
         dm.on_before_batch_transfer(b, 0)
@@ -162,7 +176,7 @@ def test_old_independent_template_draw_is_not_minimal():
     pairs = [
         (c, r)
         for b in _draw(_pref_dm(src, easy_fraction=0.0), 40)
-        for c, r in zip(b["chosen"], b["rejected"])
+        for c, r in zip(b.chosen, b.rejected)
     ]
     assert sum(_one_word_edit(c, r) for c, r in pairs) / len(pairs) < 0.5
 
@@ -218,19 +232,19 @@ def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
         sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
     )
     dm = _pref_dm(src, kind="self_judged", num_samples=4, generation_batch_size=7)
-    stats = dm.refresh_on_policy(ScriptedPolicy(src), step=0)
+    stats = refresh_negatives(dm, ScriptedPolicy(src), step=0)
     assert stats["self_judged/pairs"] == 40
     by_id = {r.image_id: r for r in src.captions("train")}
     for b in _draw(dm, 10):
-        for c, r, i, s in zip(b["chosen"], b["rejected"], b["image_ids"], b["sources"]):
+        for c, r, i, s in zip(b.chosen, b.rejected, b.image_ids, b.sources):
             sc = by_id[i].meta["scene"]
             assert verify(c, sc).exact and r == "banana ." and s == "self:worst"
     # with K = 2 the best and the one-fact edit differ by 1/8..1/4 of F1: a gap of 0.5 is not met,
     # so the pair falls back to the best sample and a one-fact edit of it
     dm = _pref_dm(src, kind="self_judged", num_samples=2, min_gap=0.5)
-    assert dm.refresh_on_policy(ScriptedPolicy(src), step=0)["self_judged/no_gap"] == 40
+    assert refresh_negatives(dm, ScriptedPolicy(src), step=0)["self_judged/no_gap"] == 40
     for b in _draw(dm, 5):
-        for c, r, s in zip(b["chosen"], b["rejected"], b["sources"]):
+        for c, r, s in zip(b.chosen, b.rejected, b.sources):
             assert s.startswith("self:minimal:hard:") and _one_word_edit(c, r)
 
 
@@ -243,8 +257,8 @@ def test_easy_mix_swaps_that_share_of_rejected_for_easy_negatives():
         sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
     )
     dm = _pref_dm(src, kind="self_judged", num_samples=4, easy_mix=0.5)
-    dm.refresh_on_policy(ScriptedPolicy(src), step=0)
-    easy = np.concatenate([b["neg_is_easy"].numpy() for b in _draw(dm, 60)])
+    refresh_negatives(dm, ScriptedPolicy(src), step=0)
+    easy = np.concatenate([b.neg_is_easy.numpy() for b in _draw(dm, 60)])
     assert _within(easy.mean(), 0.5, len(easy)) and easy.min() == 0 and easy.max() == 1
     with pytest.raises(ValueError, match="easy_mix"):
         NegativeConfig(kind="dataset", easy_mix=0.2)

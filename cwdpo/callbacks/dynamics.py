@@ -151,8 +151,8 @@ class DynamicsMonitor(StageAware, L.Callback):
                 [{**base, "metric": k, "value": v} for k, v in metrics.items()],
             )
             w, a = out.weights.float().cpu(), self._a(out, pl_module).cpu()
-            easy = batch.get("neg_is_easy") if isinstance(batch, dict) else None
-            sources = batch.get("sources") if isinstance(batch, dict) else None
+            easy = getattr(batch, "neg_is_easy", None)  # a PairBatch's negatives, if known
+            sources = getattr(batch, "sources", None) or None
             append_csv(
                 self.out_dir / WEIGHTS_CSV,
                 [
@@ -195,7 +195,7 @@ class DynamicsMonitor(StageAware, L.Callback):
         m["dynamics/a_mean"] = float(a.mean())
         logits, region = out.logits.detach().float().cpu(), self.vulnerable_region
         m["dynamics/vulnerable_frac"] = float(vulnerable_fraction(logits, beta, region))
-        easy = batch.get("neg_is_easy") if isinstance(batch, dict) else None
+        easy = getattr(batch, "neg_is_easy", None)
         if easy is not None and len(easy) == len(w):
             easy = easy.bool().cpu()
             if easy.any():

@@ -1,15 +1,67 @@
-"""Refresh on-policy negatives from the current policy on a step schedule."""
+"""On-policy negatives: sample the current policy on a step schedule and hand the samples to
+the data module (`PreferenceDataModule.set_negatives`), which judges and buffers them.
+
+The model runs here, not in the data module: each rank samples its shard of the training
+images, then the shards are merged so every rank holds every image's samples.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import torch
+
+from cwdpo.data.datamodules import PreferenceDataModule
+from cwdpo.data.negative_config import NegativeConfig
+from cwdpo.data.records import CaptionRecord, load_images, record_prompt
+from cwdpo.utils.dist import rank_world
+
+Generate = Callable[..., list[str]]  # `VLMBackbone.generate(images, prompts, **sampling)`
+
+
+@torch.no_grad()
+def sample_captions(
+    generate: Generate, records: Sequence[CaptionRecord], prompt: str, neg: NegativeConfig
+) -> dict[str, list[str]]:
+    """image id → `neg.num_samples` sampled captions, `neg.generation_batch_size` images at a
+    time."""
+    n, bs = neg.num_samples, neg.generation_batch_size
+    out: dict[str, list[str]] = {}
+    for s in range(0, len(records), bs):
+        chunk = records[s : s + bs]
+        texts = generate(
+            [load_images(r) for r in chunk],
+            [record_prompt(r, prompt) for r in chunk],
+            max_new_tokens=neg.max_new_tokens,
+            do_sample=True,
+            temperature=neg.temperature,
+            top_p=neg.top_p,
+            num_return_sequences=n,
+        )
+        for j, r in enumerate(chunk):
+            out[r.image_id] = list(texts[j * n : (j + 1) * n])
+    return out
+
+
+def refresh_negatives(dm: PreferenceDataModule, generate: Generate, step: int) -> dict[str, float]:
+    """Sample every training image of `dm`, each rank its own shard, merge the shards across
+    ranks and give them to `dm.set_negatives`; returns its counts (to log)."""
+    rank, world = rank_world()
+    samples = sample_captions(generate, dm.train_records[rank::world], dm.source.prompt, dm.neg)
+    if world > 1:  # every rank needs every image's samples: merge the shards
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, samples)
+        samples = {k: v for part in parts for k, v in part.items()}
+    return dm.set_negatives(samples, step)
 
 
 class OnPolicyNegatives(L.Callback):
     """Every `every_n_steps` optimizer steps (and before the first), resample the datamodule's
-    on-policy buffer with the policy being trained."""
+    on-policy negatives with the policy being trained."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         if every_n_steps < 1:
@@ -20,7 +72,7 @@ class OnPolicyNegatives(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.last_refresh is None:  # a resumed run keeps its restored buffer
-            self._refresh(trainer, pl_module)
+            self.refresh(trainer, pl_module)
 
     def on_train_batch_end(
         self,
@@ -39,12 +91,13 @@ class OnPolicyNegatives(L.Callback):
             and step != self.last_refresh
             and step < trainer.max_steps
         ):
-            self._refresh(trainer, pl_module)
+            self.refresh(trainer, pl_module)
 
-    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        stats = dm.refresh_on_policy(pl_module.backbone.generate, trainer.global_step)
-        self.last_refresh = trainer.global_step
+    def refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resample now (the schedule, and the probe callback's `refresh` rules, call this)."""
+        step = trainer.global_step
+        stats = refresh_negatives(trainer.datamodule, pl_module.backbone.generate, step)
+        self.last_refresh = step
         self.pending = stats  # logged at the next batch end (logging is not allowed in every hook)
 
     def state_dict(self) -> dict[str, Any]:

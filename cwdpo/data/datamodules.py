@@ -2,14 +2,16 @@
 
 Images load in DataLoader workers (bounded pool); negatives are chosen and batches are
 collated in `on_before_batch_transfer`, i.e. in the main process, because on-policy
-negatives live in a buffer that the refresh callback updates during training.
+negatives live in a buffer that the refresh callback (`cwdpo.callbacks.on_policy`) fills
+during training: the callback samples the policy, the data module only receives the samples
+(`PreferenceDataModule.set_negatives`). Batches are `cwdpo.batch.CaptionBatch` / `PairBatch`.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +20,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch
+from cwdpo.data.negative_config import NegativeConfig
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
-Collate = Callable[..., dict[str, torch.Tensor]]
+#: `VLMBackbone.collate(images, prompts, responses)` / `collate_pairs(images, prompts, chosen,
+#: rejected)`: texts → `ModelInputs`
+Collate = Callable[..., ModelInputs]
 
 
 class _Indexed(Dataset):
@@ -56,59 +62,10 @@ def split_records(records: list[CaptionRecord], fractions: dict[str, float]) -> 
     return out
 
 
-@dataclass
-class NegativeConfig:
-    """`negatives=dataset|on_policy|mixed` — one knob, `dataset_fraction`, blends them.
-
-    `self_judged`: the pair itself comes from the policy — K = `num_samples` samples per image,
-    scored by the source's judge (ShapesWorld: the verifier against the truth); chosen = best,
-    rejected = worst when their score gap is ≥ `min_gap`, else the best and a one-fact edit of
-    it. `easy_mix` swaps that many rejected texts for trivially wrong ones (tests cooling).
-    """
-
-    kind: str = "dataset"
-    dataset_fraction: float = 1.0
-    easy_fraction: float = 0.5  # among dataset negatives: easy vs hard/gentle
-    num_samples: int = 2
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    refresh_every_n_steps: int = 50
-    generation_batch_size: int = 32
-    min_gap: float = 0.1  # self_judged: least judge-score gap between best and worst sample
-    easy_mix: float = 0.0  # self_judged: share of rejected swapped for an easy negative
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.dataset_fraction <= 1.0:
-            raise ValueError(
-                f"negatives.dataset_fraction must be in [0, 1], got {self.dataset_fraction}"
-            )
-        if not 0.0 <= self.easy_fraction <= 1.0:
-            raise ValueError(f"negatives.easy_fraction must be in [0, 1], got {self.easy_fraction}")
-        if not 0.0 <= self.easy_mix <= 1.0:
-            raise ValueError(f"negatives.easy_mix must be in [0, 1], got {self.easy_mix}")
-        if self.kind not in ("dataset", "on_policy", "mixed", "self_judged"):
-            raise ValueError(
-                f"negatives.kind must be dataset|on_policy|mixed|self_judged, got {self.kind!r}"
-            )
-        if self.easy_mix > 0 and self.kind != "self_judged":
-            raise ValueError(
-                f"negatives.easy_mix={self.easy_mix} only applies to negatives=self_judged "
-                "(dataset negatives use negatives.easy_fraction)"
-            )
-        if self.kind == "self_judged" and self.num_samples < 2:
-            raise ValueError(
-                f"negatives.num_samples must be >= 2 for self_judged pairs, got {self.num_samples}"
-            )
-        fixed = {"dataset": 1.0, "on_policy": 0.0, "self_judged": 0.0}.get(self.kind)
-        if fixed is not None and self.dataset_fraction != fixed:
-            raise ValueError(
-                f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
-                f"negatives=mixed (negatives={self.kind} means {fixed})"
-            )
-
-
 class _Base(L.LightningDataModule):
+    """`collate` / `collate_pairs` turn texts into model inputs (the backbone's methods of the
+    same names); a module built without them serves its loaders but no batches."""
+
     def __init__(
         self,
         source: CaptionSource,
@@ -117,6 +74,8 @@ class _Base(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        collate: Collate | None = None,
+        collate_pairs: Collate | None = None,
     ) -> None:
         super().__init__()
         if not train_records:
@@ -127,16 +86,13 @@ class _Base(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.collate: Collate | None = None
+        self.collate, self.collate_pairs = collate, collate_pairs
         self.rng = random.Random(seed)
         self.records_by_loader: dict[str, list[CaptionRecord]] = {}
         self.negative_sources: Counter = Counter()  # stage 1 gentle negatives, by source
         self._evaluating = False
         self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
         self._resume_position: dict[str, int] | None = None
-
-    def attach(self, collate: Collate, collate_pairs: Collate) -> None:
-        self.collate, self.collate_pairs = collate, collate_pairs
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = rank_world()
@@ -202,8 +158,11 @@ class _Base(L.LightningDataModule):
         self, batch: Any
     ) -> tuple[list[CaptionRecord], list[Any], list[str], list[str], random.Random]:
         """(records, images, prompts, one positive per record, the batch's RNG)."""
-        if self.collate is None:
-            raise RuntimeError("datamodule not attached to a backbone: call dm.attach(...)")
+        if self.collate is None or self.collate_pairs is None:
+            raise RuntimeError(
+                f"{type(self).__name__} was built without collate functions: pass "
+                "collate=backbone.collate, collate_pairs=backbone.collate_pairs"
+            )
         idx, images = batch
         recs = self._records()
         rows = [recs[i] for i in idx]
@@ -223,6 +182,29 @@ class _Base(L.LightningDataModule):
         raise DataError(
             f"could not draw a gentle negative for image {rec.image_id} that is not "
             "a positive (does the record have a rejected text equal to a reference?)"
+        )
+
+    def _pair_batch(
+        self,
+        rows: list[CaptionRecord],
+        images: list[Any],
+        prompts: list[str],
+        chosen: list[str],
+        negs: list[tuple[str, str]],
+    ) -> PairBatch:
+        """Collate (chosen, rejected) pairs; `negs` holds each pair's (rejected, source)."""
+        rejected, sources = [t for t, _ in negs], [s for _, s in negs]
+        return PairBatch(
+            inputs=self.collate_pairs(images, prompts, chosen, rejected),
+            n=len(rows),
+            chosen=list(chosen),
+            rejected=rejected,
+            image_ids=[r.image_id for r in rows],
+            sources=sources,
+            neg_is_dataset=torch.tensor(
+                [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for s in sources]
+            ),
+            neg_is_easy=torch.tensor([1.0 if s.startswith("easy") else 0.0 for s in sources]),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -245,12 +227,12 @@ class CaptionDataModule(_Base):
         super().__init__(*args, **kwargs)
         self.gentle_negatives = gentle_negatives
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> CaptionBatch | PairBatch:
         rows, images, prompts, pos, rng = self._unpack(batch)
         if not self.gentle_negatives:
-            return {"pos": self.collate(images, prompts, pos), "n": len(rows)}
-        neg = [self._gentle_negative(r, rng, p)[0] for r, p in zip(rows, pos)]
-        return {"pairs": self.collate_pairs(images, prompts, pos, neg), "n": len(rows)}
+            return CaptionBatch(inputs=self.collate(images, prompts, pos), n=len(rows))
+        negs = [self._gentle_negative(r, rng, p) for r, p in zip(rows, pos)]
+        return self._pair_batch(rows, images, prompts, pos, negs)
 
 
 @dataclass
@@ -281,44 +263,25 @@ class PreferenceDataModule(_Base):
     def needs_on_policy(self) -> bool:
         return self.neg.dataset_fraction < 1.0
 
-    @torch.no_grad()
-    def refresh_on_policy(self, generate: Callable[..., list[str]], step: int) -> dict[str, float]:
-        """Sample fresh negatives for every training image from the current policy."""
-        n, bs = self.neg.num_samples, self.neg.generation_batch_size
-        rank, world = rank_world()
-        mine = self.train_records[rank::world]  # each rank samples its own shard
+    def set_negatives(self, samples: Mapping[str, Sequence[str]], step: int) -> dict[str, float]:
+        """Take fresh policy samples (image id → its sampled captions, every training image; the
+        on-policy callback draws them) as the on-policy buffer. Samples the source judges to be
+        positives are dropped; self_judged keeps [best, worst] by the judge. Returns the counts
+        to log."""
+        by_id = {r.image_id: r for r in self.train_records}
         buffer: dict[str, list[str]] = {}
         kept = dropped = 0
-        for s in range(0, len(mine), bs):
-            chunk = mine[s : s + bs]
-            images = [load_images(r) for r in chunk]
-            outs = generate(
-                images,
-                [record_prompt(r, self.source.prompt) for r in chunk],
-                max_new_tokens=self.neg.max_new_tokens,
-                do_sample=True,
-                temperature=self.neg.temperature,
-                top_p=self.neg.top_p,
-                num_return_sequences=n,
-            )
-            for j, r in enumerate(chunk):
-                samples = [t for t in outs[j * n : (j + 1) * n] if t.strip()]
-                if self.self_judged:
-                    buffer[r.image_id] = self._judge(samples, r)
-                    kept += len(buffer[r.image_id]) == 2
-                    dropped += len(buffer[r.image_id]) < 2
-                    continue
-                good = [t for t in samples if not self.source.is_positive(t, r)]
-                dropped += len(samples) - len(good)
-                kept += len(good)
-                buffer[r.image_id] = good
-        if world > 1:  # every rank needs every image's negatives: merge the shards
-            import torch.distributed as dist
-
-            parts: list[Any] = [None] * world
-            dist.all_gather_object(parts, (buffer, kept, dropped))
-            buffer = {k: v for b, _, _ in parts for k, v in b.items()}
-            kept, dropped = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        for image_id, texts in samples.items():
+            rec, texts = by_id[image_id], [t for t in texts if t.strip()]
+            if self.self_judged:
+                buffer[image_id] = self._judge(texts, rec)
+                kept += len(buffer[image_id]) == 2
+                dropped += len(buffer[image_id]) < 2
+                continue
+            good = [t for t in texts if not self.source.is_positive(t, rec)]
+            dropped += len(texts) - len(good)
+            kept += len(good)
+            buffer[image_id] = good
         self.buffer = buffer
         self.stats.refresh_steps.append(step)
         if self.self_judged:
@@ -382,7 +345,7 @@ class PreferenceDataModule(_Base):
             f"could not draw a negative for image {rec.image_id} that is not a positive"
         )
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> PairBatch:
         rows, images, prompts, chosen, rng = self._unpack(batch)
         if self.self_judged:
             trip = [self._self_pair(r, c, rng) for r, c in zip(rows, chosen)]
@@ -392,21 +355,7 @@ class PreferenceDataModule(_Base):
         if self._training():
             for _, src in negs:
                 self.stats.counts[src] += 1
-        pairs = self.collate_pairs(images, prompts, chosen, [t for t, _ in negs])
-        is_dataset = torch.tensor(
-            [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for _, s in negs]
-        )
-        is_easy = torch.tensor([1.0 if s.startswith("easy") else 0.0 for _, s in negs])
-        return {
-            "pairs": pairs,
-            "n": len(rows),
-            "neg_is_dataset": is_dataset,
-            "neg_is_easy": is_easy,
-            "sources": [s for _, s in negs],
-            "rejected": [t for t, _ in negs],
-            "chosen": list(chosen),
-            "image_ids": [r.image_id for r in rows],
-        }
+        return self._pair_batch(rows, images, prompts, chosen, negs)
 
     def state_dict(self) -> dict[str, Any]:
         st = self.stats

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.perf.memory import state_bytes, sync
 
 
@@ -55,20 +56,20 @@ def _our_batch(bb, pairs, device):
         images, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
     )
     n = len(pairs)
-    return {
-        "pairs": {k: v.to(device) for k, v in enc.items()},
-        "n": n,
-        "neg_is_dataset": torch.ones(n, device=device),
-        "neg_is_easy": torch.tensor(
+    return PairBatch(
+        inputs={k: v.to(device) for k, v in enc.items()},
+        n=n,
+        neg_is_dataset=torch.ones(n, device=device),
+        neg_is_easy=torch.tensor(
             [float(p.source.startswith("easy")) for p in pairs], device=device
         ),
-    }
+    )
 
 
 def _composition(bb, batch) -> dict[str, Any]:
     from cwdpo.batch import IGNORE_INDEX
 
-    enc = batch["pairs"]
+    enc = batch.inputs
     image_id = getattr(bb.model.config, "image_token_id", None)
     if image_id is None:
         image_id = getattr(bb.model.config, "image_token_index", -1)

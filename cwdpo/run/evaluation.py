@@ -254,8 +254,8 @@ def preference_calibration(
             if b >= max_batches:
                 break
             batch = dm.on_before_batch_transfer(raw, 0)
-            enc = {k: v.to(backbone.device) for k, v in batch["pairs"].items()}
-            n = batch["n"]
+            enc = {k: v.to(backbone.device) for k, v in batch.inputs.items()}
+            n = batch.n
             pol = backbone.logps(enc).sum
             ref = backbone.logps(enc, reference=True).sum
             margin = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])

@@ -56,9 +56,11 @@ def stages_to_run(cfg: DictConfig) -> list[str]:
 
 
 def build_datamodule(
-    name: str, cfg: DictConfig, source: Any, records: dict[str, list]
+    name: str, cfg: DictConfig, source: Any, records: dict[str, list], backbone: VLMBackbone
 ) -> L.LightningDataModule:
     common = {
+        "collate": backbone.collate,
+        "collate_pairs": backbone.collate_pairs,
         "batch_size": cfg.data.batch_size,
         "num_workers": cfg.data.num_workers,
         "seed": cfg.seed,
@@ -248,8 +250,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
         ts, failures_before = time.time(), FAILURES.snapshot()
         if name == "cw_dpo" and not backbone.has_reference:
             backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
-        dm = build_datamodule(name, cfg, source, records)
-        dm.attach(backbone.collate, backbone.collate_pairs)
+        dm = build_datamodule(name, cfg, source, records, backbone)
         module = build_module(name, cfg, backbone)
         trainer = build_trainer(
             name, cfg, out_dir, stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg)

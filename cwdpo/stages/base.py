@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from cwdpo.batch import Batch
 from cwdpo.model.backbone import VLMBackbone
 from cwdpo.utils.strategies import data_parallel_mesh, shard_backbone
 
@@ -88,14 +89,14 @@ class StageModule(L.LightningModule):
             )
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
-        self.log_metrics("train", {"loss": loss, **metrics}, batch["n"])
+        self.log_metrics("train", {"loss": loss, **metrics}, batch.n)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)
-        self.log_metrics("val", {"loss": loss, **metrics}, batch["n"])
+        self.log_metrics("val", {"loss": loss, **metrics}, batch.n)
 
-    def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

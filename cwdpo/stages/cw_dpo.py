@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 
+from cwdpo.batch import PairBatch
 from cwdpo.losses.diagnostics import VULNERABLE_REGION, vulnerable_fraction
 from cwdpo.losses.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
 from cwdpo.model.ref_cache import cached_reference_logps, open_ref_cache, reference_signature
@@ -103,15 +104,13 @@ class CWDPOModule(StageModule):
         if self.ref_cache is not None:
             self.ref_cache.flush()
 
-    def pair_logps(self, batch: dict[str, Any]):
-        enc, n = batch["pairs"], batch["n"]
+    def pair_logps(self, batch: PairBatch):
+        enc, n = batch.inputs, batch.n
         shared = self.prefix_sharing
         pol = self.backbone.pair_logps(enc, n, prefix_sharing=shared)
-        if "ref_logps" in batch:  # precomputed / cached reference log-probs
-            ref = batch["ref_logps"]
-        elif self.ref_cache is not None and self.ref_cache.fingerprint is not None:
+        if self.ref_cache is not None and self.ref_cache.fingerprint is not None:
             ref = cached_reference_logps(  # on-policy negatives: computed, never stored
-                self.backbone, self.ref_cache, enc, n, batch.get("neg_is_dataset"), shared
+                self.backbone, self.ref_cache, enc, n, batch.neg_is_dataset, shared
             )
         else:
             ref = self.backbone.pair_logps(enc, n, reference=True, prefix_sharing=shared).sum
@@ -132,14 +131,14 @@ class CWDPOModule(StageModule):
             shuffle_weights=self.shuffle_weights,
         )
 
-    def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pol, ref, n = self.pair_logps(batch)
         res = preference_loss(pol, ref, n, self.objective)
         self.last_output, self.last_logps = res.terms, pol
         return res.loss, self.step_metrics(pol, n, res.terms, batch)
 
     def step_metrics(
-        self, pol: Any, n: int, out: CWDPOOutput, batch: dict[str, Any]
+        self, pol: Any, n: int, out: CWDPOOutput, batch: PairBatch
     ) -> dict[str, torch.Tensor]:
         """TRL-named reward / log-prob metrics, cooling-weight stats, the vulnerable fraction."""
         w = out.weights
@@ -159,7 +158,7 @@ class CWDPOModule(StageModule):
         }
         if out.kept is not None:
             metrics["filtered_frac"] = 1.0 - out.kept.float().mean()
-        if "neg_is_dataset" in batch:
-            metrics["negatives/dataset_frac"] = batch["neg_is_dataset"].float().mean()
-            metrics["negatives/easy_frac"] = batch["neg_is_easy"].float().mean()
+        if batch.neg_is_dataset is not None:
+            metrics["negatives/dataset_frac"] = batch.neg_is_dataset.float().mean()
+            metrics["negatives/easy_frac"] = batch.neg_is_easy.float().mean()
         return metrics

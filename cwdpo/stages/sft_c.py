@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 
+from cwdpo.batch import Batch, PairBatch
 from cwdpo.losses.objectives import sft_c_loss, smoothed_nll
 from cwdpo.stages.base import StageModule
 
@@ -33,11 +34,10 @@ class SFTCModule(StageModule):
             constraint,
         )
 
-    def compute(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        paired = "pairs" in batch
-        enc = batch["pairs"] if paired else batch["pos"]
-        lp, logits, labels = self.backbone.logps_and_logits(enc)
-        n = batch["n"]
+    def compute(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        paired = isinstance(batch, PairBatch)  # gentle negatives: rows n.. are the rejected
+        lp, logits, labels = self.backbone.logps_and_logits(batch.inputs)
+        n = batch.n
         pos_slice = slice(0, n)
         pos_nll = smoothed_nll(
             logits[pos_slice], labels[pos_slice], self.label_smoothing, self.reduction

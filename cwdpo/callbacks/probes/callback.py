@@ -278,15 +278,15 @@ class DeltaLogpProbe(StageAware, L.Callback):
 
     def refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Curriculum hook: resample on-policy negatives now (through the refresh callback)."""
-        from cwdpo.callbacks.on_policy import OnPolicyNegatives
+        from cwdpo.callbacks.on_policy import OnPolicyNegatives, refresh_negatives
 
         for cb in trainer.callbacks:
             if isinstance(cb, OnPolicyNegatives):
-                cb._refresh(trainer, pl_module)
+                cb.refresh(trainer, pl_module)
                 return
         dm = trainer.datamodule
-        if hasattr(dm, "refresh_on_policy"):
-            dm.refresh_on_policy(pl_module.backbone.generate, trainer.global_step)
+        if hasattr(dm, "set_negatives"):
+            refresh_negatives(dm, pl_module.backbone.generate, trainer.global_step)
         else:
             log.warning("probe rule asked for a refresh, but this stage has no on-policy negatives")
 
