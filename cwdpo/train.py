@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +13,26 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.errors import DataError
-from cwdpo.run.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
 from cwdpo.run.config_schema import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig) -> float | None:
+    """The composed config → a finished run; returns its `optimized_metric` (for sweepers)."""
     from cwdpo.run.config_schema import validate_config
 
     check_no_secrets(cfg)
     validate_config(cfg, "train")  # every value's type and range, before any model loads
 
-    from cwdpo.run.pipeline import dump_config, run_pipeline
-    from cwdpo.utils.checkpoint import resume_dir
+    from cwdpo.run.pipeline import dump_config, resolve_resume, run_pipeline
     from cwdpo.utils.run_dir import check_cache_dir, hold_run_dir
 
-    run_dir = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
-    if run_dir is not None:  # resume=<run dir>: everything (ckpts, results, CSV logs) goes there
+    run_dir = resolve_resume(cfg)  # resume: everything (ckpts, results, CSV logs) goes there
+    if run_dir is not None:
         check_resumable(run_dir, cfg)
-        cfg.paths.output_dir = str(run_dir)
         warn_config_changes(cfg, run_dir)
     hold_run_dir(cfg.paths.output_dir)  # refuses a directory a live run is writing into
     check_cache_dir(cfg)
@@ -44,13 +44,35 @@ def main(cfg: DictConfig) -> float | None:
     tidy_terminal()
     log.info("run directory: %s", out)
     try:
-        results = run_pipeline(cfg)
+        results = run_pipeline(cfg, run_dir)
     except DataError as e:  # it names file, row and field: print that line, not a traceback
         raise InputError(str(e)) from e
     print(f"run directory: {out}")
-    last = list(results["stages"].values())[-1]
-    # Returned for Hydra sweepers (Optuna maximises the last stage's fact accuracy / CIDEr).
-    return last.get("fact_accuracy", last.get("cider"))
+    return optimized_metric(results, cfg.get("optimized_metric"))
+
+
+def main() -> float | None:
+    """`python -m cwdpo.train [overrides]`; `+experiment=NAME` (the documented spelling) and
+    `experiment=NAME` alike, also for `debug` and `hparams_search` (cwdpo/run/config.py)."""
+    sys.argv[1:] = plain_group_overrides(sys.argv[1:])
+    return train()
+
+
+def optimized_metric(results: dict[str, Any], name: str | None) -> float | None:
+    """The last stage's metric `name` (`optimized_metric`, set by conf/hparams_search/*): what
+    a Hydra sweeper maximises. None when `name` is null (a plain run)."""
+    if not name:
+        return None
+    stage, last = list(results["stages"].items())[-1]
+    if name not in last:
+        available = sorted(
+            k for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        raise ConfigError(
+            f"optimized_metric={name!r}: the last stage ({stage}) has no such metric; "
+            f"available: {available}"
+        )
+    return last[name]
 
 
 class InputError(CompactHydraException, DataError):

@@ -8,16 +8,22 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cwdpo.run.config import CONFIG_DIR
+from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
 
 
 def compose_cfg(
     overrides: list[str], out_dir: Path, cache_dir: Path, name: str = "train"
 ) -> DictConfig:
+    """The config `python -m cwdpo.<name> *overrides` composes (`+experiment=NAME` accepted,
+    as the CLI accepts it)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             config_name=name,
-            overrides=[f"paths.output_dir={out_dir}", f"paths.cache_dir={cache_dir}", *overrides],
+            overrides=[
+                f"paths.output_dir={out_dir}",
+                f"paths.cache_dir={cache_dir}",
+                *plain_group_overrides(overrides),
+            ],
         )
 
 

@@ -175,7 +175,7 @@ def test_stage_left_without_rows_is_named_before_training(tmp_path):
 
     cfg = train_cfg(
         [
-            "+debug=fast",
+            "debug=fast",
             f"paths.output_dir={tmp_path}",
             "data.stage_split={sft_c: 1.0, cw_dpo: 0.0}",
             "stage.run=[sft_c,cw_dpo]",

@@ -69,3 +69,94 @@ def test_every_loss_knob_is_a_config_value(tmp_path):
     for k in ("beta", "cooling", "floor", "tau", "filter_threshold", "loss_type", "rpo_alpha"):
         assert k in cfg.stage.cw_dpo
     assert 0.0 <= cfg.negatives.dataset_fraction <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [("experiment", "ablation_cooling"), ("debug", "fast"), ("hparams_search", "optuna")],
+)
+def test_null_default_groups_take_both_spellings(group, option, tmp_path):
+    """`experiment=NAME` (in train.yaml's defaults list, as in the lightning-hydra-template)
+    and the documented `+experiment=NAME` compose the same config; Hydra alone refuses the
+    `+` spelling for a group in the defaults list, cwdpo.train (plain_group_overrides) and
+    compose_cfg accept it."""
+    from hydra import compose, initialize_config_dir
+
+    from cwdpo.run.config import plain_group_overrides
+
+    plain = compose_cfg([f"{group}={option}"], tmp_path, tmp_path)
+    plus = compose_cfg([f"+{group}={option}"], tmp_path, tmp_path)
+    assert OmegaConf.to_container(plain) == OmegaConf.to_container(plus)
+    assert plain_group_overrides([f"+{group}={option}", "+stage.cw_dpo.x=1"]) == [
+        f"{group}={option}",
+        "+stage.cw_dpo.x=1",
+    ]
+    with (
+        initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match=f"Multiple values for {group}"),
+    ):
+        compose("train", overrides=[f"+{group}={option}"])
+
+
+def test_cli_takes_experiment_with_and_without_plus(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CWDPO_CACHE": str(tmp_path)}
+    out = []
+    for arg in ("experiment=ablation_cooling", "+experiment=ablation_cooling"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cwdpo.train", arg, "--cfg", "job"],
+            env=env,
+            cwd=CONF.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out.append(proc.stdout)
+    assert out[0] == out[1] and "experiment_name: ablation_cooling" in out[0]
+
+
+def test_optimized_metric_is_read_from_the_config(tmp_path):
+    from cwdpo.run.config_schema import ConfigError
+    from cwdpo.train import optimized_metric
+
+    assert compose_cfg([], tmp_path, tmp_path).optimized_metric is None
+    sweep = compose_cfg(["hparams_search=optuna"], tmp_path, tmp_path)
+    assert sweep.optimized_metric == "fact_accuracy"
+    res = {"stages": {"start": {"cider": 1.0}, "cw_dpo": {"cider": 2.5, "objective": "cw_dpo"}}}
+    assert optimized_metric(res, "cider") == 2.5
+    assert optimized_metric(res, None) is None
+    with pytest.raises(ConfigError, match=r"optimized_metric='fact_accuracy'.*\['cider'\]"):
+        optimized_metric(res, "fact_accuracy")
+
+
+def test_stages_name_their_module_and_data_module(tmp_path):
+    from hydra.utils import get_class
+
+    cfg = compose_cfg([], tmp_path, tmp_path)
+    for name in ("base_sft", "sft_c", "cw_dpo"):
+        st = cfg.stage[name]
+        assert get_class(st._target_).__name__ == (
+            "CWDPOModule" if name == "cw_dpo" else "SFTCModule"
+        )
+        assert get_class(st.datamodule._target_).__name__ == (
+            "PreferenceDataModule" if name == "cw_dpo" else "CaptionDataModule"
+        )
+
+
+def test_shared_defaults_are_written_once(tmp_path):
+    """`data.stage_split` comes from conf/data/common for every data option; the eval split and
+    sizes from conf/evaluation for both entry points."""
+    train = compose_cfg([], tmp_path, tmp_path)
+    ev = compose_cfg([], tmp_path, tmp_path, name="eval")
+    for k in ("split", "n_records", "batch_size", "max_new_tokens"):
+        assert train.eval[k] == ev.eval[k]
+    for opt in options("data"):
+        cfg = compose_cfg([f"data={opt}"], tmp_path, tmp_path)
+        assert dict(cfg.data.stage_split) == {"sft_c": 0.75, "cw_dpo": 0.25}, opt
+    assert not [
+        o for o in options("data") if "stage_split:" in (CONF / "data" / f"{o}.yaml").read_text()
+    ]

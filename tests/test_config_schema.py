@@ -179,3 +179,10 @@ def test_cli_prints_one_line_before_any_model_loads(tmp_path):
         cwd=ROOT,
     )
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+
+
+def test_unknown_stage_key_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage\.cw_dpo has unknown key\(s\) \['betaa'\]"):
+        validate_config(cfg_of(["+stage.cw_dpo.betaa=0.2"], tmp_path))
+    with pytest.raises(ConfigError, match=r"stage\.sft_c\._target_='cwdpo\.stages\.Nope'"):
+        validate_config(cfg_of(["stage.sft_c._target_=cwdpo.stages.Nope"], tmp_path))

@@ -15,8 +15,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cwdpo.run.config import CONFIG_DIR
-from cwdpo.run.pipeline import stage_knobs, stages_to_run
+from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
+from cwdpo.run.config_schema import stage_knobs
+from cwdpo.run.pipeline import stages_to_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "experiments/README.md", "docs/scaling.md", "docs/reliability.md")
@@ -105,7 +106,7 @@ def test_documented_command_composes(doc, entry, args, tmp_path, tiny_cache_dir,
                 config_name=entry,
                 return_hydra_config=hydra_cfg,
                 overrides=[
-                    *variant,
+                    *(plain_group_overrides(variant) if entry == "train" else variant),
                     f"paths.output_dir={tmp_path}",
                     f"paths.cache_dir={tiny_cache_dir}",
                 ],

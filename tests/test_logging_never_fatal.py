@@ -113,7 +113,7 @@ def test_the_guard_lets_ctrl_c_through():
 
 # ----------------------------------------------------------------------------- pipelines
 BASE = [
-    "+debug=fast",
+    "debug=fast",
     "logger=wandb",
     "stage.base_sft.steps=1",
     "stage.sft_c.steps=1",

@@ -37,7 +37,7 @@ def pipeline_run(tiny_cache_dir, tiny_vlm_path, tmp_path_factory):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     overrides = [
-        "+debug=fast",
+        "debug=fast",
         "logger=wandb",
         "stage.run=[sft_c,cw_dpo]",
         "stage.sft_c.steps=1",

@@ -86,7 +86,7 @@ def test_pipeline_trainers_use_the_safe_checkpoint_io(tmp_path):
     from cwdpo.run.pipeline import build_trainer
     from cwdpo.utils.checkpoint import AtomicCheckpointIO
 
-    cfg = train_cfg(["+debug=fast", f"paths.output_dir={tmp_path}"])
+    cfg = train_cfg(["debug=fast", f"paths.output_dir={tmp_path}"])
     trainer = build_trainer("sft_c", cfg, tmp_path, [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 

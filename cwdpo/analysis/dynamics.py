@@ -90,7 +90,7 @@ def _overrides(path: Path) -> str:
     import yaml
 
     items = yaml.safe_load(f.read_text()) or []
-    return ",".join(str(x) for x in items if not str(x).startswith(("hydra.", "+debug")))
+    return ",".join(str(x) for x in items if not str(x).startswith(("hydra.", "+debug", "debug=")))
 
 
 def load_dynamics_run(path: str | Path, label: str | None = None) -> Run:

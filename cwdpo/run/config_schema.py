@@ -44,6 +44,40 @@ def check_stage_order(run: list[str]) -> None:
         )
 
 
+# Keys of `stage.<name>` the pipeline reads itself; every other key is an argument of the
+# stage's LightningModule (`_target_`).
+PLUMBING = {"_target_", "datamodule", "steps", "optimizer", "scheduler", "gentle_negatives"}
+
+
+def stage_knobs(name: str, cfg: DictConfig) -> dict[str, Any]:
+    """The loss knobs of `stage.<name>` (its keys minus `PLUMBING`), as module arguments.
+
+    A key the stage's module (`stage.<name>._target_`) does not accept — a typo, even one
+    added with `+` — raises `ConfigError` naming it and the accepted keys, before any model
+    loads (the module class is imported, not built).
+    """
+    import inspect
+
+    from hydra.utils import get_class
+
+    st = OmegaConf.to_container(cfg.stage[name], resolve=True)
+    target = st.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"stage.{name}._target_: expected the stage's LightningModule class")
+    try:
+        cls = get_class(target)
+    except Exception as e:  # a misspelt class path
+        raise ConfigError(f"stage.{name}._target_={target!r}: {str(e).splitlines()[0]}") from None
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    knobs = {k: v for k, v in st.items() if k not in PLUMBING}
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
+        )
+    return knobs
+
+
 # ----------------------------------------------------------------------------- value rules
 Check = Callable[[Any], bool]
 
@@ -387,6 +421,11 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
         configured, run = _stage_names(cfg)
         if run:
             check_stage_order(run)
+        for name in run:  # unknown keys (typos), before any model loads
+            try:
+                stage_knobs(name, cfg)
+            except ConfigError as e:
+                errors.append(str(e))
         for name in configured:
             rules = {**STAGE_COMMON, **STAGE_KNOBS[name]}
             errors += _check(cfg, rules, prefix=f"stage.{name}.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +19,23 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cwdpo.analysis.dynamics_plots import write_run_plots
-from cwdpo.callbacks.faults import NonFiniteGuard, reliability_callbacks
-from cwdpo.callbacks.probes import probe_summary
+from cwdpo.callbacks.faults import reliability_callbacks
 from cwdpo.callbacks.wandb_logger import finish_run
 from cwdpo.data.datamodules import (
-    CaptionDataModule,
     NegativeConfig,
     PreferenceDataModule,
     split_records,
 )
 from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
-from cwdpo.run.config_schema import STAGES
-from cwdpo.run.config_schema import check_stage_order as _check_stage_order
-from cwdpo.run.evaluation import evaluate_captioning, preference_calibration
-from cwdpo.stages import CWDPOModule, SFTCModule
+from cwdpo.run.config_schema import STAGES, check_stage_order, stage_knobs
+from cwdpo.run.evaluation import evaluate_captioning
+from cwdpo.run.results import finish_results, new_results, stage_results
+from cwdpo.run.results import results_table as results_table  # cwdpo.eval imports it from here
 from cwdpo.utils.checkpoint import (
     AtomicCheckpointIO,
     RunState,
     begin_attempt,
-    end_attempt,
     resume_dir,
 )
 from cwdpo.utils.dist import is_rank_zero
@@ -58,6 +55,8 @@ def stages_to_run(cfg: DictConfig) -> list[str]:
 def build_datamodule(
     name: str, cfg: DictConfig, source: Any, records: dict[str, list], backbone: VLMBackbone
 ) -> L.LightningDataModule:
+    """The stage's LightningDataModule: `stage.<name>.datamodule._target_`, given the source,
+    the stage's train rows and the loader settings of `data`."""
     common = {
         "collate": backbone.collate,
         "collate_pairs": backbone.collate_pairs,
@@ -67,45 +66,28 @@ def build_datamodule(
         "val_records": records["val"],
     }
     st = cfg.stage[name]
+    datamodule = hydra.utils.instantiate(st.datamodule)  # the class, as a partial
     if name == "cw_dpo":
         neg = NegativeConfig(**OmegaConf.to_container(cfg.negatives, resolve=True))
-        return PreferenceDataModule(source, records["cw_dpo"], negatives=neg, **common)
+        return datamodule(source, records["cw_dpo"], negatives=neg, **common)
     train = records["all"] if name == "base_sft" else records["sft_c"]
-    return CaptionDataModule(
+    return datamodule(
         source, train, gentle_negatives=bool(st.get("gentle_negatives", False)), **common
     )
 
 
-PLUMBING = {"steps", "optimizer", "scheduler", "gentle_negatives"}  # read by the pipeline itself
-
-
-def stage_knobs(name: str, cfg: DictConfig) -> tuple[type, dict[str, Any]]:
-    """(module class, loss knobs) of a stage; unknown keys raise, naming them."""
-    import inspect
-
-    cls = CWDPOModule if name == "cw_dpo" else SFTCModule
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    st = OmegaConf.to_container(cfg.stage[name], resolve=True)
-    knobs = {k: v for k, v in st.items() if k not in PLUMBING}
-    unknown = sorted(set(knobs) - accepted)
-    if unknown:
-        raise ValueError(
-            f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
-        )
-    return cls, knobs
-
-
 def build_module(name: str, cfg: DictConfig, backbone: VLMBackbone) -> L.LightningModule:
-    """The stage's LightningModule; every other key of `stage.<name>` is a module argument, so a
-    typo (even one added with `+`) fails here, naming the key and the accepted ones."""
+    """The stage's LightningModule: `stage.<name>._target_`, with every other key of
+    `stage.<name>` that is not pipeline plumbing as a module argument (`stage_knobs` has
+    refused unknown ones, naming them)."""
     st = cfg.stage[name]
-    cls, knobs = stage_knobs(name, cfg)
-    return cls(
+    module = hydra.utils.instantiate({"_target_": st._target_, "_partial_": True})
+    return module(
         backbone,
         optimizer=hydra.utils.instantiate(st.optimizer),
         scheduler=hydra.utils.instantiate(st.scheduler) if st.get("scheduler") else None,
         total_steps=int(st.steps),
-        **knobs,
+        **stage_knobs(name, cfg),
     )
 
 
@@ -155,55 +137,60 @@ def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> li
     return cbs
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+_FROM_CFG: Any = object()
+
+
+def resolve_resume(cfg: DictConfig) -> Path | None:
+    """`resume` → the run directory to continue (None: a fresh run). `resume=<run dir>`: the
+    whole run (checkpoints, results, CSV logs) goes there, so `paths.output_dir` is set to it."""
+    run_dir = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
+    if run_dir is not None and run_dir != Path(cfg.paths.output_dir):
+        cfg.paths.output_dir = str(run_dir)
+    return run_dir
+
+
+def run_pipeline(cfg: DictConfig, resume_to: Path | None = _FROM_CFG) -> dict[str, Any]:
     """Run the configured stages and return (and write) the results dict.
+
+    `resume_to`: the run directory to continue, as `resolve_resume(cfg)` returned it (None: a
+    fresh run); `cwdpo.train` resolves it once, before it claims the run directory. Left out,
+    it is resolved here from `cfg.resume`.
 
     The W&B run the pipeline opens is closed on success, on error and on Ctrl-C (as the
     lightning-hydra-template's `task_wrapper` does), so nothing is left open in the process.
     """
-    resume_to = resume_dir(cfg.get("resume"), cfg.paths.output_dir)
-    if resume_to is not None and resume_to != Path(cfg.paths.output_dir):
-        cfg.paths.output_dir = str(resume_to)  # resume=<run dir>: everything goes there
+    if resume_to is _FROM_CFG:
+        resume_to = resolve_resume(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     FAILURES.reset()
     results: dict[str, Any] | None = None
     try:
-        results = _run_stages(cfg, out_dir, resume_to)
+        results = _run_stages(cfg, out_dir, resuming=resume_to is not None)
         return results
     finally:
         finish_run(out_dir, results, exit_code=0 if results is not None else 1)
 
 
-def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[str, Any]:
-    t0 = time.time()
-    run = stages_to_run(cfg)
-    _check_stage_order(run)
-    for name in run:  # config typos fail before any model is loaded
-        stage_knobs(name, cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_num_threads(max(1, int(cfg.get("num_threads") or torch.get_num_threads())))
+@dataclass
+class RunContext:
+    """What every stage of one run shares: the config, the run directory, the data source and
+    its rows per stage, the test rows, the resume state."""
 
-    backbone: VLMBackbone = hydra.utils.instantiate(cfg.model)
-    source = hydra.utils.instantiate(cfg.data.source)
-    train = source.captions("train")
-    parts = split_records(train, dict(cfg.data.stage_split))
-    base = getattr(source, "base_records", lambda: None)()  # a disjoint base-SFT split, if any
-    records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
-    for name in run:  # fail before any training, naming the stage that would get no rows
-        if not records.get("all" if name == "base_sft" else name):
-            raise DataError(
-                f"stage {name} gets no training rows: data.stage_split="
-                f"{dict(cfg.data.stage_split)} of {len(train)} train rows"
-            )
-    ev = cfg.eval
-    test = source.captions(ev.split)[: ev.n_records]
+    cfg: DictConfig
+    out_dir: Path
+    source: Any
+    records: dict[str, list]
+    test: list
+    state: RunState
+    resuming: bool
 
-    def evaluate(baseline):
+    def evaluate(self, backbone: VLMBackbone, baseline: list[str] | None) -> tuple[dict, list]:
+        ev = self.cfg.eval
         return evaluate_captioning(
             backbone,
-            source,
-            test,
+            self.source,
+            self.test,
             baseline=baseline,
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
@@ -212,173 +199,102 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resume_to: Path | None) -> dict[
             meteor=ev.get("meteor", True),
         )
 
-    results: dict[str, Any] = {
-        "config": {
-            "experiment": cfg.get("experiment_name", "default"),
-            "stages": run,
-            "seed": cfg.seed,
-        },
-        "stages": {},
-    }
+    def done(self, name: str) -> dict[str, Any] | None:
+        """The finished-stage marker of `name` when resuming (None: the stage has to run)."""
+        return self.state.load_done(name) if self.resuming else None
+
+
+def stage_records(cfg: DictConfig, source: Any, run: list[str]) -> dict[str, list]:
+    """Train rows per stage (`all` for base SFT, `data.stage_split` parts for the others) and
+    `val`; fails before any training, naming the stage that would get no rows."""
+    train = source.captions("train")
+    parts = split_records(train, dict(cfg.data.stage_split))
+    base = getattr(source, "base_records", lambda: None)()  # a disjoint base-SFT split, if any
+    records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
+    for name in run:
+        if not records.get("all" if name == "base_sft" else name):
+            raise DataError(
+                f"stage {name} gets no training rows: data.stage_split="
+                f"{dict(cfg.data.stage_split)} of {len(train)} train rows"
+            )
+    return records
+
+
+def _run_stages(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict[str, Any]:
+    t0 = time.time()
+    run = stages_to_run(cfg)
+    check_stage_order(run)
+    for name in run:  # config typos fail before any model is loaded
+        stage_knobs(name, cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(max(1, int(cfg.get("num_threads") or torch.get_num_threads())))
+
+    backbone: VLMBackbone = hydra.utils.instantiate(cfg.model)
+    source = hydra.utils.instantiate(cfg.data.source)
+    records = stage_records(cfg, source, run)
+    test = source.captions(cfg.eval.split)[: cfg.eval.n_records]
+    ctx = RunContext(cfg, out_dir, source, records, test, RunState(out_dir), resuming)
+    results = new_results(cfg, run)
     # Resume (docs/reliability.md): finished stages are skipped (results from their markers),
     # an unfinished one continues from its last.ckpt; a fresh run drops stale markers/ckpts.
-    state = RunState(out_dir)
-    resuming = resume_to is not None
     earlier = begin_attempt(out_dir, t0, resuming, write=is_rank_zero())  # wall time: all attempts
     if not resuming:
-        state.clear(run)
-    done = state.load_done("start") if resuming else None
+        ctx.state.clear(run)
+    done = ctx.done("start")
     if done is None:
-        metrics, outputs = evaluate(None)
+        metrics, outputs = ctx.evaluate(backbone, None)
         if is_rank_zero():
-            state.mark_done("start", metrics, outputs)
+            ctx.state.mark_done("start", metrics, outputs)
     else:
         metrics, outputs = done["metrics"], done["outputs"]
     results["stages"]["start"] = metrics
     policy_from: Path | None = None  # HF dir of the last finished (skipped) stage
     for name in run:
-        done = state.load_done(name) if resuming else None
+        done = ctx.done(name)
         if done is not None:
-            log.info("resume: stage %s already done (%s): skipped", name, state.marker(name))
+            log.info("resume: stage %s already done (%s): skipped", name, ctx.state.marker(name))
             results["stages"][name], outputs = done["metrics"], done["outputs"]
-            policy_from = state.hf_dir(name)
+            policy_from = ctx.state.hf_dir(name)
             continue
         if policy_from is not None:  # π_θ ← the policy saved by the last finished stage
             backbone = hydra.utils.instantiate(cfg.model, path=str(policy_from))
             policy_from = None
-        L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
-        ts, failures_before = time.time(), FAILURES.snapshot()
-        if name == "cw_dpo" and not backbone.has_reference:
-            backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
-        dm = build_datamodule(name, cfg, source, records, backbone)
-        module = build_module(name, cfg, backbone)
-        trainer = build_trainer(
-            name, cfg, out_dir, stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg)
-        )
-        ckpt = state.last_checkpoint(name) if resuming else None
-        if ckpt is not None:
-            log.info("resume: stage %s continues from %s", name, ckpt)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-        if getattr(module, "_sharded", False):  # FSDP2: plain weights again, on every rank
-            backbone = unshard_backbone(backbone, lambda: hydra.utils.instantiate(cfg.model))
-        if is_rank_zero():  # under DDP every rank runs the pipeline; one writes
-            atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
-        metrics, new_outputs = evaluate(outputs if ev.winrate else None)
-        metrics["objective"] = objective_name(name, cfg)  # which loss ran (table, report)
-        metrics["train_seconds"] = time.time() - ts
-        metrics["steps"] = int(trainer.global_step)
-        metrics["nonfinite_skipped_steps"] = sum(
-            cb.skipped for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)
-        )
-        metrics.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
-        metrics["logging_failures"] = FAILURES.since(failures_before)
-        if isinstance(dm, PreferenceDataModule):
-            metrics.update(preference_calibration(backbone, dm, float(cfg.stage[name].beta)))
-            total = sum(dm.stats.counts.values())
-            metrics["negatives"] = {
-                "sources": dict(dm.stats.counts),
-                "dataset_fraction": sum(
-                    v
-                    for k, v in dm.stats.counts.items()
-                    if k != "on_policy" and not k.startswith("self:")
-                )
-                / max(1, total),
-                "refresh_steps": dm.stats.refresh_steps,
-                "dropped_as_positive": dm.stats.rejected_as_positive,
-                "on_policy_fallback": dm.stats.on_policy_fallback,
-            }
-        results["stages"][name] = metrics
-        if is_rank_zero():
-            state.mark_done(name, metrics, new_outputs)  # after the HF save and the evaluation
-        trainer.strategy.barrier("cwdpo-stage-done")
-        outputs = new_outputs
-        log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
-    results["wall_seconds"] = sum(earlier) + time.time() - t0
-    results["attempt_wall_seconds"] = [*earlier, time.time() - t0]
-    results["logging_failures"] = FAILURES.snapshot()
-    table = results_table(results)
-    if is_rank_zero():
-        atomic_write_json(out_dir / "results.json", results)
-        atomic_write_text(out_dir / "results.md", table)
-        write_run_plots(out_dir)
-        if FAILURES.snapshot() != results["logging_failures"]:  # a plot failed: count it too
-            results["logging_failures"] = FAILURES.snapshot()
-            atomic_write_json(out_dir / "results.json", results)
-        end_attempt(out_dir, time.time())
-    print("\n" + table)
+        backbone, results["stages"][name], outputs = run_stage(name, ctx, backbone, outputs)
+    finish_results(results, out_dir, t0, earlier)
     return results
 
 
-TABLE_KEYS = (
-    ("fact_accuracy", "facts %"),
-    ("exact", "exact %"),
-    ("cider", "CIDEr"),
-    ("bleu_4", "BLEU-4"),
-    ("meteor", "METEOR"),
-    ("rouge_l", "ROUGE-L"),
-    ("calib/ece", "ECE"),
-    ("calib/entropy", "entropy"),
-    ("calib/mean_top1_prob", "top-1 p"),
-    ("pref_calib/ece", "pref ECE"),
-    ("winrate/win_rate", "win vs prev"),
-    # ShapesWorld ground truth (cwdpo.metrics.hallucination / .teacher_forced), percent
-    ("f1", "F1 %"),
-    ("object_recall", "obj recall %"),
-    ("chair_i", "CHAIR_i %"),
-    ("chair_s", "CHAIR_s %"),
-    ("companion_halluc", "companion halluc %"),
-    ("pope/f1", "POPE F1"),
-    ("pope/yes_ratio", "POPE yes %"),
-    ("pope_adv/accuracy", "POPE-adv acc"),
-    ("malformed", "malformed %"),
-    ("length", "length"),
-    ("calib/content_ece", "content ECE"),
-    ("calib/content_sce", "content SCE"),
-    ("disp/chosen_fell", "gold logp fell %"),
-)
-
-
-def objective_name(stage: str, cfg: DictConfig) -> str:
-    """The loss a stage trained with, from its knobs: sft, sft_c (soft|hard), cw_dpo, dpo,
-    ipo, cw_ipo, rpo, ... (+filter with negative filtering)."""
-    st = cfg.stage[stage]
-    if stage != "cw_dpo":
-        if not float(st.get("lam", 0.0)) or not st.get("gentle_negatives", stage == "sft_c"):
-            return "sft"
-        return "sft_c" + ("(hard)" if st.get("constraint") == "hard" else "")
-    name = "ipo" if st.get("loss_type") == "ipo" else "dpo"
-    if float(st.get("rpo_alpha") or 0.0) > 0:
-        name = "rpo" if name == "dpo" else f"{name}+nll"
-    if st.get("cooling", True):
-        name = f"cw_{name}"
-    return name + ("+filter" if st.get("filter_threshold") is not None else "")
-
-
-def results_table(results: dict[str, Any]) -> str:
-    stages = results["stages"]
-    first = next(iter(stages.values()))
-    keys = [(k, h) for k, h in TABLE_KEYS if any(k in m for m in stages.values()) or k in first]
-    objective = any("objective" in m for m in stages.values())
-    lines = [
-        "| stage | "
-        + ("objective | " if objective else "")
-        + " | ".join(h for _, h in keys)
-        + " |",
-        "|---" * (len(keys) + 1 + objective) + "|",
-    ]
-    for name, m in stages.items():
-        cells = [m.get("objective", "–")] if objective else []
-        for k, _ in keys:
-            v = m.get(k)
-            cells.append(
-                "–"
-                if v is None
-                else f"{v:.3f}"
-                if "calib" in k or k.startswith("win")
-                else f"{v:.1f}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def run_stage(
+    name: str, ctx: RunContext, backbone: VLMBackbone, outputs: list[str]
+) -> tuple[VLMBackbone, dict[str, Any], list[str]]:
+    """One stage: data module, LightningModule, callbacks, trainer, fit (from its last.ckpt when
+    resuming), HF save, evaluation (win-rate against the previous stage's `outputs`), marker.
+    Returns the (possibly re-created) backbone, the stage's metrics and its test captions."""
+    cfg, state = ctx.cfg, ctx.state
+    L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
+    ts, failures_before = time.time(), FAILURES.snapshot()
+    if name == "cw_dpo" and not backbone.has_reference:
+        backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
+    dm = build_datamodule(name, cfg, ctx.source, ctx.records, backbone)
+    module = build_module(name, cfg, backbone)
+    trainer = build_trainer(
+        name, cfg, ctx.out_dir, stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg)
+    )
+    ckpt = state.last_checkpoint(name) if ctx.resuming else None
+    if ckpt is not None:
+        log.info("resume: stage %s continues from %s", name, ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    if getattr(module, "_sharded", False):  # FSDP2: plain weights again, on every rank
+        backbone = unshard_backbone(backbone, lambda: hydra.utils.instantiate(cfg.model))
+    if is_rank_zero():  # under DDP every rank runs the pipeline; one writes
+        atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
+    metrics, new_outputs = ctx.evaluate(backbone, outputs if cfg.eval.winrate else None)
+    metrics.update(stage_results(name, cfg, trainer, dm, backbone, ts, failures_before))
+    if is_rank_zero():
+        state.mark_done(name, metrics, new_outputs)  # after the HF save and the evaluation
+    trainer.strategy.barrier("cwdpo-stage-done")
+    log.info("stage %s done in %.1fs", name, metrics["train_seconds"])
+    return backbone, metrics, new_outputs
 
 
 def dump_config(cfg: DictConfig, out_dir: Path) -> None:
