@@ -6,10 +6,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cwdpo.run.checkpoint_eval import TASKS, run_eval
+from cwdpo.run.checkpoint_eval import run_eval
 from cwdpo.run.config import CONFIG_DIR
 
-__all__ = ["TASKS", "main", "run_eval"]  # TASKS: read by cwdpo.run.config_schema from here
+__all__ = ["main", "run_eval"]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -121,7 +121,7 @@ def test_cli_takes_experiment_with_and_without_plus(tmp_path):
 
 def test_optimized_metric_is_read_from_the_config(tmp_path):
     from cwdpo.run.config_schema import ConfigError
-    from cwdpo.train import optimized_metric
+    from cwdpo.run.results import optimized_metric
 
     assert compose_cfg([], tmp_path, tmp_path).optimized_metric is None
     sweep = compose_cfg(["hparams_search=optuna"], tmp_path, tmp_path)

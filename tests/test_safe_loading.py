@@ -153,7 +153,7 @@ def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
 
 # ----------------------------------------------------------------------------- API keys
 def test_api_keys_in_the_config_are_refused():
-    from cwdpo.train import check_no_secrets
+    from cwdpo.run.preflight import check_no_secrets
 
     for override in (
         "+eval.judge.api_key=sk-abc",

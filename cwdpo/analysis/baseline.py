@@ -10,8 +10,8 @@ from typing import Any
 
 import hydra.utils
 
+from cwdpo.analysis.caption_winrate import win_rate
 from cwdpo.analysis.runs import Loaded, eval_data, final_outputs
-from cwdpo.run.winrate import win_rate
 
 log = logging.getLogger(__name__)
 

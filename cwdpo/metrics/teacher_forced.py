@@ -16,18 +16,43 @@ a one-fact edit of it and on the policy's own greedy caption.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cwdpo.data import shapes as S
+from cwdpo.data.records import CaptionRecord, load_images, record_prompt
 from cwdpo.data.verifier import minimal_negative
+from cwdpo.utils.modes import eval_mode
+
+if TYPE_CHECKING:
+    from cwdpo.model.backbone import VLMBackbone
 
 CONTENT_WORDS = (
     frozenset(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | set(S.NUMBERS)
 )
 DISPLACEMENT_TOL = 1e-4  # nats: a "fall" is a drop beyond float noise
+
+
+def teacher_forced_batches(
+    backbone: VLMBackbone,
+    records: Sequence[CaptionRecord],
+    prompt: str,
+    texts: Sequence[str],
+    batch_size: int = 64,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated (image, prompt, text) batches on the backbone's device, with the model in eval
+    mode while they are consumed (restored after): the teacher-forced metrics' one loop."""
+    with eval_mode(backbone.model):
+        for s in range(0, len(records), batch_size):
+            chunk = records[s : s + batch_size]
+            enc = backbone.collate(
+                [load_images(r) for r in chunk],
+                [record_prompt(r, prompt) for r in chunk],
+                list(texts[s : s + batch_size]),
+            )
+            yield {k: v.to(backbone.device) for k, v in enc.items()}
 
 
 def gold_texts(records: Sequence[Any]) -> list[str]:
@@ -53,7 +78,6 @@ def content_calibration(
 ) -> dict[str, float]:
     """`calib/content_ece`, `calib/content_sce` (signed), accuracy and confidence on content tokens."""
     from cwdpo.metrics.calibration import TokenCalibration
-    from cwdpo.run.evaluation import teacher_forced_batches
 
     metric = TokenCalibration()
     for enc in teacher_forced_batches(backbone, records, prompt, texts, batch_size):
@@ -88,8 +112,6 @@ def _seq_logps(
     reference: bool,
     batch_size: int,
 ) -> torch.Tensor:
-    from cwdpo.run.evaluation import teacher_forced_batches
-
     return torch.cat(
         [
             backbone.logps(enc, reference=reference).sum.float().cpu()

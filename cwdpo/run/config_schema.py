@@ -14,13 +14,26 @@ returned as warnings and logged.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cwdpo.run.config_rules import (
+    Rule,
+    about,
+    boolean,
+    choice,
+    either,
+    fraction,
+    integer,
+    is_int,
+    is_real,
+    positive,
+    real,
+    string,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,104 +89,6 @@ def stage_knobs(name: str, cfg: DictConfig) -> dict[str, Any]:
             f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
         )
     return knobs
-
-
-# ----------------------------------------------------------------------------- value rules
-Check = Callable[[Any], bool]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """`ok(value)` says whether a value is allowed; `expected` says what is, for the message."""
-
-    ok: Check
-    expected: str
-    nullable: bool = False
-    meaning: str = ""  # what the value is, shown after the range
-
-    def violated(self, value: Any) -> str | None:
-        if value is None and self.nullable:
-            return None
-        if value is not None and self.ok(value):
-            return None
-        return (
-            self.expected
-            + (" or null" if self.nullable else "")
-            + (f" ({self.meaning})" if self.meaning else "")
-        )
-
-
-def about(rule: Rule, meaning: str) -> Rule:
-    return replace(rule, meaning=meaning)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
-    return ""
-
-
-def real(
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    nullable: bool = False,
-    integer: bool = False,
-) -> Rule:
-    def ok(v: Any) -> bool:
-        if not (_is_int(v) if integer else _is_real(v)):
-            return False
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        return not (hi is not None and (v >= hi if hi_open else v > hi))
-
-    what = "an integer" if integer else "a number"
-    rng = _interval(lo, hi, lo_open, hi_open)
-    return Rule(ok, f"{what} {rng}".strip(), nullable)
-
-
-def integer(lo: int | None = None, hi: int | None = None, *, nullable: bool = False) -> Rule:
-    return real(lo, hi, nullable=nullable, integer=True)
-
-
-def positive(nullable: bool = False) -> Rule:
-    return real(0, lo_open=True, nullable=nullable)
-
-
-def fraction(nullable: bool = False) -> Rule:
-    return real(0, 1, nullable=nullable)
-
-
-def choice(*options: Any, nullable: bool = False) -> Rule:
-    return Rule(lambda v: v in options, f"one of {list(options)}", nullable)
-
-
-def boolean(nullable: bool = False) -> Rule:
-    return Rule(lambda v: isinstance(v, bool), "true or false", nullable)
-
-
-def string(nullable: bool = False) -> Rule:
-    return Rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string", nullable)
-
-
-def either(a: Rule, b: Rule) -> Rule:
-    return Rule(
-        lambda v: a.ok(v) or b.ok(v), f"{a.expected}, or {b.expected}", a.nullable or b.nullable
-    )
 
 
 STEPS = integer(0)
@@ -359,14 +274,14 @@ def _stage_warnings(cfg: DictConfig, name: str) -> list[str]:
         )
     lr = _select(cfg, p + "optimizer.lr")
     lo, hi = USUAL_LR[name]
-    if _is_real(lr) and lr > 0 and not lo <= lr <= hi:
+    if is_real(lr) and lr > 0 and not lo <= lr <= hi:
         out.append(
             f"{p}optimizer.lr={lr:g} is far outside the usual range [{lo:g}, {hi:g}] for "
             f"stage {name}: expect {'a diverged or collapsed model' if lr > hi else 'no learning'}"
         )
     if name == "cw_dpo":
         beta = _select(cfg, p + "beta")
-        if _is_real(beta) and beta > 0 and not USUAL_BETA[0] <= beta <= USUAL_BETA[1]:
+        if is_real(beta) and beta > 0 and not USUAL_BETA[0] <= beta <= USUAL_BETA[1]:
             out.append(
                 f"{p}beta={beta:g} is far outside the usual range "
                 f"[{USUAL_BETA[0]:g}, {USUAL_BETA[1]:g}]"
@@ -379,9 +294,9 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     split = _select(cfg, "data.stage_split")
     if isinstance(split, dict):
         for k, f in split.items():
-            if not (_is_real(f) and 0 <= f <= 1):
+            if not (is_real(f) and 0 <= f <= 1):
                 errors.append(f"data.stage_split.{k}={_show(f)}: expected a fraction in [0, 1]")
-        vals = [f for f in split.values() if _is_real(f)]
+        vals = [f for f in split.values() if is_real(f)]
         if vals and len(vals) == len(split) and not 0 < sum(vals) <= 1 + 1e-6:
             errors.append(
                 f"data.stage_split={split}: the fractions must sum to a value in (0, 1], "
@@ -392,7 +307,7 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
         errors += [
             f"data.source.sizes.{k}={_show(n)}: expected an integer >= 0"
             for k, n in sizes.items()
-            if not (_is_int(n) and n >= 0)
+            if not (is_int(n) and n >= 0)
         ]
     kind, frac = _select(cfg, "negatives.kind"), _select(cfg, "negatives.dataset_fraction")
     fixed = (
@@ -400,7 +315,7 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
         if isinstance(kind, str)
         else None
     )
-    if fixed is not None and _is_real(frac) and frac != fixed:
+    if fixed is not None and is_real(frac) and frac != fixed:
         errors.append(
             f"negatives.dataset_fraction={frac:g}: only negatives=mixed takes a blend; "
             f"negatives={kind} means {fixed}"
@@ -437,7 +352,7 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
         errors += _check(cfg, EVAL_RULES)
         tasks = _select(cfg, "eval.tasks")
         if isinstance(tasks, list):
-            from cwdpo.eval import TASKS
+            from cwdpo.run.checkpoint_eval import TASKS
 
             errors += [
                 f"eval.tasks[{i}]={_show(t)}: expected one of {list(TASKS)}"

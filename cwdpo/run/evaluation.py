@@ -5,15 +5,16 @@ Kept outside Lightning so `cwdpo.eval` and the training pipeline share one code 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from cwdpo.analysis.caption_winrate import win_rate
 from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
 from cwdpo.data.sources import CaptionSource
+from cwdpo.metrics.teacher_forced import teacher_forced_batches
 from cwdpo.model.backbone import VLMBackbone
-from cwdpo.run.winrate import win_rate
 from cwdpo.utils.modes import eval_mode
 
 
@@ -37,26 +38,6 @@ def generate_captions(
 
 
 @torch.no_grad()
-def teacher_forced_batches(
-    backbone: VLMBackbone,
-    records: Sequence[CaptionRecord],
-    prompt: str,
-    texts: Sequence[str],
-    batch_size: int = 64,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated (image, prompt, text) batches on the backbone's device, with the model in eval
-    mode while they are consumed (restored after): the teacher-forced metrics' one loop."""
-    with eval_mode(backbone.model):
-        for s in range(0, len(records), batch_size):
-            chunk = records[s : s + batch_size]
-            enc = backbone.collate(
-                [load_images(r) for r in chunk],
-                [record_prompt(r, prompt) for r in chunk],
-                list(texts[s : s + batch_size]),
-            )
-            yield {k: v.to(backbone.device) for k, v in enc.items()}
-
-
 @torch.no_grad()
 def teacher_forced_calibration(
     backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, batch_size: int = 64

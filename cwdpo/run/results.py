@@ -19,6 +19,7 @@ from cwdpo.callbacks.faults import NonFiniteGuard
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.data.datamodules import PreferenceDataModule
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.run.config_schema import ConfigError
 from cwdpo.run.evaluation import preference_calibration
 from cwdpo.utils.checkpoint import end_attempt
 from cwdpo.utils.dist import is_rank_zero
@@ -172,3 +173,20 @@ def results_table(results: dict[str, Any]) -> str:
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def optimized_metric(results: dict[str, Any], name: str | None) -> float | None:
+    """The last stage's metric `name` (`optimized_metric`, set by conf/hparams_search/*): what
+    a Hydra sweeper maximises. None when `name` is null (a plain run)."""
+    if not name:
+        return None
+    stage, last = list(results["stages"].items())[-1]
+    if name not in last:
+        available = sorted(
+            k for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        raise ConfigError(
+            f"optimized_metric={name!r}: the last stage ({stage}) has no such metric; "
+            f"available: {available}"
+        )
+    return last[name]

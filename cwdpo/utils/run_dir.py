@@ -104,26 +104,6 @@ def check_writable(path: str | Path, what: str = "run directory", hint: str = RU
     return path
 
 
-def check_cache_dir(cfg: Any) -> None:
-    """The embedded tiny VLM is built into `paths.cache_dir` on first use (from the resolver
-    behind `model.path`): a read-only cache must fail here, naming the directory, not as an
-    `InterpolationResolutionError` from `model.path` mid-way."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg.model, resolve=False).get("path") if "model" in cfg else None
-    if not (isinstance(raw, str) and "tiny_vlm:" in raw):
-        return
-    from cwdpo.model.tiny import TinySpec
-
-    cache = Path(str(cfg.paths.cache_dir))
-    if not (cache / f"tiny-llava-{TinySpec().key()}" / "cwdpo_tiny_spec.json").is_file():
-        check_writable(
-            cache,
-            "cache directory (paths.cache_dir, where the tiny VLM is built)",
-            "make it writable or set CWDPO_CACHE=<dir> (or paths.cache_dir=<dir>)",
-        )
-
-
 # ----------------------------------------------------------------------------- the lock
 def _start_time(pid: int) -> str | None:
     """The process start time (clock ticks since boot) from /proc: tells a reused pid apart."""

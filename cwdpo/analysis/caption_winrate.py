@@ -1,7 +1,7 @@
 """Win-rate of two caption lists on a source's test records, with the pipeline's judge choice.
 
-Model-free and light to import (torch and the judges load on the first call), so that
-`cwdpo.analysis` (the report re-judging saved captions) shares it with `cwdpo.run.evaluation`
+Model-free and light to import (torch and the judges load on the first call), so that the
+report (re-judging saved captions) shares it with `cwdpo.run.evaluation`
 without importing the model layer.
 """
 
