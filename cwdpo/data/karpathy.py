@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cwdpo.data.caption_files import CaptionRows, load_images_json
-
-# The reader conventions lived here first; they are re-exported for old imports.
-from cwdpo.data.reading import (  # noqa: F401
+from cwdpo.data.reading import (
     Stats,
     bad_field,
     bump,
-    load_json,
-    report_skipped,
     require_object,
     require_path,
 )

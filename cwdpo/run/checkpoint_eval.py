@@ -93,7 +93,7 @@ def _caption_tasks(cfg: DictConfig, backbone: Any, tasks: list[str], judge: Any)
 
 def _write(out_dir: Path, results: dict[str, Any]) -> str:
     """eval.json and eval.md (the results table, + multiple choice); returns the table."""
-    from cwdpo.run.pipeline import results_table
+    from cwdpo.run.results import results_table
     from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out_dir / "eval.json", results)

@@ -31,7 +31,6 @@ from cwdpo.model.backbone import VLMBackbone
 from cwdpo.run.config_schema import STAGES, check_stage_order, stage_knobs
 from cwdpo.run.evaluation import evaluate_captioning
 from cwdpo.run.results import finish_results, new_results, stage_results
-from cwdpo.run.results import results_table as results_table  # cwdpo.eval imports it from here
 from cwdpo.utils.checkpoint import (
     AtomicCheckpointIO,
     RunState,
