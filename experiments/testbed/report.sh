@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
-for name in ${NAMES:-cooc_h0.15 control}; do
+for name in ${NAMES:-cooc_c0.12 cooc_c0.12_h0 cooc_c0.12_h0.3 cooc_h0.15 control}; do
   [ -d "experiments/testbed/runs/$name" ] || continue
   # setting names = experiment + the overrides not shared by every run of the directory
   SJ="negatives=self_judged"
