@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Per-method tuning on val, then evaluation on fresh seeds (issue 17's protocol).
+# Every method gets the same tuning budget: the stage-2 learning rates LRS (same steps), on the
+# tuning seeds TUNE_SEEDS, each evaluated on the *val* split (eval.split=val). The best lr per
+# method by mean val F1 (the primary metric) is then run on the evaluation seeds SEEDS from the
+# same SFT-C starts as experiments/testbed/run.sh (run it first), and the report keeps only the
+# val-selected setting of each tuned method (`python -m cwdpo.report --select`).
+#   NAME=cooc_c0.12 EXTRA="data.source.world.companion_contrast=0.12" bash experiments/testbed/tune.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+NAME=${NAME:-cooc_c0.12}
+H=${H:-0.15}
+TUNE_SEEDS=${TUNE_SEEDS:-10,11}
+SEEDS=${SEEDS:-0,1,2,3,4}
+LRS=${LRS:-1e-4 2e-4 4e-4}
+METHODS=${METHODS:-cw_dpo ablation_cooling sft_continue}
+JOBS=${JOBS:-2}
+PY=${PY:-python}
+DATA="data=shapes_cooc data.source.world.hallucination_rate=$H"
+COMMON="$DATA eval.meteor=false num_threads=1 ${EXTRA:-}"
+OUT=experiments/testbed/runs/$NAME          # evaluation runs (run.sh's directory)
+TUNE=experiments/testbed/runs/$NAME-tune    # tuning runs, evaluated on val
+mkdir -p "$OUT" "$TUNE"
+
+run_all() {  # as in run.sh: lines "<command> hydra.run.dir=<dir>"; skips finished dirs
+  while read -r line; do
+    dir=${line##*hydra.run.dir=}
+    [ -f "$dir/results.json" ] || echo "$line"
+  done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+}
+neg_of() { if [ "$1" = sft_continue ] || [ "$1" = rft ]; then echo ""; else echo "negatives=self_judged"; fi; }
+
+for s in ${TUNE_SEEDS//,/ }; do   # the tuning seeds' own SFT-C starts
+  echo "$PY -m cwdpo.train +experiment=sft_only $COMMON seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/sft_only"
+done | run_all
+
+for s in ${TUNE_SEEDS//,/ }; do
+  from="model.path=$PWD/$TUNE/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
+  for m in $METHODS; do
+    for lr in $LRS; do
+      echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from stage.cw_dpo.optimizer.lr=$lr eval.split=val seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/${m}_lr$lr"
+    done
+  done
+done | run_all
+
+# the best lr per method on val (mean F1 over the tuning seeds)
+best=$($PY - "$TUNE" $METHODS <<'EOF'
+import json, sys
+from pathlib import Path
+from statistics import mean
+tune, methods = Path(sys.argv[1]), sys.argv[2:]
+for m in methods:
+    by_lr = {}
+    for r in tune.glob(f"seed*/{m}_lr*/results.json"):
+        by_lr.setdefault(r.parent.name.split("_lr")[-1], []).append(
+            json.loads(r.read_text())["stages"]["cw_dpo"]["f1"])
+    lr = max(by_lr, key=lambda k: mean(by_lr[k]))
+    print(f"{m}={lr}", end=" ")
+    print(f"{m}: val F1 by lr {({k: round(mean(v), 2) for k, v in sorted(by_lr.items())})} -> {lr}",
+          file=sys.stderr)
+EOF
+)
+for s in ${SEEDS//,/ }; do
+  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
+  for pick in $best; do
+    m=${pick%%=*}; lr=${pick#*=}
+    echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from stage.cw_dpo.optimizer.lr=$lr seed=$s hydra.run.dir=$PWD/$OUT/seed$s/${m}_lr$lr"
+  done
+done | run_all
