@@ -143,6 +143,30 @@ def test_on_policy_negatives_are_refreshed_on_schedule(backbone):
     assert set(dm.buffer) <= {r.image_id for r in dm.train_records}
 
 
+def test_refresh_counts_and_judges_every_record_of_a_shared_image():
+    """A pair file can hold several records of one image: each record's samples are judged
+    against that record and counted (as when the data module sampled), and the buffer keeps
+    the samples of the image's last record."""
+    src = _source(8)
+    recs = src.captions("train")
+    recs = recs + recs  # every image twice
+    cfg = NegativeConfig(kind="on_policy", dataset_fraction=0.0, num_samples=3)
+    dm = PreferenceDataModule(src, recs, batch_size=4, seed=0, negatives=cfg)
+    calls = []
+
+    def generate(images, prompts, num_return_sequences=1, **kw):
+        calls.append(len(images))
+        n = len(images) * num_return_sequences
+        return [recs[0].references[0] if i % 3 == 0 else f"junk {len(calls)} {i}" for i in range(n)]
+
+    stats = refresh_negatives(dm, generate, step=0)
+    assert sum(calls) == len(recs)  # one generation per record
+    assert stats["on_policy/kept"] + stats["on_policy/dropped_as_positive"] == 3 * len(recs)
+    assert stats["on_policy/dropped_as_positive"] == 2  # recs[0] in both copies
+    assert dm.stats.rejected_as_positive == 2
+    assert list(dm.buffer) == [r.image_id for r in recs[:8]]
+
+
 def test_negative_config_rejects_bad_values():
     with pytest.raises(ValueError, match="dataset_fraction"):
         NegativeConfig(kind="mixed", dataset_fraction=1.5)

@@ -107,6 +107,21 @@ def test_paired_differences_on_a_synthetic_run_set(tmp_path):
     assert rep["paired"][0]["diffs"] == pytest.approx(diffs)
 
 
+def test_plus_and_plain_group_spellings_are_one_setting(tmp_path):
+    """Runs recorded as `+debug=fast` (before conf/train.yaml listed debug as a null default)
+    and as `debug=fast` (cwdpo.train's spelling since) share a setting, so the report groups
+    them together and a baseline of either spelling matches."""
+    from cwdpo.analysis.runs import run_setting
+
+    _run(tmp_path / "old", "cw_dpo", 0, {"f1": 1.0}, ("+debug=fast", "+hparams_search=optuna"))
+    _run(tmp_path / "new", "cw_dpo", 1, {"f1": 2.0}, ("debug=fast", "hparams_search=optuna"))
+    settings = set()
+    for d in (tmp_path / "old", tmp_path / "new"):
+        name, overrides = run_setting(d, json.loads((d / "results.json").read_text()))
+        settings.add((name, tuple(overrides)))
+    assert settings == {("cw_dpo", ("debug=fast", "hparams_search=optuna"))}
+
+
 def test_selection_uses_val_runs_only(tmp_path):
     # val: beta=0.3 is best for cw_dpo; on test beta=0.1 would have been better (must not matter)
     for seed in (0, 1):

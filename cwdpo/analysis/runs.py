@@ -32,6 +32,17 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return runs
 
 
+#: conf/train.yaml's `<group>: null` defaults: `+debug=fast` (how runs before that were
+#: recorded) and `debug=fast` (how cwdpo.train records it now) are one setting
+_NULL_DEFAULT_GROUPS = ("debug", "hparams_search")
+
+
+def _plain_group(override: str) -> str:
+    key = override.split("=", 1)[0]
+    plain = key.startswith("+") and not key.startswith("++") and key[1:] in _NULL_DEFAULT_GROUPS
+    return override[1:] if plain else override
+
+
 def run_setting(run: Path, results: dict[str, Any]) -> Setting:
     """(experiment name, overrides without seed/paths/hydra/experiment): what defines a setting."""
     ov_file = run / ".hydra" / "overrides.yaml"
@@ -48,7 +59,7 @@ def run_setting(run: Path, results: dict[str, Any]) -> Setting:
             "stage.skip",
         )  # where it started
         overrides = [
-            o
+            _plain_group(o)
             for o in (yaml.safe_load(ov_file.read_text()) or [])
             if not o.split("=")[0].lstrip("+~").startswith(skip)
         ]

@@ -24,11 +24,11 @@ Generate = Callable[..., list[str]]  # `VLMBackbone.generate(images, prompts, **
 @torch.no_grad()
 def sample_captions(
     generate: Generate, records: Sequence[CaptionRecord], prompt: str, neg: NegativeConfig
-) -> dict[str, list[str]]:
-    """image id → `neg.num_samples` sampled captions, `neg.generation_batch_size` images at a
-    time."""
+) -> list[list[str]]:
+    """`neg.num_samples` sampled captions per record (in record order),
+    `neg.generation_batch_size` images at a time."""
     n, bs = neg.num_samples, neg.generation_batch_size
-    out: dict[str, list[str]] = {}
+    out: list[list[str]] = []
     for s in range(0, len(records), bs):
         chunk = records[s : s + bs]
         texts = generate(
@@ -40,22 +40,27 @@ def sample_captions(
             top_p=neg.top_p,
             num_return_sequences=n,
         )
-        for j, r in enumerate(chunk):
-            out[r.image_id] = list(texts[j * n : (j + 1) * n])
+        out.extend(list(texts[j * n : (j + 1) * n]) for j in range(len(chunk)))
     return out
 
 
 def refresh_negatives(dm: PreferenceDataModule, generate: Generate, step: int) -> dict[str, float]:
-    """Sample every training image of `dm`, each rank its own shard, merge the shards across
-    ranks and give them to `dm.set_negatives`; returns its counts (to log)."""
+    """Sample every training record of `dm`, each rank its own shard, merge the shards across
+    ranks (rank 0's first) and give them to `dm.set_negatives`; returns its counts (to log).
+
+    The samples go by record (index into `dm.train_records`), not by image id: a pair file can
+    hold several records of one image, and each record's samples are judged against that
+    record, and counted, as before the sampling moved here."""
     rank, world = rank_world()
-    samples = sample_captions(generate, dm.train_records[rank::world], dm.source.prompt, dm.neg)
-    if world > 1:  # every rank needs every image's samples: merge the shards
+    mine = list(range(len(dm.train_records)))[rank::world]
+    texts = sample_captions(generate, [dm.train_records[i] for i in mine], dm.source.prompt, dm.neg)
+    samples = list(zip(mine, texts))
+    if world > 1:  # every rank needs every record's samples: merge the shards
         import torch.distributed as dist
 
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, samples)
-        samples = {k: v for part in parts for k, v in part.items()}
+        samples = [entry for part in parts for entry in part]
     return dm.set_negatives(samples, step)
 
 

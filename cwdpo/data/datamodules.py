@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,16 +263,19 @@ class PreferenceDataModule(_Base):
     def needs_on_policy(self) -> bool:
         return self.neg.dataset_fraction < 1.0
 
-    def set_negatives(self, samples: Mapping[str, Sequence[str]], step: int) -> dict[str, float]:
-        """Take fresh policy samples (image id → its sampled captions, every training image; the
-        on-policy callback draws them) as the on-policy buffer. Samples the source judges to be
-        positives are dropped; self_judged keeps [best, worst] by the judge. Returns the counts
-        to log."""
-        by_id = {r.image_id: r for r in self.train_records}
+    def set_negatives(
+        self, samples: Sequence[tuple[int, Sequence[str]]], step: int
+    ) -> dict[str, float]:
+        """Take fresh policy samples as the on-policy buffer: (index into `train_records`, that
+        record's sampled captions) for every training record, as the on-policy callback draws
+        them. Each record's samples are judged against that record: those the source judges to
+        be positives are dropped; self_judged keeps [best, worst] by the judge. An image with
+        several records keeps the samples of its last one. Returns the counts to log."""
         buffer: dict[str, list[str]] = {}
         kept = dropped = 0
-        for image_id, texts in samples.items():
-            rec, texts = by_id[image_id], [t for t in texts if t.strip()]
+        for index, texts in samples:
+            rec = self.train_records[index]
+            image_id, texts = rec.image_id, [t for t in texts if t.strip()]
             if self.self_judged:
                 buffer[image_id] = self._judge(texts, rec)
                 kept += len(buffer[image_id]) == 2
