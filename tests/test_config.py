@@ -125,12 +125,20 @@ def test_optimized_metric_is_read_from_the_config(tmp_path):
 
     assert compose_cfg([], tmp_path, tmp_path).optimized_metric is None
     sweep = compose_cfg(["hparams_search=optuna"], tmp_path, tmp_path)
-    assert sweep.optimized_metric == "fact_accuracy"
+    assert list(sweep.optimized_metric) == ["fact_accuracy", "cider"]
     res = {"stages": {"start": {"cider": 1.0}, "cw_dpo": {"cider": 2.5, "objective": "cw_dpo"}}}
     assert optimized_metric(res, "cider") == 2.5
     assert optimized_metric(res, None) is None
     with pytest.raises(ConfigError, match=r"optimized_metric='fact_accuracy'.*\['cider'\]"):
         optimized_metric(res, "fact_accuracy")
+    # the sweep's list: fact accuracy where the source knows facts, else CIDEr (caption data)
+    assert optimized_metric(res, sweep.optimized_metric) == 2.5
+    res["stages"]["cw_dpo"]["fact_accuracy"] = 80.0
+    assert optimized_metric(res, sweep.optimized_metric) == 80.0
+    with pytest.raises(
+        ConfigError, match=r"\['bleu_9', 'meteor_9'\].*\['cider', 'fact_accuracy'\]"
+    ):
+        optimized_metric(res, ["bleu_9", "meteor_9"])
 
 
 def test_stages_name_their_module_and_data_module(tmp_path):
