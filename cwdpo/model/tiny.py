@@ -207,11 +207,21 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     return atomic_save_dir(out_dir, write)
 
 
+def tiny_vlm_dir(cache_dir: str | Path | None = None, spec: TinySpec = TinySpec()) -> Path:
+    """Where the tiny VLM for `spec` lives in the cache (built or not)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / f"tiny-llava-{spec.key()}"
+
+
+def is_built(path: Path) -> bool:
+    """A built directory holds the spec file (the directory appears whole: `atomic_save_dir`)."""
+    return (path / "cwdpo_tiny_spec.json").is_file()
+
+
 def ensure_tiny_vlm(cache_dir: str | Path | None = None, spec: TinySpec = TinySpec()) -> Path:
     """Path of the cached tiny VLM for `spec`, building it on first use."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = root / f"tiny-llava-{spec.key()}"
-    if not (path / "cwdpo_tiny_spec.json").is_file():
+    path = tiny_vlm_dir(cache_dir, spec)
+    if not is_built(path):
         build_tiny_vlm(path, spec)
     return path
 
@@ -228,7 +238,7 @@ def check_cache_dir(cfg: Any) -> None:
     if not (isinstance(raw, str) and "tiny_vlm:" in raw):
         return
     cache = Path(str(cfg.paths.cache_dir))
-    if not (cache / f"tiny-llava-{TinySpec().key()}" / "cwdpo_tiny_spec.json").is_file():
+    if not is_built(tiny_vlm_dir(cache)):
         check_writable(
             cache,
             "cache directory (paths.cache_dir, where the tiny VLM is built)",
