@@ -127,6 +127,17 @@ def _pref_dm(src: ShapesSource, **neg) -> PreferenceDataModule:
     return dm
 
 
+def _judged_source() -> ShapesSource:
+    """The testbed world with minimal negatives and the verifier as judge (40 train images)."""
+    return ShapesSource(
+        WorldConfig(**COOC),
+        seed=0,
+        minimal_negatives=True,
+        judge="verifier",
+        sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
+    )
+
+
 def _draw(dm, n_batches: int) -> list[PairBatch]:
     out = []
     while len(out) < n_batches:
@@ -224,13 +235,7 @@ class ScriptedPolicy:
 
 
 def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
-    src = ShapesSource(
-        WorldConfig(**COOC),
-        seed=0,
-        minimal_negatives=True,
-        judge="verifier",
-        sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
-    )
+    src = _judged_source()
     dm = _pref_dm(src, kind="self_judged", num_samples=4, generation_batch_size=7)
     stats = refresh_negatives(dm, ScriptedPolicy(src), step=0)
     assert stats["self_judged/pairs"] == 40
@@ -249,13 +254,7 @@ def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
 
 
 def test_easy_mix_swaps_that_share_of_rejected_for_easy_negatives():
-    src = ShapesSource(
-        WorldConfig(**COOC),
-        seed=0,
-        minimal_negatives=True,
-        judge="verifier",
-        sizes={"train": 40, "val": 4, "test": 4, "probe": 4},
-    )
+    src = _judged_source()
     dm = _pref_dm(src, kind="self_judged", num_samples=4, easy_mix=0.5)
     refresh_negatives(dm, ScriptedPolicy(src), step=0)
     easy = np.concatenate([b.neg_is_easy.numpy() for b in _draw(dm, 60)])
