@@ -11,8 +11,9 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from cwdpo.errors import DataError
-from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
+from cwdpo.run.config import CONFIG_DIR
 from cwdpo.run.preflight import check_no_secrets, check_resumable, warn_config_changes
+from cwdpo.utils.overrides import plain_group_overrides
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
+from cwdpo.run.config import CONFIG_DIR
+from cwdpo.utils.overrides import plain_group_overrides
 
 
 def compose_cfg(

@@ -82,7 +82,7 @@ def test_null_default_groups_take_both_spellings(group, option, tmp_path):
     compose_cfg accept it."""
     from hydra import compose, initialize_config_dir
 
-    from cwdpo.run.config import plain_group_overrides
+    from cwdpo.utils.overrides import plain_group_overrides
 
     plain = compose_cfg([f"{group}={option}"], tmp_path, tmp_path)
     plus = compose_cfg([f"+{group}={option}"], tmp_path, tmp_path)

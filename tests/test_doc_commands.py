@@ -15,9 +15,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cwdpo.run.config import CONFIG_DIR, plain_group_overrides
+from cwdpo.run.config import CONFIG_DIR
 from cwdpo.run.config_schema import stage_knobs
 from cwdpo.run.pipeline import stages_to_run
+from cwdpo.utils.overrides import plain_group_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "experiments/README.md", "docs/scaling.md", "docs/reliability.md")

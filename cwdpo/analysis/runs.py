@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from cwdpo.analysis.tables import COLUMNS
+from cwdpo.utils.overrides import plain_group_overrides
 
 Setting = tuple[str, list[str]]  # (experiment name, overrides that define the setting)
 Loaded = tuple[Path, Setting, dict[str, float]]  # (run, setting, final metric row)
@@ -32,17 +33,6 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return runs
 
 
-#: conf/train.yaml's `<group>: null` defaults: `+debug=fast` (how runs before that were
-#: recorded) and `debug=fast` (how cwdpo.train records it now) are one setting
-_NULL_DEFAULT_GROUPS = ("debug", "hparams_search")
-
-
-def _plain_group(override: str) -> str:
-    key = override.split("=", 1)[0]
-    plain = key.startswith("+") and not key.startswith("++") and key[1:] in _NULL_DEFAULT_GROUPS
-    return override[1:] if plain else override
-
-
 def run_setting(run: Path, results: dict[str, Any]) -> Setting:
     """(experiment name, overrides without seed/paths/hydra/experiment): what defines a setting."""
     ov_file = run / ".hydra" / "overrides.yaml"
@@ -58,11 +48,14 @@ def run_setting(run: Path, results: dict[str, Any]) -> Setting:
             "experiment",
             "stage.skip",
         )  # where it started
-        overrides = [
-            _plain_group(o)
-            for o in (yaml.safe_load(ov_file.read_text()) or [])
-            if not o.split("=")[0].lstrip("+~").startswith(skip)
-        ]
+        # `+debug=fast` (runs before the groups joined the defaults list) = `debug=fast`
+        overrides = plain_group_overrides(
+            [
+                o
+                for o in (yaml.safe_load(ov_file.read_text()) or [])
+                if not o.split("=")[0].lstrip("+~").startswith(skip)
+            ]
+        )
     return results.get("config", {}).get("experiment", "default"), sorted(overrides)
 
 
