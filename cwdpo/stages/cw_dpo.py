@@ -67,9 +67,8 @@ class CWDPOModule(StageModule):
             )
         self.loser_weight, self.shuffle_weights = loser_weight, shuffle_weights
         self.last_output = None  # for diagnostics callbacks
-        self.last_logps = (
-            None  # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
-        )
+        # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
+        self.last_logps = None
 
     def on_fit_start(self) -> None:
         if not self.backbone.has_reference:
