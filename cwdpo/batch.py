@@ -35,6 +35,25 @@ ModelInputs = dict[str, torch.Tensor]
 """
 
 
+def is_dataset_negative(source: str) -> bool:
+    """A rejected text from the data (its reference log-probs may be cached), not sampled from
+    the policy (`"on_policy"`, self-judged `"self:…"`)."""
+    return source != "on_policy" and not source.startswith("self:")
+
+
+def is_easy_negative(source: str) -> bool:
+    """A trivially wrong (off-image) rejected text: `"easy:…"`."""
+    return source.startswith("easy")
+
+
+def negative_flags(sources: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PairBatch.neg_is_dataset`, `PairBatch.neg_is_easy` of the pairs' rejected-text sources."""
+    return (
+        torch.tensor([float(is_dataset_negative(s)) for s in sources]),
+        torch.tensor([float(is_easy_negative(s)) for s in sources]),
+    )
+
+
 @dataclass
 class CaptionBatch:
     """Base SFT / SFT-C without negatives: one positive response per image.

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch
+from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch, negative_flags
 from cwdpo.data.negative_config import NegativeConfig
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sources import CaptionSource, draw_negative
@@ -194,6 +194,7 @@ class _Base(L.LightningDataModule):
     ) -> PairBatch:
         """Collate (chosen, rejected) pairs; `negs` holds each pair's (rejected, source)."""
         rejected, sources = [t for t, _ in negs], [s for _, s in negs]
+        neg_is_dataset, neg_is_easy = negative_flags(sources)
         return PairBatch(
             inputs=self.collate_pairs(images, prompts, chosen, rejected),
             n=len(rows),
@@ -201,10 +202,8 @@ class _Base(L.LightningDataModule):
             rejected=rejected,
             image_ids=[r.image_id for r in rows],
             sources=sources,
-            neg_is_dataset=torch.tensor(
-                [0.0 if s == "on_policy" or s.startswith("self:") else 1.0 for s in sources]
-            ),
-            neg_is_easy=torch.tensor([1.0 if s.startswith("easy") else 0.0 for s in sources]),
+            neg_is_dataset=neg_is_dataset,
+            neg_is_easy=neg_is_easy,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cwdpo.batch import PairBatch
+from cwdpo.batch import PairBatch, negative_flags
 from cwdpo.perf.memory import state_bytes, sync
 
 
@@ -55,14 +55,12 @@ def _our_batch(bb, pairs, device):
     enc = bb.collate_pairs(
         images, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
     )
-    n = len(pairs)
+    neg_is_dataset, neg_is_easy = negative_flags([p.source for p in pairs])
     return PairBatch(
         inputs={k: v.to(device) for k, v in enc.items()},
-        n=n,
-        neg_is_dataset=torch.ones(n, device=device),
-        neg_is_easy=torch.tensor(
-            [float(p.source.startswith("easy")) for p in pairs], device=device
-        ),
+        n=len(pairs),
+        neg_is_dataset=neg_is_dataset.to(device),
+        neg_is_easy=neg_is_easy.to(device),
     )
 
 

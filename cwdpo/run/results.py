@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from cwdpo.batch import is_dataset_negative
 from cwdpo.callbacks.faults import NonFiniteGuard
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.data.datamodules import PreferenceDataModule
@@ -101,7 +102,7 @@ def negatives_summary(dm: PreferenceDataModule) -> dict[str, Any]:
     """Where a preference stage's negatives came from (counts per source, the realised dataset
     fraction, on-policy refreshes and fallbacks, samples dropped as positives)."""
     counts = dm.stats.counts
-    dataset = sum(v for k, v in counts.items() if k != "on_policy" and not k.startswith("self:"))
+    dataset = sum(v for k, v in counts.items() if is_dataset_negative(k))
     return {
         "sources": dict(counts),
         "dataset_fraction": dataset / max(1, sum(counts.values())),
