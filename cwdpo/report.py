@@ -2,7 +2,8 @@
 
 Runs are grouped by experiment and their Hydra overrides minus `seed`; every number is
 mean ± std over the seeds of a group. Final metrics come from each run's results.json (last
-stage); stability and steps-to-target from the last stage's metrics CSV; the win-rate against a
+stage); stability and steps-to-target from the last stage's metrics CSV, steps to a common
+held-out target from its held-out curve (heldout.csv); the win-rate against a
 baseline experiment (default `sft_only`) re-judges each run's saved test captions against the
 baseline run of the same seed and test data (a sweep that also ran the baseline under its own
 setting is compared with that one). A value a run cannot give is left out and counted: "(k/n)".
@@ -33,6 +34,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="logged metric for steps→target (any column of the stage's metrics.csv)",
     )
     ap.add_argument("--target", type=float, default=0.9, help="value its rolling mean must reach")
+    ap.add_argument(
+        "--heldout-gain",
+        type=float,
+        default=1.0,
+        help="steps→val target: first held-out curve point (heldout.csv) this far above the "
+        "stage start on the primary metric",
+    )
     ap.add_argument(
         "--compare",
         action="append",
@@ -69,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         metrics=args.metric,
         select=args.select,
         n_boot=args.n_boot,
+        heldout_gain=args.heldout_gain,
     )
     print(table)
     return table

@@ -24,20 +24,26 @@ def write_report(
     metrics: Sequence[str] = (),
     select: str | Path | None = None,
     n_boot: int = 10_000,
+    heldout_gain: float = 1.0,
 ) -> str:
     """Aggregate the runs below `dirs` into `out` (default: the first dir); returns report.md.
 
     `comparisons`: `A:B` settings for paired per-seed differences on `metrics` (default the
     primary); `select`: val runs whose best setting per experiment (on the first metric) is the
-    only one kept."""
+    only one kept; `heldout_gain`: the held-out curve's target, start + gain."""
     runs = find_runs(dirs)
     metrics = list(metrics) or [PRIMARY]
     selection = select_on_val(find_runs([select]), metrics[0]) if select else None
-    loaded = load_all(runs, baseline, target, target_key, selection)
+    loaded = load_all(runs, baseline, target, target_key, selection, heldout_gain)
     agg = aggregate_loaded(loaded)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(agg, baseline)
+    if any("heldout_gain_final" in g for g in agg.values()):
+        table += (
+            f"\nsteps→val target: first held-out evaluation (`heldout.csv`) at least {heldout_gain:g} "
+            f"above the stage start on {PRIMARY} (else the judge score); val gain: final − start.\n"
+        )
     if selection:
         table += selection_note(metrics[0], selection)
     extra: dict[str, Any] = {}

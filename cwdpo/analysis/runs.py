@@ -99,14 +99,41 @@ def stability(
     return out
 
 
-def load_run(run: Path, **target: Any) -> tuple[Setting, dict[str, float]]:
-    """(setting, final-stage metric row) of one finished run, the unit the report aggregates."""
+def heldout_convergence(
+    csv: Path, stage: str, gain: float = 1.0, metrics: Sequence[str] = ("f1", "score")
+) -> dict[str, float]:
+    """Steps to a common held-out target: the first evaluation of `<run>/heldout.csv`
+    (cwdpo.callbacks.heldout) at which the stage's held-out metric (the first of `metrics` the
+    file has) is at least its stage-start value + `gain`. Stage-2 methods of one seed start from
+    the same policy, so they share the start value and the target. NaN if never reached; {} if
+    the run has no curve."""
+    if not csv.is_file():
+        return {}
+    df = pd.read_csv(csv)
+    df = df[df["stage"] == stage].drop_duplicates("step", keep="last").sort_values("step")
+    metric = next((m for m in metrics if m in df and df[m].notna().any()), None)
+    if metric is None or df.empty or int(df["step"].iloc[0]) != 0:
+        return {}
+    values = df[metric].to_numpy(dtype=float)
+    hit = df["step"][values >= values[0] + gain]
+    return {
+        "steps_to_heldout": float(hit.iloc[0]) if len(hit) else math.nan,
+        "heldout_gain_final": float(values[-1] - values[0]),
+    }
+
+
+def load_run(
+    run: Path, heldout_gain: float = 1.0, **target: Any
+) -> tuple[Setting, dict[str, float]]:
+    """(setting, final-stage metric row) of one finished run, the unit the report aggregates;
+    `target`: `stability`'s target options, `heldout_gain`: `heldout_convergence`'s gain."""
     res = json.loads((run / "results.json").read_text())
     stages = res["stages"]
     last_name = list(stages)[-1]
     last = stages[last_name]
     row = {k: float(last[k]) for k, _, _ in COLUMNS if isinstance(last.get(k), int | float)}
     row.update(stability(run / "csv" / last_name / "metrics.csv", **target))
+    row.update(heldout_convergence(run / "heldout.csv", last_name, heldout_gain))
     row["seed"] = float(res.get("config", {}).get("seed", math.nan))
     return run_setting(run, res), row
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from cwdpo.analysis.baseline import win_vs_baseline
 from cwdpo.analysis.runs import Loaded, load_run
-from cwdpo.analysis.tables import COLUMNS
+from cwdpo.analysis.tables import COLUMNS, STEP_COLUMNS
 
 
 def load_all(
@@ -22,10 +22,11 @@ def load_all(
     target: float = 0.9,
     target_key: str = "train/rewards/accuracies",
     selection: dict[str, set[str]] | None = None,
+    heldout_gain: float = 1.0,
 ) -> list[Loaded]:
     """Rows of every run (win vs baseline added); with `selection`, only the val-selected setting
     of each selected experiment is kept."""
-    loaded = [(r, *load_run(r, target=target, target_key=target_key)) for r in runs]
+    loaded = [(r, *load_run(r, heldout_gain, target=target, target_key=target_key)) for r in runs]
     if selection:
         loaded = [
             x
@@ -40,7 +41,7 @@ def load_all(
 
 def aggregate(runs: Sequence[Path], **load: Any) -> dict[str, dict[str, Any]]:
     """Setting → mean ± std of every column over its runs (see `aggregate_loaded`); `load`:
-    `load_all`'s options (baseline, target, target_key, selection)."""
+    `load_all`'s options (baseline, target, target_key, selection, heldout_gain)."""
     return aggregate_loaded(load_all(runs, **load))
 
 
@@ -58,9 +59,9 @@ def aggregate_loaded(loaded: Sequence[Loaded]) -> dict[str, dict[str, Any]]:
                     "mean": float(vals.mean()),
                     "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                 }
-                if k != "steps_to_target" and len(vals) < len(rows):
+                if k not in STEP_COLUMNS and len(vals) < len(rows):
                     stats[k].update(reached=len(vals), of=len(rows))
-            if k == "steps_to_target" and present:  # runs that never reach it are not averaged
+            if k in STEP_COLUMNS and present:  # runs that never reach it are not averaged
                 stats[k] = {**stats.get(k, {}), "reached": len(vals), "of": len(present)}
         out[key] = stats
     return out

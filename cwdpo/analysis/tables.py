@@ -18,6 +18,8 @@ COLUMNS = (  # (key, header, scale)
     ("grad_norm_std", "‖g‖ std", 1.0),
     ("loss_spikes", "spikes", 1.0),
     ("steps_to_target", "steps→target", 1.0),
+    ("steps_to_heldout", "steps→val target", 1.0),
+    ("heldout_gain_final", "val gain", 1.0),
     # ShapesWorld ground truth (percent; cwdpo.metrics.hallucination / .teacher_forced)
     ("f1", "F1 %", 1.0),
     ("object_recall", "obj recall %", 1.0),
@@ -32,6 +34,7 @@ COLUMNS = (  # (key, header, scale)
     ("calib/content_sce", "content SCE", 1.0),
     ("disp/chosen_fell", "gold logp fell %", 1.0),
 )
+STEP_COLUMNS = ("steps_to_target", "steps_to_heldout")  # NaN = never reached: counted, not averaged
 PRIMARY = "f1"  # the study's pre-declared primary metric (falls back to facts % where absent)
 HEADERS = {k: h for k, h, _ in COLUMNS}
 
@@ -53,8 +56,8 @@ def markdown(agg: dict[str, dict[str, Any]], baseline: str | None = None) -> str
         )
     if any("of" in v for g in agg.values() for v in g.values() if isinstance(v, dict)):
         notes.append(
-            "(k/n): the mean is over the k of n runs that gave a value; for steps→target, "
-            "the runs that reached the target."
+            "(k/n): the mean is over the k of n runs that gave a value; for steps→target "
+            "and steps→val target, the runs that reached the target."
         )
     return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
