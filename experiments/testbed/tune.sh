@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Per-method tuning on val, then evaluation on fresh seeds (issue 17's protocol).
-# Every method gets the same tuning budget: the stage-2 learning rates LRS (same steps), on the
-# tuning seeds TUNE_SEEDS, each evaluated on the *val* split (eval.split=val). The best lr per
-# method by mean val F1 (the primary metric) is then run on the evaluation seeds SEEDS from the
-# same SFT-C starts as experiments/testbed/run.sh (run it first), and the report keeps only the
-# val-selected setting of each tuned method (`python -m cwdpo.report --select`).
+# Every method gets the same tuning budget: the values VALUES of one knob PARAM (by default the
+# stage-2 learning rates LRS, same steps), on the tuning seeds TUNE_SEEDS, each evaluated on the
+# *val* split (eval.split=val). The best value per method by mean val F1 (the primary metric) is
+# then run on the evaluation seeds SEEDS from the same SFT-C starts as experiments/testbed/run.sh
+# (run it first), and the report keeps only the val-selected setting of each tuned method
+# (`python -m cwdpo.report --select`). Values tuned earlier (same TAG) take part in the choice.
 #   NAME=cooc_c0.12 EXTRA="data.source.world.companion_contrast=0.12" bash experiments/testbed/tune.sh
+#   METHODS=ipo PARAM=stage.cw_dpo.beta TAG=beta VALUES="0.1 0.5 1 2 5" NAME=... bash experiments/testbed/tune.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NAME=${NAME:-cooc_c0.12}
@@ -13,6 +15,9 @@ H=${H:-0.15}
 TUNE_SEEDS=${TUNE_SEEDS:-10,11}
 SEEDS=${SEEDS:-0,1,2,3,4}
 LRS=${LRS:-5e-5 1e-4 2e-4 4e-4 8e-4}
+PARAM=${PARAM:-stage.cw_dpo.optimizer.lr}   # the tuned knob, its values and its run-dir tag
+VALUES=${VALUES:-$LRS}
+TAG=${TAG:-lr}
 METHODS=${METHODS:-cw_dpo ablation_cooling sft_continue}
 JOBS=${JOBS:-2}
 PY=${PY:-python}
@@ -37,33 +42,33 @@ done | run_all
 for s in ${TUNE_SEEDS//,/ }; do
   from="model.path=$PWD/$TUNE/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
   for m in $METHODS; do
-    for lr in $LRS; do
-      echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from stage.cw_dpo.optimizer.lr=$lr eval.split=val seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/${m}_lr$lr"
+    for v in $VALUES; do
+      echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from $PARAM=$v eval.split=val seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/${m}_$TAG$v"
     done
   done
 done | run_all
 
-# the best lr per method on val (mean F1 over the tuning seeds)
-best=$($PY - "$TUNE" $METHODS <<'EOF'
+# the best value per method on val (mean F1 over the tuning seeds)
+best=$($PY - "$TUNE" "$TAG" $METHODS <<'EOF'
 import json, sys
 from pathlib import Path
 from statistics import mean
-tune, methods = Path(sys.argv[1]), sys.argv[2:]
+tune, tag, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 for m in methods:
-    by_lr = {}
-    for r in tune.glob(f"seed*/{m}_lr*/results.json"):
-        by_lr.setdefault(r.parent.name.split("_lr")[-1], []).append(
+    by_value = {}
+    for r in tune.glob(f"seed*/{m}_{tag}*/results.json"):
+        by_value.setdefault(r.parent.name[len(f"{m}_{tag}"):], []).append(
             json.loads(r.read_text())["stages"]["cw_dpo"]["f1"])
-    lr = max(by_lr, key=lambda k: mean(by_lr[k]))
-    print(f"{m}={lr}", end=" ")
-    print(f"{m}: val F1 by lr {({k: round(mean(v), 2) for k, v in sorted(by_lr.items())})} -> {lr}",
-          file=sys.stderr)
+    best = max(by_value, key=lambda k: mean(by_value[k]))
+    print(f"{m}={best}", end=" ")
+    table = {k: round(mean(v), 2) for k, v in sorted(by_value.items(), key=lambda kv: float(kv[0]))}
+    print(f"{m}: val F1 by {tag} {table} -> {best}", file=sys.stderr)
 EOF
 )
 for s in ${SEEDS//,/ }; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
   for pick in $best; do
-    m=${pick%%=*}; lr=${pick#*=}
-    echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from stage.cw_dpo.optimizer.lr=$lr seed=$s hydra.run.dir=$PWD/$OUT/seed$s/${m}_lr$lr"
+    m=${pick%%=*}; v=${pick#*=}
+    echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from $PARAM=$v seed=$s hydra.run.dir=$PWD/$OUT/seed$s/${m}_$TAG$v"
   done
 done | run_all
