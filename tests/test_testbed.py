@@ -294,3 +294,11 @@ def test_testbed_pipeline_end_to_end_with_self_judged_pairs(tmp_path, tiny_cache
     m = res["stages"]["cw_dpo"]
     for key in ("companion_halluc", "pope_adv/accuracy", "disp/chosen_fell", "calib/content_ece"):
         assert key in m, key
+    # the held-out curve (default callbacks): stage 2 only, from its start to its last step
+    import csv
+
+    with (tmp_path / "heldout.csv").open(newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert {r["stage"] for r in curve} == {"cw_dpo"} and curve[0]["step"] == "0"
+    assert int(curve[-1]["step"]) == cfg.stage.cw_dpo.steps
+    assert all(r["split"] == "val" and "companion_halluc" in r and r["f1"] for r in curve)

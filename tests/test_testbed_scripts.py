@@ -1,0 +1,117 @@
+"""The study's scripts under experiments/testbed: the pair-contrast count and the figures."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "experiments" / "testbed" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+COMP = ("blue", "square")
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, kind",
+    [
+        (
+            "a small red circle on the left .",
+            "a small red circle on the left and a small blue square on the right .",
+            "corrective",
+        ),
+        (
+            "a small red circle on the left and a small blue square on the right .",
+            "a small red circle on the left .",
+            "anti_corrective",
+        ),
+        ("a large blue square on the top .", "a small blue square on the top .", "both"),
+        ("a small red circle on the left .", "a large red circle on the left .", "neither"),
+        (
+            "a small red circle on the left .",
+            "a small blue circle on the left .",
+            "neither",
+        ),  # a blue circle is no companion
+    ],
+)
+def test_pair_kind_on_hand_written_pairs(chosen, rejected, kind):
+    assert _script("pair_contrast").pair_kind(chosen, rejected, COMP) == kind
+
+
+def _write_run(d: Path, f1: float, curve: list[tuple[int, float, float]] | None = None) -> None:
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"stages": {"cw_dpo": {"f1": f1}}}))
+    if curve:
+        with (d / "heldout.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["stage", "step", "split", "n", "f1", "companion_halluc"])
+            w.writerows(["cw_dpo", s, "val", 64, v, c] for s, v, c in curve)
+
+
+def test_figures_are_drawn_from_reports_and_runs(tmp_path, monkeypatch):
+    plots = _script("plots")
+    assert (
+        plots.label("cw_dpo negatives=self_judged stage.cw_dpo.optimizer.lr=1e-4")
+        == "CW-DPO, lr 1e-4"
+    )
+    assert plots.label("ipo stage.cw_dpo.beta=0.5") == "IPO, β 0.5"
+    paired = {
+        "a": "cw_dpo",
+        "b": "ablation_cooling",
+        "seeds": [0, 1],
+        "diffs": [1.0, 2.0],
+        "mean": 1.5,
+        "ci95": [1.0, 2.0],
+    }
+    report = tmp_path / "report.json"
+    stats = {"companion_halluc": {"mean": 40.0, "std": 5.0}}
+    report.write_text(
+        json.dumps(
+            {
+                "cw_dpo negatives=self_judged": stats,
+                "sft_only": stats,
+                "paired": [{**paired, "metric": "f1"}, {**paired, "metric": "companion_halluc"}],
+            }
+        )
+    )
+    for s in (10, 11):
+        for lr, f1 in ((1e-4, 70.0), (2e-4, 72.0)):
+            _write_run(tmp_path / "tune" / f"seed{s}" / f"cw_dpo_lr{lr:g}", f1 + s)
+        _write_run(tmp_path / "tune" / f"seed{s}" / "ipo_beta0.5", 60.0)
+        _write_run(
+            tmp_path / "curves" / f"seed{s}" / "cw_dpo", 70.0, [(0, 70.0, 40.0), (20, 71.5, 38.0)]
+        )
+    out = tmp_path / "figs"
+    argv = [
+        "plots.py",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--tune",
+        str(tmp_path / "tune"),
+        "--curves",
+        str(tmp_path / "curves"),
+        "--h-report",
+        f"0={report}",
+        "--h-report",
+        f"0.3={report}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    plots.main()
+    for name in ("paired", "tuning", "heldout", "companion"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, name
