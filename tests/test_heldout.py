@@ -192,6 +192,7 @@ def test_steps_to_the_held_out_target_on_literal_curves(tmp_path):
     assert heldout_convergence(p, "cw_dpo", gain=1.0) == {
         "steps_to_heldout": 40.0,
         "heldout_gain_final": 2.0,
+        "heldout_jitter": pytest.approx((0.5 + 0.5 + 0.8 + 1.8) / 4),
     }
     assert heldout_convergence(p, "cw_dpo", gain=2.0)["steps_to_heldout"] == 80.0
     never = heldout_convergence(p, "cw_dpo", gain=2.5)

@@ -42,7 +42,8 @@ def write_report(
     if any("heldout_gain_final" in g for g in agg.values()):
         table += (
             f"\nsteps→val target: first held-out evaluation (`heldout.csv`) at least {heldout_gain:g} "
-            f"above the stage start on {PRIMARY} (else the judge score); val gain: final − start.\n"
+            f"above the stage start on {PRIMARY} (else the judge score); val gain: final − start; "
+            "val jitter: mean |change| between consecutive held-out evaluations.\n"
         )
     if selection:
         table += selection_note(metrics[0], selection)

@@ -119,6 +119,8 @@ def heldout_convergence(
     return {
         "steps_to_heldout": float(hit.iloc[0]) if len(hit) else math.nan,
         "heldout_gain_final": float(values[-1] - values[0]),
+        # stability on one scale for every objective (loss std is not: the losses differ)
+        "heldout_jitter": float(abs(values[1:] - values[:-1]).mean()) if len(values) > 1 else 0.0,
     }
 
 

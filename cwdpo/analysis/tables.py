@@ -20,6 +20,7 @@ COLUMNS = (  # (key, header, scale)
     ("steps_to_target", "steps→target", 1.0),
     ("steps_to_heldout", "steps→val target", 1.0),
     ("heldout_gain_final", "val gain", 1.0),
+    ("heldout_jitter", "val jitter", 1.0),
     # ShapesWorld ground truth (percent; cwdpo.metrics.hallucination / .teacher_forced)
     ("f1", "F1 %", 1.0),
     ("object_recall", "obj recall %", 1.0),
