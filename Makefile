@@ -86,12 +86,9 @@ clean:
 experiments:
 	bash experiments/shapes/run.sh
 
-## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md) + control
+## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md), ≈ 1 h 30 min
 testbed:
-	bash experiments/testbed/run.sh
-	bash experiments/testbed/matched.sh
-	CONTROL=1 METHODS="cw_dpo ablation_cooling sft_continue" EASY=" " bash experiments/testbed/run.sh
-	bash experiments/testbed/report.sh
+	bash experiments/testbed/study.sh
 
 report:
 	$(PYTHON) -m cwdpo.report $(DIR)
