@@ -47,12 +47,12 @@ test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
 lint:
-	$(PYTHON) -m ruff check cwdpo tests
-	$(PYTHON) -m ruff format --check cwdpo tests
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 format:
-	$(PYTHON) -m ruff check --fix cwdpo tests
-	$(PYTHON) -m ruff format cwdpo tests
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 ## train: the whole embedded pipeline (tiny VLM, ShapesWorld, CPU)
 train:
