@@ -160,7 +160,7 @@ def companion(h_reports: list[tuple[float, Path]], out: Path) -> Path:
             exp = setting.split()[0]
             if setting == "paired" or exp not in keep or "companion_halluc" not in stats:
                 continue
-            if len(setting.split()) > 1 and "negatives=self_judged" not in setting:
+            if set(setting.split()[1:]) - {"negatives=self_judged"}:  # default settings only
                 continue
             s = stats["companion_halluc"]
             series[exp].append((h, s["mean"], s["std"]))

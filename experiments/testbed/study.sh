@@ -45,7 +45,7 @@ for s in 0 1 2 3 4; do
     [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$dir"
   done
 done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-SEEDS=0,1,2,3,4 METHODS=ipo PARAM=stage.cw_dpo.beta TAG=beta VALUES="0.1 0.5 1 2" \
+SEEDS=0,1,2,3,4 METHODS=ipo PARAM=stage.cw_dpo.beta TAG=beta VALUES="0.1 0.5 1 2 5 10" \
   bash experiments/testbed/tune.sh
 
 # reports: the tuned methods (val-selected settings only), then every setting (controls)
