@@ -123,28 +123,41 @@ def read_curve(path: Path) -> dict[int, dict[str, float]]:
         }
 
 
+CURVE_METHODS = ("cw_dpo", "ablation_cooling", "sft_continue", "chosen_only", "rft", "ipo")
+
+
 def heldout(curves: Path, out: Path) -> Path:
+    """Mean over seeds of each main method's held-out curve (run dirs `<method>[_lr<v>|_beta<v>]`;
+    controls such as `cw_dpo_shuffled_lr…` are left out, and of IPO the largest β evaluated)."""
     by: dict[str, list[dict[int, dict[str, float]]]] = defaultdict(list)
     for p in sorted(curves.glob("seed*/*/heldout.csv")):
-        by[p.parent.name].append(read_curve(p))
+        m = re.fullmatch(r"(.+?)(?:_(lr|beta)([0-9.e+-]+))?", p.parent.name)
+        if m and m[1] in CURVE_METHODS:
+            by[p.parent.name].append(read_curve(p))
+    ipo = sorted((n for n in by if n.startswith("ipo")), key=lambda n: float(n[len("ipo_beta") :]))
+    for n in ipo[:-1]:
+        del by[n]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, runs in sorted(by.items()):
         steps = sorted(set.intersection(*(set(r) for r in runs)))
+        exp, _, knob = name.partition("_lr")
+        exp, _, beta = exp.partition("_beta")
+        text = (
+            LABELS.get(exp, exp)
+            + (f", lr {knob}" if knob else "")
+            + (f", β {beta}" if beta else "")
+        )
         for ax, key in zip(axes, ("f1", "companion_halluc")):
             delta = np.array([[r[s][key] - r[0][key] for s in steps] for r in runs])
-            mu, sd = delta.mean(0), delta.std(0, ddof=1) if len(runs) > 1 else 0 * delta[0]
-            exp, _, knob = name.partition("_lr")
-            text = LABELS.get(exp, exp) + (f", lr {knob}" if knob else "")
-            (line,) = ax.plot(steps, mu, "o-", ms=3, label=f"{text} (n={len(runs)})")
-            ax.fill_between(steps, mu - sd, mu + sd, color=line.get_color(), alpha=0.12)
+            ax.plot(steps, delta.mean(0), "o-", ms=3, label=f"{text} (n={len(runs)})")
     axes[0].set_ylabel("val F1 − start, points")
     axes[1].set_ylabel("val companion halluc. − start, points")
     for ax in axes:
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("stage-2 step")
     axes[0].axhline(1.0, color="k", lw=0.8, ls="--")  # the common target: start + 1 point
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("Held-out curves (64 val images, greedy; mean ± std over seeds)")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Held-out curves (64 val images, greedy; mean over seeds; dashed: the +1 target)")
     fig.tight_layout()
     path = out / "heldout.png"
     fig.savefig(path, dpi=130)
