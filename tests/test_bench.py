@@ -5,6 +5,7 @@ against the targets and generation tokens/s. A smoke test, not a timed test."""
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -82,5 +83,8 @@ def test_state_bytes_and_peak_memory():
     with PeakMemory(torch.device("cpu")) as pm:
         x = torch.ones(8 * 2**20 // 4)  # 8 MiB, touched
         x += 1
+        deadline = time.monotonic() + 10  # RSS is sampled: on a loaded machine, give the sampler
+        while pm.seen() < 6 * 2**20 and time.monotonic() < deadline:  # time to run while x lives
+            time.sleep(0.005)
         del x
     assert pm.peak >= 6 * 2**20

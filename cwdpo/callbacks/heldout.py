@@ -87,13 +87,14 @@ class HeldoutCurve(StageAware, L.Callback):
         self.records, self.last_step = [], None
         if not self.active():
             return
-        if self.first:  # a fresh run: this dir's stale curve goes
+        resumed = trainer.global_step > 0  # its rows so far are in the file; the schedule goes on
+        if self.first and not resumed:  # a fresh run: this dir's stale curve goes
             (self.out_dir / HELDOUT_CSV).unlink(missing_ok=True)
         self.offset = stage_offset(self.out_dir, self.stage, bool(self.first))
         source = getattr(trainer.datamodule, "source", None)
         with FAILURES.guard("heldout curve"):
             self.records = list(source.captions(self.split))[: self.n_items]
-        if self.records:
+        if self.records and not resumed:
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(

@@ -53,6 +53,12 @@ class PeakMemory:
             self._thread.start()
         return self
 
+    def seen(self) -> int:
+        """The peak above the entry level observed so far (inside the block)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return self._max - self.base
+
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
