@@ -135,3 +135,42 @@ def _dataset_pair(rec, j, ref, prompt, vocab, pool, hard_fraction, rng, counts):
         source=source,
         meta=meta,
     )
+
+
+def cpu_trainer(root: Path, steps: int, callbacks=(), **kw):
+    """A quiet CPU `L.Trainer` for live callback tests: no logger, checkpoints, sanity check,
+    val loop, bars or summary unless `kw` turns them on."""
+    import lightning as L
+
+    settings = dict(logger=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    settings |= dict(limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=list(callbacks),
+        default_root_dir=str(root),
+        **(settings | kw),
+    )
+
+
+def shapes_sft(backbone, sizes: dict[str, int], steps: int, lr: float = 3e-3):
+    """(SFT-C module, caption data module) on a small ShapesWorld, for live callback tests."""
+    from functools import partial
+
+    import torch
+
+    from cwdpo.data.datamodules import CaptionDataModule
+    from cwdpo.data.sources import ShapesSource
+    from cwdpo.stages import SFTCModule
+
+    src = ShapesSource(sizes=sizes)
+    dm = CaptionDataModule(
+        src,
+        src.captions("train"),
+        batch_size=4,
+        seed=0,
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+    )
+    module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=lr), total_steps=steps)
+    return module, dm

@@ -11,7 +11,6 @@ import csv
 import math
 from functools import partial
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -29,6 +28,7 @@ from cwdpo.losses.diagnostics import (
     vulnerable_fraction,
 )
 from cwdpo.losses.objectives import cw_dpo_loss
+from tests.helpers import cpu_trainer
 
 
 # ---------------------------------------------------------------- pure functions
@@ -179,19 +179,7 @@ def _cw_dpo_trainer(backbone, root, steps, callbacks, loggers):
         floor=-6.0,
         tau=1.0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=loggers,
-        callbacks=callbacks,
-        default_root_dir=str(root),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-    )
+    trainer = cpu_trainer(root, steps, callbacks, logger=loggers, log_every_n_steps=1)
     return trainer, module, dm
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,37 +18,15 @@ from cwdpo.callbacks.heldout import HELDOUT_CSV, HeldoutCurve
 from cwdpo.data.sources import ShapesSource
 from cwdpo.metrics.hallucination import caption_metrics
 from cwdpo.utils.safe_log import FAILURES
+from tests.helpers import cpu_trainer, shapes_sft
 
 SIZES = {"train": 12, "val": 4, "test": 4, "probe": 4}
 
 
 def _fit(backbone, root: Path, steps: int, *callbacks: L.Callback) -> None:
-    from cwdpo.data.datamodules import CaptionDataModule
-    from cwdpo.stages import SFTCModule
-
     L.seed_everything(0)
-    src = ShapesSource(sizes=SIZES)
-    dm = CaptionDataModule(
-        src,
-        src.captions("train"),
-        batch_size=4,
-        seed=0,
-        collate=backbone.collate,
-        collate_pairs=backbone.collate_pairs,
-    )
-    module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), total_steps=steps)
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        callbacks=list(callbacks),
-        default_root_dir=str(root),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    ).fit(module, datamodule=dm)
+    module, dm = shapes_sft(backbone, SIZES, steps)
+    cpu_trainer(root, steps, callbacks).fit(module, datamodule=dm)
 
 
 def _direct(backbone) -> tuple[list[str], dict[str, float]]:

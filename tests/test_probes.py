@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-from functools import partial
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from cwdpo.callbacks.probes import (
 )
 from cwdpo.data.sources import ShapesSource
 from cwdpo.losses.diagnostics import tv_distance
+from tests.helpers import cpu_trainer, shapes_sft
 
 STEPS = [0, 20, 40, 60, 80, 100]
 
@@ -210,31 +209,8 @@ SIZES = {"train": 12, "val": 4, "test": 4, "probe": 6}
 
 
 def _sft_trainer(backbone, root, steps, probe, *more):
-    from cwdpo.data.datamodules import CaptionDataModule
-    from cwdpo.stages import SFTCModule
-
-    src = ShapesSource(sizes=SIZES)
-    dm = CaptionDataModule(
-        src,
-        src.captions("train"),
-        batch_size=4,
-        seed=0,
-        collate=backbone.collate,
-        collate_pairs=backbone.collate_pairs,
-    )
-    module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), total_steps=steps)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        callbacks=[probe, *more],
-        default_root_dir=str(root),
-        enable_checkpointing=bool(more),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    module, dm = shapes_sft(backbone, SIZES, steps)
+    trainer = cpu_trainer(root, steps, [probe, *more], enable_checkpointing=bool(more))
     return trainer, module, dm
 
 

@@ -46,6 +46,13 @@ LABELS = {  # setting name (experiment + overrides) → a short label
 METRIC_NAMES = {"f1": "F1 points", "companion_halluc": "companion halluc., points"}
 
 
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def label(setting: str) -> str:
     exp, *over = setting.split()
     text = LABELS.get(exp, exp)
@@ -76,11 +83,7 @@ def paired(report: Path, out: Path) -> Path:
         ax.invert_yaxis()
         ax.set_xlabel(f"A − B, {METRIC_NAMES[metric]}")
     fig.suptitle("Paired by seed: mean and bootstrap 95% CI (grey dots: the seeds)", fontsize=10)
-    fig.tight_layout()
-    path = out / "paired.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, out / "paired.png")
 
 
 def tuning(tune: Path, out: Path) -> Path:
@@ -107,11 +110,7 @@ def tuning(tune: Path, out: Path) -> Path:
         ax.set_ylabel("val F1 % (mean of tuning seeds)")
         ax.legend(fontsize=8)
     fig.suptitle("Tuning on val (★ = selected)")
-    fig.tight_layout()
-    path = out / "tuning.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, out / "tuning.png")
 
 
 def read_curve(path: Path) -> dict[int, dict[str, float]]:
@@ -158,11 +157,7 @@ def heldout(curves: Path, out: Path) -> Path:
     axes[0].axhline(1.0, color="k", lw=0.8, ls="--")  # the common target: start + 1 point
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("Held-out curves (64 val images, greedy; mean over seeds; dashed: the +1 target)")
-    fig.tight_layout()
-    path = out / "heldout.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, out / "heldout.png")
 
 
 def companion(h_reports: list[tuple[float, Path]], out: Path) -> Path:
@@ -187,11 +182,7 @@ def companion(h_reports: list[tuple[float, Path]], out: Path) -> Path:
     ax.set_xlabel("annotators' hallucination rate h")
     ax.set_ylabel("test companion hallucination % (± std, 5 seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "companion.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, out / "companion.png")
 
 
 def main() -> None:
