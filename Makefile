@@ -86,7 +86,7 @@ clean:
 experiments:
 	bash experiments/shapes/run.sh
 
-## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md), ≈ 1 h 30 min
+## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md), ≈ 2 h
 testbed:
 	bash experiments/testbed/study.sh
 
