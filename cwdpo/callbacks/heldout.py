@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import torch
 
-from cwdpo.data.records import load_images, record_prompt
-from cwdpo.utils.modes import eval_mode
+from cwdpo.metrics.generation import generate_captions
 from cwdpo.utils.run_files import StageAware, append_csv, stage_offset
 from cwdpo.utils.safe_log import FAILURES, log_scalars
 
@@ -128,15 +126,7 @@ class HeldoutCurve(StageAware, L.Callback):
                 "heldout %s step %d: %s (%.1fs)", self.stage, step, row, time.perf_counter() - t
             )
 
-    @torch.no_grad()
     def generate(self, backbone: Any, prompt: str) -> list[str]:
-        out: list[str] = []
-        with eval_mode(backbone.model):
-            for s in range(0, len(self.records), self.batch_size):
-                chunk = self.records[s : s + self.batch_size]
-                out += backbone.generate(
-                    [load_images(r) for r in chunk],
-                    [record_prompt(r, prompt) for r in chunk],
-                    max_new_tokens=self.max_new_tokens,
-                )
-        return out
+        return generate_captions(
+            backbone, self.records, prompt, self.batch_size, self.max_new_tokens
+        )

@@ -11,33 +11,14 @@ from typing import Any
 import torch
 
 from cwdpo.analysis.caption_winrate import win_rate
-from cwdpo.data.records import CaptionRecord, load_images, record_images, record_prompt
+from cwdpo.data.records import CaptionRecord, load_images, record_images
 from cwdpo.data.sources import CaptionSource
+from cwdpo.metrics.generation import generate_captions
 from cwdpo.metrics.teacher_forced import teacher_forced_batches
 from cwdpo.model.backbone import VLMBackbone
 from cwdpo.utils.modes import eval_mode
 
 
-@torch.no_grad()
-def generate_captions(
-    backbone: VLMBackbone,
-    records: Sequence[CaptionRecord],
-    prompt: str,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-) -> list[str]:
-    out: list[str] = []
-    for s in range(0, len(records), batch_size):
-        chunk = records[s : s + batch_size]
-        out += backbone.generate(
-            [load_images(r) for r in chunk],
-            [record_prompt(r, prompt) for r in chunk],
-            max_new_tokens=max_new_tokens,
-        )
-    return out
-
-
-@torch.no_grad()
 @torch.no_grad()
 def teacher_forced_calibration(
     backbone: VLMBackbone, records: Sequence[CaptionRecord], prompt: str, batch_size: int = 64
