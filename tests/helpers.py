@@ -153,7 +153,7 @@ def cpu_trainer(root: Path, steps: int, callbacks=(), **kw):
     )
 
 
-def shapes_sft(backbone, sizes: dict[str, int], steps: int, lr: float = 3e-3):
+def shapes_sft(backbone, sizes: dict[str, int], steps: int, lr: float = 3e-3, batch_size: int = 4):
     """(SFT-C module, caption data module) on a small ShapesWorld, for live callback tests."""
     from functools import partial
 
@@ -167,7 +167,7 @@ def shapes_sft(backbone, sizes: dict[str, int], steps: int, lr: float = 3e-3):
     dm = CaptionDataModule(
         src,
         src.captions("train"),
-        batch_size=4,
+        batch_size=batch_size,
         seed=0,
         collate=backbone.collate,
         collate_pairs=backbone.collate_pairs,

@@ -4,7 +4,6 @@ detected; `faults.policy=skip` leaves weights and optimizer state untouched and 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import lightning as L
@@ -13,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cwdpo.callbacks.faults import NonFiniteError, NonFiniteGuard, reliability_callbacks
+from tests.helpers import cpu_trainer, shapes_sft
 
 
 class NaNPixels(L.Callback):
@@ -51,36 +51,19 @@ class Snapshots(L.Callback):
 def train(
     path, tmp_path, callbacks: list[L.Callback], steps: int = 3, enable_checkpointing: bool = False
 ) -> tuple[L.Trainer, Any]:
-    from cwdpo.data.datamodules import CaptionDataModule
-    from cwdpo.data.sources import ShapesSource
     from cwdpo.model.backbone import VLMBackbone
-    from cwdpo.stages import SFTCModule
     from cwdpo.utils.checkpoint import AtomicCheckpointIO
 
     torch.manual_seed(0)
     backbone = VLMBackbone.from_pretrained(path, max_length=128)
-    source = ShapesSource(sizes={"train": 8, "val": 2, "test": 2, "probe": 2})
-    dm = CaptionDataModule(
-        source,
-        source.captions("train"),
-        batch_size=2,
-        seed=0,
-        collate=backbone.collate,
-        collate_pairs=backbone.collate_pairs,
-    )
-    module = SFTCModule(backbone, optimizer=partial(torch.optim.AdamW, lr=1e-3), total_steps=steps)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
+    sizes = {"train": 8, "val": 2, "test": 2, "probe": 2}
+    module, dm = shapes_sft(backbone, sizes, steps, lr=1e-3, batch_size=2)
+    trainer = cpu_trainer(
+        tmp_path,
+        steps,
+        callbacks,
         enable_checkpointing=enable_checkpointing,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         gradient_clip_val=1.0,
-        callbacks=callbacks,
-        default_root_dir=str(tmp_path),
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=dm)
