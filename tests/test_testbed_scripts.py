@@ -115,3 +115,17 @@ def test_figures_are_drawn_from_reports_and_runs(tmp_path, monkeypatch):
     for name in ("paired", "tuning", "heldout", "companion"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, name
+
+
+def test_mean_wc_is_the_mean_over_runs_of_each_runs_mean(tmp_path):
+    runs = []
+    for name, ws in (("a", [0.1, 0.3, None]), ("b", [0.5])):  # NaN rows (other metrics) skipped
+        d = tmp_path / name / "csv" / "cw_dpo"
+        d.mkdir(parents=True)
+        rows = ["step,train/cooling/mean,train/loss"]
+        rows += [f"{i},{'' if w is None else w},0.7" for i, w in enumerate(ws)]
+        (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+        runs.append(tmp_path / name)
+    assert _script("mean_wc").mean_wc(runs) == pytest.approx((0.2 + 0.5) / 2)
+    with pytest.raises(SystemExit, match="no CW-DPO run"):
+        _script("mean_wc").mean_wc([])

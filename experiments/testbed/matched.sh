@@ -9,14 +9,7 @@ JOBS=${JOBS:-1}
 PY=${PY:-python}
 OUT=${OUT:-experiments/testbed/runs/cooc_h$H}
 COMMON="data=shapes_cooc data.source.world.hallucination_rate=$H eval.meteor=false num_threads=1 ${EXTRA:-}"
-W=$($PY - "$OUT" <<'PY'
-import glob, sys
-import pandas as pd
-vals = [pd.read_csv(f)["train/cooling/mean"].dropna().mean()
-        for f in sorted(glob.glob(f"{sys.argv[1]}/seed*/cw_dpo/csv/cw_dpo/metrics.csv"))]
-print(f"{sum(vals) / len(vals):.3f}")
-PY
-)
+W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo)
 echo "loser_weight = mean w_c of cw_dpo = $W"
 for s in ${SEEDS//,/ }; do
   dir="$PWD/$OUT/seed$s/dpo_matched"

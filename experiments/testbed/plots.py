@@ -46,6 +46,21 @@ LABELS = {  # setting name (experiment + overrides) → a short label
 METRIC_NAMES = {"f1": "F1 points", "companion_halluc": "companion halluc., points"}
 
 
+RUN_DIR = re.compile(r"(.+?)(?:_(lr|beta)([0-9.e+-]+))?")  # <method>[_lr<v>|_beta<v>]
+KNOB_NAMES = {"lr": "lr", "beta": "β"}
+
+
+def parse_run_dir(name: str) -> tuple[str, str | None, str | None]:
+    """(method, tuned knob, its value) of a run directory's name."""
+    m = RUN_DIR.fullmatch(name)
+    return (m[1], m[2], m[3]) if m else (name, None, None)
+
+
+def dir_label(name: str) -> str:
+    method, knob, value = parse_run_dir(name)
+    return LABELS.get(method, method) + (f", {KNOB_NAMES[knob]} {value}" if knob else "")
+
+
 def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -89,10 +104,10 @@ def paired(report: Path, out: Path) -> Path:
 def tuning(tune: Path, out: Path) -> Path:
     by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for res in tune.glob("seed*/*/results.json"):
-        m = re.fullmatch(r"(.+)_(lr|beta)([0-9.e+-]+)", res.parent.name)
-        if m:
+        method, knob, value = parse_run_dir(res.parent.name)
+        if knob:
             f1 = json.loads(res.read_text())["stages"]["cw_dpo"]["f1"]
-            by[(m[2], m[1])][float(m[3])].append(f1)
+            by[(knob, method)][float(value)].append(f1)
     knobs = sorted({k for k, _ in by})
     fig, axes = plt.subplots(1, len(knobs), figsize=(5 * len(knobs), 3.6), squeeze=False)
     for ax, knob in zip(axes[0], knobs):
@@ -130,22 +145,17 @@ def heldout(curves: Path, out: Path) -> Path:
     controls such as `cw_dpo_shuffled_lr…` are left out, and of IPO the largest β evaluated)."""
     by: dict[str, list[dict[int, dict[str, float]]]] = defaultdict(list)
     for p in sorted(curves.glob("seed*/*/heldout.csv")):
-        m = re.fullmatch(r"(.+?)(?:_(lr|beta)([0-9.e+-]+))?", p.parent.name)
-        if m and m[1] in CURVE_METHODS:
+        if parse_run_dir(p.parent.name)[0] in CURVE_METHODS:
             by[p.parent.name].append(read_curve(p))
-    ipo = sorted((n for n in by if n.startswith("ipo")), key=lambda n: float(n[len("ipo_beta") :]))
+    ipo = sorted(
+        (n for n in by if n.startswith("ipo_beta")), key=lambda n: float(parse_run_dir(n)[2])
+    )
     for n in ipo[:-1]:
         del by[n]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, runs in sorted(by.items()):
         steps = sorted(set.intersection(*(set(r) for r in runs)))
-        exp, _, knob = name.partition("_lr")
-        exp, _, beta = exp.partition("_beta")
-        text = (
-            LABELS.get(exp, exp)
-            + (f", lr {knob}" if knob else "")
-            + (f", β {beta}" if beta else "")
-        )
+        text = dir_label(name)
         for ax, key in zip(axes, ("f1", "companion_halluc")):
             delta = np.array([[r[s][key] - r[0][key] for s in steps] for r in runs])
             ax.plot(steps, delta.mean(0), "o-", ms=3, label=f"{text} (n={len(runs)})")

@@ -25,14 +25,7 @@ SEEDS=0,1,2,3,4 METHODS="$TUNED" bash experiments/testbed/tune.sh 2> "$OUT/selec
 cat "$OUT/selected.txt"
 CW=$(grep "^cw_dpo: " "$OUT/selected.txt" | awk '{print $NF}')
 DPO=$(grep "^ablation_cooling: " "$OUT/selected.txt" | awk '{print $NF}')
-W=$($PY - "$OUT" "$CW" <<'EOF'
-import glob, sys
-import pandas as pd
-runs = sorted(glob.glob(f"{sys.argv[1]}/seed*/cw_dpo_lr{sys.argv[2]}/csv/cw_dpo/metrics.csv"))
-vals = [pd.read_csv(f)["train/cooling/mean"].dropna().mean() for f in runs]
-print(f"{sum(vals) / len(vals):.3f}")
-EOF
-)
+W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr"$CW")
 echo "controls at CW-DPO's lr $CW (mean w_c $W) and DPO's lr $DPO"
 for s in 0 1 2 3 4; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
