@@ -317,7 +317,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch.distributed as dist
-    from cwdpo.callbacks.on_policy import refresh_negatives
+    from cwdpo.callbacks.on_policy import policy_sampler, refresh_negatives
     from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
     from cwdpo.data.shapes import WorldConfig
     from cwdpo.data.sources import ShapesSource
@@ -336,7 +336,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
         return [f"a red circle on the left {len(seen)}-{i}-{rank}"
                 for i in range(len(images) * num_return_sequences)]
 
-    stats = refresh_negatives(dm, generate, step=0)
+    stats = refresh_negatives(dm, policy_sampler(generate), step=0)
     with open(out, "w") as f:
         json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]}, f)
     if world > 1:  # a clean teardown: gloo threads alive at interpreter exit can abort the process

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from cwdpo.callbacks.on_policy import OnPolicyNegatives, refresh_negatives
+from cwdpo.callbacks.on_policy import OnPolicyNegatives, policy_sampler, refresh_negatives
 from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
 from cwdpo.data.shapes import WorldConfig
 from cwdpo.data.sources import ShapesSource
@@ -72,7 +72,7 @@ def _batches(dm: PreferenceDataModule, n_batches: int):
 def test_dataset_fraction_matches_the_knob_within_sampling_error():
     for p in (0.0, 0.25, 0.5, 1.0):
         dm = _dm("mixed", p)
-        refresh_negatives(dm, FakePolicy(dm.source), step=0)
+        refresh_negatives(dm, policy_sampler(FakePolicy(dm.source)), step=0)
         batches = _batches(dm, 150)
         frac = torch.cat([b.neg_is_dataset for b in batches])
         n = frac.numel()
@@ -83,7 +83,7 @@ def test_dataset_fraction_matches_the_knob_within_sampling_error():
 
 def test_no_positive_is_ever_used_as_a_negative():
     dm = _dm("on_policy", 0.0, num_samples=3)
-    stats = refresh_negatives(dm, FakePolicy(dm.source), step=0)
+    stats = refresh_negatives(dm, policy_sampler(FakePolicy(dm.source)), step=0)
     assert stats["on_policy/dropped_as_positive"] > 0  # the fake policy did emit positives
     for b in _batches(dm, 60):
         idx_recs = {r.image_id: r for r in dm.train_records}
@@ -101,7 +101,7 @@ def test_no_positive_is_ever_used_as_a_negative():
 
 def test_sources_are_recorded_for_every_negative():
     dm = _dm("mixed", 0.5, easy_fraction=0.5)
-    refresh_negatives(dm, FakePolicy(dm.source), step=0)
+    refresh_negatives(dm, policy_sampler(FakePolicy(dm.source)), step=0)
     _batches(dm, 40)
     kinds = {k.split(":")[0] for k in dm.stats.counts}
     assert kinds == {"on_policy", "easy", "hard"}
@@ -159,7 +159,7 @@ def test_refresh_counts_and_judges_every_record_of_a_shared_image():
         n = len(images) * num_return_sequences
         return [recs[0].references[0] if i % 3 == 0 else f"junk {len(calls)} {i}" for i in range(n)]
 
-    stats = refresh_negatives(dm, generate, step=0)
+    stats = refresh_negatives(dm, policy_sampler(generate), step=0)
     assert sum(calls) == len(recs)  # one generation per record
     assert stats["on_policy/kept"] + stats["on_policy/dropped_as_positive"] == 3 * len(recs)
     assert stats["on_policy/dropped_as_positive"] == 2  # recs[0] in both copies

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cwdpo.batch import PairBatch
-from cwdpo.callbacks.on_policy import refresh_negatives
+from cwdpo.callbacks.on_policy import policy_sampler, refresh_negatives
 from cwdpo.data import shapes as S
 from cwdpo.data.datamodules import CaptionDataModule, NegativeConfig, PreferenceDataModule
 from cwdpo.data.shapes import Obj, Scene, ShapesWorld, WorldConfig
@@ -237,7 +237,7 @@ class ScriptedPolicy:
 def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
     src = _judged_source()
     dm = _pref_dm(src, kind="self_judged", num_samples=4, generation_batch_size=7)
-    stats = refresh_negatives(dm, ScriptedPolicy(src), step=0)
+    stats = refresh_negatives(dm, policy_sampler(ScriptedPolicy(src)), step=0)
     assert stats["self_judged/pairs"] == 40
     by_id = {r.image_id: r for r in src.captions("train")}
     for b in _draw(dm, 10):
@@ -247,7 +247,10 @@ def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
     # with K = 2 the best and the one-fact edit differ by 1/8..1/4 of F1: a gap of 0.5 is not met,
     # so the pair falls back to the best sample and a one-fact edit of it
     dm = _pref_dm(src, kind="self_judged", num_samples=2, min_gap=0.5)
-    assert refresh_negatives(dm, ScriptedPolicy(src), step=0)["self_judged/no_gap"] == 40
+    assert (
+        refresh_negatives(dm, policy_sampler(ScriptedPolicy(src)), step=0)["self_judged/no_gap"]
+        == 40
+    )
     for b in _draw(dm, 5):
         for c, r, s in zip(b.chosen, b.rejected, b.sources):
             assert s.startswith("self:minimal:hard:") and _one_word_edit(c, r)
@@ -256,7 +259,7 @@ def test_self_judged_pairs_are_best_vs_worst_by_the_verifier():
 def test_easy_mix_swaps_that_share_of_rejected_for_easy_negatives():
     src = _judged_source()
     dm = _pref_dm(src, kind="self_judged", num_samples=4, easy_mix=0.5)
-    refresh_negatives(dm, ScriptedPolicy(src), step=0)
+    refresh_negatives(dm, policy_sampler(ScriptedPolicy(src)), step=0)
     easy = np.concatenate([b.neg_is_easy.numpy() for b in _draw(dm, 60)])
     assert _within(easy.mean(), 0.5, len(easy)) and easy.min() == 0 and easy.max() == 1
     with pytest.raises(ValueError, match="easy_mix"):

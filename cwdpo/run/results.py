@@ -109,6 +109,11 @@ def negatives_summary(dm: PreferenceDataModule) -> dict[str, Any]:
         "refresh_steps": dm.stats.refresh_steps,
         "dropped_as_positive": dm.stats.rejected_as_positive,
         "on_policy_fallback": dm.stats.on_policy_fallback,
+        # on-policy cost (rank 0's share under DDP): records sampled, captions generated per
+        # pair trained (K when each refresh samples just the steps it serves), seconds
+        "sampled_records": dm.stats.sampled_records,
+        "samples_per_pair": dm.stats.samples_per_pair(),
+        "sample_seconds": dm.stats.sample_seconds,
     }
 
 

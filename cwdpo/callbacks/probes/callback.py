@@ -278,15 +278,15 @@ class DeltaLogpProbe(StageAware, L.Callback):
 
     def refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Curriculum hook: resample on-policy negatives now (through the refresh callback)."""
-        from cwdpo.callbacks.on_policy import OnPolicyNegatives, refresh_negatives
+        from cwdpo.callbacks.on_policy import OnPolicyNegatives
 
         for cb in trainer.callbacks:
             if isinstance(cb, OnPolicyNegatives):
                 cb.refresh(trainer, pl_module)
                 return
         dm = trainer.datamodule
-        if hasattr(dm, "set_negatives"):
-            refresh_negatives(dm, pl_module.backbone.generate, trainer.global_step)
+        if hasattr(dm, "set_negatives"):  # no schedule: one window of the configured length
+            OnPolicyNegatives(dm.neg.refresh_every_n_steps).refresh(trainer, pl_module)
         else:
             log.warning("probe rule asked for a refresh, but this stage has no on-policy negatives")
 
