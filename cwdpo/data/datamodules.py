@@ -9,22 +9,21 @@ during training: the callback samples the policy, the data module only receives 
 
 from __future__ import annotations
 
-import copy
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch, negative_flags
-from cwdpo.data.negative_config import NegativeConfig
+from cwdpo.data.negative_config import NegativeConfig, NegativeStats
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sources import CaptionSource, draw_negative
+from cwdpo.data.upcoming import upcoming_indices
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
@@ -126,41 +125,13 @@ class _Base(L.LightningDataModule):
         return self._loader(self.train_records, shuffle=True)
 
     def upcoming_indices(self, trainer: Any, n_batches: int) -> list[int]:
-        """Indices into `train_records` of the next `n_batches` training batches *this rank*
-        draws, in order, each once: what an on-policy refresh samples, so its cost is bound by
-        the steps it serves, not by the dataset.
-
-        The order is the sampler's own (`ResumableSampler.permutation`, sharded by the
-        `DistributedSampler` Lightning wraps it in under DDP), read without advancing it; the
-        position is Lightning's batch progress (the loader prefetches, the sampler runs ahead).
-        """
+        """Indices into `train_records` of the next `n_batches` training batches this rank
+        draws (`cwdpo.data.upcoming`): what an on-policy refresh samples."""
         if self.train_sampler is None:
             raise RuntimeError("upcoming_indices needs the training loader (train_dataloader())")
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        epoch, batch = int(trainer.current_epoch), int(progress.current.ready)
-        if progress.is_last_batch:
-            epoch, batch = epoch + 1, 0
-        per_epoch = trainer.num_training_batches
-        if not isinstance(per_epoch, int) or per_epoch < 1:  # unknown length: every record
-            return list(range(len(self.train_records)))
-        out: list[int] = []
-        while n_batches > 0 and len(out) < len(self.train_records) * 2:
-            order = self._rank_order(trainer, epoch)
-            take = min(n_batches, per_epoch - batch)
-            out.extend(order[batch * self.batch_size : (batch + take) * self.batch_size])
-            n_batches, epoch, batch = n_batches - take, epoch + 1, 0
-        return list(dict.fromkeys(out))
-
-    def _rank_order(self, trainer: Any, epoch: int) -> list[int]:
-        """The record indices this rank draws in `epoch`, in order."""
-        perm = self.train_sampler.permutation(epoch)
-        loader = getattr(trainer, "train_dataloader", None)
-        wrapper = getattr(loader, "sampler", None)
-        if not isinstance(wrapper, DistributedSampler):
-            return perm
-        shard = copy.copy(wrapper)  # DistributedSampler's own sharding, at `epoch`, unadvanced
-        shard.epoch = epoch
-        return [perm[p] for p in DistributedSampler.__iter__(shard)]
+        return upcoming_indices(
+            self.train_sampler, self.batch_size, len(self.train_records), trainer, n_batches
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_records, shuffle=False) if self.val_records else []
@@ -270,23 +241,6 @@ class CaptionDataModule(_Base):
             return CaptionBatch(inputs=self.collate(images, prompts, pos), n=len(rows))
         negs = [self._gentle_negative(r, rng, p) for r, p in zip(rows, pos)]
         return self._pair_batch(rows, images, prompts, pos, negs)
-
-
-@dataclass
-class NegativeStats:
-    counts: Counter = field(default_factory=Counter)
-    refresh_steps: list[int] = field(default_factory=list)
-    rejected_as_positive: int = 0
-    on_policy_fallback: int = 0
-    sampled_records: int = 0  # records this rank sampled, over all refreshes
-    samples: int = 0  # captions this rank generated (sampled_records × K)
-    pairs: int = 0  # pairs this rank trained on
-    sample_seconds: float = 0.0
-
-    def samples_per_pair(self) -> float:
-        """Captions generated per pair trained: K when a refresh samples just what the next
-        steps train on, dataset size × K / pairs when it samples everything."""
-        return self.samples / self.pairs if self.pairs else 0.0
 
 
 class PreferenceDataModule(_Base):
@@ -408,31 +362,10 @@ class PreferenceDataModule(_Base):
         return self._pair_batch(rows, images, prompts, chosen, negs)
 
     def state_dict(self) -> dict[str, Any]:
-        st = self.stats
-        stats = {
-            "counts": dict(st.counts),
-            "refresh_steps": list(st.refresh_steps),
-            "rejected_as_positive": st.rejected_as_positive,
-            "on_policy_fallback": st.on_policy_fallback,
-            "sampled_records": st.sampled_records,
-            "samples": st.samples,
-            "pairs": st.pairs,
-            "sample_seconds": st.sample_seconds,
-        }
-        return {**super().state_dict(), "buffer": self.buffer, "stats": stats}
+        return {**super().state_dict(), "buffer": self.buffer, "stats": self.stats.to_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "stats" in state:
-            st = state["stats"]
-            self.stats = NegativeStats(
-                Counter(st["counts"]),
-                list(st["refresh_steps"]),
-                int(st["rejected_as_positive"]),
-                int(st["on_policy_fallback"]),
-                int(st.get("sampled_records", 0)),
-                int(st.get("samples", 0)),
-                int(st.get("pairs", 0)),
-                float(st.get("sample_seconds", 0.0)),
-            )
+            self.stats = NegativeStats.from_state(state["stats"])
         self.buffer = dict(state.get("buffer", {}))

@@ -1,4 +1,5 @@
-"""`negatives=dataset|on_policy|mixed|self_judged`: the config group's settings, checked.
+"""`negatives=dataset|on_policy|mixed|self_judged`: the config group's settings, checked, and
+the counts a stage keeps of what its negatives were and cost (`NegativeStats`).
 
 The choice settings (kind, fractions, `min_gap`, `easy_mix`) are read by
 `cwdpo.data.datamodules.PreferenceDataModule`; the sampling settings (`num_samples`,
@@ -8,7 +9,9 @@ the on-policy callback, `cwdpo.callbacks.on_policy`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -61,3 +64,32 @@ class NegativeConfig:
                 f"negatives.dataset_fraction={self.dataset_fraction} only applies to "
                 f"negatives=mixed (negatives={self.kind} means {fixed})"
             )
+
+
+@dataclass
+class NegativeStats:
+    """Where a preference stage's negatives came from and what on-policy sampling cost; kept
+    in the data module's checkpoint state, so a resumed stage counts on."""
+
+    counts: Counter = field(default_factory=Counter)  # negatives used, by source
+    refresh_steps: list[int] = field(default_factory=list)
+    rejected_as_positive: int = 0
+    on_policy_fallback: int = 0
+    sampled_records: int = 0  # records this rank sampled, over all refreshes
+    samples: int = 0  # captions this rank generated (sampled_records × K)
+    pairs: int = 0  # pairs this rank trained on
+    sample_seconds: float = 0.0
+
+    def samples_per_pair(self) -> float:
+        """Captions generated per pair trained: K when a refresh samples just what the next
+        steps train on, dataset size × K / pairs when it samples everything."""
+        return self.samples / self.pairs if self.pairs else 0.0
+
+    def to_state(self) -> dict[str, Any]:
+        return {**asdict(self), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> NegativeStats:
+        """From `to_state()` (checkpoints written before a field existed keep its default)."""
+        known = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "counts": Counter(known.get("counts", {}))})
