@@ -77,6 +77,22 @@ def test_trl_jsonl_utf16_is_named(tmp_path):
         read_preference_pairs(fx.path, fx.image_root)
 
 
+def test_karpathy_json_with_bom_and_bad_byte(tmp_path):
+    from cwdpo.data.karpathy import read_karpathy
+    from tests.formats import write_karpathy
+
+    fx = write_karpathy(tmp_path, "coco")
+    want = read_karpathy(fx.path, fx.image_root, splits=("train",))
+    fx.path.write_bytes(b"\xef\xbb\xbf" + fx.path.read_bytes())  # Notepad's UTF-8
+    got = read_karpathy(fx.path, fx.image_root, splits=("train",))
+    assert [r.references for r in got] == [r.references for r in want]
+    data = fx.path.read_bytes().replace("café".encode(), b"caf\xe9", 1)
+    fx.path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"dataset_coco.json: line 1, byte {offset}: 0xe9"):
+        read_karpathy(fx.path, fx.image_root, splits=("train",))
+
+
 # ------------------------------------------------------------------------------ parquet
 
 
