@@ -115,8 +115,8 @@ def _refuse_text_only(path: str | Path, trust_remote_code: bool) -> None:
         getattr(cfg, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]]
     )
     raise ModelLoadError(
-        f"{path}: a text-only model ({arch}, model_type={kind!r}: no vision config, no image "
-        "processor); cwdpo trains image-text-to-text models (loaded with "
+        f"{path}: a text-only model ({arch}, model_type={kind!r}, no vision config); cwdpo "
+        "trains image-text-to-text models (loaded with "
         "AutoModelForImageTextToText: Qwen2-VL, LLaVA, SmolVLM, Gemma 3, ...): point "
         "model.path at a vision-language checkpoint"
     )
