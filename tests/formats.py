@@ -343,6 +343,118 @@ def write_trl_hf_dataset(
     return Fixture(path, None, [], {"texts": trl_expected(), "pixels": pixels})
 
 
+def _trl_parquet_table(k0: int, k1: int, layout: str) -> Any:
+    """Rows k0..k1-1 of the default TRL texts as an Arrow table in `layout`'s columns."""
+    import pyarrow as pa
+
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows: list[dict[str, Any]] = []
+    for k in range(k0, k1):
+        p, c, r = _TRL_TEXTS[k]
+        img = {"bytes": image_bytes(k), "path": f"img_{k}.png"}
+        if layout == "trl":  # trl-lib/rlaif-v: images list + conversational texts
+            conv = conversational(p, c, r)
+            conv["rejected"] = [{"role": "assistant", "content": [{"type": "text", "text": r}]}]
+            rows.append({"images": [img], **conv})
+        else:  # openbmb/RLAIF-V-Dataset: one image struct, `question`, plain strings
+            rows.append(
+                {"ds_name": "fixture", "image": img, "question": p, "chosen": c, "rejected": r,
+                 "origin_dataset": "shapes", "origin_split": '{"model": "x"}',
+                 "idx": f"rlaifv-{k}", "image_path": f"imgs/{k}.jpg"}
+            )  # fmt: skip
+    if layout == "trl":
+        part = pa.struct([("text", pa.string()), ("type", pa.string())])
+        msgs = pa.list_(pa.struct([("content", pa.list_(part)), ("role", pa.string())]))
+        schema = pa.schema(
+            [("images", pa.list_(img_t)), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs)]
+        )
+        return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=pa.schema(
+        [("ds_name", pa.string()), ("image", img_t)]
+        + [(c, pa.string()) for c in ("question", "chosen", "rejected", "origin_dataset")]
+        + [(c, pa.string()) for c in ("origin_split", "idx", "image_path")]
+    ))  # fmt: skip
+
+
+def write_trl_parquet(root: str | Path, layout: str = "trl", shards: int = 2) -> Fixture:
+    """The default TRL rows as parquet shards, images embedded as `{"bytes", "path"}` structs.
+
+    `layout="trl"`: trl-lib/rlaif-v's hub layout `root/data/train-0000k-of-0000n.parquet`
+    (columns `images`, conversational `prompt`/`chosen`/`rejected`) plus one
+    `data/test-00000-of-00001.parquet` holding row 0 again. `layout="rlaif_v"`:
+    openbmb/RLAIF-V-Dataset's `root/RLAIF-V-Dataset_00k.parquet` (columns `ds_name`, `image`,
+    `question`, `chosen`, `rejected`, `origin_dataset`, `origin_split`, `idx`, `image_path`).
+    `path` is `root`; `expected`: "texts", "files" (the shards in order), "pixels" (per row).
+    """
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    n = len(_TRL_TEXTS)
+    cuts = [round(j * n / shards) for j in range(shards + 1)]
+    files = []
+    for j in range(shards):
+        name = (
+            f"data/train-{j:05d}-of-{shards:05d}.parquet"
+            if layout == "trl"
+            else f"RLAIF-V-Dataset_{j:03d}.parquet"
+        )
+        files.append(root / name)
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_trl_parquet_table(cuts[j], cuts[j + 1], layout), files[-1])
+    if layout == "trl":
+        pq.write_table(_trl_parquet_table(0, 1, layout), root / "data/test-00000-of-00001.parquet")
+    pixels = [make_image(k).getpixel((5, 0)) for k in range(n)]
+    return Fixture(root, None, [], {"texts": trl_expected(), "files": files, "pixels": pixels})
+
+
+# --------------------------------------------------------------------------- images
+
+
+def write_exif_jpeg(path: Path, orientation: int) -> Path:
+    """A 32x20 JPEG with four flat-colour quadrants (no symmetry, so every EXIF orientation 1-8
+    gives different pixels) and the EXIF Orientation tag set to `orientation`."""
+    img = Image.new("RGB", (32, 20), (220, 40, 40))
+    img.paste((40, 180, 60), (16, 0, 32, 10))
+    img.paste((40, 60, 220), (0, 10, 16, 20))
+    img.paste((240, 240, 240), (16, 10, 32, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # ExifTags.Base.Orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="JPEG", quality=95, exif=exif)
+    return path
+
+
+def grey16(value: int, size: tuple[int, int] = (8, 6), mode: str = "I;16") -> Image.Image:
+    """A flat 16-bit greyscale image (`value` in 0..65535) in PIL mode I;16, I;16B or I."""
+    import numpy as np
+
+    a = np.full(size[::-1], value, dtype=np.uint16)
+    if mode == "I":
+        return Image.fromarray(a.astype(np.int32))
+    return Image.frombytes(mode, size, a.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+
+
+def png16_rgb_bytes(rgb: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:
+    """A flat 16-bit-per-channel RGB PNG (colour type 2, bit depth 16), written by hand: PIL
+    reads such files but cannot write them."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    w, h = size
+    row = b"\x00" + struct.pack(">3H", *rgb) * w  # filter type 0 + pixels
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * h))
+        + chunk(b"IEND", b"")
+    )
+
+
 # --------------------------------------------------------------------------- MMBench
 
 MMBENCH_COLUMNS = [

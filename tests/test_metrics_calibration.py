@@ -119,9 +119,9 @@ def test_preference_calibration():
     out = metric.compute()
     p = torch.cat([torch.sigmoid(0.1 * margins[:200]), torch.sigmoid(0.5 * margins[200:])])
     conf = torch.maximum(p, 1 - p).double().numpy()
-    correct = (p >= 0.5).double().numpy()
+    correct = (margins > 0).double().numpy()  # strict, as TRL's rewards/accuracies
     assert out["n"] == 500
-    assert out["accuracy"] == pytest.approx(float((margins >= 0).double().mean()))
+    assert out["accuracy"] == pytest.approx(float((margins > 0).double().mean()))
     assert out["ece"] == pytest.approx(brute_force_ece(conf, correct, 15), abs=1e-6)
     assert out["mean_confidence"] == pytest.approx(conf.mean(), rel=1e-6)
     assert out["mean_p_chosen"] == pytest.approx(float(p.double().mean()), rel=1e-6)
@@ -132,3 +132,23 @@ def test_preference_calibration():
     assert out["ece"] == pytest.approx(float(tm), abs=1e-6)
     with pytest.raises(ValueError, match="no data"):
         PreferenceCalibration().compute()
+
+
+def test_preference_accuracy_is_strict_like_trl():
+    """A zero margin is not a correct preference (TRL: chosen_rewards > rejected_rewards), and a
+    tiny positive one is, even where sigmoid(beta * margin) rounds to exactly 0.5 in float32."""
+    chosen = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.7, 1e-8])  # policy - reference log-ratios
+    rejected = torch.tensor([0.1, -0.2, 0.4, 0.5, -0.1, 0.0])
+    beta = 0.1
+    metric = PreferenceCalibration()
+    metric.update(chosen - rejected, beta=beta)
+    out = metric.compute()
+    # TRL 1.16 DPOTrainer: reward_accuracies = (beta * chosen_lr > beta * rejected_lr).float()
+    trl_accuracy = float((beta * chosen > beta * rejected).float().mean())
+    assert out["accuracy"] == pytest.approx(trl_accuracy) == pytest.approx(3 / 6)
+    assert float(torch.sigmoid(beta * torch.tensor(1e-8))) == 0.5  # why p >= 0.5 cannot decide
+    # the zero margins sit at confidence 0.5 and count as wrong: ECE by hand over 15 bins
+    p = torch.sigmoid(beta * (chosen - rejected))
+    conf = torch.maximum(p, 1 - p).double().numpy()
+    correct = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    assert out["ece"] == pytest.approx(brute_force_ece(conf, correct, 15), abs=1e-9)

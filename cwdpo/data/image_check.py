@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cwdpo.data.pixels import rgb_pixels
 from cwdpo.data.reading import report_skipped
 from cwdpo.data.records import CaptionRecord, DataError, ImageRef
 
@@ -26,10 +27,12 @@ MAX_WORKERS = 8
 
 
 def probe_image(ref: ImageRef) -> str | None:
-    """None when the image decodes, else why it does not ("OSError: Truncated File Read")."""
+    """None when the image decodes to the pixels `ImageRef.load` would give (EXIF turn, 16-bit
+    scaling, RGB: `cwdpo.data.pixels`), else why not ("OSError: Truncated File Read", "PIL mode
+    F (32-bit float pixels) has no standard 8-bit reading ...")."""
     try:
         if ref.factory is not None:
-            ref.factory()
+            rgb_pixels(ref.factory())
             return None
         src = io.BytesIO(ref.data) if ref.data is not None else ref.path
         if src is None:
@@ -38,6 +41,9 @@ def probe_image(ref: ImageRef) -> str | None:
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
+            rgb_pixels(im)
+    except DataError as e:
+        return str(e)
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
     return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from cwdpo.data.pixels import rgb_pixels
 from cwdpo.errors import DataError
 
 
@@ -27,8 +28,10 @@ def normalize(text: str) -> str:
 class ImageRef:
     """A lazily loaded image: a path on disk, encoded bytes, or an in-memory factory.
 
-    `load()` returns an RGB `PIL.Image`; a missing or corrupt file raises `DataError`
-    naming the file (never a raw PIL traceback).
+    `load()` returns an upright 8-bit RGB `PIL.Image` (EXIF orientation applied as transformers'
+    `load_image` does, 16-bit greyscale scaled: `cwdpo.data.pixels`); a missing or corrupt file,
+    or a pixel mode with no 8-bit reading, raises `DataError` naming the image (never a raw PIL
+    traceback).
     """
 
     path: str | None = None
@@ -54,11 +57,11 @@ class ImageRef:
                     img = f.copy()
             else:
                 raise DataError(f"image reference {where!r} has no path, data or factory")
+            return rgb_pixels(img, f"image {where}")
         except DataError:
             raise
         except Exception as e:  # PIL raises many types for corrupt files
             raise DataError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
-        return img.convert("RGB")
 
 
 @dataclass

@@ -1,12 +1,16 @@
-"""TRL-style preference pairs (JSONL or a local HF `datasets` directory) -> `PreferenceRecord`.
+"""TRL-style preference pairs (JSONL, parquet, or a local HF `datasets` directory) ->
+`PreferenceRecord`.
 
 TRL's vision DPO datasets (e.g. `trl-lib/rlaif-v`) have columns `images` (or `image`), `prompt`,
-`chosen`, `rejected`, where the texts are plain strings or conversational message lists. We read
-both forms into plain text so that a pair means the same thing whichever format it came in,
+`chosen`, `rejected`, where the texts are plain strings or conversational message lists; the
+original `openbmb/RLAIF-V-Dataset` has `image`, `question`, `chosen`, `rejected` (+ `ds_name`,
+`origin_dataset`, `origin_split`, `idx`, `image_path`), so `question` is read as the prompt. We
+read every form into plain text so that a pair means the same thing whichever format it came in,
 and keep the original prompt messages in `meta["prompt_messages"]` for chat templating.
 
-HF datasets are read through Arrow without decoding images: encoded bytes go into
-`ImageRef(data=...)` and are only decoded when a batch needs them.
+JSONL is UTF-8 with or without BOM (`cwdpo.data.reading.text_lines`). Parquet files and HF
+datasets are read through Arrow a batch at a time without decoding images: encoded bytes go into
+`ImageRef(data=...)` and are only decoded when a batch (or the read-time image check) needs them.
 """
 
 from __future__ import annotations
@@ -18,11 +22,24 @@ from typing import Any
 
 from PIL import Image
 
-from cwdpo.data.reading import Stats, bump, report_skipped, require_path
+from cwdpo.data.reading import (
+    Stats,
+    bump,
+    parquet_columns,
+    parquet_files,
+    parquet_rows,
+    read_text,
+    report_skipped,
+    require_path,
+    text_lines,
+)
 from cwdpo.data.records import DataError, ImageRef, PreferenceRecord
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 _ID_COLUMNS = ("image_id", "id", "idx")
+#: Rows as (file or dataset name, row in it, row).
+Rows = Iterator[tuple[str, int, Any]]
+_SAVED_DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
 class _MissingImage(Exception):
@@ -109,47 +126,61 @@ def _image_refs(value: Any, base: Path, where: str) -> list[ImageRef]:
     return refs
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".json":  # a single JSON list of rows is accepted too
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: cannot parse JSON: {e}") from e
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a JSON list of rows")
-            yield from enumerate(rows)
-            return
-        row = 0
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield row, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} (row {row}): invalid JSON: {e}") from e
-            row += 1
+def _iter_jsonl(path: Path) -> Rows:
+    name = str(path)
+    if path.suffix == ".json":  # a single JSON list of rows is accepted too
+        try:
+            rows = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: cannot parse JSON: {e}") from e
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        yield from ((name, i, row) for i, row in enumerate(rows))
+        return
+    row = 0
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield name, row, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} (row {row}): invalid JSON: {e}") from e
+        row += 1
 
 
-def _iter_hf(ds: Any, where: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    cols = set(ds.column_names)
-    missing = [c for c in TEXT_COLUMNS if c not in cols]
+def _check_columns(cols: list[str], where: str) -> None:
+    """TRL's columns (`images`/`image`, `prompt`, `chosen`, `rejected`) or RLAIF-V's
+    (`image`, `question`, `chosen`, `rejected`), else `DataError` listing what was found."""
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
+    if "prompt" not in cols and "question" not in cols:
+        missing.insert(0, "prompt")
     if "images" not in cols and "image" not in cols:
-        missing.append("images")
+        missing.insert(0, "images")
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {missing}; expected 'images' (or 'image'), "
-            f"'prompt', 'chosen', 'rejected', found {sorted(cols)}"
+            f"{where}: missing column(s) {missing}; expected 'images' (or 'image'), 'prompt' (or "
+            f"'question', as RLAIF-V), 'chosen', 'rejected', found {sorted(cols)}"
         )
+
+
+def _iter_hf(ds: Any, where: str) -> Rows:
+    _check_columns(list(ds.column_names), where)
     i = 0
     # Arrow format: images arrive as {'bytes', 'path'} dicts, no PIL decoding of the whole set.
     for batch in ds.with_format("arrow").iter(batch_size=256):
         for row in batch.to_pylist():
-            yield i, row
+            yield where, i, row
             i += 1
 
 
-def _open(path: Any, split: str) -> tuple[Iterator[tuple[int, dict[str, Any]]], str, Path]:
+def _iter_parquet(files: list[Path]) -> Rows:
+    """Each shard's columns checked before its rows are read; rows named by shard and row."""
+    for f in files:
+        _check_columns(parquet_columns(f), str(f))
+        yield from ((str(f), i, row) for i, row in parquet_rows(f))
+
+
+def _open(path: Any, split: str) -> tuple[Rows, str, Path]:
     """Rows, a name for messages, and the base directory for relative image paths."""
     if not isinstance(path, str | Path):  # an in-memory datasets.Dataset / DatasetDict
         ds = path
@@ -161,14 +192,21 @@ def _open(path: Any, split: str) -> tuple[Iterator[tuple[int, dict[str, Any]]], 
             ds = ds[split]
         return _iter_hf(ds, "<Dataset>"), "<Dataset>", Path.cwd()
     p = require_path(path, "preference data")
-    if p.is_file():
+    if p.is_file() and p.suffix != ".parquet":
         return _iter_jsonl(p), str(p), p.parent
+    if p.is_file() or not any((p / f).is_file() for f in _SAVED_DATASET_FILES):
+        if p.is_dir() and not any(p.rglob("*.parquet")):
+            raise DataError(
+                f"{p}: not a JSONL file, a parquet file or a directory of parquet shards, or a "
+                "`save_to_disk` dataset directory"
+            )
+        return _iter_parquet(parquet_files(p, split)), str(p), p if p.is_dir() else p.parent
     import datasets  # local import: datasets is heavy and only needed for this branch
 
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
-        raise DataError(f"{p}: not a JSONL file or a `save_to_disk` dataset directory: {e}") from e
+        raise DataError(f"{p}: cannot load the `save_to_disk` dataset directory: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{p}: no split {split!r}; available: {sorted(ds.keys())}")
@@ -233,11 +271,14 @@ def _row_image_id(row: dict[str, Any], img_col: str, stem: str, i: int) -> str:
     return image_id
 
 
-def _pair(row: Any, i: int, name: str, base: Path, stem: str) -> PreferenceRecord:
-    """Row `i` as a pair, checked in file order: object, columns, images, texts."""
+def _pair(row: Any, i: int, name: str, base: Path) -> PreferenceRecord:
+    """Row `i` of `name` as a pair, checked in file order: object, columns, images, texts."""
     where = f"{name}: row {i}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "prompt" not in row and "question" in row:  # RLAIF-V's name for the prompt
+        row = {("prompt" if k == "question" else k): v for k, v in row.items()}
+    stem = Path(name).stem if name != "<Dataset>" else "dataset"
     img_col, images = _row_images(row, where, base)
     texts = _row_texts(row, where)
     return PreferenceRecord(
@@ -261,8 +302,10 @@ def read_preference_pairs(
 ) -> list[PreferenceRecord]:
     """Read TRL-style preference rows into `PreferenceRecord`s (`source="trl"`).
 
-    `path`: a `.jsonl` (or `.json` list) file, a `save_to_disk` directory (Dataset, or
-    DatasetDict from which `split` is taken), or an in-memory Dataset/DatasetDict.
+    `path`: a `.jsonl` (or `.json` list) file (UTF-8, BOM or not), a `.parquet` file, a
+    directory of parquet shards (a hub dataset's files: `data/<split>-0000k-of-0000n.parquet`
+    give `split`; shards naming no split are all "train"), a `save_to_disk` directory (Dataset,
+    or DatasetDict from which `split` is taken), or an in-memory Dataset/DatasetDict.
     Images: `images` (a list) or `image`; PIL images, `{"bytes", "path"}` dicts or path strings,
     relative paths resolved against `image_root` (default: the file's directory). The first image
     is the record's image; when a row has several, all are kept in `meta["images"]` and all are
@@ -275,13 +318,12 @@ def read_preference_pairs(
     rows, name, base = _open(path, split)
     if image_root is not None:
         base = require_path(image_root, "image root directory", directory=True)
-    stem = Path(name).stem if name != "<Dataset>" else "dataset"
 
     out: list[PreferenceRecord] = []
     missing = 0
-    for i, row in rows:
+    for where, i, row in rows:
         try:
-            out.append(_pair(row, i, name, base, stem))
+            out.append(_pair(row, i, where, base))
         except _MissingImage as e:
             if not skip_bad_images:
                 raise DataError(str(e)) from None

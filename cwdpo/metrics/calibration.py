@@ -145,11 +145,13 @@ class TokenCalibration(_BinnedCalibration):
 class PreferenceCalibration(_BinnedCalibration):
     """Calibration of the implicit-reward preference ``p = sigmoid(beta * margin)``.
 
-    ``margin`` = (policy - reference log-ratio of chosen) - (that of rejected). The binary
-    prediction is "chosen is preferred" when ``p >= 0.5`` with confidence ``max(p, 1 - p)``; it is
-    correct exactly when ``p >= 0.5`` because the chosen response is the label. ``compute()``
-    returns ``ece``, ``accuracy`` (= reward accuracy), ``mean_confidence``, ``mean_p_chosen`` and
-    ``n``. ``beta`` may change between updates (e.g. a schedule).
+    ``margin`` = (policy - reference log-ratio of chosen) - (that of rejected). The prediction
+    has confidence ``max(p, 1 - p)`` and is correct exactly when ``margin > 0`` (the chosen
+    response is the label): strict, as TRL's ``rewards/accuracies`` (``chosen_rewards >
+    rejected_rewards``), so a zero margin (policy = reference) is not a correct preference, and
+    decided on the margin, not on ``p``, which rounds to 0.5 in float32 for tiny margins.
+    ``compute()`` returns ``ece``, ``accuracy`` (= reward accuracy), ``mean_confidence``,
+    ``mean_p_chosen`` and ``n``. ``beta`` (> 0) may change between updates (e.g. a schedule).
     """
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
@@ -161,10 +163,11 @@ class PreferenceCalibration(_BinnedCalibration):
     def update(self, margins: Tensor, beta: float | Tensor) -> None:
         """Add preference margins (any shape) scored with temperature ``beta``."""
         scale = torch.as_tensor(beta, dtype=torch.float32, device=margins.device)
-        p = torch.sigmoid(scale * margins.detach().float()).flatten()
-        if p.numel() == 0:
+        scaled = (scale * margins.detach().float()).flatten()
+        if scaled.numel() == 0:
             return
-        self._add(torch.maximum(p, 1 - p), p >= 0.5)
+        p = torch.sigmoid(scaled)
+        self._add(torch.maximum(p, 1 - p), scaled > 0)
         self.p_sum += p.double().sum().to(self.p_sum.device)
 
     def compute(self) -> dict[str, float]:

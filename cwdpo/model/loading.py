@@ -87,6 +87,41 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
+def _refuse_text_only(path: str | Path, trust_remote_code: bool) -> None:
+    """`ModelLoadError` when `path`'s config is a text-only language model that transformers
+    knows (Llama, Qwen2, Gemma3 text...): checked first, so that the error says so instead of
+    naming a missing chat template or image processor, the symptoms that come before it. A
+    config that cannot be read, or one of a type transformers does not list, is left to the
+    loaders below and their own messages."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception:
+        return
+    kind = getattr(cfg, "model_type", None)
+    if (
+        kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or "AutoModelForImageTextToText" in (getattr(cfg, "auto_map", None) or {})
+        or getattr(cfg, "vision_config", None) is not None
+    ):
+        return
+    arch = ", ".join(
+        getattr(cfg, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]]
+    )
+    raise ModelLoadError(
+        f"{path}: a text-only model ({arch}, model_type={kind!r}, no vision config); cwdpo "
+        "trains image-text-to-text models (loaded with "
+        "AutoModelForImageTextToText: Qwen2-VL, LLaVA, SmolVLM, Gemma 3, ...): point "
+        "model.path at a vision-language checkpoint"
+    )
+
+
 def load_model_and_processor(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -101,21 +136,22 @@ def load_model_and_processor(
     from transformers import AutoModelForImageTextToText
 
     p = Path(str(path))
-    if not p.exists():
-        if p.is_absolute() or str(path).startswith(".") or not _in_hf_cache(str(path)):
-            raise ModelLoadError(
-                f"model path {path} is neither an existing directory nor a hub id in the local "
-                "HF cache (set CWDPO_ALLOW_DOWNLOAD=1 to let transformers download a hub id)"
-            )
-    else:
-        if p.is_dir() and not any(
-            (p / f).is_file()
-            for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-        ):
-            raise ModelLoadError(
-                f"model directory {p} has no processor (expected processor_config.json or "
-                "preprocessor_config.json + tokenizer files saved with processor.save_pretrained)"
-            )
+    if not p.exists() and (
+        p.is_absolute() or str(path).startswith(".") or not _in_hf_cache(str(path))
+    ):
+        raise ModelLoadError(
+            f"model path {path} is neither an existing directory nor a hub id in the local "
+            "HF cache (set CWDPO_ALLOW_DOWNLOAD=1 to let transformers download a hub id)"
+        )
+    _refuse_text_only(path, trust_remote_code)
+    if p.is_dir() and not any(
+        (p / f).is_file()
+        for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    ):
+        raise ModelLoadError(
+            f"model directory {p} has no processor (expected processor_config.json or "
+            "preprocessor_config.json + tokenizer files saved with processor.save_pretrained)"
+        )
     try:
         processor = load_processor(
             path, trust_remote_code=trust_remote_code, **dict(processor_kwargs or {})
