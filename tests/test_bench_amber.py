@@ -23,6 +23,7 @@ RELATION = {
     "bench": [],
     "background": [],
     "animal": ["hound", "kitty"],
+    "orange": [],
 }
 GENERATIVE = [  # (id, truth, hallu, response)
     # puppy → dog (Cover), lawn → grass (Cover), cats: hallucinated (Cog cat), background: safe
@@ -168,6 +169,9 @@ def test_official_matching_rules(tmp_path):
     assert v == {"flags": [False, False, False], "covered": [True, False], "cog": [False]}
     v = bench.judge_description("A pet kitten.", ["dog"], ["cat"])
     assert v == {"flags": [False, True], "covered": [True], "cog": [True]}
+    # where the offline noun finding differs from NLTK's POS tagger: every token is a candidate,
+    # so the colour adjective "orange" (JJ for the tagger) counts as the object orange
+    assert bench.nouns("An orange cat.") == ["orange", "cat"]
 
 
 def test_word_vector_step_with_a_stand_in_similarity(tmp_path, monkeypatch):

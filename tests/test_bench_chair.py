@@ -280,6 +280,12 @@ def test_image_choice_is_seeded(tmp_path):
     b = [it.id for it in ChairBenchmark(**paths, n_images=2, seed=1).read()]
     assert a == b and len(a) == 2 and set(a) <= {"1", "2", "3", "4"}
     assert [it.id for it in ChairBenchmark(**paths, image_ids=[3, 1]).read()] == ["3", "1"]
+    varied = ChairBenchmark(**paths, n_images=0, prompt=["Describe it.", "Tell me all you see."])
+    assert [it.prompt for it in varied.read()] == ["Describe it.", "Tell me all you see."] * 2
+    with pytest.raises(DataError, match="image_ids lists an image twice"):
+        ChairBenchmark(**paths, image_ids=[3, 3]).read()
+    with pytest.raises(ValueError, match="prompt must be a non-empty text"):
+        ChairBenchmark(**paths, prompt=[])
     with pytest.raises(DataError, match=r"image id 7 .*not in .*instances_val2014.json"):
         ChairBenchmark(**paths, image_ids=[7]).read()
 

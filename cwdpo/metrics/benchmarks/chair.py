@@ -130,6 +130,8 @@ class ChairBenchmark(Benchmark):
     `instances` / `captions`: COCO `instances_val2014.json` / `captions_val2014.json`; images
     under `images_dir/<file_name>`. `image_ids` picks images; else `n_images` (0 = all) drawn
     with `random.Random(seed)` from the instance file's images (OPERA: 500 val2014 images).
+    `prompt`: one instruction for every image, or a list (Object HalBench asks each image one of
+    several detailed-description instructions): image k of the chosen order gets prompt k mod n.
     """
 
     name = "chair"
@@ -142,20 +144,27 @@ class ChairBenchmark(Benchmark):
         n_images: int = 500,
         seed: int = 0,
         image_ids: Sequence[int] | None = None,
-        prompt: str = DEFAULT_PROMPT,
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = 512,
         synonyms: str | None = None,
     ) -> None:
         if n_images < 0:
             raise ValueError(f"chair: n_images must be >= 0 (0 = all), got {n_images}")
         self.instances, self.captions, self.images_dir = instances, captions, images_dir
-        self.n_images, self.seed, self.prompt = n_images, seed, prompt
+        self.n_images, self.seed = n_images, seed
+        self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ValueError(
+                f"chair: prompt must be a non-empty text or list of texts, got {prompt!r}"
+            )
         self.image_ids = None if image_ids is None else [int(i) for i in image_ids]
         self.max_new_tokens = max_new_tokens
         self.objects = CocoObjects(load_synonyms(synonyms) if synonyms else None)
 
     def _choose(self, files: dict[int, str]) -> list[int]:
         if self.image_ids is not None:
+            if len(set(self.image_ids)) < len(self.image_ids):
+                raise DataError(f"chair: image_ids lists an image twice: {self.image_ids}")
             unknown = [i for i in self.image_ids if i not in files]
             if unknown:
                 raise DataError(
@@ -202,7 +211,7 @@ class ChairBenchmark(Benchmark):
         chosen = self._choose(files)
         gt = self._ground_truth(inst, caps, set(chosen))
         items = []
-        for image_id in chosen:
+        for k, image_id in enumerate(chosen):
             path = Path(self.images_dir) / files[image_id]
             if not path.is_file():
                 raise DataError(f"chair: image file of image id {image_id} not found: {path}")
@@ -210,7 +219,7 @@ class ChairBenchmark(Benchmark):
                 BenchItem(
                     id=str(image_id),
                     images=[ImageRef(path=str(path), name=files[image_id])],
-                    prompt=self.prompt,
+                    prompt=self.prompts[k % len(self.prompts)],
                     meta={"gt_objects": sorted(gt[image_id])},
                 )
             )
