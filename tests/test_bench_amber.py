@@ -260,3 +260,19 @@ def test_read_errors_name_file_row_and_field(tmp_path):
     paths.pop("relation")
     with pytest.raises(DataError, match="generative queries need relation= and safe_words= files"):
         AmberBenchmark(**paths, similarity="exact").read()
+
+
+def test_release_layout_under_path(tmp_path):
+    paths = write_amber(tmp_path)
+    data = tmp_path / "data"
+    (data / "query").mkdir(parents=True)
+    for key in ("annotations", "relation", "safe_words"):
+        Path(paths[key]).rename(data / Path(paths[key]).name)
+    both = [q for f in paths["queries"] for q in json.loads(Path(f).read_text())]
+    (data / "query" / "query_all.json").write_text(json.dumps(both))
+    (tmp_path / "image").rename(tmp_path / "images")
+    bench = AmberBenchmark(path=str(tmp_path), similarity="exact")
+    got = bench.score(bench.read(), {**GEN_ANSWERS, **DIS_ANSWERS})
+    assert got["amber/generative/chair"] == 37.5 and got["amber/discriminative/accuracy"] == 62.5
+    with pytest.raises(ValueError, match=r"amber: give annotations= \(a file\) or path="):
+        AmberBenchmark(queries="q.json", images_dir=".")

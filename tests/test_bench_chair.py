@@ -342,3 +342,14 @@ def test_read_errors_name_file_row_and_field(tmp_path):
         DataError, match=r"categories\[5\]: category 'unicorn' is not in the synonym table"
     ):
         ChairBenchmark(**paths).read()
+
+
+def test_release_layout_under_path(tmp_path):
+    paths = write_coco(tmp_path)
+    (tmp_path / "annotations").mkdir()
+    for key in ("instances", "captions"):
+        Path(paths[key]).rename(tmp_path / "annotations" / Path(paths[key]).name)
+    bench = ChairBenchmark(path=str(tmp_path), n_images=0)
+    assert bench.score(bench.read(), ANSWERS)["chair/chair_s"] == 50.0
+    with pytest.raises(ValueError, match=r"chair: give instances= \(a file\) or path="):
+        ChairBenchmark(captions="c.json", images_dir=".")

@@ -202,3 +202,11 @@ def test_read_errors_name_file_row_and_field(tmp_path, judge):
     Path(paths["template"]).write_text("{not json")
     with pytest.raises(DataError, match=r"response_template.json is not valid JSON"):
         MmhalBenchmark(**paths, **kw).read()
+
+
+def test_release_layout_under_path(tmp_path, judge):
+    write_mmhal(tmp_path)  # response_template.json and images/ in one folder, as released
+    bench = MmhalBenchmark(judge_url=judge.url, judge_model="m", path=str(tmp_path))
+    assert len(bench.read()) == len(ROWS)
+    with pytest.raises(ValueError, match=r"mmhal: give template= \(a file\) or path="):
+        MmhalBenchmark(judge_url=judge.url, judge_model="m", images_dir=".")

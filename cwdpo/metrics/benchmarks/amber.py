@@ -3,7 +3,10 @@
 Files (the AMBER repository's `data/`): `annotations.json` (rows `{id, type, truth[, hallu]}`),
 the query files `query/query_*.json` (rows `{id, image, query}`; any subset: generative ids
 1–1004, discriminative ≥ 1005), and for the generative task `relation.json` ({object: [words
-associated with it]}) and `safe_words.txt`. Images: `images_dir/<image>`.
+associated with it]}) and `safe_words.txt`. Images: `images_dir/<image>`. With `path=` (a
+clone of the AMBER repository with the images unpacked into `images/`) every file defaults to
+its place there: `data/annotations.json`, `data/query/query_all.json` (both tasks),
+`data/relation.json`, `data/safe_words.txt`, `images/`.
 
 **Discriminative** (as `inference.py` scores it): the official scorer compares the response with
 exactly "Yes" / "No"; a free-form answer is first reduced to that by `answer_rule`:
@@ -46,6 +49,7 @@ from typing import Any
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
+from cwdpo.metrics.benchmarks.layout import local_file
 from cwdpo.metrics.benchmarks.words import singularize, tokenize
 
 GENERATIVE = "generative"
@@ -136,9 +140,10 @@ class AmberBenchmark(Benchmark):
 
     def __init__(
         self,
-        annotations: str,
-        queries: str | Sequence[str],
-        images_dir: str,
+        path: str | None = None,
+        annotations: str | None = None,
+        queries: str | Sequence[str] | None = None,
+        images_dir: str | None = None,
         relation: str | None = None,
         safe_words: str | None = None,
         answer_rule: str = "yes_word",
@@ -154,9 +159,15 @@ class AmberBenchmark(Benchmark):
             )
         if similarity not in ("spacy", "exact"):
             raise ValueError(f"amber: similarity must be 'spacy' or 'exact', got {similarity!r}")
-        self.annotations, self.images_dir = annotations, images_dir
-        self.queries = [queries] if isinstance(queries, str) else list(queries)
-        self.relation_file, self.safe_words_file = relation, safe_words
+        self.annotations = local_file(
+            "amber", "annotations", annotations, path, "data/annotations.json"
+        )
+        self.images_dir = local_file("amber", "images_dir", images_dir, path, "images")
+        if queries is None or isinstance(queries, str):
+            queries = [local_file("amber", "queries", queries, path, "data/query/query_all.json")]
+        self.queries = list(queries)
+        self.relation_file = relation or (path and str(Path(path) / "data/relation.json"))
+        self.safe_words_file = safe_words or (path and str(Path(path) / "data/safe_words.txt"))
         self.answer_rule, self.similarity, self.spacy_model = answer_rule, similarity, spacy_model
         self.threshold, self.lowercase = similarity_threshold, lowercase
         self.max_new_tokens = max_new_tokens

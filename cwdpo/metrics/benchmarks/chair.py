@@ -32,10 +32,13 @@ from typing import Any
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
+from cwdpo.metrics.benchmarks.layout import local_file
 from cwdpo.metrics.benchmarks.words import is_word, singularize, tokenize
 
 SYNONYMS_FILE = Path(__file__).with_name("coco_synonyms.txt")
 DEFAULT_PROMPT = "Please describe this image in detail."
+_INSTANCES = "annotations/instances_val2014.json"
+_CAPTIONS = "annotations/captions_val2014.json"
 
 #: two-token objects that are one word for matching (the reference's list + "train track")
 _DOUBLE_WORDS = (
@@ -128,7 +131,8 @@ class ChairBenchmark(Benchmark):
     """CHAIR_s / CHAIR_i / recall / length of detailed descriptions of COCO val images.
 
     `instances` / `captions`: COCO `instances_val2014.json` / `captions_val2014.json`; images
-    under `images_dir/<file_name>`. `image_ids` picks images; else `n_images` (0 = all) drawn
+    under `images_dir/<file_name>`; each defaults to COCO's layout under `path`
+    (`annotations/instances_val2014.json`, `annotations/captions_val2014.json`, `val2014/`). `image_ids` picks images; else `n_images` (0 = all) drawn
     with `random.Random(seed)` from the instance file's images (OPERA: 500 val2014 images).
     `prompt`: one instruction for every image, or a list (Object HalBench asks each image one of
     several detailed-description instructions): image k of the chosen order gets prompt k mod n.
@@ -138,9 +142,10 @@ class ChairBenchmark(Benchmark):
 
     def __init__(
         self,
-        instances: str,
-        captions: str,
-        images_dir: str,
+        path: str | None = None,
+        instances: str | None = None,
+        captions: str | None = None,
+        images_dir: str | None = None,
         n_images: int = 500,
         seed: int = 0,
         image_ids: Sequence[int] | None = None,
@@ -150,7 +155,9 @@ class ChairBenchmark(Benchmark):
     ) -> None:
         if n_images < 0:
             raise ValueError(f"chair: n_images must be >= 0 (0 = all), got {n_images}")
-        self.instances, self.captions, self.images_dir = instances, captions, images_dir
+        self.instances = local_file("chair", "instances", instances, path, _INSTANCES)
+        self.captions = local_file("chair", "captions", captions, path, _CAPTIONS)
+        self.images_dir = local_file("chair", "images_dir", images_dir, path, "val2014")
         self.n_images, self.seed = n_images, seed
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):

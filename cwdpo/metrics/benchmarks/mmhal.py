@@ -3,7 +3,8 @@
 File: `response_template.json` (rows `{question_type, question_topic, image_id, image_src,
 image_content, question, gt_answer, ...}`); the image of a row is `images_dir/<basename of
 image_src>` (the release's `images/` folder), else `images_dir/<image_id>.jpg`. Item ids are
-the row indices ("0".."95"), the order the official response file keeps.
+the row indices ("0".."95"), the order the official response file keeps. With `path=` (the
+release folder) they default to `response_template.json` and `images/` there.
 
 Scoring: every answer is rated by the project's rubric (`DEFAULT_RUBRIC`, replaceable:
 `rubric=` with the placeholders {image_content}, {question}, {gt_answer}, {response}) through the
@@ -27,6 +28,7 @@ from typing import Any
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
+from cwdpo.metrics.benchmarks.layout import local_file
 from cwdpo.metrics.http_judge import HttpJudge, HttpJudgeError
 
 DEFAULT_RUBRIC = """\
@@ -104,10 +106,11 @@ class MmhalBenchmark(Benchmark):
 
     def __init__(
         self,
-        template: str,
-        images_dir: str,
         judge_url: str,
         judge_model: str,
+        path: str | None = None,
+        template: str | None = None,
+        images_dir: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         rubric: str = DEFAULT_RUBRIC,
         timeout: float = 60,
@@ -115,7 +118,8 @@ class MmhalBenchmark(Benchmark):
         request_options: dict[str, Any] | None = None,
         max_new_tokens: int = 512,
     ) -> None:
-        self.template, self.images_dir = template, images_dir
+        self.template = local_file("mmhal", "template", template, path, "response_template.json")
+        self.images_dir = local_file("mmhal", "images_dir", images_dir, path, "images")
         self.rubric = check_rubric(rubric)
         self.judge = RatingJudge(
             judge_url,
