@@ -233,6 +233,10 @@ def test_read_errors_name_file_row_and_field(tmp_path):
     ):
         AmberBenchmark(**paths, similarity="exact").read()
     paths = write_amber(tmp_path)
+    _rewrite(paths["annotations"], lambda d: d[6].update(id=1005))
+    with pytest.raises(DataError, match=r"annotations.json: row 6: id 1005 appears twice"):
+        AmberBenchmark(**paths, similarity="exact").read()
+    paths = write_amber(tmp_path)
     _rewrite(paths["queries"][1], lambda d: d[2].pop("query"))
     with pytest.raises(
         DataError,

@@ -193,7 +193,10 @@ class AmberBenchmark(Benchmark):
                 raise DataError(
                     f"amber: {where}: field 'truth' is {row.get('truth')!r}; expected 'yes' or 'no'"
                 )
-            rows[_field(row, "id", where, int)] = row
+            row_id = _field(row, "id", where, int)
+            if row_id in rows:
+                raise DataError(f"amber: {where}: id {row_id} appears twice in the annotations")
+            rows[row_id] = row
         return rows
 
     def _load_generative_files(self) -> None:
