@@ -132,8 +132,10 @@ class ChairBenchmark(Benchmark):
 
     `instances` / `captions`: COCO `instances_val2014.json` / `captions_val2014.json`; images
     under `images_dir/<file_name>`; each defaults to COCO's layout under `path`
-    (`annotations/instances_val2014.json`, `annotations/captions_val2014.json`, `val2014/`). `image_ids` picks images; else `n_images` (0 = all) drawn
-    with `random.Random(seed)` from the instance file's images (OPERA: 500 val2014 images).
+    (`annotations/instances_val2014.json`, `annotations/captions_val2014.json`, `val2014/`).
+    `image_ids` picks images; else `n_images` (0 = all) drawn with `random.Random(seed)` from
+    the instance file's images (OPERA: 500 val2014 images). `synonyms`: another table file in
+    `coco_synonyms.txt`'s format.
     `prompt`: one instruction for every image, or a list (Object HalBench asks each image one of
     several detailed-description instructions): image k of the chosen order gets prompt k mod n.
     """
