@@ -3,6 +3,8 @@ so its cost is refresh_every_n_steps × batch × K whatever the dataset size."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,3 +164,78 @@ def test_rank_order_is_the_distributed_samplers_own(rank):
             ),
         )
         assert dm.upcoming_indices(trainer, 2) == list(dict.fromkeys(drawn[2:6]))
+
+
+DDP_SCRIPT = """
+import json, sys
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+from cwdpo.callbacks.on_policy import OnPolicyNegatives
+from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
+from cwdpo.data.shapes import WorldConfig
+from cwdpo.data.sources import ShapesSource
+from cwdpo.model.backbone import VLMBackbone
+from cwdpo.stages import CWDPOModule
+
+tiny, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+L.seed_everything(0)
+bb = VLMBackbone.from_pretrained(tiny, max_length=128)
+bb.snapshot_reference()
+src = ShapesSource(WorldConfig(), seed=0, sizes={"train": 30, "val": 2, "test": 2, "probe": 2})
+neg = NegativeConfig(kind="on_policy", dataset_fraction=0.0, refresh_every_n_steps=2)
+dm = PreferenceDataModule(src, src.captions("train"), batch_size=2, seed=0, negatives=neg,
+                          collate=bb.collate, collate_pairs=bb.collate_pairs)
+trained, calls = [], []
+transfer = dm.on_before_batch_transfer
+
+
+def spy(batch, i):
+    b = transfer(batch, i)
+    if dm._training():
+        trained.append(b.image_ids)
+    return b
+
+
+def sampler(records, prompt, n):
+    calls.append([r.image_id for r in records])
+    return [[f"a purple star on the top {len(calls)} {i} {k}" for k in range(n.num_samples)]
+            for i in range(len(records))]
+
+
+dm.on_before_batch_transfer = spy
+module = CWDPOModule(bb, optimizer=partial(torch.optim.SGD, lr=1e-4), total_steps=5)
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, max_steps=5, logger=False, enable_checkpointing=False,
+    strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=True),
+    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    num_sanity_val_steps=0, callbacks=[OnPolicyNegatives(2, sampler=sampler)])
+trainer.fit(module, datamodule=dm)
+with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"calls": calls, "trained": trained, "fallback": dm.stats.on_policy_fallback,
+               "buffer": sorted(dm.buffer)}, f)
+"""
+
+
+def test_each_ddp_rank_samples_what_it_trains_on(tiny_vlm_path, tmp_path):
+    """A real 2-process DDP stage (gloo): each rank samples exactly the records its own next
+    batches draw (2 steps × batch 2 per refresh), no pair falls back to a dataset negative, and
+    after the merge every rank holds both ranks' window (so rank 0's checkpoint has it all)."""
+    from tests.test_ddp import launch
+
+    script = tmp_path / "ddp_on_policy.py"
+    script.write_text(DDP_SCRIPT)
+    launch([str(script), str(tiny_vlm_path), str(tmp_path)], cwd=tmp_path, timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert [len(c) for c in r["calls"]] == [4, 4, 2]
+        windows = [r["trained"][0:2], r["trained"][2:4], r["trained"][4:5]]
+        assert [sorted(c) for c in r["calls"]] == [sorted(set(sum(w, []))) for w in windows]
+        assert r["fallback"] == 0
+    assert set(ranks[0]["calls"][0]).isdisjoint(ranks[1]["calls"][0])  # shards, not copies
+    assert ranks[0]["buffer"] == ranks[1]["buffer"]
+    assert ranks[0]["buffer"] == sorted(set(ranks[0]["calls"][2] + ranks[1]["calls"][2]))
