@@ -102,14 +102,13 @@ def clean_answer(answer: str) -> Cleaned:
     lines = _lines(answer)
     if not lines:
         return Cleaned(None, "empty")
-    n = len(lines)
     if len(lines) > 1 and (lines[0].endswith(":") or _PREAMBLE.match(lines[0])):
         lines = lines[1:]
     cut = next((i for i, ln in enumerate(lines) if i and _EXPLANATION_LINE.match(ln)), None)
     lines = lines[:cut] if cut is not None else lines
     if len(lines) != 1:
         return Cleaned(None, "malformed")
-    line = original = lines[0]
+    line = lines[0]
     if ":" in line and _PREAMBLE.match(line) and not _LABEL.match(line):
         line = line.split(":", 1)[1]  # "Sure, here is the caption: ..."
     line = _LABEL.sub("", _unwrap(line))
@@ -118,7 +117,7 @@ def clean_answer(answer: str) -> Cleaned:
         return Cleaned(None, "empty")
     if _DIFF.search(line) or "\n" in line or line[:1] in "\"'“‘«":
         return Cleaned(None, "malformed")
-    return Cleaned(line, None, stripped=n > 1 or line != original)
+    return Cleaned(line, None, stripped=line != answer.strip())
 
 
 def word_edit_distance(a: str, b: str) -> int:
