@@ -295,3 +295,184 @@ def test_drop_without_fallback_and_when_no_rule_edit_exists(tmp_path, llm):
     again = run_perturb(perturb_cfg(tmp_path, args))  # everything is done: nothing is asked
     assert len(llm.requests) == n and again["this_run"] == 0 and again["done_before"] == 3
     assert again["pairs_in_file"] == 1 and again["dropped_in_file"] == 2
+
+
+# ------------------------------------------------------------------------- the service misbehaves
+def test_429_5xx_and_timeouts_are_retried_then_left_for_the_rerun(tmp_path, llm):
+    """429 and 503 then success, a reply slower than the timeout then success: kept, each retry
+    counted; a caption that always times out fails after max_retries, is not recorded, and the
+    rerun (server healthy again) completes the file without duplicates."""
+    fx = write_karpathy(tmp_path / "coco")
+    late = ("sleep", 1.0, "too late")
+    llm.script = {RIDER: [429], UNICODE_CAPTION: [503, 502], CAR: [late], DOGS: [late] * 3}
+    out = tmp_path / "pairs.jsonl"
+    args = overrides(llm, out, fx, **{"perturb.timeout": 0.3, "perturb.max_retries": 2})
+    s = run_perturb(perturb_cfg(tmp_path, args))
+    assert s["http_retries"] == {"http_429": 1, "http_502": 1, "http_503": 1, "timeout": 3}
+    assert s["request_failed"] == {"request:timeout": 1} and s["kept"] == 3 and s["finished"]
+    assert s["retried"] == 0  # retries of a request are not re-asked answers
+    assert {r["chosen"] for r in rows_of(out)} == {RIDER, UNICODE_CAPTION, CAR}
+    assert not (tmp_path / "pairs.dropped.jsonl").exists()
+    assert llm.seen[DOGS] == 3  # 1 + max_retries
+    llm.script[DOGS] = []
+    again = run_perturb(perturb_cfg(tmp_path, args))
+    assert again["done_before"] == 3 and again["this_run"] == 1 and again["kept"] == 1
+    rows = rows_of(out)
+    assert sorted(r["chosen"] for r in rows) == sorted([RIDER, UNICODE_CAPTION, CAR, DOGS])
+    assert len({r["key"] for r in rows}) == 4
+
+
+def test_client_errors_stop_the_run_without_leaking_the_key(tmp_path, llm, monkeypatch):
+    """A wrong key (401) would fail every row alike: the run stops at the first, says why, and
+    never shows the key; the summary is still written."""
+    fx = write_karpathy(tmp_path / "coco")
+    monkeypatch.setenv("PERTURB_KEY", "sk-wrong-KEY-987")
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(HttpChatError, match="401") as info:
+        run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx, **{"perturb.concurrency": 1})))
+    assert "sk-wrong-KEY-987" not in str(info.value) and "/chat/completions" in str(info.value)
+    s = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert not s["finished"] and s["request_failed"] == {"request:http_401": 1}
+    assert rows_of(out) == [] and len(llm.requests) == 0  # refused before the handler counted
+
+
+def test_config_errors_name_the_key(tmp_path, llm, monkeypatch):
+    fx = write_karpathy(tmp_path / "coco")
+    out = tmp_path / "pairs.jsonl"
+    base = overrides(llm, out, fx)
+    for extra, msg in [
+        (["perturb.model=???"], r"perturb.model is required"),
+        (["perturb.concurrency=0"], r"perturb.concurrency=0: expected an integer >= 1"),
+        (["perturb.fallback=guess"], r"perturb.fallback='guess': expected one of \['rule', 'drop'\]"),
+        (["input.format=coco"], r"input.format='coco': expected one of"),
+        (["perturb.prompt='Perturb {captoin}'"], r"unknown placeholder\(s\) \['captoin'\]"),
+        (["perturb.prompt=Perturb it."], r"perturb.prompt: must contain \{caption\}"),
+        (["perturb.kinds=null"], r"perturb.kinds: expected a non-empty mapping"),
+        (["perturb.api_key_env=NO_SUCH_KEY_ENV"], r"environment variable NO_SUCH_KEY_ENV is not set"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            run_perturb(perturb_cfg(tmp_path, [*base, *extra]))
+    assert llm.requests == [] and not out.exists()
+    # a local server without auth: no key, no Authorization header
+    monkeypatch.delenv("PERTURB_KEY")
+    srv = FakeLLM(key=None)
+    try:
+        s = run_perturb(perturb_cfg(tmp_path, [*overrides(srv, out, fx), "perturb.api_key_env=null"]))
+        assert s["kept"] == 4
+    finally:
+        srv.close()
+
+
+def test_max_rows_caps_the_cost_and_the_rerun_goes_on(tmp_path, llm):
+    fx = write_karpathy(tmp_path / "coco")
+    out = tmp_path / "pairs.jsonl"
+    args = [*overrides(llm, out, fx), "input.captions_per_image=2"]  # 2+2+2+1 positives
+    s = run_perturb(perturb_cfg(tmp_path, [*args, "perturb.max_rows=3"]))
+    assert s["rows"] == 7 and s["this_run"] == 3 and s["left_by_max_rows"] == 4
+    assert len(rows_of(out)) == 3 and len(llm.requests) == 3
+    s = run_perturb(perturb_cfg(tmp_path, args))
+    assert s["done_before"] == 3 and s["this_run"] == 4 and s["pairs_in_file"] == 7
+    keys = [r["key"] for r in rows_of(out)]
+    assert len(keys) == len(set(keys)) == 7 and len(llm.requests) == 7
+
+
+def test_an_output_of_another_input_or_a_corrupt_line_is_refused(tmp_path, llm):
+    fx = write_karpathy(tmp_path / "coco")
+    other = write_karpathy(tmp_path / "flickr", dataset="flickr30k")
+    out = tmp_path / "pairs.jsonl"
+    run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx)))
+    with pytest.raises(DataError, match=r"pairs.jsonl: row 1 was built from .*dataset_coco.json"):
+        run_perturb(perturb_cfg(tmp_path, overrides(llm, out, other)))
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl: line 2: invalid JSON"):
+        run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx)))
+
+
+# ------------------------------------------------------------------------- a kill, then resume
+def test_killed_mid_run_then_resumed_loses_and_repeats_nothing(tmp_path, llm):
+    """The CLI in a subprocess: 3 rows are answered, every later request blocks; the process is
+    SIGKILLed once the file holds 3 rows, a torn half line is appended as a crash mid-write would
+    leave it; the rerun cuts it, asks only for the rows not written, and the file ends with every
+    row exactly once."""
+    fx = write_karpathy(tmp_path / "coco")
+    items = read_items("karpathy", fx.path, fx.image_root, captions_per_image=2)
+    first = [it.chosen for it in items[:3]]
+    llm.script = {it.chosen: ["block"] for it in items[3:]}
+    out = tmp_path / "pairs.jsonl"
+    args = [*overrides(llm, out, fx), "input.captions_per_image=2", "perturb.concurrency=2"]
+    args += [f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PERTURB_KEY": SECRET}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cwdpo.perturb", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while len(rows_of(out)) < 3 or len(llm.requests) < 5:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the subprocess did not write 3 rows in time"
+            time.sleep(0.05)
+        time.sleep(0.2)  # nothing more is written while the remaining requests block
+        assert len(rows_of(out)) == 3
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert {r["chosen"] for r in rows_of(out)} == set(first)
+    with out.open("a") as f:
+        f.write('{"key": "torn", "chosen": "half a li')
+    llm.release.set()
+    seen_before = Counter(llm.seen)
+    s = run_perturb(perturb_cfg(tmp_path, args[:-1]))
+    rows = rows_of(out)
+    assert sorted(r["key"] for r in rows) == sorted(it.key for it in items)  # each exactly once
+    assert s["done_before"] == 3 and s["this_run"] == 4 and s["kept"] == 4
+    asked = Counter(llm.seen) - seen_before
+    assert set(asked) == {it.chosen for it in items[3:]} and not set(asked) & set(first)
+
+
+# ------------------------------------------------------------------------- sources and training
+def test_trl_and_nocaps_sources(tmp_path, llm):
+    from tests.formats import write_nocaps
+
+    fx = write_trl_jsonl(tmp_path / "trl", conversational_format=True)
+    out = tmp_path / "trl_pairs.jsonl"
+    s = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx, "trl")))
+    assert s["kept"] == 4
+    rows = rows_of(out)
+    assert sorted(r["key"] for r in rows) == [f"row{i}" for i in range(4)]
+    by_key = {r["key"]: r for r in rows}
+    for i, (prompt, chosen, _) in enumerate(fx.expected["texts"]):
+        r = by_key[f"row{i}"]
+        assert (r["prompt"], r["chosen"]) == (prompt, chosen)
+        assert r["rejected"] == default_answer(chosen) and r["source"]["row"] == i
+        assert r["images"] == [str(fx.expected["images"][i].resolve())]
+    nc = write_nocaps(tmp_path / "nocaps")
+    out = tmp_path / "nocaps_pairs.jsonl"
+    s = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, nc, "nocaps")))
+    rows = rows_of(out)
+    assert s["kept"] == 6 and {r["source"]["domain"] for r in rows} == {"in-domain", "near-domain", "out-domain"}
+
+
+def test_a_short_pipeline_trains_on_the_written_pairs(tmp_path, llm, tiny_cache_dir):
+    """Every positive of the Karpathy fixture (17) through the fake server, then
+    `data=trl_pairs data.path=<output>` trains SFT-C and CW-DPO on the file as written."""
+    from cwdpo.run.pipeline import run_pipeline
+
+    fx = write_karpathy(tmp_path / "coco")
+    out = tmp_path / "pairs.jsonl"
+    args = [*overrides(llm, out, fx), "input.captions_per_image=5", "input.splits=[train,val,test]"]
+    s = run_perturb(perturb_cfg(tmp_path, args))
+    assert s["kept"] == s["rows"] == 17
+    cfg = compose_cfg(
+        [
+            "+debug=fast", "data=trl_pairs", f"data.path={out}",
+            "data.source.holdout={val: 1, test: 1, probe: 1}", "stage.run=[sft_c,cw_dpo]",
+            "eval.caption_metrics=false", "eval.calibration=false", "eval.n_records=2",
+            "eval.max_new_tokens=4", "callbacks.heldout.n_items=2",
+        ],
+        tmp_path / "train", tiny_cache_dir,
+    )  # fmt: skip
+    res = run_pipeline(cfg)
+    assert res["stages"]["cw_dpo"]["steps"] == 2 and res["stages"]["sft_c"]["steps"] == 2
+    print(res["stages"]["cw_dpo"]["negatives"])

@@ -54,7 +54,8 @@ def validate_perturb_config(cfg: DictConfig) -> None:
     """Every value `cwdpo.perturb` reads, before any file is read or request sent."""
     errors = _fields(cfg)
     p = cfg.perturb
-    kinds = OmegaConf.to_container(p.kinds, resolve=True) if "kinds" in p else None
+    kinds = p.get("kinds")
+    kinds = OmegaConf.to_container(kinds, resolve=True) if OmegaConf.is_config(kinds) else kinds
     if (
         not isinstance(kinds, dict)
         or not kinds
