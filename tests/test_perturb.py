@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -88,9 +88,14 @@ def test_word_edit_distance_by_hand():
 
 
 def test_check_perturbation_reasons():
-    chosen, refs = "A blue car parked next to a tree.", ["A blue car parked next to a tree.", "a car by a tree"]
+    chosen, refs = (
+        "A blue car parked next to a tree.",
+        ["A blue car parked next to a tree.", "a car by a tree"],
+    )
     ok = check_perturbation('"A red car parked next to a tree."', chosen, refs, 3)
-    assert ok.ok and ok.text == "A red car parked next to a tree." and ok.distance == 1 and ok.stripped
+    assert (
+        ok.ok and ok.text == "A red car parked next to a tree." and ok.distance == 1 and ok.stripped
+    )
     for answer, reason in [
         ("a blue car, parked next to a TREE", "unchanged"),  # equal after normalisation
         ("A car by a tree!", "reference"),
@@ -239,14 +244,18 @@ def test_answers_are_checked_reasked_and_fall_back(tmp_path, llm):
     assert set(rows) == {RIDER, UNICODE_CAPTION, CAR, DOGS}
     assert rows[RIDER]["rejected"] == "A man riding a blue bike down the street."
     assert rows[UNICODE_CAPTION]["rejected"] == "Un café près du pont, 中文标题, with a cat 🐶."
-    assert rows[DOGS]["rejected"] == "Three cats playing in a field." and rows[DOGS]["attempts"] == 2
+    assert (
+        rows[DOGS]["rejected"] == "Three cats playing in a field." and rows[DOGS]["attempts"] == 2
+    )
     car = rows[CAR]
     assert car["method"] == "rule" and car["attempts"] == 3 and car["kind"] in PAPER_KINDS
     refs = fx.expected["train"][car["image_id"]]
     assert normalize(car["rejected"]) not in {normalize(r) for r in refs}
     assert word_edit_distance(CAR, car["rejected"]) <= 3
     for r in rows.values():
-        assert r["prompt"] == "Describe the image in one sentence." and Path(r["images"][0]).is_file()
+        assert (
+            r["prompt"] == "Describe the image in one sentence." and Path(r["images"][0]).is_file()
+        )
         assert r["source"]["format"] == "karpathy" and r["key"] == f"{r['image_id']}:0"
         assert r["kind"] in PAPER_KINDS and r["method"] in ("llm", "rule")
     assert summary["kept"] == 3 and summary["fell_back"] == 1 and summary["retried"] == 2
@@ -263,7 +272,14 @@ def test_answers_are_checked_reasked_and_fall_back(tmp_path, llm):
     assert kind_for(car["key"], PAPER_KINDS) in first[1]["content"]
     assert car_reqs[0]["model"] == "fake-llm" and car_reqs[0]["temperature"] == 0.7
     third = car_reqs[2]["messages"]
-    assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in third] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
     assert third[2]["content"] == "a blue car parked next to a tree"
     assert "means the same as the original caption" in third[3]["content"]
     assert "one of the correct captions" in third[5]["content"]
@@ -280,12 +296,19 @@ def test_drop_without_fallback_and_when_no_rule_edit_exists(tmp_path, llm):
     fx = write_trl_jsonl(tmp_path, rows=rows)
     llm.script = {r["chosen"]: [r["chosen"]] * 2 for r in rows[:2]}  # always unchanged
     out = tmp_path / "rule.jsonl"
-    s = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx, "trl", **{"perturb.attempts": 2})))
+    s = run_perturb(
+        perturb_cfg(tmp_path, overrides(llm, out, fx, "trl", **{"perturb.attempts": 2}))
+    )
     assert s["dropped"] == {"no_rule_edit": 1} and s["fell_back"] == 1 and s["kept"] == 1
     kept = {r["chosen"]: r for r in rows_of(out)}
-    assert kept["A red square."]["rejected"] == "A green square." and kept["A red square."]["kind"] == "attribute"
+    assert (
+        kept["A red square."]["rejected"] == "A green square."
+        and kept["A red square."]["kind"] == "attribute"
+    )
     dropped = rows_of(tmp_path / "rule.dropped.jsonl")
-    assert [(d["key"], d["reason"], d["rejections"]) for d in dropped] == [("row0", "no_rule_edit", ["unchanged"] * 2)]
+    assert [(d["key"], d["reason"], d["rejections"]) for d in dropped] == [
+        ("row0", "no_rule_edit", ["unchanged"] * 2)
+    ]
     out2 = tmp_path / "drop.jsonl"
     llm.seen.clear()  # the same script again
     args = overrides(llm, out2, fx, "trl", **{"perturb.attempts": 2, "perturb.fallback": "drop"})
@@ -357,7 +380,9 @@ def test_config_errors_name_the_key(tmp_path, llm, monkeypatch):
     monkeypatch.delenv("PERTURB_KEY")
     srv = FakeLLM(key=None)
     try:
-        s = run_perturb(perturb_cfg(tmp_path, [*overrides(srv, out, fx), "perturb.api_key_env=null"]))
+        s = run_perturb(
+            perturb_cfg(tmp_path, [*overrides(srv, out, fx), "perturb.api_key_env=null"])
+        )
         assert s["kept"] == 4
     finally:
         srv.close()
@@ -451,7 +476,11 @@ def test_trl_and_nocaps_sources(tmp_path, llm):
     out = tmp_path / "nocaps_pairs.jsonl"
     s = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, nc, "nocaps")))
     rows = rows_of(out)
-    assert s["kept"] == 6 and {r["source"]["domain"] for r in rows} == {"in-domain", "near-domain", "out-domain"}
+    assert s["kept"] == 6 and {r["source"]["domain"] for r in rows} == {
+        "in-domain",
+        "near-domain",
+        "out-domain",
+    }
 
 
 def test_a_short_pipeline_trains_on_the_written_pairs(tmp_path, llm, tiny_cache_dir):
@@ -475,4 +504,35 @@ def test_a_short_pipeline_trains_on_the_written_pairs(tmp_path, llm, tiny_cache_
     )  # fmt: skip
     res = run_pipeline(cfg)
     assert res["stages"]["cw_dpo"]["steps"] == 2 and res["stages"]["sft_c"]["steps"] == 2
-    print(res["stages"]["cw_dpo"]["negatives"])
+    assert res["stages"]["cw_dpo"]["negatives"]["sources"] == {"trl": 2 * 4}  # 2 steps x 4 pairs
+    # the file reads back as written: the negatives are the model's, with kind and method kept
+    from cwdpo.data.sources import PreferenceFileSource
+
+    src = PreferenceFileSource(str(out), holdout={"val": 1, "test": 1, "probe": 1})
+    recs = src.captions("train")
+    written = {r["key"]: r for r in rows_of(out)}
+    assert len(recs) == 14
+    for rec in recs:
+        row = written[rec.meta["key"]]
+        assert rec.meta["rejected"] == row["rejected"] == default_answer(row["chosen"])
+        assert rec.references == [row["chosen"]] and rec.meta["method"] == "llm"
+        assert rec.meta["kind"] in PAPER_KINDS and rec.image_id == row["image_id"]
+
+
+def test_the_readme_command_composes_and_validates(tmp_path):
+    """The README's vLLM command: every value set, none left `???`, a server without a key."""
+    import shlex
+
+    from cwdpo.run.perturb_config import validate_perturb_config
+
+    text = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "cwdpo.perturb" in b]
+    lines = [
+        ln for b in blocks for ln in b.replace("\\\n", " ").splitlines() if "cwdpo.perturb" in ln
+    ]
+    assert len(lines) == 1
+    words = shlex.split(lines[0].split(" #")[0])
+    assert words[:3] == ["python", "-m", "cwdpo.perturb"]
+    cfg = perturb_cfg(tmp_path, words[3:])
+    validate_perturb_config(cfg)
+    assert cfg.perturb.api_key_env is None and cfg.perturb.url == "http://localhost:8000/v1"
