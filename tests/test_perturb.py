@@ -53,6 +53,7 @@ CAPTION = re.compile(r"^Correct caption: (.*)$", re.M)
         ("A man riding a blue bike.\nI changed the colour.", "A man riding a blue bike."),
         ("A man riding a blue bike. (changed 'red' to 'blue')", "A man riding a blue bike."),
         ("```\nA man riding a blue bike.\n```", "A man riding a blue bike."),
+        ('"Stop" sign on a green pole.', '"Stop" sign on a green pole.'),
     ],
 )  # fmt: skip
 def test_clean_answer_strips_decoration(answer, want):
@@ -69,6 +70,7 @@ def test_clean_answer_strips_decoration(answer, want):
         ('""', "empty"),
         ("A man riding a blue bike.\nA man riding a green bike.", "malformed"),
         ("red -> blue", "malformed"),
+        ('"A man riding a blue bike.', "malformed"),
         ("A man riding a red → blue bike.", "malformed"),
         ("Option 1: a blue bike\nOption 2: a green bike\nOption 3: a car", "malformed"),
     ],
@@ -472,6 +474,19 @@ def test_trl_and_nocaps_sources(tmp_path, llm):
         assert (r["prompt"], r["chosen"]) == (prompt, chosen)
         assert r["rejected"] == default_answer(chosen) and r["source"]["row"] == i
         assert r["images"] == [str(fx.expected["images"][i].resolve())]
+    # a `save_to_disk` dataset: images held as bytes are written once beside the output
+    from PIL import Image
+
+    from tests.formats import write_trl_hf_dataset
+
+    hf = write_trl_hf_dataset(tmp_path / "hf")
+    out = tmp_path / "hf_pairs.jsonl"
+    assert run_perturb(perturb_cfg(tmp_path, overrides(llm, out, hf, "trl")))["kept"] == 4
+    rows = sorted(rows_of(out), key=lambda r: r["key"])
+    for r, pixel in zip(rows, hf.expected["pixels"]):
+        path = Path(r["images"][0])
+        assert path.parent == tmp_path / "hf_pairs_images" and path.suffix == ".png"
+        assert Image.open(path).convert("RGB").getpixel((5, 0)) == pixel
     nc = write_nocaps(tmp_path / "nocaps")
     out = tmp_path / "nocaps_pairs.jsonl"
     s = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, nc, "nocaps")))

@@ -115,8 +115,9 @@ def clean_answer(answer: str) -> Cleaned:
     line = _unwrap(_TRAILING_NOTE.sub("", _unwrap(line)))
     if not line:
         return Cleaned(None, "empty")
-    if _DIFF.search(line) or "\n" in line or line[:1] in "\"'“‘«":
-        return Cleaned(None, "malformed")
+    closing = dict(_QUOTES).get(line[:1])
+    if _DIFF.search(line) or (closing is not None and closing not in line[1:]):
+        return Cleaned(None, "malformed")  # a diff, or a quote opened and never closed
     return Cleaned(line, None, stripped=line != answer.strip())
 
 
