@@ -58,15 +58,20 @@ class Outcome:
     rejections: list[str] = field(default_factory=list)
     http_retries: list[str] = field(default_factory=list)
     stripped: int = 0
+    error: str | None = None  # a failed request's message (URL, status; never the key)
 
 
 class Perturber:
     """Asks for one row's perturbation until an answer passes the checks or the budget is
-    spent, then falls back. Called from worker threads: it only reads its own state."""
+    spent, then falls back. Called from worker threads: it holds plain values (read from the
+    config once, here) and only reads them."""
 
     def __init__(self, p: DictConfig, client: ChatClient, vocab: Any, seed: int) -> None:
-        self.p, self.client, self.vocab, self.seed = p, client, vocab, seed
+        self.client, self.vocab, self.seed = client, vocab, seed
         self.kinds: dict[str, str] = dict(OmegaConf.to_container(p.kinds, resolve=True))
+        self.attempts, self.max_edit_words = int(p.attempts), int(p.max_edit_words)
+        self.fallback = str(p.fallback)
+        self.prompts = {k: str(p[k]) for k in ("system_prompt", "prompt", "retry_prompt")}
 
     def values(self, item: PerturbItem, kind: str) -> dict[str, Any]:
         """What the prompt templates may name (`PLACEHOLDERS`)."""
@@ -76,36 +81,35 @@ class Perturber:
             "kind": kind,
             "kind_hint": self.kinds[kind],
             "references": "\n".join(others) if others else "(none)",
-            "max_edit_words": self.p.max_edit_words,
+            "max_edit_words": self.max_edit_words,
             "prompt": item.prompt,
         }
 
     def messages(self, item: PerturbItem, kind: str) -> list[dict[str, str]]:
         values = self.values(item, kind)
         return [
-            {"role": "system", "content": self.p.system_prompt.format(**values)},
-            {"role": "user", "content": self.p.prompt.format(**values)},
+            {"role": "system", "content": self.prompts["system_prompt"].format(**values)},
+            {"role": "user", "content": self.prompts["prompt"].format(**values)},
         ]
 
     def __call__(self, item: PerturbItem) -> Outcome:
         kind = kind_for(item.key, list(self.kinds))
         out = Outcome(item, "dropped", kind)
         messages = self.messages(item, kind)
-        for _ in range(self.p.attempts):
+        for _ in range(self.attempts):
             try:
                 answer = self.client.chat(messages, on_retry=out.http_retries.append)
             except HttpChatError as e:
-                out.status, out.reason = "failed", f"request:{e.reason}"
-                out.text = str(e)  # the message (URL, status; never the key) for the log
+                out.status, out.reason, out.error = "failed", f"request:{e.reason}", str(e)
                 return out
             out.answers += 1
-            v = check_perturbation(answer, item.chosen, item.references, self.p.max_edit_words)
+            v = check_perturbation(answer, item.chosen, item.references, self.max_edit_words)
             out.stripped += v.stripped
             if v.ok:
                 out.status, out.text = "kept", v.text
                 return out
             out.rejections.append(v.reason)
-            feedback = self.p.retry_prompt.format(
+            feedback = self.prompts["retry_prompt"].format(
                 reason=REASONS[v.reason], **self.values(item, kind)
             )
             messages = [
@@ -117,7 +121,7 @@ class Perturber:
 
     def _fall_back(self, item: PerturbItem, out: Outcome) -> Outcome:
         """The rule-based one-word edit (its own kind), or a drop naming why."""
-        if self.p.fallback != "rule":
+        if self.fallback != "rule":
             out.reason = f"rejected:{out.rejections[-1]}"
             return out
         edit = rule_perturbation(item, self.vocab, self.seed, out.kind)
@@ -125,7 +129,7 @@ class Perturber:
             out.reason = "no_rule_edit"
             return out
         text, kind = edit
-        reason, _ = check_text(text, item.chosen, item.references, self.p.max_edit_words)
+        reason, _ = check_text(text, item.chosen, item.references, self.max_edit_words)
         if reason is not None:
             out.reason = f"rule:{reason}"
             return out
@@ -193,7 +197,7 @@ def _record(out: Outcome, output: PairOutput, tally: Tally) -> None:
         detail = {"rejections": out.rejections, "source": item.source}
         output.write_dropped(item.key, out.reason, detail)
     else:
-        log.warning("%s: %s (left for the next run)", item.key, out.text)
+        log.warning("%s: %s (left for the next run)", item.key, out.error)
 
 
 def _fatal(out: Outcome) -> bool:
@@ -241,7 +245,7 @@ def _collect(
         bar.set_postfix_str(tally.postfix(), refresh=False)
         if _fatal(out):
             raise HttpChatError(
-                f"perturb: stopping, every request would fail alike: {out.text}", out.reason
+                f"perturb: stopping, every request would fail alike: {out.error}", out.reason
             )
     return rest
 
