@@ -129,7 +129,8 @@ def default_answer(caption: str) -> str:
 
 class FakeLLM:
     """OpenAI-style /chat/completions. `script[caption]` lists what the n-th request for that
-    caption gets: a text, an int (HTTP status), ("sleep", s, text) or "block" (wait for
+    caption gets: a text, an int (HTTP status), {"status", "retry_after"} (a status with a
+    Retry-After header), ("sleep", s, text) or "block" (wait for
     `release`); past the list (or unscripted) a valid `default_answer`. Checks the key."""
 
     def __init__(self, key: str | None = SECRET):
@@ -153,7 +154,9 @@ class FakeLLM:
                     with server.lock:
                         n = server.seen[caption]
                         server.seen[caption] += 1
-                        server.requests.append({"caption": caption, "n": n, "body": body})
+                        server.requests.append(
+                            {"caption": caption, "n": n, "body": body, "t": time.monotonic()}
+                        )
                     steps = server.script.get(caption, [])
                     step = steps[n] if n < len(steps) else default_answer(caption)
                     if step == "block":
@@ -164,14 +167,19 @@ class FakeLLM:
                         step = step[2]
                     if isinstance(step, int):
                         return self._send(step, {"error": f"status {step}"})
+                    if isinstance(step, dict):  # a status with a Retry-After header
+                        headers = {"Retry-After": step["retry_after"]}
+                        return self._send(step["status"], {"error": "slow down"}, headers)
                     message = {"role": "assistant", "content": step}
                     self._send(200, {"choices": [{"index": 0, "message": message}]})
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
 
-            def _send(self, code, obj):
+            def _send(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -229,7 +237,7 @@ CAR = "A blue car parked next to a tree."
 DOGS = "Three dogs playing in a field."
 
 
-def test_answers_are_checked_reasked_and_fall_back(tmp_path, llm):
+def test_answers_are_checked_reasked_and_fall_back(tmp_path, llm, capsys):
     """Karpathy train rows (restval folded in), one positive each: a good answer, one wrapped in
     a preamble and quotes, one that is identical / reference-equal / a rewrite three times
     (then the rule edit), and one refused once (too far) then kept."""
@@ -242,6 +250,9 @@ def test_answers_are_checked_reasked_and_fall_back(tmp_path, llm):
     }  # fmt: skip
     out = tmp_path / "pairs.jsonl"
     summary = run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx)))
+    bar = capsys.readouterr().err.splitlines()[-1]  # the progress bar's final state
+    assert re.search(r"4/4 .* rows/s, kept 3 rule 1 dropped 0 failed 0", bar), bar
+    assert "refused: reference=1 too_far=2 unchanged=1" in bar
     rows = {r["chosen"]: r for r in rows_of(out)}
     assert set(rows) == {RIDER, UNICODE_CAPTION, CAR, DOGS}
     assert rows[RIDER]["rejected"] == "A man riding a blue bike down the street."
@@ -324,12 +335,13 @@ def test_drop_without_fallback_and_when_no_rule_edit_exists(tmp_path, llm):
 
 # ------------------------------------------------------------------------- the service misbehaves
 def test_429_5xx_and_timeouts_are_retried_then_left_for_the_rerun(tmp_path, llm):
-    """429 and 503 then success, a reply slower than the timeout then success: kept, each retry
-    counted; a caption that always times out fails after max_retries, is not recorded, and the
+    """429 (asking, by Retry-After, for a longer wait than the back-off) and 503 then success, a
+    reply slower than the timeout then success: kept, each retry counted; a caption that always times out fails after max_retries, is not recorded, and the
     rerun (server healthy again) completes the file without duplicates."""
     fx = write_karpathy(tmp_path / "coco")
     late = ("sleep", 1.0, "too late")
-    llm.script = {RIDER: [429], UNICODE_CAPTION: [503, 502], CAR: [late], DOGS: [late] * 3}
+    wait = {"status": 429, "retry_after": "0.5"}
+    llm.script = {RIDER: [wait], UNICODE_CAPTION: [503, 502], CAR: [late], DOGS: [late] * 3}
     out = tmp_path / "pairs.jsonl"
     args = overrides(llm, out, fx, **{"perturb.timeout": 0.3, "perturb.max_retries": 2})
     s = run_perturb(perturb_cfg(tmp_path, args))
@@ -339,6 +351,8 @@ def test_429_5xx_and_timeouts_are_retried_then_left_for_the_rerun(tmp_path, llm)
     assert {r["chosen"] for r in rows_of(out)} == {RIDER, UNICODE_CAPTION, CAR}
     assert not (tmp_path / "pairs.dropped.jsonl").exists()
     assert llm.seen[DOGS] == 3  # 1 + max_retries
+    t0, t1 = (r["t"] for r in llm.requests if r["caption"] == RIDER)
+    assert t1 - t0 >= 0.45  # Retry-After honoured (the back-off alone is 0.01 s)
     llm.script[DOGS] = []
     again = run_perturb(perturb_cfg(tmp_path, args))
     assert again["done_before"] == 3 and again["this_run"] == 1 and again["kept"] == 1

@@ -9,6 +9,7 @@ position bias. `cwdpo.perturb` writes minimal perturbations through the same cli
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -65,6 +66,16 @@ class HttpJudgeError(HttpChatError):
     """An HTTP judge request failed (the message names the URL and status, never the API key)."""
 
 
+def retry_after(headers: Any, cap: float = 60.0) -> float:
+    """Seconds a 429 / 503 reply asks the client to wait (`Retry-After: <seconds>`), at most
+    `cap`; 0 when absent or not a number (an HTTP date is not honoured: back-off applies)."""
+    try:
+        seconds = float(headers.get("Retry-After", 0) or 0)
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
+    return min(seconds, cap) if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
 class ChatClient:
     """One OpenAI-compatible chat-completions endpoint (``POST {url}/chat/completions``).
 
@@ -74,7 +85,8 @@ class ChatClient:
     at request time (sent as a Bearer token when set) and never stored on the object, so it
     cannot leak through ``repr``, logged hyperparameters or error messages. Network errors,
     timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with exponential back-off
-    (``backoff · 2^k`` seconds); other HTTP errors raise at once. ``request_options`` is merged
+    (``backoff · 2^k`` seconds, longer when the reply's ``Retry-After`` asks for it); other HTTP
+    errors raise at once. ``request_options`` is merged
     into the JSON body (default ``{"temperature": 0}``). Requests hold no shared state (bar the
     approximate ``n_requests`` counter), so several threads may call one client.
     """
@@ -122,12 +134,12 @@ class ChatClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key_env and os.environ.get(self.api_key_env):
             headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
-        last, reason = "", "error"
+        last, reason, hint = "", "error", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
                 if on_retry is not None:
                     on_retry(reason)
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), hint))
             request = urllib.request.Request(
                 self.endpoint, data=body, headers=headers, method="POST"
             )
@@ -143,6 +155,7 @@ class ChatClient:
                     ) from None
             except urllib.error.HTTPError as err:
                 last, reason = f"HTTP {err.code} {err.reason}", f"http_{err.code}"
+                hint = retry_after(err.headers)
                 err.close()
                 if err.code != 429 and err.code < 500:
                     break
