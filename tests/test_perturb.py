@@ -375,6 +375,24 @@ def test_client_errors_stop_the_run_without_leaking_the_key(tmp_path, llm, monke
     assert rows_of(out) == [] and len(llm.requests) == 0  # refused before the handler counted
 
 
+def test_a_service_that_keeps_failing_stops_the_run(tmp_path, llm):
+    """5xx on every request: after `max_consecutive_failures` failed rows the run stops (with
+    the summary), instead of spending the retries of every remaining row."""
+    fx = write_karpathy(tmp_path / "coco")
+    llm.script = {c: [503] * 2 for c in (RIDER, UNICODE_CAPTION, CAR, DOGS)}
+    extra = {
+        "perturb.max_retries": 0,
+        "perturb.concurrency": 1,
+        "perturb.max_consecutive_failures": 2,
+    }
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(HttpChatError, match=r"stopping, 2 rows in a row failed .*HTTP 503"):
+        run_perturb(perturb_cfg(tmp_path, overrides(llm, out, fx, **extra)))
+    s = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert s["request_failed"] == {"request:http_503": 2} and not s["finished"]
+    assert len(llm.requests) == 2 and rows_of(out) == []
+
+
 def test_config_errors_name_the_key(tmp_path, llm, monkeypatch):
     fx = write_karpathy(tmp_path / "coco")
     out = tmp_path / "pairs.jsonl"

@@ -140,7 +140,9 @@ class Perturber:
 class Tally:
     """The run's counts: the progress bar's postfix and the summary JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after  # consecutive failed rows that stop the run
+        self.consecutive_failed = 0
         self.status: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
@@ -151,6 +153,7 @@ class Tally:
 
     def add(self, out: Outcome) -> None:
         self.status[out.status] += 1
+        self.consecutive_failed = self.consecutive_failed + 1 if out.status == "failed" else 0
         self.rejections.update(out.rejections)
         self.http_retries.update(out.http_retries)
         self.retried += out.answers > 1
@@ -200,10 +203,18 @@ def _record(out: Outcome, output: PairOutput, tally: Tally) -> None:
         log.warning("%s: %s (left for the next run)", item.key, out.error)
 
 
-def _fatal(out: Outcome) -> bool:
-    """A client error other than 429 (bad key, unknown model, wrong URL) fails every row alike."""
+def _stop_reason(out: Outcome, tally: Tally) -> str | None:
+    """Why the run must stop now, or None: a client error other than 429 (bad key, unknown
+    model, wrong path) fails every row alike, and so, most likely, does a service that failed
+    `perturb.max_consecutive_failures` rows in a row (down, unreachable, wrong URL)."""
+    if out.status != "failed":
+        return None
     code = (out.reason or "").removeprefix("request:http_")
-    return out.status == "failed" and code.isdigit() and 400 <= int(code) < 500 and code != "429"
+    if code.isdigit() and 400 <= int(code) < 500 and code != "429":
+        return "every request would fail alike"
+    if tally.stop_after is not None and tally.consecutive_failed >= tally.stop_after:
+        return f"{tally.consecutive_failed} rows in a row failed (perturb.max_consecutive_failures)"
+    return None
 
 
 def _progress(total: int) -> Any:
@@ -243,10 +254,9 @@ def _collect(
         _record(out, output, tally)
         bar.update(1)
         bar.set_postfix_str(tally.postfix(), refresh=False)
-        if _fatal(out):
-            raise HttpChatError(
-                f"perturb: stopping, every request would fail alike: {out.error}", out.reason
-            )
+        why = _stop_reason(out, tally)
+        if why is not None:
+            raise HttpChatError(f"perturb: stopping, {why}: {out.error}", out.reason)
     return rest
 
 
@@ -290,7 +300,7 @@ def run_perturb(cfg: DictConfig) -> dict[str, Any]:
     vocab = mine_vocab(items) if p.fallback == "rule" else None
     work = Perturber(p, _client(p), vocab, int(cfg.seed))
     log.info("%s: %d rows, %d done before, %d now", input_file, len(items), len(done), len(todo))
-    tally, start, finished = Tally(), time.monotonic(), False
+    tally, start, finished = Tally(p.max_consecutive_failures), time.monotonic(), False
     try:
         _drive(todo, work, output, tally, p.concurrency)
         finished = True

@@ -29,6 +29,7 @@ RULES: dict[str, Rule] = {
     "perturb.backoff": real(0),
     "perturb.concurrency": integer(1),
     "perturb.max_rows": integer(0, nullable=True),
+    "perturb.max_consecutive_failures": integer(1, nullable=True),
     "perturb.attempts": integer(1),
     "perturb.max_edit_words": integer(1),
     "perturb.fallback": choice("rule", "drop"),
