@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "perf": {"batch", "errors", "utils", "data", "losses", "model", "stages", "run"},
 }
-ENTRY_POINTS = {"train", "eval", "bench", "report", "plot", "doctor", "gpu_check"}
+ENTRY_POINTS = {"train", "eval", "bench", "report", "plot", "doctor", "gpu_check", "perturb"}
 
 
 def _modules() -> list[Path]:
