@@ -1,0 +1,105 @@
+"""K samples per record with image + prompt prefilled once (the shared prefill).
+
+`model.generate(**inputs, num_return_sequences=K)` expands every row K times before its
+prefill. transformers >= 5 already runs the vision tower before that expansion
+(`mm_encoder_outputs`), but the language model still prefills the image tokens and the prompt
+K times per record; with 576 image tokens and short captions that prefill is most of the
+sampling cost. Here each record is prefilled once and its K continuations are drawn from a
+copy of its cache:
+
+1. **prefill**: `model.generate(**inputs, max_new_tokens=1)` on the B records, into a cache we
+   own. It is the plain path's own prefill (its position ids, the family's masks: Gemma3's
+   bidirectional image spans, PaliGemma's bidirectional prefix, Qwen's M-RoPE from
+   `mm_token_type_ids`, whose `rope_deltas` the model keeps), so the cached keys and values
+   are the plain path's; its one greedy token is dropped.
+2. **expand**: the cache loses its last prompt position (`crop(-1)`) and is repeated K times
+   (`batch_repeat_interleave`); so is the per-row state the family keeps on the model between
+   `generate` calls (Qwen's `rope_deltas`).
+3. **continue**: `model.generate` on the K·B text rows (input ids, attention mask and the
+   per-token keys, no pixel inputs) with that cache. HF feeds only the uncached last prompt
+   token, whose logits are the plain prefill's last logits, then samples as the plain path
+   does (same logits processors, stop tokens, padding).
+
+Why the last token is re-run instead of prefilling all prompt tokens but the last: PaliGemma's
+prefix attends bidirectionally, so every prompt token's keys depend on the last one; cropping
+a full prefill keeps them exact. Sliding-window layers (Gemma3) record their past during the
+prefill so that the crop can roll them back.
+
+Exactness (the first-token logits, a teacher-forced continuation against a full forward, and
+greedy text equal the plain path's on every family) and "the vision tower and the prompt run
+once per record" are tested in tests/test_shared_prefill_sampling.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
+
+#: Per-row state a family keeps on the model between `generate` calls, read by the next call
+#: that continues a cache (Qwen2/2.5/3-VL: the M-RoPE offset of the text after the images).
+ROW_STATE_ATTRS = ("rope_deltas",)
+
+
+def _text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def prefill(model: nn.Module, inputs: dict[str, torch.Tensor], **generate_kwargs: Any):
+    """The plain path's prefill of `inputs` (image + prompt rows, left-padded) into a cache,
+    via `generate` with one greedy new token (dropped). Returns the cache (every prompt
+    position), with sliding-window layers recording their past so that it can be cropped."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=_text_config(model))
+    if any(cache.is_sliding):
+        cache.activate_past_recording()
+    kw = {k: v for k, v in generate_kwargs.items() if k in ("pad_token_id", "eos_token_id")}
+    model.generate(**inputs, max_new_tokens=1, do_sample=False, cache=cache, use_cache=True, **kw)
+    return cache
+
+
+def expand_prefill(model: nn.Module, cache, rows: int, k: int) -> None:
+    """In place: drop the last cached position (re-run by `generate`), repeat every row of the
+    cache and of the family's per-row model state (ROW_STATE_ATTRS) k times, row-major."""
+    cache.crop(-1)
+    for layer in cache.layers:  # rolled back: sliding layers keep only their window again
+        if hasattr(layer, "record_past"):
+            layer.record_past = False
+    cache.batch_repeat_interleave(k)
+    for m in model.modules():
+        for attr in ROW_STATE_ATTRS:
+            v = getattr(m, attr, None)
+            if torch.is_tensor(v) and v.ndim and v.shape[0] == rows:
+                setattr(m, attr, v.repeat_interleave(k, dim=0))
+
+
+def text_rows(inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The text inputs (ids, mask, per-token keys) of every row repeated k times, row-major;
+    no vision inputs: the images are in the cache."""
+    keys = (*TEXT_KEYS, *PER_TOKEN_KEYS)
+    return {n: v.repeat_interleave(k, dim=0) for n, v in inputs.items() if n in keys}
+
+
+def shared_prefill_generate(
+    model: nn.Module, inputs: dict[str, torch.Tensor], num_return_sequences: int, **kwargs: Any
+):
+    """`model.generate(**inputs, num_return_sequences=K, **kwargs)` with each record's image +
+    prompt prefilled once: the same rows (K per record, row-major: record i's samples are rows
+    i·K … i·K+K-1), each prompt followed by its continuation, or the same GenerateOutput."""
+    k = int(num_return_sequences)
+    if k < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {k}")
+    if kwargs.get("num_beams", 1) != 1:
+        raise ValueError("the shared prefill draws samples or greedy rows; use num_beams=1")
+    if not kwargs.get("use_cache", True):
+        raise ValueError("the shared prefill continues a KV cache; use_cache=False cannot")
+    rows = inputs["input_ids"].shape[0]
+    cache = prefill(model, inputs, **kwargs)
+    expand_prefill(model, cache, rows, k)
+    kwargs = {**kwargs, "use_cache": True}
+    return model.generate(**text_rows(inputs, k), cache=cache, **kwargs)
