@@ -37,7 +37,7 @@ from cwdpo.model.loading import (
 )
 from cwdpo.model.logprobs import LogProbs
 from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
-from cwdpo.model.sampling import shared_prefill_generate
+from cwdpo.model.sampling import sample_ids
 from cwdpo.utils.modes import eval_mode
 
 #: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
@@ -370,14 +370,14 @@ class VLMBackbone(LogProbs, nn.Module):
         enc = self.generation_inputs(images, prompts)
         with eval_mode(self.model):
             kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-            kw.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_token_ids)
+            kw.update(
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.stop_token_ids,
+            )
             if do_sample:
                 kw.update(temperature=temperature, top_p=top_p, top_k=0)
-            n = num_return_sequences
-            if shared_prefill and n > 1:
-                out = shared_prefill_generate(self.model, enc, n, **kw, use_cache=True)
-            else:
-                out = self.model.generate(**enc, **kw, num_return_sequences=n, use_cache=True)
+            out = sample_ids(self.model, enc, num_return_sequences, shared_prefill, **kw)
         new = out[:, enc["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
