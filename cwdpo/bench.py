@@ -34,7 +34,30 @@ import os
 import warnings
 from typing import Any
 
-from cwdpo.perf.summary import report_text, summarize
+from cwdpo.perf.summary import on_policy_text, report_text, summarize
+
+
+def add_on_policy_args(p: argparse.ArgumentParser) -> None:
+    """The on-policy section's options (`--on-policy`, cwdpo.perf.on_policy)."""
+    p.add_argument("--on-policy", action="store_true", help="the on-policy section only")
+    p.add_argument(
+        "--on-policy-models",
+        nargs="+",
+        default=None,
+        help="tiny family names, llava@<image tokens>, or model dirs "
+        "(default: every tiny family and llava@576)",
+    )
+    p.add_argument("--on-policy-k", type=int, nargs="+", default=[2, 4], help="samples/record")
+    p.add_argument("--on-policy-records", type=int, default=8, help="records per sampling call")
+    p.add_argument(
+        "--on-policy-sizes",
+        type=int,
+        nargs="*",
+        default=[200, 2000],
+        help="ShapesWorld training sizes of the stage-2 runs (none: skip them)",
+    )
+    p.add_argument("--on-policy-steps", type=int, default=2, help="stage-2 steps per run")
+    p.add_argument("--on-policy-batch", type=int, default=8, help="stage-2 pairs per step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,25 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
-    p.add_argument("--on-policy", action="store_true", help="the on-policy section only")
-    p.add_argument(
-        "--on-policy-models",
-        nargs="+",
-        default=None,
-        help="tiny family names, llava@<image tokens>, or model dirs "
-        "(default: every tiny family and llava@576)",
-    )
-    p.add_argument("--on-policy-k", type=int, nargs="+", default=[2, 4], help="samples/record")
-    p.add_argument("--on-policy-records", type=int, default=8, help="records per sampling call")
-    p.add_argument(
-        "--on-policy-sizes",
-        type=int,
-        nargs="*",
-        default=[200, 2000],
-        help="ShapesWorld training sizes of the stage-2 runs (none: skip them)",
-    )
-    p.add_argument("--on-policy-steps", type=int, default=2, help="stage-2 steps per run")
-    p.add_argument("--on-policy-batch", type=int, default=8, help="stage-2 pairs per step")
+    add_on_policy_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="logs/bench/bench.json", help="JSON results path")
     return p.parse_args(argv)
@@ -127,14 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if args.on_policy:
-        from cwdpo.model.families import FAMILIES
-        from cwdpo.perf import on_policy
-        from cwdpo.perf.summary import on_policy_text
+    if args.on_policy:  # the on-policy section alone
+        from cwdpo.perf.on_policy import run as run_on_policy
 
-        if args.on_policy_models is None:
-            args.on_policy_models = [*FAMILIES, on_policy.TARGET_MODEL]
-        res = on_policy.run(args)
+        res = run_on_policy(args)
         print(on_policy_text(res))
         return res
     from cwdpo.perf.benchmark import run  # torch and the model layer: not for --summarize

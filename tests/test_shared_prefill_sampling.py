@@ -184,3 +184,20 @@ def test_shared_prefill_rejects_what_it_cannot_do(backbone, pair_batch):
         shared_prefill_generate(backbone.model, enc, 2, use_cache=False)
     with pytest.raises(ValueError, match=">= 1"):
         shared_prefill_generate(backbone.model, enc, 0)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_lora_policy_samples_through_the_shared_prefill(name, rows, family_dirs, tiny_cache_dir):
+    """A LoRA policy (peft wraps the model; Qwen's rope_deltas sit one level deeper) with
+    trained adapters: greedy rows equal the plain path's, the adapters in use."""
+    from tests.conftest import perturb_
+
+    bb = load(families.family_path(name, family_dirs, tiny_cache_dir), lora={"r": 4, "alpha": 8})
+    perturb_(bb.model, 0.3, 2)  # only the adapters are trainable: they move
+    images, prompts, _, _ = rows
+    shared = bb.generate(images, prompts, max_new_tokens=5, num_return_sequences=2)
+    plain = bb.generate(images, prompts, max_new_tokens=5)
+    assert shared == [t for t in plain for _ in range(2)], name
+    with bb.model.disable_adapter():
+        base = bb.generate(images, prompts, max_new_tokens=5)
+    assert base != plain  # the adapters change the policy: the test sees them

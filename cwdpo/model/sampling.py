@@ -66,27 +66,33 @@ def prefill(model: nn.Module, inputs: dict[str, torch.Tensor], **generate_kwargs
     return cache
 
 
-def expand_prefill(model: nn.Module, cache, rows: int, k: int) -> None:
-    """In place: drop the last cached position (re-run by `generate`), repeat every row of the
-    cache and of the family's per-row model state (ROW_STATE_ATTRS) k times, row-major."""
+def expand_prefill(model: nn.Module, cache, rows: int, k: int, static_len: int | None = None):
+    """Drop the last cached position (re-run by `generate`), then repeat every row of the cache
+    and of the family's per-row model state (ROW_STATE_ATTRS) k times, row-major. Returns the
+    cache to continue: a preallocated `StaticCache` of `static_len` positions where asked and
+    every layer is a full-attention one (`static_copy`), else `cache` expanded in place."""
     cache.crop(-1)
     for layer in cache.layers:  # rolled back: sliding layers keep only their window again
         if hasattr(layer, "record_past"):
             layer.record_past = False
-    cache.batch_repeat_interleave(k)
     for m in model.modules():
         for attr in ROW_STATE_ATTRS:
             v = getattr(m, attr, None)
             if torch.is_tensor(v) and v.ndim and v.shape[0] == rows:
                 setattr(m, attr, v.repeat_interleave(k, dim=0))
+    static = static_copy(model, cache, k, static_len) if static_len else None
+    if static is None:
+        cache.batch_repeat_interleave(k)
+    return static or cache
 
 
-def static_copy(model: nn.Module, cache, max_len: int):
-    """The (expanded) prefix cache copied into a preallocated `StaticCache` of `max_len`
-    positions, or None where a layer is not a plain full-attention one (sliding windows keep
-    the dynamic cache). Why: the dynamic cache concatenates every layer's K·B-row keys and
-    values at every decoding step, a copy of the whole image + prompt cache per token, which
-    is most of the decoding time when image tokens dominate; the static one writes in place."""
+def static_copy(model: nn.Module, cache, k: int, max_len: int):
+    """The prefix cache, every row k times, in a preallocated `StaticCache` of `max_len`
+    positions; None where a layer is not a plain full-attention one (sliding windows keep the
+    dynamic cache). Why: the dynamic cache concatenates every layer's K·B-row keys and values
+    at every decoding step, a copy of the whole image + prompt cache per token, which is most
+    of the decoding time when image tokens dominate; the static one writes in place. Filled
+    layer by layer from the unexpanded cache: at most one layer's K·B rows exist twice."""
     from transformers import StaticCache
     from transformers.cache_utils import DynamicLayer
 
@@ -95,8 +101,9 @@ def static_copy(model: nn.Module, cache, max_len: int):
     static = StaticCache(config=_text_config(model), max_cache_len=max_len)
     if len(static.layers) != len(cache.layers) or any(x.is_sliding for x in static.layers):
         return None
-    for dst, src in zip(static.layers, cache.layers):
-        dst.update(src.keys, src.values)  # allocates [K·B, heads, max_len, dim], fills 0…n-2
+    for dst, src in zip(static.layers, cache.layers):  # allocates [k·B, heads, max_len, dim]
+        dst.update(src.keys.repeat_interleave(k, 0), src.values.repeat_interleave(k, 0))
+        src.keys = src.values = None  # the unexpanded layer is not needed any more
     return static
 
 
@@ -126,10 +133,11 @@ def shared_prefill_generate(
         raise ValueError("the shared prefill continues a KV cache; use_cache=False cannot")
     rows, width = inputs["input_ids"].shape
     cache = prefill(model, inputs, **kwargs)
-    expand_prefill(model, cache, rows, k)
+    new = kwargs.get("max_new_tokens") if static else None
+    cache = expand_prefill(model, cache, rows, k, width + int(new) if new else None)
     kwargs = {**kwargs, "use_cache": True}
-    if static and kwargs.get("max_new_tokens"):  # no auto-compile: shapes change per refresh
-        cache = static_copy(model, cache, width + int(kwargs["max_new_tokens"])) or cache
+    # a static cache: HF would compile the decoding on a GPU, for shapes that change per refresh
+    if any(getattr(x, "is_compileable", False) for x in cache.layers):
         kwargs.setdefault("disable_compile", True)
     return model.generate(**text_rows(inputs, k), cache=cache, **kwargs)
 

@@ -3,8 +3,9 @@
 1. **Sampling speed**: tokens/s of K samples per record drawn the plain way (HF expands every
    row K times before its prefill) and with the shared prefill (`cwdpo.model.sampling`: image +
    prompt prefilled once per record), at each K, on every model asked for (by default every
-   tiny family and the 576-image-token LLaVA shape). Both paths run with the same seed per
-   round, so they draw the same tokens (tests/test_shared_prefill_sampling.py): equal token
+   tiny family and the 576-image-token LLaVA shape), and with the shared prefill alone (its
+   continuation on HF's dynamic cache, to tell the two gains apart). All paths run with the
+   same seed per round, so they draw the same tokens (tests/test_shared_prefill_sampling.py): equal token
    counts, and the ratio of tokens/s is the ratio of times. The clock is the process CPU time
    on CPU (the bench's convention on a shared machine), synchronised wall time on CUDA; the
    processor (image preprocessing, the same for both paths) runs outside the timing.
@@ -34,7 +35,9 @@ import torch
 from cwdpo.perf.memory import sync
 from cwdpo.perf.variants import autocast, shapes_pairs
 
-PATHS = ("plain", "shared")
+#: plain: HF expands every row K times; shared: `VLMBackbone.generate`'s path (shared prefill,
+#: static continuation cache where the layers allow); shared_dynamic: the shared prefill alone
+PATHS = ("plain", "shared_dynamic", "shared")
 #: the shape the issue's target is stated on, and the speed-up wanted there at K = 4 (CPU)
 TARGET_MODEL, TARGET_K, TARGET_SPEEDUP = "llava@576", 4, 1.5
 
@@ -67,11 +70,41 @@ def count_new_tokens(ids: torch.Tensor, width: int, stop: list[int], max_new: in
     return int(first.clamp(max=max_new).sum())
 
 
+def timed_rounds(args, bb, enc, kw: dict, device: torch.device, clock: str) -> dict:
+    """{(k, path): {"s": [seconds per round], "tokens": n}}: a warm-up call each, then
+    `args.gen_rounds` rounds in a random order, the same seed for every path of a round."""
+    from cwdpo.model.sampling import sample_ids, shared_prefill_generate
+
+    width = enc["input_ids"].shape[1]
+    runs = {(k, p): {"s": [], "tokens": 0} for k in args.on_policy_k for p in PATHS}
+
+    def one(k: int, p: str, seed: int) -> tuple[float, int]:
+        torch.manual_seed(seed)
+        sync(device)
+        w, c = time.perf_counter(), time.process_time()
+        with torch.no_grad(), autocast(device, args.precision):
+            if p == "shared_dynamic":
+                ids = shared_prefill_generate(bb.model, enc, k, static=False, **kw)
+            else:
+                ids = sample_ids(bb.model, enc, k, shared=p == "shared", **kw)
+        sync(device)
+        t = time.perf_counter() - w if clock == "wall" else time.process_time() - c
+        return t, count_new_tokens(ids, width, bb.stop_token_ids, args.gen_tokens)
+
+    for k, p in runs:  # warm-up
+        one(k, p, args.seed)
+    order = random.Random(args.seed)
+    for r in range(args.gen_rounds):
+        for k, p in order.sample(list(runs), len(runs)):
+            t, n = one(k, p, args.seed + 1 + r)
+            runs[k, p]["s"].append(t)
+            runs[k, p]["tokens"] += n
+    return runs
+
+
 def sampling_speed(args: argparse.Namespace, path: Path, device: torch.device) -> dict[str, Any]:
-    """Tokens/s of the plain and the shared-prefill path at every K, rounds interleaved in a
-    random order, same seed for both paths in a round."""
+    """Tokens/s of every path (PATHS) at every K on `--on-policy-records` ShapesWorld records."""
     from cwdpo.model.backbone import VLMBackbone
-    from cwdpo.model.sampling import sample_ids
 
     torch.manual_seed(args.seed)
     bb = VLMBackbone.from_pretrained(path, max_length=max(args.max_length, 1024))
@@ -90,26 +123,7 @@ def sampling_speed(args: argparse.Namespace, path: Path, device: torch.device) -
         "eos_token_id": bb.stop_token_ids,
     }
     clock = args.clock if args.clock != "auto" else ("wall" if device.type == "cuda" else "cpu")
-    runs = {(k, p): {"s": [], "tokens": 0} for k in args.on_policy_k for p in PATHS}
-
-    def one(k: int, p: str, seed: int) -> tuple[float, int]:
-        torch.manual_seed(seed)
-        sync(device)
-        w, c = time.perf_counter(), time.process_time()
-        with torch.no_grad(), autocast(device, args.precision):
-            ids = sample_ids(bb.model, enc, k, shared=p == "shared", **kw)
-        sync(device)
-        t = time.perf_counter() - w if clock == "wall" else time.process_time() - c
-        return t, count_new_tokens(ids, width, bb.stop_token_ids, args.gen_tokens)
-
-    for k, p in runs:  # warm-up
-        one(k, p, args.seed)
-    order = random.Random(args.seed)
-    for r in range(args.gen_rounds):
-        for k, p in order.sample(list(runs), len(runs)):
-            t, n = one(k, p, args.seed + 1 + r)
-            runs[k, p]["s"].append(t)
-            runs[k, p]["tokens"] += n
+    runs = timed_rounds(args, bb, enc, kw, device, clock)
     image_id = getattr(bb.model.config, "image_token_id", None)
     out: dict[str, Any] = {
         "records": len(pairs),
@@ -131,6 +145,9 @@ def sampling_speed(args: argparse.Namespace, path: Path, device: torch.device) -
                 "tokens_per_s": x["tokens"] / sum(x["s"]),
             }
         row["speedup"] = row["shared"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+        row["speedup_dynamic"] = (
+            row["shared_dynamic"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+        )
         out["k"][str(k)] = row
     return out
 
@@ -254,9 +271,12 @@ def stage2_cost(
 # ----------------------------------------------------------------------------- the section
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The on-policy section alone (`cwdpo.bench --on-policy`): measured, written to args.out."""
+    from cwdpo.model.families import FAMILIES
     from cwdpo.perf.benchmark import setup
     from cwdpo.utils.io import atomic_write_json
 
+    if args.on_policy_models is None:  # every tiny family and the issue's target shape
+        args.on_policy_models = [*FAMILIES, TARGET_MODEL]
     t_start = time.time()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -121,6 +121,7 @@ def on_policy_text(res: dict[str, Any]) -> str:
     head = ["model", "image tokens", "records"]
     for k in ks:
         head += [f"K={k} plain tok/s", f"K={k} shared tok/s", f"K={k} speed-up"]
+        head += [f"K={k} prefill-only speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in res["sampling"].items():
         row = [name, str(m["image_tokens_per_record"]), str(m["records"])]
@@ -128,9 +129,9 @@ def on_policy_text(res: dict[str, Any]) -> str:
             r = m["k"].get(k)
             row += (
                 [f"{r['plain']['tokens_per_s']:.0f}", f"{r['shared']['tokens_per_s']:.0f}"]
-                + [f"{r['speedup']:.2f}×"]
+                + [f"{r['speedup']:.2f}×", f"{r['speedup_dynamic']:.2f}×"]
                 if r
-                else ["–"] * 3
+                else ["–"] * 4
             )
         lines.append("| " + " | ".join(row) + " |")
     t = res.get("target", {})
