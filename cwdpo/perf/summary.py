@@ -148,7 +148,7 @@ def on_policy_text(res: dict[str, Any]) -> str:
             "samples",
             "samples/pair",
             "sampling s",
-            "s to first step",
+            "s to first step (wall / CPU)",
             "stage s",
         ]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -156,7 +156,8 @@ def on_policy_text(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['train_images']} | {r['stage2_records']} | {r['steps']} × "
                 f"{r['batch_size']} | {r['samples_generated']} | {r['samples_per_pair']:.1f} | "
-                f"{r['sampling_s']:.1f} | {r['first_step_s']:.1f} | {r['stage_train_s']:.1f} |"
+                f"{r['sampling_s']:.1f} | {r['first_step_s']:.1f} / {r['first_step_cpu_s']:.1f} | "
+                f"{r['stage_train_s']:.1f} |"
             )
     s = res.get("setup", {})
     lines.append(f"\ndevice: {s.get('device')}; json: {s.get('json')}")
