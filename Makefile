@@ -62,7 +62,8 @@ train-ablation:
 	$(PYTHON) -m cwdpo.train +experiment=ablation_cooling
 
 ## bench: every tiny family ± gradient checkpointing + the image-heavy shape (576 image tokens),
-## then one table (logs/bench/table.md); `python -m cwdpo.bench` alone benchmarks one model
+## then one table (logs/bench/table.md), then the on-policy section (logs/bench/on_policy/);
+## `python -m cwdpo.bench` alone benchmarks one model
 BENCH_FAMILIES ?= llava llava_next llava_onevision qwen2_vl qwen2_5_vl qwen3_vl idefics3 smolvlm gemma3 paligemma
 bench:
 	@mkdir -p logs/bench
@@ -72,6 +73,8 @@ bench:
 	$(PYTHON) -m cwdpo.bench --image-tokens 576 --pairs 4 --no-lora --no-generation \
 	  --out logs/bench/llava_576.json
 	$(PYTHON) -m cwdpo.bench --summarize logs/bench/*.json | tee logs/bench/table.md
+	@mkdir -p logs/bench/on_policy  # plain vs shared-prefill sampling, on-policy stage-2 cost
+	$(PYTHON) -m cwdpo.bench --on-policy --out logs/bench/on_policy/on_policy.json | tee logs/bench/on_policy/table.md
 
 ## gpu-check: the GPU suite + cwdpo.bench on the GPU (every tiny family, one realistic shape),
 ## < 5 min on one GPU; writes gpu_check/gpu_check.{json,md}. Without CUDA: exits 2 at once.

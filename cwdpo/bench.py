@@ -12,6 +12,11 @@ alike (the median over rounds is reported):
 - LoRA vs full fine-tuning (reference = adapters disabled vs a frozen copy): time and memory;
 - on-policy generation tokens/s (`VLMBackbone.generate`, sampling, as the refresh does).
 
+`--on-policy` runs the on-policy section instead (`cwdpo.perf.on_policy`): sampling tokens/s
+of the plain path vs the shared prefill (image + prompt prefilled once per record) at each K
+on every tiny family and the 576-image-token LLaVA, and the cost of a short CW-DPO stage with
+on-policy negatives at two dataset sizes (seconds before the first step, samples per pair).
+
 Prints a table and the ratios against the targets (CW-DPO overhead ≤ 3% over our DPO; our DPO
 ≥ 1.5× TRL's throughput) and writes everything to a JSON file. Memory: on CUDA the peak of
 `torch.cuda.max_memory_allocated` during a step; on CPU the peak RSS increase during a step
@@ -29,7 +34,30 @@ import os
 import warnings
 from typing import Any
 
-from cwdpo.perf.summary import report_text, summarize
+from cwdpo.perf.summary import on_policy_text, report_text, summarize
+
+
+def add_on_policy_args(p: argparse.ArgumentParser) -> None:
+    """The on-policy section's options (`--on-policy`, cwdpo.perf.on_policy)."""
+    p.add_argument("--on-policy", action="store_true", help="the on-policy section only")
+    p.add_argument(
+        "--on-policy-models",
+        nargs="+",
+        default=None,
+        help="tiny family names, llava@<image tokens>, or model dirs "
+        "(default: every tiny family and llava@576)",
+    )
+    p.add_argument("--on-policy-k", type=int, nargs="+", default=[2, 4], help="samples/record")
+    p.add_argument("--on-policy-records", type=int, default=8, help="records per sampling call")
+    p.add_argument(
+        "--on-policy-sizes",
+        type=int,
+        nargs="*",
+        default=[200, 2000],
+        help="ShapesWorld training sizes of the stage-2 runs (none: skip them)",
+    )
+    p.add_argument("--on-policy-steps", type=int, default=2, help="stage-2 steps per run")
+    p.add_argument("--on-policy-batch", type=int, default=8, help="stage-2 pairs per step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA variants")
     p.add_argument("--no-generation", action="store_true")
+    add_on_policy_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="logs/bench/bench.json", help="JSON results path")
     return p.parse_args(argv)
@@ -103,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if args.on_policy:  # the on-policy section alone
+        from cwdpo.perf.on_policy import run as run_on_policy
+
+        res = run_on_policy(args)
+        print(on_policy_text(res))
+        return res
     from cwdpo.perf.benchmark import run  # torch and the model layer: not for --summarize
 
     res = run(args)

@@ -7,7 +7,9 @@ GPU time is short and rare, so this is one prepared run that prints and writes e
 2. `cwdpo.bench` on the GPU in bf16, for the embedded tiny VLM and every tiny family, with
    TRL's `DPOTrainer` beside ours;
 3. one realistic shape (off with `--no-realistic`): Qwen2.5-VL-3B's architecture with random
-   bf16 weights (`build_realistic`), benchmarked the same way.
+   bf16 weights (`build_realistic`), benchmarked the same way;
+4. the bench's on-policy section (`cwdpo.bench --on-policy`): plain vs shared-prefill sampling
+   tokens/s at K = 2, 4 and a short on-policy CW-DPO stage at two dataset sizes (≤ 4 min).
 It writes `<out>/gpu_check.json` and `<out>/gpu_check.md`. Without CUDA it exits at once with
 status 2 and says why, before importing anything heavy.
 """

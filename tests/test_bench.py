@@ -88,3 +88,58 @@ def test_state_bytes_and_peak_memory():
             time.sleep(0.005)
         del x
     assert pm.peak >= 6 * 2**20
+
+
+def test_bench_on_policy_section(tiny_cache_dir, tiny_vlm_path, tmp_path, capsys):
+    """`--on-policy`: both sampling paths draw the same tokens (same seed), the speed-up is
+    their tokens/s ratio, and the stage-2 runs count samples consistently."""
+    import pytest
+
+    out = tmp_path / "on_policy.json"
+    args = ["--on-policy", "--cache", str(tiny_cache_dir), "--out", str(out)]
+    args += ["--on-policy-models", "llava", "--on-policy-k", "2", "3"]
+    args += ["--on-policy-records", "2", "--gen-tokens", "3", "--gen-rounds", "2"]
+    args += ["--on-policy-sizes", "16", "160", "--on-policy-steps", "1", "--on-policy-batch", "2"]
+    res = main(args)
+    printed = capsys.readouterr().out
+    assert "K=3 speed-up" in printed and "samples/pair" in printed
+    saved = json.loads(out.read_text())
+    assert saved["sampling"] == res["sampling"]
+    s = saved["sampling"]["llava"]
+    assert s["records"] == 2 and s["image_tokens_per_record"] == 64  # the tiny LLaVA's 8×8
+    for k in (2, 3):
+        r = s["k"][str(k)]
+        tokens = {r[p]["tokens"] for p in ("plain", "shared_dynamic", "shared")}
+        assert len(tokens) == 1 and 0 < r["plain"]["tokens"] <= 2 * 2 * k * 3  # same draws
+        assert r["speedup"] == pytest.approx(
+            r["shared"]["tokens_per_s"] / r["plain"]["tokens_per_s"]
+        )
+        assert r["plain"]["seconds"] > 0 and r["shared"]["seconds"] > 0
+    st = saved["stage2"]
+    assert [r["train_images"] for r in st] == [16, 160]  # the warm-up run is not reported
+    for r in st:
+        assert r["stage2_records"] == r["train_images"] // 4  # data.stage_split: 75 / 25
+        assert r["steps"] == 1 and r["pairs_trained"] == 2
+        assert r["samples_generated"] > 0 and r["samples_generated"] % r["num_samples"] == 0
+        assert r["samples_per_pair"] == r["samples_generated"] / r["pairs_trained"]
+        assert 0 < r["first_step_s"] <= r["stage_train_s"]
+        assert 0 < r["sampling_s"] <= r["stage_train_s"]
+    assert saved["target"]["model"] == "llava@576" and saved["target"]["measured"] is None
+
+
+def test_count_new_tokens_stops_at_the_first_stop_token():
+    from cwdpo.perf.on_policy import count_new_tokens
+
+    ids = torch.tensor([[9, 9, 1, 2, 7, 0], [9, 9, 7, 0, 0, 0], [9, 9, 1, 2, 3, 4]])
+    assert count_new_tokens(ids, 2, [7], max_new=4) == 3 + 1 + 4
+    assert count_new_tokens(ids, 2, [7, 2], max_new=4) == 2 + 1 + 2
+    assert count_new_tokens(ids, 2, [7], max_new=2) == 2 + 1 + 2
+
+
+def test_gpu_check_summary_carries_the_on_policy_table():
+    from cwdpo.perf.gpu_suite import markdown
+
+    s = {"device": "d", "suite": {"rc": 0, "seconds": 1.0}, "bench": [], "seconds": 3.0}
+    s["on_policy"] = {"rc": 0, "seconds": 2.0, "table": "| model | K=4 speed-up |"}
+    md = markdown(s)
+    assert "## on-policy sampling (rc=0, 2.0 s)" in md and "| model | K=4 speed-up |" in md

@@ -37,6 +37,7 @@ from cwdpo.model.loading import (
 )
 from cwdpo.model.logprobs import LogProbs
 from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
+from cwdpo.model.sampling import sample_ids
 from cwdpo.utils.modes import eval_mode
 
 #: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
@@ -338,6 +339,20 @@ class VLMBackbone(LogProbs, nn.Module):
         return self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
 
     # ------------------------------------------------------------------ generation
+    def generation_inputs(
+        self, images: Sequence[ImageInput], prompts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded image + prompt rows on the model's device, as `generate` feeds them."""
+        per_sample, texts = self._processor_inputs(images, prompts)
+        old = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = old
+        drop = set(PER_TOKEN_KEYS) - set(self.per_token_keys) | {"labels"}
+        return {k: v.to(self.device) for k, v in enc.items() if k not in drop}
+
     @torch.no_grad()
     def generate(
         self,
@@ -348,29 +363,21 @@ class VLMBackbone(LogProbs, nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         num_return_sequences: int = 1,
+        shared_prefill: bool = True,
     ) -> list[str]:
-        """Batched generation with KV cache (left padding). Returns n·B strings, row-major."""
-        per_sample, texts = self._processor_inputs(images, prompts)
-        old = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = old
-        drop = set(PER_TOKEN_KEYS) - set(self.per_token_keys) | {"labels"}
-        enc = {k: v.to(self.device) for k, v in enc.items() if k not in drop}
+        """Batched generation with KV cache (left padding). Returns n·B strings, row-major.
+        n > 1 with `shared_prefill`: image + prompt prefilled once per record (model.sampling)."""
+        enc = self.generation_inputs(images, prompts)
         with eval_mode(self.model):
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-            out = self.model.generate(
-                **enc,
-                **kwargs,
-                num_return_sequences=num_return_sequences,
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+            kw.update(
+                use_cache=True,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.stop_token_ids,
-                use_cache=True,
             )
+            if do_sample:
+                kw.update(temperature=temperature, top_p=top_p, top_k=0)
+            out = sample_ids(self.model, enc, num_return_sequences, shared_prefill, **kw)
         new = out[:, enc["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 

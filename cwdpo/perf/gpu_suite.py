@@ -1,6 +1,7 @@
 """What `python -m cwdpo.gpu_check` runs on a GPU: the GPU test suite and `cwdpo.bench` in bf16
 for the embedded tiny VLM, every tiny family and one realistic shape (Qwen2.5-VL-3B's
-architecture with random bf16 weights), and the markdown summary of it all.
+architecture with random bf16 weights), the bench's on-policy section (`--on-policy`), and the
+markdown summary of it all.
 
 Only the standard library at import: torch loads in `cuda_status` and the realistic build, so a
 machine without CUDA is told so at once.
@@ -129,11 +130,13 @@ def run_gpu_check(
             summary["bench"].append({"model": name, "skipped": "time budget spent"})
             continue
         summary["bench"].append({"model": name, **run_bench(name, path, out, cache, rounds)})
+    summary["on_policy"] = run_on_policy_bench(out, cache)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "gpu_check.md").write_text(markdown(summary))
     print(markdown(summary))
-    failed = summary["suite"]["rc"] != 0 or any(b.get("rc", 0) != 0 for b in summary["bench"])
+    failed = summary["suite"]["rc"] != 0 or summary["on_policy"]["rc"] != 0
+    failed = failed or any(b.get("rc", 0) != 0 for b in summary["bench"])
     return 1 if failed else 0
 
 
@@ -185,6 +188,22 @@ def run_bench(name: str, path: str | None, out: Path, cache: Path, rounds: int) 
     return res
 
 
+def run_on_policy_bench(out: Path, cache: Path) -> dict[str, Any]:
+    """`cwdpo.bench --on-policy` on CUDA in bf16 (every tiny family and the 576-image-token
+    LLaVA: plain vs shared-prefill sampling at K = 2, 4; a short on-policy CW-DPO stage at 400
+    and 4,000 ShapesWorld images); its markdown table read back."""
+    js = out / "on_policy.json"
+    cmd = [sys.executable, "-m", "cwdpo.bench", "--on-policy", "--device", "cuda"]
+    cmd += ["--precision", "bf16", "--gen-rounds", "3", "--on-policy-sizes", "400", "4000"]
+    cmd += ["--cache", str(cache), "--out", str(js)]
+    res = run_logged(cmd, out / "on_policy.log", 240)
+    if js.is_file():
+        from cwdpo.perf.summary import on_policy_text
+
+        res["table"] = on_policy_text(json.loads(js.read_text()))
+    return res
+
+
 def markdown(s: dict[str, Any]) -> str:
     lines = [
         f"# gpu-check ({s['device']})",
@@ -207,4 +226,8 @@ def markdown(s: dict[str, Any]) -> str:
             f"| {b['model']} | {b['rc']} | {best}: {ours.get(best, '–')} | "
             f"{sps.get('trl/dpo', '–')} | {vs} | {peak} |"
         )
+    op = s.get("on_policy") or {}
+    if op:
+        lines += ["", f"## on-policy sampling (rc={op.get('rc')}, {op.get('seconds')} s)", ""]
+        lines.append(op.get("table") or f"no table: see {op.get('log')}")
     return "\n".join(lines) + f"\n\ntotal {s.get('seconds')} s\n"

@@ -112,3 +112,53 @@ def summarize(paths: list[str | Path]) -> str:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def on_policy_text(res: dict[str, Any]) -> str:
+    """The on-policy section as markdown: sampling tokens/s per model and K (plain vs shared
+    prefill), then the stage-2 runs at each dataset size."""
+    ks = sorted({k for m in res["sampling"].values() for k in m["k"]}, key=int)
+    head = ["model", "image tokens", "records"]
+    for k in ks:
+        head += [f"K={k} plain tok/s", f"K={k} shared tok/s", f"K={k} speed-up"]
+        head += [f"K={k} prefill-only speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in res["sampling"].items():
+        row = [name, str(m["image_tokens_per_record"]), str(m["records"])]
+        for k in ks:
+            r = m["k"].get(k)
+            row += (
+                [f"{r['plain']['tokens_per_s']:.0f}", f"{r['shared']['tokens_per_s']:.0f}"]
+                + [f"{r['speedup']:.2f}×", f"{r['speedup_dynamic']:.2f}×"]
+                if r
+                else ["–"] * 4
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    t = res.get("target", {})
+    if t.get("measured") is not None:
+        lines.append(
+            f"\ntarget: shared prefill ≥ {t['min_speedup']}× at K={t['k']} on {t['model']}: "
+            f"{t['measured']:.2f}× ({'met' if t['met'] else 'NOT met'})"
+        )
+    if res.get("stage2"):
+        cols = [
+            "train images",
+            "stage-2 records",
+            "steps × batch",
+            "samples",
+            "samples/pair",
+            "sampling s",
+            "s to first step (wall / CPU)",
+            "stage s",
+        ]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in res["stage2"]:
+            lines.append(
+                f"| {r['train_images']} | {r['stage2_records']} | {r['steps']} × "
+                f"{r['batch_size']} | {r['samples_generated']} | {r['samples_per_pair']:.1f} | "
+                f"{r['sampling_s']:.1f} | {r['first_step_s']:.1f} / {r['first_step_cpu_s']:.1f} | "
+                f"{r['stage_train_s']:.1f} |"
+            )
+    s = res.get("setup", {})
+    lines.append(f"\ndevice: {s.get('device')}; json: {s.get('json')}")
+    return "\n".join(lines)
