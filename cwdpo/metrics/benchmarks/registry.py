@@ -1,0 +1,34 @@
+"""Benchmark name → class: what `eval.tasks=[...]`, the task's config node (`pope:`, `mmmu:`,
+...) and the in-training callback look up. Adding a benchmark is one line here (+ its node in
+conf/bench/)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cwdpo.metrics.benchmarks.base import Benchmark
+from cwdpo.metrics.benchmarks.mmbench import MMBench
+from cwdpo.metrics.benchmarks.mmmu import MMMU
+from cwdpo.metrics.benchmarks.pope import POPE
+
+BENCHMARKS: dict[str, type[Benchmark]] = {
+    "pope": POPE,
+    "mmmu": MMMU,
+    "mmbench": MMBench,
+}
+
+
+def build_benchmark(name: str, node: Mapping[str, Any] | None) -> Benchmark:
+    """The benchmark `name` configured by its node; a missing node or path is a clear error."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+    if not node or node.get("path") in (None, ""):
+        raise ValueError(
+            f"benchmark {name}: no files configured; set {name}.path=<local file or directory> "
+            "(nothing is downloaded)"
+        )
+    bench = BENCHMARKS[name].from_config(node)
+    if node.get("max_new_tokens"):
+        bench.max_new_tokens = int(node["max_new_tokens"])
+    return bench
