@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cwdpo.errors import DataError
-from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark
+from cwdpo.metrics.benchmarks.base import BenchItem
 from cwdpo.metrics.benchmarks.generate import generate_answers
-from cwdpo.metrics.benchmarks.registry import BENCHMARKS, build_benchmark
+from cwdpo.metrics.benchmarks.registry import BENCHMARKS, build_task, subset
 from cwdpo.utils.dist import rank_world
 from cwdpo.utils.io import atomic_write_text
 
@@ -94,28 +94,17 @@ def needs_model(cfg: Any, tasks: Sequence[str]) -> bool:
     return any(t not in BENCHMARKS or not predictions_for(cfg, t, tasks) for t in tasks)
 
 
-def build_task(name: str, node: Mapping[str, Any]) -> Benchmark:
-    """The benchmark with its optional judge (a `judge: {_target_: ...}` node) instantiated."""
-    bench = build_benchmark(name, node)
-    if node.get("judge"):
-        import hydra
-
-        bench.judge = hydra.utils.instantiate(node["judge"])
-    return bench
-
-
-def subset(items: list[BenchItem], limit: Any) -> list[BenchItem]:
-    """The first `limit` questions of each split (POPE's three; one elsewhere), all when
-    null; an MMBench question keeps all its rotations."""
-    if not limit:
-        return items
-    groups: dict[str, list[str]] = {}
-    for it in items:
-        g, split = str(it.meta.get("group", it.id)), str(it.meta.get("split", ""))
-        if g not in groups.setdefault(split, []):
-            groups[split].append(g)
-    keep = {g for gs in groups.values() for g in gs[: int(limit)]}
-    return [it for it in items if str(it.meta.get("group", it.id)) in keep]
+def check_tasks(cfg: Any, tasks: Sequence[str]) -> None:
+    """Every benchmark task configured and its files present, before a model loads."""
+    for name in tasks:
+        if name in BENCHMARKS:
+            node = task_node(cfg, name)
+            build_task(name, {**node, "judge": None})
+            if not Path(str(node["path"])).exists():
+                raise DataError(f"{name}.path={node['path']}: no such file or directory")
+            pred = predictions_for(cfg, name, tasks)
+            if pred and not Path(pred).is_file():
+                raise DataError(f"{name}: predictions file not found: {pred}")
 
 
 def run_benchmark(

@@ -41,8 +41,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     tasks = list(cfg.eval.tasks)
     judge = _judge(cfg, tasks)
     _init_distributed()
-    from cwdpo.run.benchmark_eval import needs_model, run_benchmarks
+    from cwdpo.run.benchmark_eval import check_tasks, needs_model, run_benchmarks
 
+    check_tasks(cfg, tasks)
     backbone = _load(cfg, cfg.ckpt) if needs_model(cfg, tasks) else None
     results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
     if {"captioning", "calibration", "winrate"} & set(tasks):
