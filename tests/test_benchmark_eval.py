@@ -275,3 +275,64 @@ def test_every_family_runs_each_benchmark(name, tmp_path, tiny_cache_dir):
     for k, v in res.items():
         if k.split("/")[0] in TASKS and isinstance(v, float):
             assert again[k] == v, k
+
+
+def test_pipeline_puts_the_curves_in_results_json(tmp_path, tiny_cache_dir):
+    """`cwdpo.train` with callbacks.benchmarks: benchmarks.csv, the per-stage CSV logger's
+    bench/<task>/<metric> columns and the last values in results.json."""
+    from cwdpo.callbacks.benchmarks import BENCH_CSV
+    from cwdpo.run.pipeline import run_pipeline
+    from cwdpo.utils.run_files import read_csv
+
+    pope, images = write_pope(tmp_path / "pope")
+    over = [
+        "+debug=fast",
+        "eval.meteor=false",
+        "callbacks.benchmarks.tasks=[pope]",
+        "callbacks.benchmarks.every_n_steps=1",
+        "callbacks.benchmarks.n_items=1",
+        f"pope.path={pope}",
+        f"pope.image_root={images}",
+        "pope.max_new_tokens=4",
+    ]
+    out = tmp_path / "run"
+    res = run_pipeline(compose_cfg(over, out, tiny_cache_dir))
+    rows = read_csv(out / BENCH_CSV)
+    assert sorted({int(r["step"]) for r in rows}) == [0, 1, 2]  # cw_dpo: 2 steps (+ start)
+    last = {r["metric"]: float(r["value"]) for r in rows if r["step"] == "2"}
+    assert res["stages"]["cw_dpo"]["bench/pope/all/f1"] == last["pope/all/f1"]
+    logged = read_csv(out / "csv" / "cw_dpo" / "metrics.csv")
+    assert any(r.get("bench/pope/all/accuracy") for r in logged)
+
+
+@pytest.mark.parametrize("name", _families())
+def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
+    """The in-training curve on each family's tiny build: one SFT step, POPE / MMMU / MMBench
+    scored at the start and after the step."""
+    import lightning as L
+
+    from cwdpo.callbacks.benchmarks import BENCH_CSV, BenchmarkCurve
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.families import ensure_family
+    from cwdpo.utils.run_files import read_csv
+    from tests.helpers import cpu_trainer, shapes_sft
+
+    pope, images = write_pope(tmp_path / "pope")
+    configs = {
+        "pope": {"path": str(pope), "image_root": str(images)},
+        "mmmu": {"path": str(write_mmmu(tmp_path / "mmmu"))},
+        "mmbench": {"path": str(write_mmbench(tmp_path / "mmb"))},
+    }
+    for node in configs.values():
+        node["max_new_tokens"] = 3
+    bb = VLMBackbone.from_pretrained(ensure_family(name, tiny_cache_dir), max_length=384)
+    curve = BenchmarkCurve(
+        tasks=list(TASKS), configs=configs, every_n_steps=1, n_items=1, stages=["sft_c"]
+    )
+    L.seed_everything(0)
+    module, dm = shapes_sft(bb, {"train": 4, "val": 2, "test": 2, "probe": 2}, 1, batch_size=2)
+    cpu_trainer(tmp_path / "run", 1, [curve]).fit(module, datamodule=dm)
+    rows = read_csv(tmp_path / "run" / BENCH_CSV)
+    assert sorted({(r["task"], r["step"]) for r in rows}) == [
+        (t, s) for t in sorted(TASKS) for s in ("0", "1")
+    ]
