@@ -336,3 +336,115 @@ def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
     assert sorted({(r["task"], r["step"]) for r in rows}) == [
         (t, s) for t in sorted(TASKS) for s in ("0", "1")
     ]
+
+
+# ------------------------------------------------------------------ torchrun-style cwdpo.eval
+def test_cwdpo_eval_on_two_processes_equals_one_and_writes_once(tmp_path, tiny_vlm_path):
+    """`cwdpo.eval` launched as 2 ranks (torchrun's env: WORLD_SIZE, RANK, MASTER_*) joins a
+    gloo group, shards generation and writes eval.json / predictions once, equal to 1 process."""
+    import socket
+
+    over = bench_overrides(tmp_path / "data", limit=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+
+    def launch(out: Path, rank: int, world: int):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": ""}
+        args = [f"ckpt={tiny_vlm_path}", "eval.tasks=[pope,mmmu,mmbench]", *over]
+        args += [f"paths.output_dir={out}", f"hydra.run.dir={out}"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "cwdpo.eval", *args], env=env, stderr=subprocess.PIPE
+        )
+
+    for out, world in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
+        # rank 1 gets its own output dir: it must write nothing there (rank 0 writes)
+        procs = [launch(out if r == 0 else out / f"rank{r}", r, world) for r in range(world)]
+        for p in procs:
+            _, err = p.communicate(timeout=400)
+            assert p.returncode == 0, err.decode()[-3000:]
+    assert not (tmp_path / "two" / "rank1" / "eval.json").exists()
+    assert not list((tmp_path / "two" / "rank1").glob("*.predictions.jsonl"))
+    one = json.loads((tmp_path / "one" / "eval.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert {k: v for k, v in one.items() if k != "ckpt"} == {
+        k: v for k, v in two.items() if k != "ckpt"
+    }
+    for t in TASKS:
+        name = f"{t}.predictions.jsonl"
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+
+
+# ------------------------------------------------------------------------- MMBench HTTP judge
+def test_option_judge_over_http(tmp_path, monkeypatch):
+    """OptionJudge posts our matcher prompt to an OpenAI-compatible endpoint (key from the env)
+    and reads the one-letter reply; MMBench asks it only for the unreadable answers."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cwdpo.metrics.benchmarks.mmbench import MMBench, OptionJudge
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            prompt = body["messages"][-1]["content"]
+            reply = "B" if "Model answer: A or B" in prompt else "Z"
+            data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MMB_KEY", "secret")
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        bench = MMBench(path=str(write_mmbench(tmp_path)))
+        bench.judge = OptionJudge(url=url, model="m", api_key_env="MMB_KEY")
+        res = bench.score(bench.read(), mmbench_answers())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [s[0] for s in seen] == ["/v1/chat/completions"] * 2
+    assert seen[0][1] == "Bearer secret" and seen[0][2]["model"] == "m"
+    assert "Options:\nA. cat\nB. dog\nC. bird" in seen[0][2]["messages"][0]["content"]
+    # question 2 ("A or B") judged B = right; question 3 judged Z = wrong: 3/5
+    assert res["mmbench/overall"] == 60.0 and res["mmbench/judged"] == 2.0
+
+
+def test_config_errors_before_any_model(tmp_path, tiny_cache_dir, monkeypatch):
+    from cwdpo.run.config_schema import ConfigError, validate_config
+
+    cfg = compose_cfg(["callbacks.benchmarks.tasks=[pope,mme]"], tmp_path, tiny_cache_dir)
+    with pytest.raises(ConfigError, match=r"unknown benchmark 'mme'.*pope.path is not set"):
+        validate_config(cfg, "train")
+    path = write_mmbench(tmp_path / "d")
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    judge = "{_target_: cwdpo.metrics.benchmarks.mmbench.OptionJudge, url: u, model: m, "
+    judge += "api_key_env: NO_SUCH_KEY}"
+    with pytest.raises(ValueError, match="NO_SUCH_KEY"):
+        _eval(
+            ["eval.tasks=[mmbench]", f"mmbench.path={path}", f"mmbench.judge={judge}"],
+            tmp_path / "o",
+            tiny_cache_dir,
+        )
+    with pytest.raises(ValueError, match="one file but eval.tasks has 2 benchmark"):
+        _eval(
+            [
+                "eval.tasks=[mmbench,mmmu]",
+                f"mmbench.path={path}",
+                f"mmmu.path={path}",
+                f"eval.predictions={path}",
+            ],
+            tmp_path / "o2",
+            tiny_cache_dir,
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,25 @@ def needs_model(cfg: Any, tasks: Sequence[str]) -> bool:
     return any(t not in BENCHMARKS or not predictions_for(cfg, t, tasks) for t in tasks)
 
 
+def callback_config_errors(cfg: Any) -> list[str]:
+    """`callbacks.benchmarks.tasks` of a train config: known names, each with its files set."""
+    from omegaconf import OmegaConf
+
+    tasks = OmegaConf.select(cfg, "callbacks.benchmarks.tasks")
+    if tasks is None:
+        return []
+    errors = [
+        f"callbacks.benchmarks.tasks: unknown benchmark {t!r}; expected one of {sorted(BENCHMARKS)}"
+        for t in tasks
+        if t not in BENCHMARKS
+    ]
+    return errors + [
+        f"callbacks.benchmarks.tasks has {t} but {t}.path is not set"
+        for t in tasks
+        if t in BENCHMARKS and not OmegaConf.select(cfg, f"{t}.path")
+    ]
+
+
 def check_tasks(cfg: Any, tasks: Sequence[str]) -> None:
     """Every benchmark task configured and its files present, before a model loads."""
     for name in tasks:
@@ -105,6 +125,12 @@ def check_tasks(cfg: Any, tasks: Sequence[str]) -> None:
             pred = predictions_for(cfg, name, tasks)
             if pred and not Path(pred).is_file():
                 raise DataError(f"{name}: predictions file not found: {pred}")
+            key_env = (node.get("judge") or {}).get("api_key_env")
+            if not pred and key_env and not os.environ.get(key_env):
+                raise ValueError(
+                    f"{name}.judge: the environment variable {key_env} (api_key_env) is not "
+                    "set; export it, or set api_key_env=null for a server without auth"
+                )
 
 
 def run_benchmark(

@@ -28,22 +28,42 @@ def _load(cfg: DictConfig, path: str | None):
     return backbone
 
 
-def _init_distributed() -> None:
+def _init_distributed() -> bool:
     """Under torchrun (WORLD_SIZE > 1) join the process group, so that the benchmark tasks
-    generate one shard per rank and gather the answers."""
+    generate one shard per rank and gather the answers; True when this call created it."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _close_distributed(owned: bool) -> None:
+    """Leave a group `_init_distributed` created (gloo threads alive at exit can abort)."""
+    import torch.distributed as dist
+
+    if owned and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     tasks = list(cfg.eval.tasks)
     judge = _judge(cfg, tasks)
-    _init_distributed()
-    from cwdpo.run.benchmark_eval import check_tasks, needs_model, run_benchmarks
+    from cwdpo.run.benchmark_eval import check_tasks
 
     check_tasks(cfg, tasks)
+    owned = _init_distributed()
+    try:
+        return _evaluate(cfg, tasks, judge)
+    finally:
+        _close_distributed(owned)
+
+
+def _evaluate(cfg: DictConfig, tasks: list[str], judge: Any) -> dict[str, Any]:
+    from cwdpo.run.benchmark_eval import needs_model, run_benchmarks
+
     backbone = _load(cfg, cfg.ckpt) if needs_model(cfg, tasks) else None
     results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
     if {"captioning", "calibration", "winrate"} & set(tasks):

@@ -331,7 +331,9 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"negatives.dataset_fraction={frac:g}: only negatives=mixed takes a blend; "
             f"negatives={kind} means {fixed}"
         )
-    return errors
+    from cwdpo.run.benchmark_eval import callback_config_errors
+
+    return errors + callback_config_errors(cfg)
 
 
 def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
