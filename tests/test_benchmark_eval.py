@@ -87,6 +87,8 @@ def test_rescoring_a_hand_written_predictions_file(tmp_path, tiny_cache_dir):
         ckpt=str(tmp_path / "none"),
     )
     assert res["mmbench/overall"] == 40.0 and res["mmbench/vanilla"] == 60.0
+    assert res["ckpt"] == "saved predictions"  # no model was loaded
+    assert (tmp_path / "out" / "eval.md").read_text().startswith("\n| mmbench — generate")
 
 
 def test_missing_answers_and_bad_config_are_clear(tmp_path, tiny_cache_dir):

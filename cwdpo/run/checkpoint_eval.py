@@ -65,7 +65,8 @@ def _evaluate(cfg: DictConfig, tasks: list[str], judge: Any) -> dict[str, Any]:
     from cwdpo.run.benchmark_eval import needs_model, run_benchmarks
 
     backbone = _load(cfg, cfg.ckpt) if needs_model(cfg, tasks) else None
-    results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
+    ckpt = (cfg.ckpt or cfg.model.path) if backbone is not None else "saved predictions"
+    results: dict[str, Any] = {"ckpt": ckpt}
     if {"captioning", "calibration", "winrate"} & set(tasks):
         results.update(_caption_tasks(cfg, backbone, tasks, judge))
     if "multiple_choice" in tasks:
@@ -136,14 +137,16 @@ def _caption_tasks(cfg: DictConfig, backbone: Any, tasks: list[str], judge: Any)
 def _write(out_dir: Path, results: dict[str, Any]) -> str:
     """eval.json and eval.md (the results table, + multiple choice); returns the table."""
     from cwdpo.run.benchmark_eval import benchmark_table
-    from cwdpo.run.results import results_table
+    from cwdpo.run.results import TABLE_KEYS, results_table
     from cwdpo.utils.dist import rank_world
     from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
     if rank_world()[0] != 0:  # under torchrun every rank evaluates (its shard); one writes
         return ""
     atomic_write_json(out_dir / "eval.json", results)
-    table = results_table({"stages": {Path(str(results["ckpt"])).name: results}})
+    table = ""
+    if any(k in results for k, _ in TABLE_KEYS):  # not for benchmark-only evaluations
+        table = results_table({"stages": {Path(str(results["ckpt"])).name: results}})
     mc = {k: v for k, v in results.items() if k.startswith("mc/") and k != "mc/protocol"}
     if mc:
         table += "\n| multiple choice (option log-likelihood) | value |\n|---|---|\n" + "".join(

@@ -141,6 +141,7 @@ class MMMU(Benchmark):
             groups[f"subject/{subject}"].append(ok)
             if subject in DISCIPLINE_OF:
                 groups[f"discipline/{DISCIPLINE_OF[subject]}"].append(ok)
-        out = {f"mmmu/{k}": 100.0 * sum(v) / len(v) for k, v in groups.items()}
+        order = sorted(groups, key=lambda k: (k != "accuracy", k))
+        out = {f"mmmu/{k}": 100.0 * sum(groups[k]) / len(groups[k]) for k in order}
         out["mmmu/n"] = float(len(items))
         return out
