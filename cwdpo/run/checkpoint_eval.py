@@ -1,6 +1,7 @@
 """Evaluate a saved checkpoint on the configured tasks (`python -m cwdpo.eval`): captioning,
-teacher-forced calibration, win-rate against another checkpoint, multiple choice; writes
-eval.json and eval.md into the run's output dir."""
+teacher-forced calibration, win-rate against another checkpoint, multiple choice (option
+log-likelihood), and the benchmarks scored as the field scores them (POPE, MMMU, MMBench, ...:
+cwdpo.run.benchmark_eval); writes eval.json and eval.md into the run's output dir."""
 
 from __future__ import annotations
 
@@ -9,27 +10,69 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-TASKS = ("captioning", "calibration", "winrate", "multiple_choice")
+from cwdpo.metrics.benchmarks.registry import BENCHMARKS
+
+TASKS = ("captioning", "calibration", "winrate", "multiple_choice", *BENCHMARKS)
 
 
 def _load(cfg: DictConfig, path: str | None):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if path is not None:
         model_cfg["path"] = str(path)
-    return hydra.utils.instantiate(model_cfg)
+    backbone = hydra.utils.instantiate(model_cfg)
+    if torch.cuda.is_available():  # under torchrun: this rank's GPU
+        backbone.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return backbone
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, so that the benchmark tasks
+    generate one shard per rank and gather the answers; True when this call created it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _close_distributed(owned: bool) -> None:
+    """Leave a group `_init_distributed` created (gloo threads alive at exit can abort)."""
+    import torch.distributed as dist
+
+    if owned and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     tasks = list(cfg.eval.tasks)
     judge = _judge(cfg, tasks)
-    backbone = _load(cfg, cfg.ckpt)
-    results: dict[str, Any] = {"ckpt": cfg.ckpt or cfg.model.path}
+    from cwdpo.run.benchmark_eval import check_tasks
+
+    check_tasks(cfg, tasks)
+    owned = _init_distributed()
+    try:
+        return _evaluate(cfg, tasks, judge)
+    finally:
+        _close_distributed(owned)
+
+
+def _evaluate(cfg: DictConfig, tasks: list[str], judge: Any) -> dict[str, Any]:
+    from cwdpo.run.benchmark_eval import needs_model, run_benchmarks
+
+    backbone = _load(cfg, cfg.ckpt) if needs_model(cfg, tasks) else None
+    ckpt = (cfg.ckpt or cfg.model.path) if backbone is not None else "saved predictions"
+    results: dict[str, Any] = {"ckpt": ckpt}
     if {"captioning", "calibration", "winrate"} & set(tasks):
         results.update(_caption_tasks(cfg, backbone, tasks, judge))
     if "multiple_choice" in tasks:
         results.update({f"mc/{k}": v for k, v in _multiple_choice(cfg, backbone).items()})
+        results["mc/protocol"] = "option log-likelihood (not comparable to published tables)"
+    results.update(run_benchmarks(cfg, backbone, tasks))
     table = _write(Path(cfg.paths.output_dir), results)
     print("\n" + table)
     return results
@@ -93,16 +136,23 @@ def _caption_tasks(cfg: DictConfig, backbone: Any, tasks: list[str], judge: Any)
 
 def _write(out_dir: Path, results: dict[str, Any]) -> str:
     """eval.json and eval.md (the results table, + multiple choice); returns the table."""
-    from cwdpo.run.results import results_table
+    from cwdpo.run.benchmark_eval import benchmark_table
+    from cwdpo.run.results import TABLE_KEYS, results_table
+    from cwdpo.utils.dist import rank_world
     from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
+    if rank_world()[0] != 0:  # under torchrun every rank evaluates (its shard); one writes
+        return ""
     atomic_write_json(out_dir / "eval.json", results)
-    table = results_table({"stages": {Path(str(results["ckpt"])).name: results}})
-    mc = {k: v for k, v in results.items() if k.startswith("mc/")}
+    table = ""
+    if any(k in results for k, _ in TABLE_KEYS):  # not for benchmark-only evaluations
+        table = results_table({"stages": {Path(str(results["ckpt"])).name: results}})
+    mc = {k: v for k, v in results.items() if k.startswith("mc/") and k != "mc/protocol"}
     if mc:
-        table += "\n| multiple choice | value |\n|---|---|\n" + "".join(
+        table += "\n| multiple choice (option log-likelihood) | value |\n|---|---|\n" + "".join(
             f"| {k} | {v:.2f} |\n" for k, v in mc.items()
         )
+    table += benchmark_table(results)
     atomic_write_text(out_dir / "eval.md", table)
     return table
 

@@ -183,6 +183,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "callbacks.heldout.n_items": COUNT,
     "callbacks.heldout.batch_size": COUNT,
     "callbacks.heldout.max_new_tokens": COUNT,
+    "callbacks.benchmarks.every_n_steps": integer(0),
+    "callbacks.benchmarks.n_items": COUNT,
+    "callbacks.benchmarks.batch_size": COUNT,
     "callbacks.dynamics.grad_split_every_n_steps": integer(0),
     "callbacks.dynamics.record_every_n_steps": COUNT,
     "callbacks.dynamics.histogram_every_n_steps": integer(0),
@@ -197,6 +200,10 @@ EVAL_RULES: dict[str, Rule] = {
     "mc.circular": boolean(),
     "mc.scoring": choice("letter", "text"),
     "mc.format": choice("mmbench", "mmmu", nullable=True),
+    "pope.scoring": choice("generate"),
+    "mmmu.scoring": choice("generate", "loglik"),
+    "mmbench.scoring": choice("generate", "loglik"),
+    **{f"{t}.limit": integer(1, nullable=True) for t in ("pope", "mmmu", "mmbench")},
     "data.source.skip_bad_images": boolean(),
     "data.source.check_images": boolean(),
 }
@@ -324,7 +331,9 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"negatives.dataset_fraction={frac:g}: only negatives=mixed takes a blend; "
             f"negatives={kind} means {fixed}"
         )
-    return errors
+    from cwdpo.run.benchmark_eval import callback_config_errors
+
+    return errors + callback_config_errors(cfg)
 
 
 def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:

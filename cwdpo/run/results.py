@@ -17,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from cwdpo.batch import is_dataset_negative
+from cwdpo.callbacks.benchmarks import benchmark_summary
 from cwdpo.callbacks.faults import NonFiniteGuard
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.data.datamodules import PreferenceDataModule
@@ -91,6 +92,7 @@ def stage_results(
         ),
     }
     out.update(probe_summary(trainer))  # early_stop reason (None = ran to max_steps)
+    out.update(benchmark_summary(trainer))  # the benchmark curve's last bench/<task>/... values
     out["logging_failures"] = FAILURES.since(failures_before)
     if isinstance(dm, PreferenceDataModule):
         out.update(preference_calibration(backbone, dm, float(cfg.stage[name].beta)))

@@ -32,6 +32,12 @@ class BenchItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+#: Keys of a task's config node that the runner reads (never passed to the constructor).
+RUNNER_KEYS = frozenset(
+    {"predictions", "limit", "scoring", "batch_size", "max_new_tokens", "judge"}
+)
+
+
 class Benchmark(ABC):
     """A benchmark: `read()` its local files, `score()` answers by the official rules.
 
@@ -42,6 +48,20 @@ class Benchmark(ABC):
     name: ClassVar[str]
     #: generation budget per answer (short answers: yes/no, a letter)
     max_new_tokens: int = 32
+    #: optional judge for answers the official rules cannot parse (MMBench's LLM matcher);
+    #: the runner sets it from the node's `judge` entry, None = rules only
+    judge: Any = None
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> Benchmark:
+        """The benchmark a task's config node describes (`pope: {path: ..., splits: ...}`):
+        its keys are the constructor's keyword arguments, except the runner's own
+        (`RUNNER_KEYS`: predictions file, subset size, scoring protocol, batch size, judge)."""
+        kwargs = {k: v for k, v in node.items() if k not in RUNNER_KEYS}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a typo'd key names the benchmark and its keys
+            raise ValueError(f"{cls.name}: bad config key(s) {sorted(kwargs)}: {e}") from e
 
     @abstractmethod
     def read(self) -> list[BenchItem]:
