@@ -97,19 +97,15 @@ class _Base(L.LightningDataModule):
         self.dropped_over_budget = 0  # rows dropped at collate time (model.truncation=drop_pair)
 
     def _fitting(self, collate: Collate, *columns: list) -> tuple[ModelInputs, list[list]]:
-        """`collate(*columns)`, minus the rows the backbone reports `OverBudget`
-        (`model.truncation=drop_pair`; a pair as a whole): dropped, counted, collated again.
-        Returns the inputs and the columns that were kept."""
+        """(inputs, columns) without the rows `OverBudget` names (truncation=drop_pair), counted."""
         try:
             return collate(*columns), list(columns)
         except OverBudget as e:
-            drop = set(e.rows)
-            keep = [i for i in range(len(columns[0])) if i not in drop]
+            keep = [i for i in range(len(columns[0])) if i not in set(e.rows)]
             if not keep:
                 raise OverBudget(f"{e}; every row of the batch is over budget", e.rows) from None
-            self.dropped_over_budget += len(drop)
-            kept = [[col[i] for i in keep] for col in columns]
-            return collate(*kept), kept
+            self.dropped_over_budget += len(columns[0]) - len(keep)
+            return collate(*(kept := [[c[i] for i in keep] for c in columns])), kept
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = rank_world()
@@ -210,10 +206,10 @@ class _Base(L.LightningDataModule):
         negs: list[tuple[str, str]],
     ) -> PairBatch:
         """Collate (chosen, rejected) pairs; `negs` holds each pair's (rejected, source)."""
+        rejected = [t for t, _ in negs]
         inputs, (images, prompts, chosen, rejected, rows, negs) = self._fitting(
-            lambda *c: self.collate_pairs(*c[:4]), images, prompts, chosen, [t for t, _ in negs],
-            rows, negs,
-        )  # fmt: skip
+            lambda *c: self.collate_pairs(*c[:4]), images, prompts, chosen, rejected, rows, negs
+        )
         sources = [s for _, s in negs]
         neg_is_dataset, neg_is_easy = negative_flags(sources)
         return PairBatch(
