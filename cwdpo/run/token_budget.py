@@ -132,11 +132,12 @@ class BudgetCheck:
         counts = {f"skipped_{r}": 0 for r in SKIP_REASONS} | {"rows": len(rows)}
         counts |= {"cut_over_length": 0, "dropped_over_length": 0, "max_row_tokens": 0}
         keep, errors = [], []
+        self.counter.responses([t for r in rows for t in r.references])  # one batched call
         for rec in rows:
             bad = self.unfit(rec)
             if bad is not None:
                 counts[f"skipped_{bad[0]}"] += 1
-                errors.append(bad[1])
+                errors.append((True, bad[1]))
                 continue
             p = int(
                 self.counter.prompt(self.sizes[id(rec)], record_prompt(rec, self.source.prompt))
@@ -152,9 +153,9 @@ class BudgetCheck:
                 )
                 if self.policy == "error":
                     errors.append(
-                        f"{msg}; raise model.max_length, or set model.truncation=warn (cut, "
-                        "counted) or drop_pair (dropped, counted)"
-                    )
+                        (False, f"{msg}; raise model.max_length, or set model.truncation=warn "
+                         "(cut, counted) or drop_pair (dropped, counted)")
+                    )  # fmt: skip
                     continue
                 counts["cut_over_length" if self.policy == "warn" else "dropped_over_length"] += 1
                 if self.policy == "drop_pair":
@@ -163,10 +164,12 @@ class BudgetCheck:
         self._report(name, errors, counts)
         return keep, counts
 
-    def _report(self, name: str, errors: list[str], counts: dict[str, int]) -> None:
-        hard = [e for e in errors if "model.truncation=warn" in e]
+    def _report(self, name: str, errors: list[tuple[bool, str]], counts: dict[str, int]) -> None:
+        """Raise for the first error (skippable ones only without data.skip_unfit_rows), else
+        log what was skipped, cut or dropped."""
+        hard = [e for skippable, e in errors if not skippable]
         if hard or (errors and not self.skip):
-            first = (hard or errors)[0]
+            first = (hard or [e for _, e in errors])[0]
             more = f" (and {len(errors) - 1} more row(s) of {name})" if len(errors) > 1 else ""
             hint = (
                 "" if hard else "; or set data.skip_unfit_rows=true to skip (and count) such rows"
@@ -192,6 +195,7 @@ def stage_candidates(name: str, cfg: DictConfig, check: BudgetCheck, pool: list[
         float(neg.get("dataset_fraction", 1.0)) < 1.0 or neg.get("kind") == "self_judged"
     )
     longest: Candidate | None = None
+    check.counter.responses([r.meta["rejected"] for r in pool if "rejected" in r.meta])
     if dataset and not any("rejected" in r.meta for r in pool):
         texts = [t for r in pool for t in r.references]
         n = max(check.counter.responses(texts), default=0)
