@@ -191,6 +191,10 @@ def test_response_budget_follows_the_policy_before_training(tmp_path):
     cfg = trl_cfg(tmp_path, path, "stage.sft_c.gentle_negatives=true", "model.truncation=warn")
     out, _, report = check_token_budgets(cfg, *budget_of(cfg))
     assert report["sft_c"]["cut_over_length"] == 1 and report["sft_c"]["dropped_over_length"] == 0
+    rows[1]["chosen"] = rows[1]["rejected"] + "and a red square ."  # the same first 160 words
+    path = write_pairs(tmp_path, rows)
+    with pytest.raises(DataError, match=r"row 1 .*warn would cut chosen and rejected to identical"):
+        check_token_budgets(cfg, *budget_of(cfg))
 
 
 def test_max_length_above_the_position_limit_is_refused_in_one_line(tmp_path):

@@ -157,12 +157,30 @@ class BudgetCheck:
                          "(cut, counted) or drop_pair (dropped, counted)")
                     )  # fmt: skip
                     continue
+                if self.policy == "warn" and self.cut_pair_identical(rec, self.max_length - p):
+                    errors.append(
+                        (
+                            False,
+                            f"{msg}: model.truncation=warn would cut chosen and "
+                            "rejected to identical label rows; raise model.max_length",
+                        )
+                    )
+                    continue  # fmt: skip
                 counts["cut_over_length" if self.policy == "warn" else "dropped_over_length"] += 1
                 if self.policy == "drop_pair":
                     continue
             keep.append(rec)
         self._report(name, errors, counts)
         return keep, counts
+
+    def cut_pair_identical(self, rec: Any, room: int) -> bool:
+        """Would a cut to `room` tokens make a reference and the row's own rejected identical
+        (collate refuses such a pair mid-training, so it is refused here)?"""
+        if "rejected" not in rec.meta:
+            return False
+        ids = self.counter.backbone.response_ids
+        rej = ids(rec.meta["rejected"])[:room]
+        return any(ids(t)[:room] == rej for t in rec.references)
 
     def _report(self, name: str, errors: list[tuple[bool, str]], counts: dict[str, int]) -> None:
         """Raise for the first error (skippable ones only without data.skip_unfit_rows), else
