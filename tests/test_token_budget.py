@@ -357,3 +357,21 @@ def test_image_size_reads_the_header_and_honours_exif_rotation(tmp_path):
     exif[0x0112] = 3  # 180°: sizes unchanged
     im.save(tmp_path / "u.jpg", exif=exif)
     assert ImageRef(path=str(tmp_path / "u.jpg")).size() == (40, 10)
+
+
+def test_a_probe_text_over_max_length_is_left_out_never_cut_nor_fatal(backbone, caplog):
+    from cwdpo.callbacks.probes.sets import collate_set
+    from cwdpo.data.sources import ShapesSource
+
+    src = ShapesSource(sizes={"train": 4, "val": 2, "test": 2})
+    recs = src.captions("train")
+    p = prompt_len(backbone, recs[0].image.load(), src.prompt)
+    backbone.max_length = p + 12
+    long = " ".join(["a red square on the left ."] * 10)
+    rows = [(0, "a red square ."), (1, long), (2, "a blue circle ."), (3, "a green square .")]
+    with caplog.at_level(logging.WARNING, logger="cwdpo.callbacks.probes.sets"):
+        ps = collate_set("gentle", backbone, src, recs, rows, bs=2)
+    assert ps.texts == ["a red square .", "a blue circle .", "a green square ."]
+    assert ps.image_ids == [recs[i].image_id for i in (0, 2, 3)]
+    assert [b["input_ids"].shape[0] for b in ps.batches] == [1, 2]
+    assert "1 text(s) left out" in caplog.text and backbone.truncation_stats.cut_rows == 0
