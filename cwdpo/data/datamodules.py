@@ -24,6 +24,7 @@ from cwdpo.data.negative_config import NegativeConfig, NegativeStats
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.data.upcoming import upcoming_indices
+from cwdpo.errors import OverBudget
 from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
@@ -93,6 +94,18 @@ class _Base(L.LightningDataModule):
         self._evaluating = False
         self.train_sampler: ResumableSampler | None = None  # resumable shuffle (see state_dict)
         self._resume_position: dict[str, int] | None = None
+        self.dropped_over_budget = 0  # rows dropped at collate time (model.truncation=drop_pair)
+
+    def _fitting(self, collate: Collate, *columns: list) -> tuple[ModelInputs, list[list]]:
+        """(inputs, columns) without the rows `OverBudget` names (truncation=drop_pair), counted."""
+        try:
+            return collate(*columns), list(columns)
+        except OverBudget as e:
+            keep = [i for i in range(len(columns[0])) if i not in set(e.rows)]
+            if not keep:
+                raise OverBudget(f"{e}; every row of the batch is over budget", e.rows) from None
+            self.dropped_over_budget += len(columns[0]) - len(keep)
+            return collate(*(kept := [[c[i] for i in keep] for c in columns])), kept
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = rank_world()
@@ -202,10 +215,14 @@ class _Base(L.LightningDataModule):
         negs: list[tuple[str, str]],
     ) -> PairBatch:
         """Collate (chosen, rejected) pairs; `negs` holds each pair's (rejected, source)."""
-        rejected, sources = [t for t, _ in negs], [s for _, s in negs]
+        rejected = [t for t, _ in negs]
+        inputs, (images, prompts, chosen, rejected, rows, negs) = self._fitting(
+            lambda *c: self.collate_pairs(*c[:4]), images, prompts, chosen, rejected, rows, negs
+        )
+        sources = [s for _, s in negs]
         neg_is_dataset, neg_is_easy = negative_flags(sources)
         return PairBatch(
-            inputs=self.collate_pairs(images, prompts, chosen, rejected),
+            inputs=inputs,
             n=len(rows),
             chosen=list(chosen),
             rejected=rejected,
@@ -238,7 +255,8 @@ class CaptionDataModule(_Base):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> CaptionBatch | PairBatch:
         rows, images, prompts, pos, rng = self._unpack(batch)
         if not self.gentle_negatives:
-            return CaptionBatch(inputs=self.collate(images, prompts, pos), n=len(rows))
+            inputs, kept = self._fitting(lambda *c: self.collate(*c[:3]), images, prompts, pos)
+            return CaptionBatch(inputs=inputs, n=len(kept[0]))
         negs = [self._gentle_negative(r, rng, p) for r, p in zip(rows, pos)]
         return self._pair_batch(rows, images, prompts, pos, negs)
 

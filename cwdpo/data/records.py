@@ -63,6 +63,23 @@ class ImageRef:
         except Exception as e:  # PIL raises many types for corrupt files
             raise DataError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
 
+    def size(self) -> tuple[int, int]:
+        """(width, height) as `load()` returns it, from the file's header (no pixel decode):
+        EXIF orientations 5-8 (transposed / rotated 90°) swap the two, as transposing does.
+        The token budget (cwdpo.run.token_budget) reads it for every image of a dataset."""
+        if self.factory is not None or (self.data is None and self.path is None):
+            return self.load().size
+        import io
+
+        try:
+            with Image.open(io.BytesIO(self.data) if self.data is not None else self.path) as f:
+                w, h = f.size
+                swap = f.getexif().get(0x0112) in (5, 6, 7, 8)
+        except Exception as e:  # PIL raises many types for corrupt files
+            where = self.name or self.path or "<in-memory image>"
+            raise DataError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+        return (h, w) if swap else (w, h)
+
 
 @dataclass
 class CaptionRecord:

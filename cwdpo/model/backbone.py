@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cwdpo.batch import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS
-from cwdpo.errors import DataError
+from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
+from cwdpo.errors import DataError, OverBudget
 from cwdpo.model.loading import (
     LORA_PRESETS,
     PROJECTOR_MODULES,
@@ -38,6 +38,13 @@ from cwdpo.model.loading import (
 from cwdpo.model.logprobs import LogProbs
 from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
 from cwdpo.model.sampling import sample_ids
+from cwdpo.model.truncation import (
+    TruncationStats,
+    check_pair_labels,
+    check_policy,
+    fit_responses,
+    pad_rows,
+)
 from cwdpo.utils.modes import eval_mode
 
 #: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
@@ -80,8 +87,11 @@ class VLMBackbone(LogProbs, nn.Module):
         gradient_checkpointing: bool = False,
         freeze_vision: bool = False,
         freeze_projector: bool = False,
+        truncation: str = "error",
     ) -> None:
         super().__init__()
+        self.truncation = check_policy(truncation)  # cwdpo.model.truncation
+        self.truncation_stats = TruncationStats()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if self.tokenizer.pad_token_id is None:
@@ -122,6 +132,7 @@ class VLMBackbone(LogProbs, nn.Module):
         freeze_vision: bool = False,
         freeze_projector: bool = False,
         processor_kwargs: Mapping[str, Any] | None = None,
+        truncation: str = "error",
     ) -> VLMBackbone:
         """`model.*` of the config: `lora` null / a mapping (short forms keep the defaults of
         LoRASettings; target_modules may be a LORA_PRESETS name), `freeze_vision` /
@@ -142,6 +153,7 @@ class VLMBackbone(LogProbs, nn.Module):
             gradient_checkpointing,
             freeze_vision=freeze_vision,
             freeze_projector=freeze_projector,
+            truncation=truncation,
         )
 
     def disable_dropout(self) -> int:
@@ -275,50 +287,31 @@ class VLMBackbone(LogProbs, nn.Module):
         """Tokenize prompt (with image tokens) + response + turn-end token; labels only on the
         response and its turn-end token. `images[i]` is one image or a list of images.
 
-        Truncation cuts the *response* only (never image or prompt tokens); a prompt that alone
-        exceeds max_length is an error. Per-token inputs (token_type_ids, mm_token_type_ids)
-        cover the whole row, prompt and response.
+        A row longer than max_length is handled by `model.truncation`
+        (`cwdpo.model.truncation`): an error (default), a counted cut of the *response* only
+        (never image or prompt tokens), or `OverBudget` for the data module to drop it. A
+        prompt that alone fills max_length is an error. Per-token inputs (token_type_ids,
+        mm_token_type_ids) cover the whole row, prompt and response.
         """
         if not (len(images) == len(prompts) == len(responses)):
             raise ValueError("images, prompts and responses must have the same length")
         prompt_ids, per_token, vision = self._encode(images, prompts)
-        rows, labels = [], []
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        resps = []
+        for i, r in enumerate(responses):
             if not r or not r.strip():
                 raise DataError(f"empty response text in batch row {i} (prompt {prompts[i]!r})")
-            resp = self.response_ids(r)
-            room = self.max_length - len(p)
-            if room < 1:
-                raise DataError(
-                    f"prompt of batch row {i} has {len(p)} tokens (image tokens included), "
-                    f"more than max_length={self.max_length}: raise model.max_length"
-                )
-            resp = resp[:room]
-            rows.append(p + resp)
-            labels.append([IGNORE_INDEX] * len(p) + resp)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, lb) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention[i, : len(r)] = 1
-            lab[i, : len(lb)] = torch.tensor(lb)
-        extra = {}
-        for k, vals in per_token.items():
-            fill = RESPONSE_TOKEN_TYPE.get((self.model_type, k), 0)
-            t = torch.full((len(rows), width), fill, dtype=torch.long)
-            for i, v in enumerate(vals):
-                t[i, : len(v)] = torch.tensor(v)
-            extra[k] = t
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": lab,
-            **extra,
-            **vision,
-        }
+            resps.append(self.response_ids(r))
+        resps = fit_responses(
+            [len(p) for p in prompt_ids],
+            resps,
+            self.max_length,
+            self.truncation,
+            self.truncation_stats,
+            lambda i: f"batch row {i} (prompt {prompts[i][:60]!r}, response {responses[i][:60]!r})",
+        )
+        fills = {k: RESPONSE_TOKEN_TYPE.get((self.model_type, k), 0) for k in per_token}
+        text = pad_rows(prompt_ids, resps, per_token, self.tokenizer.pad_token_id, fills)
+        return {**text, **vision}
 
     def collate_pairs(
         self,
@@ -336,7 +329,17 @@ class VLMBackbone(LogProbs, nn.Module):
                     f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
                     f"rejected are identical ({c!r}); a pair needs two different responses"
                 )
-        return self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
+        n = len(chosen)
+        try:
+            batch = self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
+        except OverBudget as e:  # rows → the pairs they belong to
+            raise OverBudget(str(e), sorted({i % n for i in e.rows})) from None
+        check_pair_labels(
+            batch["labels"],
+            n,
+            lambda i: f"preference pair {i} of the batch (prompt {prompts[i]!r})",
+        )
+        return batch
 
     # ------------------------------------------------------------------ generation
     def generation_inputs(

@@ -30,7 +30,8 @@ from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
 from cwdpo.run.config_schema import STAGES, check_stage_order, stage_knobs
 from cwdpo.run.evaluation import evaluate_captioning
-from cwdpo.run.results import finish_results, new_results, stage_results
+from cwdpo.run.results import finish_results, new_results, stage_results, token_budget_summary
+from cwdpo.run.token_budget import check_token_budgets
 from cwdpo.utils.checkpoint import (
     AtomicCheckpointIO,
     RunState,
@@ -183,6 +184,7 @@ class RunContext:
     test: list
     state: RunState
     resuming: bool
+    budget: dict[str, dict[str, int]] | None = None  # token-budget counts per row group
 
     def evaluate(self, backbone: VLMBackbone, baseline: list[str] | None) -> tuple[dict, list]:
         ev = self.cfg.eval
@@ -232,8 +234,11 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict[str, Any
     source = hydra.utils.instantiate(cfg.data.source)
     records = stage_records(cfg, source, run)
     test = source.captions(cfg.eval.split)[: cfg.eval.n_records]
-    ctx = RunContext(cfg, out_dir, source, records, test, RunState(out_dir), resuming)
+    # every row's tokens against model.max_length, before anything trains (or evaluates)
+    records, test, budget = check_token_budgets(cfg, backbone, source, records, test, run)
+    ctx = RunContext(cfg, out_dir, source, records, test, RunState(out_dir), resuming, budget)
     results = new_results(cfg, run)
+    results["token_budget"] = budget
     # Resume (docs/reliability.md): finished stages are skipped (results from their markers),
     # an unfinished one continues from its last.ckpt; a fresh run drops stale markers/ckpts.
     earlier = begin_attempt(out_dir, t0, resuming, write=is_rank_zero())  # wall time: all attempts
@@ -272,6 +277,7 @@ def run_stage(
     cfg, state = ctx.cfg, ctx.state
     L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
     ts, failures_before = time.time(), FAILURES.snapshot()
+    cut_before = backbone.truncation_stats.cut_rows
     if name == "cw_dpo" and not backbone.has_reference:
         backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
     dm = build_datamodule(name, cfg, ctx.source, ctx.records, backbone)
@@ -289,6 +295,9 @@ def run_stage(
         atomic_save_dir(state.hf_dir(name), backbone.save_pretrained)
     metrics, new_outputs = ctx.evaluate(backbone, outputs if cfg.eval.winrate else None)
     metrics.update(stage_results(name, cfg, trainer, dm, backbone, ts, failures_before))
+    metrics["token_budget"] = token_budget_summary(
+        (ctx.budget or {}).get(name), dm, backbone, cut_before
+    )
     if is_rank_zero():
         state.mark_done(name, metrics, new_outputs)  # after the HF save and the evaluation
     trainer.strategy.barrier("cwdpo-stage-done")

@@ -100,6 +100,19 @@ def stage_results(
     return out
 
 
+def token_budget_summary(
+    preflight: dict[str, int] | None, dm: Any, backbone: VLMBackbone, cut_before: int
+) -> dict[str, Any]:
+    """The stage's `model.truncation` policy, its rows' token-budget counts from before training
+    (cwdpo.run.token_budget) and what collate still cut or the data module dropped."""
+    return {
+        "policy": backbone.truncation,
+        **(preflight or {}),
+        "cut_in_batches": backbone.truncation_stats.cut_rows - cut_before,
+        "dropped_in_batches": int(getattr(dm, "dropped_over_budget", 0)),
+    }
+
+
 def negatives_summary(dm: PreferenceDataModule) -> dict[str, Any]:
     """Where a preference stage's negatives came from (counts per source, the realised dataset
     fraction, on-policy refreshes and fallbacks, samples dropped as positives)."""

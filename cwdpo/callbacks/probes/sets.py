@@ -19,6 +19,7 @@ import torch
 from cwdpo.callbacks.probes.config import ProbeConfig
 from cwdpo.data.records import load_images, record_prompt
 from cwdpo.data.sources import draw_negative
+from cwdpo.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,40 @@ def probe_texts(
 def collate_set(
     group: str, backbone: Any, source: Any, records: Sequence[Any], rows: Sequence[Any], bs: int
 ) -> ProbeSet:
-    """The group's texts in `bs`-sized batches, each image loaded once."""
-    ps = ProbeSet(group, [records[i].image_id for i, _ in rows], [t for _, t in rows])
-    images = {}
-    for s in range(0, len(rows), bs):
-        chunk = rows[s : s + bs]
-        ims = []
+    """The group's texts in `bs`-sized batches, each image loaded once. A text that does not fit
+    model.max_length is left out (logged), never measured cut: probes never stop training."""
+    images: dict[int, Any] = {}
+
+    def collate(chunk: Sequence[Any]) -> dict[str, torch.Tensor]:
         for i, _ in chunk:
             if i not in images:
                 images[i] = load_images(records[i])
-            ims.append(images[i])
+        ims = [images[i] for i, _ in chunk]
         prompts = [record_prompt(records[i], source.prompt) for i, _ in chunk]
-        ps.batches.append(backbone.collate(ims, prompts, [t for _, t in chunk]))
+        return backbone.collate(ims, prompts, [t for _, t in chunk])
+
+    kept, batches = [], []
+    for s in range(0, len(rows), bs):
+        chunk = list(rows[s : s + bs])
+        try:
+            batches.append(collate(chunk))
+        except DataError as e:  # over model.max_length (cwdpo.model.truncation)
+            fit = [r for r in chunk if _fits(collate, r)]
+            log.warning("probes: %s: %d text(s) left out: %s", group, len(chunk) - len(fit), e)
+            chunk = fit
+            batches += [collate(chunk)] if chunk else []
+        kept += chunk
+    ps = ProbeSet(group, [records[i].image_id for i, _ in kept], [t for _, t in kept])
+    ps.batches = batches
     return ps
+
+
+def _fits(collate: Any, row: Any) -> bool:
+    try:
+        collate([row])
+    except DataError:
+        return False
+    return True
 
 
 def on_policy_rows(
