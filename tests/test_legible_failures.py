@@ -180,3 +180,32 @@ def test_disk_full_while_writing_results_or_hf_weights_is_one_line(tmp_path, mon
     with pytest.raises(DiskFullError, match="while writing sft_c_hf"):
         atomic_save_dir(tmp_path / "sft_c_hf", save)
     assert not list(tmp_path.glob(".sft_c_hf*"))  # the temp dir is gone
+
+
+# ----------------------------------------------------------------------------- run outcome
+def test_a_signal_outside_training_stops_with_the_resume_line_and_its_exit_code(tmp_path, capsys):
+    """SIGTERM while evaluating or saving (no training loop to finish the step): no checkpoint,
+    but the same marker and line, and rc 143 — not 0, not a traceback."""
+    import signal
+
+    from cwdpo.callbacks.preemption import MARKER, install_signal_handlers
+    from cwdpo.run.outcome import run_outcome
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    restore = install_signal_handlers()
+    try:
+        with pytest.raises(SystemExit) as ex, run_outcome(cfg):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises `Interrupted` outside fit
+            for _ in range(1000):  # ... at the next bytecode
+                pass
+    finally:
+        restore()
+    assert ex.value.code == 128 + signal.SIGTERM
+    marker = json.loads((tmp_path / MARKER).read_text())
+    assert marker["signal"] == "SIGTERM" and marker["checkpoint"] is None
+    assert marker["resume"] == f"python -m cwdpo.train resume={tmp_path}"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("run stopped: SIGTERM; no checkpoint at this point")
+        and marker["resume"] in err
+    )

@@ -127,9 +127,10 @@ def test_a_changed_training_value_on_resume_is_refused_in_one_line(preempted):
     p = preempted
     out = (p["root"] / "changed.out").read_text()
     assert p["changed_rc"] == 1, out[-3000:]
-    assert "stage.cw_dpo.beta: 0.1 → 0.5" in _last_line(p["root"] / "changed.out")
-    assert "resume_overrides=allow" in out and "Traceback" not in out
-    assert "paths." not in out and "hydra." not in out  # run identity is no change
+    msg = _last_line(p["root"] / "changed.out")
+    assert "stage.cw_dpo.beta: 0.1 → 0.5" in msg and "resume_overrides=allow" in msg
+    assert "paths." not in msg and "hydra." not in msg  # run identity is no change
+    assert "Traceback" not in out
     assert "Seed set" not in out  # refused before the pipeline starts (seeds, then the model)
     assert not (p["run"] / "config_history").exists()  # the refused attempt recorded nothing
 

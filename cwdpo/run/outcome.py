@@ -72,24 +72,24 @@ def stopped(out: Path | None, info: Interruption) -> str:
 
 
 def _record(out: Path | None, line: str, level: int) -> None:
-    """Log `line` (Hydra's file handler: this attempt's train.log) and, when the run dir is
-    another directory (`resume=<dir>` with its own Hydra dir), append it to its train.log —
-    only once this process holds the run dir (a refused attempt, e.g. while another process
-    runs there, writes nothing into it)."""
-    log.log(level, line)
+    """Write `line` to the log files only (Hydra's file handler: this attempt's train.log; the
+    terminal already shows the error or the printed line) and, when the run dir is another
+    directory (`resume=<dir>` with its own Hydra dir), append it to its train.log — only once
+    this process holds the run dir (a refused attempt, e.g. while another process runs there,
+    writes nothing into it)."""
+    record = log.makeRecord(log.name, level, __file__, 0, line, None, None)
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for h in files:
+        with contextlib.suppress(Exception):  # a full disk must not hide the error itself
+            h.handle(record)
     if out is None or not is_rank_zero() or not _holds(out):
         return
     target = (out / "train.log").resolve()
-    logged = {
-        Path(h.baseFilename).resolve()
-        for h in logging.getLogger().handlers
-        if isinstance(h, logging.FileHandler)
-    }
-    if target in logged or not out.is_dir():
+    if target in {Path(h.baseFilename).resolve() for h in files} or not out.is_dir():
         return
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     with contextlib.suppress(OSError), target.open("a") as f:
-        f.write(f"[{stamp}][cwdpo.train][{logging.getLevelName(level)}] - {line}\n")
+        f.write(f"[{stamp}][{log.name}][{logging.getLevelName(level)}] - {line}\n")
 
 
 def _holds(out: Path) -> bool:
