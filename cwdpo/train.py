@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> float | None:
     """The composed config → a finished run; returns its `optimized_metric` (for sweepers).
     The run dir's train.log ends with why it stopped; a stop signal exits 128 + its number."""
-    from cwdpo.callbacks.preemption import install_signal_handlers
     from cwdpo.run.outcome import run_outcome
+    from cwdpo.utils.signals import install_signal_handlers
 
     install_signal_handlers()  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the step, then stop
     with run_outcome(cfg):

@@ -188,8 +188,8 @@ def test_a_signal_outside_training_stops_with_the_resume_line_and_its_exit_code(
     but the same marker and line, and rc 143 — not 0, not a traceback."""
     import signal
 
-    from cwdpo.callbacks.preemption import MARKER, install_signal_handlers
     from cwdpo.run.outcome import run_outcome
+    from cwdpo.utils.signals import MARKER, install_signal_handlers
 
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
     restore = install_signal_handlers()

@@ -153,9 +153,10 @@ def _fit(path, root: Path, sig: str, steps: int = 3) -> tuple[L.Trainer, BaseExc
     """SFT on the tiny model with the preemption callback and handlers; `sig` sent to this
     process at the start of step 2 (global_step 1)."""
     from cwdpo.callbacks.faults import KillAt
-    from cwdpo.callbacks.preemption import PreemptionCheckpoint, install_signal_handlers
+    from cwdpo.callbacks.preemption import PreemptionCheckpoint
     from cwdpo.model.backbone import VLMBackbone
     from cwdpo.utils.checkpoint import AtomicCheckpointIO
+    from cwdpo.utils.signals import install_signal_handlers
     from tests.helpers import cpu_trainer, shapes_sft
 
     torch.manual_seed(0)
@@ -178,8 +179,8 @@ def _fit(path, root: Path, sig: str, steps: int = 3) -> tuple[L.Trainer, BaseExc
 def test_requeue_signal_and_ctrl_c_stop_at_the_step_end_with_a_checkpoint(
     sig, tiny_vlm_path, tmp_path
 ):
-    from cwdpo.callbacks.preemption import interruption
     from cwdpo.utils.checkpoint import safe_torch_load
+    from cwdpo.utils.signals import interruption
 
     trainer, err = _fit(tiny_vlm_path, tmp_path, sig)
     assert err is not None and trainer.global_step == 2  # stopped after the step it was in
@@ -188,3 +189,23 @@ def test_requeue_signal_and_ctrl_c_stop_at_the_step_end_with_a_checkpoint(
     ckpt = tmp_path / "checkpoints" / "sft_c" / "last.ckpt"
     assert info.checkpoint == ckpt and safe_torch_load(ckpt)["global_step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_failed_preemption_save_is_said_and_the_stop_still_reported(
+    tiny_vlm_path, tmp_path, monkeypatch
+):
+    """A full disk while saving the preemption checkpoint: the stop stays a signal stop (rc
+    128 + signal from cwdpo.train) whose line says no checkpoint was saved, and why."""
+    from cwdpo.run.outcome import stopped
+    from cwdpo.utils.signals import interruption
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", full)
+    trainer, err = _fit(tiny_vlm_path, tmp_path, "SIGTERM")
+    info = interruption(err)
+    assert info is not None and info.checkpoint is None and "No space left" in info.error
+    line = stopped(tmp_path, info)
+    assert "no checkpoint at this point (saving one failed: [Errno 28] No space left" in line
+    assert not (tmp_path / "checkpoints" / "sft_c" / "last.ckpt").exists()

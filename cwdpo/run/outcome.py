@@ -14,10 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cwdpo.callbacks.faults import resume_command
-from cwdpo.callbacks.preemption import MARKER, Interruption, interruption
-from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_json
+from cwdpo.utils.signals import MARKER, Interruption, interruption
 
 log = logging.getLogger("cwdpo.train")
 
@@ -50,10 +48,13 @@ def stopped(out: Path | None, info: Interruption) -> str:
     if info.checkpoint is not None:
         saved = f"; checkpoint saved to {info.checkpoint}"
     else:
+        failed = f" (saving one failed: {info.error})" if info.error else ""
         saved = (
-            "; no checkpoint at this point (finished stages are kept, an unfinished one "
-            "continues from its newest checkpoints/<stage>/last*.ckpt)"
+            f"; no checkpoint at this point{failed} (finished stages are kept, an unfinished "
+            "one continues from its newest checkpoints/<stage>/last*.ckpt)"
         )
+    from cwdpo.callbacks.faults import resume_command
+
     command = resume_command(out) if out is not None else "python -m cwdpo.train resume=<run dir>"
     line = f"run stopped: {info.signal}{where}{saved}. Resume with `{command}`"
     if out is not None and is_rank_zero():
@@ -82,7 +83,7 @@ def _record(out: Path | None, line: str, level: int) -> None:
     for h in files:
         with contextlib.suppress(Exception):  # a full disk must not hide the error itself
             h.handle(record)
-    if out is None or not is_rank_zero() or not _holds(out):
+    if out is None or not _holds(out) or not is_rank_zero():
         return
     target = (out / "train.log").resolve()
     if target in {Path(h.baseFilename).resolve() for h in files} or not out.is_dir():
@@ -90,6 +91,13 @@ def _record(out: Path | None, line: str, level: int) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     with contextlib.suppress(OSError), target.open("a") as f:
         f.write(f"[{stamp}][{log.name}][{logging.getLevelName(level)}] - {line}\n")
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 writes the run dir (Lightning imported only once a run got that far)."""
+    from cwdpo.utils.dist import is_rank_zero as rank_zero
+
+    return rank_zero()
 
 
 def _holds(out: Path) -> bool:
