@@ -209,3 +209,33 @@ def test_a_failed_preemption_save_is_said_and_the_stop_still_reported(
     line = stopped(tmp_path, info)
     assert "no checkpoint at this point (saving one failed: [Errno 28] No space left" in line
     assert not (tmp_path / "checkpoints" / "sft_c" / "last.ckpt").exists()
+
+
+def test_under_slurm_sigusr1_is_left_to_lightnings_auto_requeue(monkeypatch):
+    """A SLURM batch job: cwdpo leaves SIGUSR1 free, so Lightning's connector installs its
+    requeue handler (checkpoint + `scontrol requeue`); SIGTERM chains Lightning's handlers and
+    cwdpo's."""
+    from cwdpo.utils.signals import _handler, install_signal_handlers
+
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "42"}
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    usr1 = signal.getsignal(signal.SIGUSR1)
+    restore = install_signal_handlers()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is usr1  # not taken by cwdpo
+        trainer._signal_connector.register_signal_handlers()
+        names = {
+            s: [getattr(f, "__name__", "") for f in signal.getsignal(s).signal_handlers]
+            for s in (signal.SIGUSR1, signal.SIGTERM)
+        }
+    finally:
+        trainer._signal_connector.teardown()
+        restore()
+    assert names[signal.SIGUSR1] == ["_slurm_sigusr_handler_fn"]
+    assert (
+        names[signal.SIGTERM][0] == "_sigterm_notifier_fn"
+        and _handler.__name__ in names[signal.SIGTERM]
+    )
