@@ -12,7 +12,12 @@ from omegaconf import DictConfig
 
 from cwdpo.errors import DataError
 from cwdpo.run.config import CONFIG_DIR
-from cwdpo.run.preflight import check_no_secrets, check_resumable, warn_config_changes
+from cwdpo.run.preflight import (
+    check_config_changes,
+    check_no_secrets,
+    check_resumable,
+    record_config_changes,
+)
 from cwdpo.utils.overrides import plain_group_overrides
 
 log = logging.getLogger(__name__)
@@ -20,7 +25,17 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def train(cfg: DictConfig) -> float | None:
-    """The composed config → a finished run; returns its `optimized_metric` (for sweepers)."""
+    """The composed config → a finished run; returns its `optimized_metric` (for sweepers).
+    The run dir's train.log ends with why it stopped; a stop signal exits 128 + its number."""
+    from cwdpo.run.outcome import run_outcome
+    from cwdpo.utils.signals import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the step, then stop
+    with run_outcome(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     from cwdpo.run.config_schema import validate_config
 
     check_no_secrets(cfg)
@@ -32,13 +47,16 @@ def train(cfg: DictConfig) -> float | None:
     from cwdpo.utils.run_dir import hold_run_dir
 
     run_dir = resolve_resume(cfg)  # resume: everything (ckpts, results, CSV logs) goes there
+    changes: dict = {}
     if run_dir is not None:
         check_resumable(run_dir, cfg)
-        warn_config_changes(cfg, run_dir)
+        changes = check_config_changes(cfg, run_dir)  # refused unless resume_overrides=allow
     hold_run_dir(cfg.paths.output_dir)  # refuses a directory a live run is writing into
     check_cache_dir(cfg)
     out = Path(cfg.paths.output_dir)
-    if run_dir is None or not (out / "config.json").is_file():
+    if changes:
+        record_config_changes(out, cfg, changes)  # config_history/, then config.yaml is new
+    elif run_dir is None or not (out / "config.json").is_file():
         dump_config(cfg, out)  # a resume keeps the run's original config as the baseline
     from cwdpo.utils.terminal import tidy_terminal
 

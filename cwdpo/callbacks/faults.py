@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("skip", "stop", "off")
 KILL_ENV = "CWDPO_FAULT_KILL_AT"
+SIGNAL_ENV = "CWDPO_FAULT_SIGNAL"
 
 
 class NonFiniteError(CompactHydraException, RuntimeError):
@@ -234,34 +235,40 @@ def _nonfinite_grads(module: torch.nn.Module) -> list[str]:
 
 
 class KillAt(L.Callback):
-    """Test-only fault injection: SIGKILL this process at `<stage>:<step>` (from the env var
-    CWDPO_FAULT_KILL_AT), i.e. when stage `stage` is about to compute step `step + 1` — right
-    after the checkpoint for `step` was written — or `<stage>:start`, before its first step."""
+    """Test-only fault injection: send this process `signal_name` (default SIGKILL; from the
+    env vars CWDPO_FAULT_KILL_AT and CWDPO_FAULT_SIGNAL) at `<stage>:<step>`, i.e. when stage
+    `stage` is about to compute step `step + 1` — right after the checkpoint for `step` was
+    written — or `<stage>:start`, before its first step."""
 
-    def __init__(self, stage: str, spec: str) -> None:
+    def __init__(self, stage: str, spec: str, signal_name: str = "SIGKILL") -> None:
         target, _, at = spec.partition(":")
         self.active = target == stage
         self.at = at
+        self.signum = signal.Signals[
+            signal_name if signal_name.startswith("SIG") else f"SIG{signal_name}"
+        ]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and self.at == "start":
-            _kill()
+            self._send()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.active and self.at != "start" and trainer.global_step == int(self.at):
-            _kill()
+            self._send()
 
-
-def _kill() -> None:
-    logging.shutdown()
-    os.kill(os.getpid(), signal.SIGKILL)
+    def _send(self) -> None:
+        self.active = False  # once
+        if self.signum == signal.SIGKILL:
+            logging.shutdown()
+        os.kill(os.getpid(), self.signum)
 
 
 def reliability_callbacks(stage: str, cfg: Any) -> list[L.Callback]:
-    """The callbacks every stage gets: non-finite guard, global RNG state for resume, and
-    (tests only) the kill switch."""
+    """The callbacks every stage gets: non-finite guard, global RNG state for resume, the
+    checkpoint on a stop signal, and (tests only) the kill switch."""
+    from cwdpo.callbacks.preemption import PreemptionCheckpoint
     from cwdpo.utils.checkpoint import GlobalRNGState
 
     f = cfg.get("faults") or {}
@@ -273,9 +280,10 @@ def reliability_callbacks(stage: str, cfg: Any) -> list[L.Callback]:
             stage=stage,
         ),
         GlobalRNGState(),
+        PreemptionCheckpoint(stage),
     ]
     if os.environ.get(KILL_ENV):
-        cbs.append(KillAt(stage, os.environ[KILL_ENV]))
+        cbs.append(KillAt(stage, os.environ[KILL_ENV], os.environ.get(SIGNAL_ENV) or "SIGKILL"))
     return cbs
 
 

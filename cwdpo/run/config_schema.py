@@ -131,6 +131,7 @@ STAGE_KNOBS = {"base_sft": SFT_KNOBS, "sft_c": SFT_KNOBS, "cw_dpo": CW_DPO_KNOBS
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(),
     "num_threads": integer(1, nullable=True),
+    "resume_overrides": choice("refuse", "allow"),
     "faults.policy": choice("skip", "stop", "off"),
     "faults.check_grads": boolean(),
     "faults.max_consecutive_skips": integer(0),

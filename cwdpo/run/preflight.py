@@ -1,5 +1,6 @@
 """Checks a training run passes before anything loads: no credentials in the config, a `resume`
-that points at an earlier run, and a warning when a resume changes the config."""
+that points at an earlier run, and no silently changed training value on resume (refused unless
+`resume_overrides=allow`, then recorded in `config_history/` and results.json)."""
 
 from __future__ import annotations
 
@@ -65,18 +66,90 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
     )
 
 
-def warn_config_changes(cfg: DictConfig, run_dir: Path) -> None:
-    """Resuming with another config than the run was started with breaks reproducibility."""
+RUN_IDENTITY = ("resume", "resume_overrides", "paths", "hydra")  # where a run is, not what
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+
+
+def _path_only(a: Any, b: Any, moves: list[tuple[str, str]]) -> bool:
+    """`a` becomes `b` when the old run's `paths.*` values are replaced by the new ones (e.g.
+    `model.path` under another `paths.cache_dir`): a path difference, not a training change."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    for old, new in moves:
+        a = a.replace(old, new)
+    return a == b
+
+
+def check_config_changes(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
+    """{dotted key: [value the run was started with, value now]} for a resume, before any model
+    loads; refused (one line listing each change) unless `resume_overrides=allow`, since half a
+    stage at one value and half at another, silently, is no experiment. Run identity (`paths.*`,
+    `resume`, output dirs, values that differ only by those paths) is not a change."""
     from cwdpo.utils.checkpoint import config_changes
 
     old_path = run_dir / "config.json"
     if not old_path.is_file():
-        return
-    new = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-    changed = config_changes(json.loads(old_path.read_text()), new)
-    if changed:
-        log.warning(
-            "resume: the config differs from the one %s was started with, in: %s",
-            run_dir,
-            ", ".join(changed),
+        return {}
+    old, new = json.loads(old_path.read_text()), _plain(cfg)
+    old_paths, new_paths = old.get("paths") or {}, new.get("paths") or {}
+    moves = sorted(
+        ((str(v), str(new_paths[k])) for k, v in old_paths.items() if k in new_paths and v),
+        key=lambda m: -len(m[0]),
+    )
+
+    def value(d: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            d = d.get(part, "<missing>") if isinstance(d, dict) else "<missing>"
+        return d
+
+    changes = {
+        k: [value(old, k), value(new, k)]
+        for k in config_changes(old, new, ignore=RUN_IDENTITY)
+        if not _path_only(value(old, k), value(new, k), moves)
+    }
+    if changes and str(cfg.get("resume_overrides") or "refuse") != "allow":
+        shown = "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, (a, b) in changes.items())
+        raise ConfigError(
+            f"resume={run_dir}: the config differs from the one this run was started with: "
+            f"{shown}. Resume with the run's values (its config.yaml), or add "
+            "resume_overrides=allow to continue with the new ones (recorded in "
+            "config_history/ and results.json)"
         )
+    if changes:
+        log.warning(
+            "resume: continuing %s with changed values (resume_overrides=allow): %s",
+            run_dir,
+            "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, (a, b) in changes.items()),
+        )
+    return changes
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str | list | dict) else str(v)
+
+
+def record_config_changes(run_dir: Path, cfg: DictConfig, changes: dict[str, list[Any]]) -> None:
+    """An allowed change: the config the run had is kept as `config_history/attempt_<n>.yaml`
+    (n: the last attempt that trained with it), this attempt's changes as
+    `config_history/attempt_<n+1>.changes.json` (results.json gathers them), and config.yaml /
+    config.json say what the run trains with from now on."""
+    from cwdpo.run.pipeline import dump_config
+    from cwdpo.utils.checkpoint import ATTEMPTS
+    from cwdpo.utils.io import atomic_write_json, atomic_write_text
+
+    try:
+        n = len(json.loads((run_dir / ATTEMPTS).read_text()))
+    except (OSError, ValueError):
+        n = 1
+    hist = run_dir / "config_history"
+    hist.mkdir(exist_ok=True)
+    old_yaml = run_dir / "config.yaml"
+    if old_yaml.is_file() and not (hist / f"attempt_{n}.yaml").exists():
+        atomic_write_text(hist / f"attempt_{n}.yaml", old_yaml.read_text())
+    atomic_write_json(
+        hist / f"attempt_{n + 1}.changes.json", {"attempt": n + 1, "changes": changes}
+    )
+    dump_config(cfg, run_dir)

@@ -142,6 +142,7 @@ def finish_results(
     results["wall_seconds"] = sum(earlier) + time.time() - started
     results["attempt_wall_seconds"] = [*earlier, time.time() - started]
     results["logging_failures"] = FAILURES.snapshot()
+    results["config_changes"] = config_changes_by_attempt(out_dir)
     table = results_table(results)
     if is_rank_zero():
         atomic_write_json(out_dir / "results.json", results)
@@ -152,6 +153,18 @@ def finish_results(
             atomic_write_json(out_dir / "results.json", results)
         end_attempt(out_dir, time.time())
     print("\n" + table)
+
+
+def config_changes_by_attempt(out_dir: Path) -> dict[str, dict[str, list[Any]]]:
+    """{attempt: {key: [old, new]}}: the values a resume changed (`resume_overrides=allow`,
+    cwdpo/run/preflight.py); empty when every attempt ran the config the run started with."""
+    import json
+
+    found = {}
+    for f in (out_dir / "config_history").glob("attempt_*.changes.json"):
+        entry = json.loads(f.read_text())
+        found[int(entry["attempt"])] = entry["changes"]
+    return {str(k): found[k] for k in sorted(found)}
 
 
 def objective_name(stage: str, cfg: DictConfig) -> str:

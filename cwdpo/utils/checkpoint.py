@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.errors import CompactHydraException
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch.utils.data import Sampler
 
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds objects that `torch.load(weights_only=True)` refuses to unpickle."""
+
+
+class CorruptCheckpointError(CompactHydraException, RuntimeError):
+    """A checkpoint file that cannot be read (truncated, a partial copy): one line naming it and
+    what to do. No silent fallback to an older file: that would redo steps unannounced, and
+    cwdpo's own writes are atomic, so a broken file came from outside (a copy, a disk fault)."""
 
 
 # ---------------------------------------------------------------------------- files
@@ -52,10 +59,35 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise corrupt_checkpoint(path, e) from e
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"(torch.load(weights_only=True) is the only loader cwdpo uses). {e}"
         ) from e
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, ValueError, OSError) as e:  # the zip reader, a short file
+        raise corrupt_checkpoint(path, e) from e
+
+
+def corrupt_checkpoint(path: Path, e: BaseException) -> CorruptCheckpointError:
+    """What to do about an unreadable checkpoint, in one line. A stage's `last*.ckpt` (what
+    `resume` reads) can be deleted: the stage then restarts from its beginning."""
+    why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120] or type(e).__name__
+    if path.name.startswith("last"):
+        todo = (
+            f"delete it to restart stage {path.parent.name} from its beginning on resume "
+            "(finished stages are kept), or put back a complete copy"
+        )
+        other = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+        if other:
+            todo += f"; other checkpoints there: {', '.join(other)} (move one over {path.name})"
+    else:
+        todo = "put back a complete copy"
+    return CorruptCheckpointError(
+        f"checkpoint {path} cannot be read, it is truncated or corrupt ({why}): {todo}"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

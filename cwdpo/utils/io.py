@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,27 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from hydra.errors import CompactHydraException
+
+
+class DiskFullError(CompactHydraException, OSError):
+    """ENOSPC while writing a file atomically: one line naming the directory and the file (torch
+    reports it as `RuntimeError: ... unexpected pos ...` with the OSError buried as context)."""
+
+
+def _disk_full(e: BaseException, path: Path) -> DiskFullError | None:
+    """A `DiskFullError` when ENOSPC is anywhere in `e`'s cause/context chain, else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            err = DiskFullError(f"no space left on {path.parent} while writing {path.name}")
+            err.errno = errno.ENOSPC
+            return err
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _umask() -> int:
@@ -43,8 +65,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
     fsync_dir(path.parent)
 
@@ -95,8 +120,11 @@ def atomic_save_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
     return path
 
