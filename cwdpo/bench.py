@@ -34,30 +34,8 @@ import os
 import warnings
 from typing import Any
 
+from cwdpo.perf.on_policy_args import add_on_policy_args
 from cwdpo.perf.summary import on_policy_text, report_text, summarize
-
-
-def add_on_policy_args(p: argparse.ArgumentParser) -> None:
-    """The on-policy section's options (`--on-policy`, cwdpo.perf.on_policy)."""
-    p.add_argument("--on-policy", action="store_true", help="the on-policy section only")
-    p.add_argument(
-        "--on-policy-models",
-        nargs="+",
-        default=None,
-        help="tiny family names, llava@<image tokens>, or model dirs "
-        "(default: every tiny family and llava@576)",
-    )
-    p.add_argument("--on-policy-k", type=int, nargs="+", default=[2, 4], help="samples/record")
-    p.add_argument("--on-policy-records", type=int, default=8, help="records per sampling call")
-    p.add_argument(
-        "--on-policy-sizes",
-        type=int,
-        nargs="*",
-        default=[200, 2000],
-        help="ShapesWorld training sizes of the stage-2 runs (none: skip them)",
-    )
-    p.add_argument("--on-policy-steps", type=int, default=2, help="stage-2 steps per run")
-    p.add_argument("--on-policy-batch", type=int, default=8, help="stage-2 pairs per step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = run(args)
     print(report_text(res))
     return res
+
+
+def cli() -> None:
+    """The `cwdpo-bench` console script: the benchmark, exit status 0 on success (a script's return
+    value would be taken as the exit status)."""
+    main()
 
 
 if __name__ == "__main__":

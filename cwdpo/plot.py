@@ -53,5 +53,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
+def cli() -> None:
+    """The `cwdpo-plot` console script: the plots, exit status 0 on success (a script's return
+    value would be taken as the exit status)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

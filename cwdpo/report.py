@@ -83,5 +83,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     return table
 
 
+def cli() -> None:
+    """The `cwdpo-report` console script: the report, exit status 0 on success (a script's return
+    value would be taken as the exit status)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

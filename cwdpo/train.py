@@ -81,5 +81,11 @@ class InputError(CompactHydraException, DataError):
     """A `DataError` as the CLI shows it: its one line (the traceback with HYDRA_FULL_ERROR=1)."""
 
 
+def cli() -> None:
+    """The `cwdpo-train` console script: the two-stage pipeline, exit status 0 on success (a script's return
+    value would be taken as the exit status)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from PIL import Image
 from cwdpo.batch import IGNORE_INDEX
 from cwdpo.errors import DataError
 from cwdpo.model.families import FAMILIES, ensure_family
+from cwdpo.run.config import CONFIG_DIR
 from tests.formats import write_image
 from tests.helpers import compose_cfg
 
@@ -326,7 +327,7 @@ def test_model_entry_max_length_fits_its_image_token_budget(entry, tmp_path, tin
 
 
 def test_every_model_entry_is_budgeted():
-    names = {p.stem for p in Path("conf/model").glob("*.yaml")} - {"tiny"}
+    names = {p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml")} - {"tiny"}
     assert names == set(REAL_VISION)
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+#: The configs ship inside the package (package data), so a wheel install runs the main job;
+#: a checkout's top-level `conf/` is a link to this directory.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _tiny_vlm(cache_dir: str) -> str:

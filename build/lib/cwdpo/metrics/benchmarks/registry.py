@@ -1,0 +1,60 @@
+"""Benchmark name → class: what `eval.tasks=[...]`, the task's config node (`pope:`, `mmmu:`,
+...) and the in-training callback look up. Adding a benchmark is one line here (+ its node in
+conf/bench/)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark
+from cwdpo.metrics.benchmarks.mmbench import MMBench
+from cwdpo.metrics.benchmarks.mmmu import MMMU
+from cwdpo.metrics.benchmarks.pope import POPE
+
+BENCHMARKS: dict[str, type[Benchmark]] = {
+    "pope": POPE,
+    "mmmu": MMMU,
+    "mmbench": MMBench,
+}
+
+
+def build_benchmark(name: str, node: Mapping[str, Any] | None) -> Benchmark:
+    """The benchmark `name` configured by its node; a missing node or path is a clear error."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+    if not node or node.get("path") in (None, ""):
+        raise ValueError(
+            f"benchmark {name}: no files configured; set {name}.path=<local file or directory> "
+            "(nothing is downloaded)"
+        )
+    bench = BENCHMARKS[name].from_config(node)
+    if node.get("max_new_tokens"):
+        bench.max_new_tokens = int(node["max_new_tokens"])
+    return bench
+
+
+def build_task(name: str, node: Mapping[str, Any]) -> Benchmark:
+    """The benchmark with its optional judge (a `judge: {_target_: ...}` node) instantiated."""
+    bench = build_benchmark(name, node)
+    judge = node.get("judge")
+    if isinstance(judge, Mapping):  # a config node; an object (instantiated by Hydra) as is
+        import hydra
+
+        judge = hydra.utils.instantiate(judge)
+    bench.judge = judge or None
+    return bench
+
+
+def subset(items: list[BenchItem], limit: Any) -> list[BenchItem]:
+    """The first `limit` questions of each split (POPE's three; one elsewhere), all when
+    null; an MMBench question keeps all its rotations."""
+    if not limit:
+        return items
+    groups: dict[str, list[str]] = {}
+    for it in items:
+        g, split = str(it.meta.get("group", it.id)), str(it.meta.get("split", ""))
+        if g not in groups.setdefault(split, []):
+            groups[split].append(g)
+    keep = {g for gs in groups.values() for g in gs[: int(limit)]}
+    return [it for it in items if str(it.meta.get("group", it.id)) in keep]

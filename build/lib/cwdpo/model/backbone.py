@@ -1,0 +1,397 @@
+"""One wrapper over any HF image-text-to-text model + processor.
+
+It owns everything model-specific so that stages and objectives never see a tokenizer:
+chat-template prompts, response-only label masks, chosen + rejected log-probs in one
+forward, batched generation, optional LoRA (peft) and the reference policy (a frozen copy,
+or — with LoRA — the same weights with adapters disabled, so no second model in memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
+from cwdpo.errors import DataError, OverBudget
+from cwdpo.model.loading import (
+    LORA_PRESETS,
+    PROJECTOR_MODULES,
+    VISION_MODULES,
+    LoRASettings,
+    ModelLoadError,
+    add_lora,
+    disable_dropout_,
+    freeze_groups,
+    load_model_and_processor,
+    lora_settings,
+    module_group,
+)
+from cwdpo.model.logprobs import LogProbs
+from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
+from cwdpo.model.sampling import sample_ids
+from cwdpo.model.truncation import (
+    TruncationStats,
+    check_pair_labels,
+    check_policy,
+    fit_responses,
+    pad_rows,
+)
+from cwdpo.utils.modes import eval_mode
+
+#: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
+#: attention; Qwen's mm_token_type_ids: M-RoPE) come from the processor at prompt width;
+#: `collate` extends them over the response.
+#: Value of a per-token key on response (and padding) tokens. PaliGemma marks its causal
+#: suffix with token_type_ids = 1 (its processor does so for `suffix=`); everywhere else the
+#: response is plain text (0).
+RESPONSE_TOKEN_TYPE = {("paligemma", "token_type_ids"): 1}
+#: `<image k>` placeholders (MMMU) put image k where the question refers to it.
+IMAGE_PLACEHOLDER = re.compile(r"<image (\d+)>")
+#: Families whose processor/model take one image per sample only.
+SINGLE_IMAGE_MODEL_TYPES: frozenset[str] = frozenset()
+
+ImageInput = Image.Image | Sequence[Image.Image]
+
+#: Loading, LoRA and freezing live in `cwdpo.model.loading`; these names stay importable here.
+__all__ = [
+    "LORA_PRESETS",
+    "PROJECTOR_MODULES",
+    "VISION_MODULES",
+    "LoRASettings",
+    "ModelLoadError",
+    "VLMBackbone",
+    "load_model_and_processor",
+    "lora_settings",
+    "module_group",
+]
+
+
+class VLMBackbone(LogProbs, nn.Module):
+    """Policy (and reference) VLM with the batching logic DPO-style training needs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        max_length: int = 256,
+        lora: LoRASettings | Mapping | None = None,
+        gradient_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
+        truncation: str = "error",
+    ) -> None:
+        super().__init__()
+        self.truncation = check_policy(truncation)  # cwdpo.model.truncation
+        self.truncation_stats = TruncationStats()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_length = max_length
+        self.lora = lora = lora_settings(lora)
+        self.frozen = tuple(
+            g for g, on in (("vision", freeze_vision), ("projector", freeze_projector)) if on
+        )
+        self.model_type = str(getattr(model.config, "model_type", ""))
+        self.turn_end_id = turn_end_token_id(processor)
+        accepted = inspect.signature(model.forward).parameters
+        self.per_token_keys = tuple(k for k in PER_TOKEN_KEYS if k in accepted)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        if lora is not None:
+            model = add_lora(model, lora, self.frozen)
+        else:
+            freeze_groups(model, self.frozen)
+        self.model = model
+        self.reference: nn.Module | None = None  # frozen copy when not using LoRA
+        self.has_reference = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int = 256,
+        lora: LoRASettings | Mapping | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        chat_template: str | None = None,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
+        processor_kwargs: Mapping[str, Any] | None = None,
+        truncation: str = "error",
+    ) -> VLMBackbone:
+        """`model.*` of the config: `lora` null / a mapping (short forms keep the defaults of
+        LoRASettings; target_modules may be a LORA_PRESETS name), `freeze_vision` /
+        `freeze_projector` keep those parts fixed, `processor_kwargs` override processor
+        settings (Qwen's min_pixels/max_pixels)."""
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(processor_kwargs):  # nested DictConfigs confuse processors
+            processor_kwargs = OmegaConf.to_container(processor_kwargs, resolve=True)
+        model, processor = load_model_and_processor(
+            path, dtype, trust_remote_code, attn_implementation, chat_template, processor_kwargs
+        )
+        return cls(
+            model,
+            processor,
+            max_length,
+            lora,
+            gradient_checkpointing,
+            freeze_vision=freeze_vision,
+            freeze_projector=freeze_projector,
+            truncation=truncation,
+        )
+
+    def disable_dropout(self) -> int:
+        """Dropout off in the policy (`cwdpo.model.loading.disable_dropout_`): CW-DPO's π_ref runs
+        in eval mode, so a noisy train-mode policy would give nonzero log-ratios at step 0."""
+        return disable_dropout_(self.model)
+
+    # ------------------------------------------------------------------ reference policy
+    def snapshot_reference(self) -> None:
+        """π_ref ← π_θ. Full fine-tuning: a frozen copy. LoRA: merge the adapters into the
+        base and start fresh ones, so "adapters disabled" *is* the snapshot (no second model)."""
+        if self.lora is not None:
+            merged = self.model.merge_and_unload()
+            self.model = add_lora(merged, self.lora, self.frozen)
+        else:
+            ref = copy.deepcopy(self.model)
+            ref.eval()
+            ref.requires_grad_(False)
+            self.reference = ref
+        self.has_reference = True
+
+    @contextmanager
+    def _reference_ctx(self):
+        if not self.has_reference:
+            raise RuntimeError(
+                "CW-DPO needs a reference policy: run stage 1 first or call snapshot_reference() "
+                "(stage order sft_c → cw_dpo, or stage=cw_dpo with a checkpoint to start from)"
+            )
+        if self.lora is not None:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.reference.eval()  # Lightning's .train() on the module reaches the copy too
+            yield self.reference
+
+    # ------------------------------------------------------------------ text
+    def prompt_parts(
+        self, prompt: str, n_images: int = 1
+    ) -> tuple[list[dict[str, Any]], list[int]]:
+        """User-turn content parts and the order in which the images fill them. `<image k>`
+        placeholders (MMMU) put image k where the text refers to it (the text around them is
+        kept verbatim); images the text does not place come first (the usual "image, then
+        question" layout)."""
+        parts: list[dict[str, Any]] = []
+        order: list[int] = []
+        pos = 0
+        for m in IMAGE_PLACEHOLDER.finditer(prompt):
+            k = int(m.group(1)) - 1
+            if not 0 <= k < n_images:
+                raise DataError(
+                    f"prompt {prompt[:80]!r} refers to <image {k + 1}> but its row has "
+                    f"{n_images} image(s)"
+                )
+            if prompt[pos : m.start()].strip():
+                parts.append({"type": "text", "text": prompt[pos : m.start()]})
+            parts.append({"type": "image"})
+            order.append(k)
+            pos = m.end()
+        if prompt[pos:].strip() or not parts:
+            parts.append({"type": "text", "text": prompt[pos:]})
+        lead = [k for k in range(n_images) if k not in order]
+        return [{"type": "image"} for _ in lead] + parts, lead + order
+
+    def prompt_text(self, prompt: str, n_images: int = 1) -> str:
+        """The chat-templated user turn + generation prompt, with exactly one BOS."""
+        parts, _ = self.prompt_parts(prompt, n_images)
+        text = render_prompt(
+            self.processor, [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
+        return strip_duplicate_bos(text, self.tokenizer)
+
+    def response_ids(self, response: str) -> list[int]:
+        """Response tokens + the token the chat template closes an assistant turn with."""
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        return list(ids) + [self.turn_end_id]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops on the generation config's eos ids and on the turn-end token."""
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return list(dict.fromkeys([*ids, self.turn_end_id]))
+
+    def _processor_inputs(
+        self, images: Sequence[ImageInput], prompts: Sequence[str]
+    ) -> tuple[list[list[Image.Image]], list[str]]:
+        """Images as one list per sample (ordered as the prompt places them) + prompt texts."""
+        per_sample, texts = [], []
+        for i, (im, p) in enumerate(zip(images, prompts)):
+            ims = list(im) if isinstance(im, list | tuple) else [im]
+            if not ims:
+                raise DataError(f"batch row {i} (prompt {p[:60]!r}) has no image")
+            if len(ims) > 1 and self.model_type in SINGLE_IMAGE_MODEL_TYPES:
+                raise DataError(
+                    f"batch row {i} (prompt {p[:60]!r}) has {len(ims)} images but "
+                    f"{self.model_type} takes one image per sample; keep one image per row"
+                )
+            _, order = self.prompt_parts(p, len(ims))
+            per_sample.append([ims[k] for k in order])
+            texts.append(self.prompt_text(p, len(ims)))
+        return per_sample, texts
+
+    def _encode_prompts(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """(prompt ids per row, vision inputs) — `_encode` without the per-token inputs."""
+        ids, _, vision = self._encode(images, prompts)
+        return ids, vision
+
+    def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """Prompt ids per row (unpadded), per-token inputs per row, vision inputs."""
+        per_sample, texts = self._processor_inputs(images, prompts)
+        enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
+        keep = [m.bool() for m in enc["attention_mask"]]
+        ids = [row[m].tolist() for row, m in zip(enc["input_ids"], keep)]
+        per_token = {
+            k: [row[m].tolist() for row, m in zip(enc[k], keep)]
+            for k in self.per_token_keys
+            if k in enc
+        }
+        vision = {k: v for k, v in enc.items() if k not in TEXT_KEYS + PER_TOKEN_KEYS}
+        return ids, per_token, vision
+
+    def collate(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        responses: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize prompt (with image tokens) + response + turn-end token; labels only on the
+        response and its turn-end token. `images[i]` is one image or a list of images.
+
+        A row longer than max_length is handled by `model.truncation`
+        (`cwdpo.model.truncation`): an error (default), a counted cut of the *response* only
+        (never image or prompt tokens), or `OverBudget` for the data module to drop it. A
+        prompt that alone fills max_length is an error. Per-token inputs (token_type_ids,
+        mm_token_type_ids) cover the whole row, prompt and response.
+        """
+        if not (len(images) == len(prompts) == len(responses)):
+            raise ValueError("images, prompts and responses must have the same length")
+        prompt_ids, per_token, vision = self._encode(images, prompts)
+        resps = []
+        for i, r in enumerate(responses):
+            if not r or not r.strip():
+                raise DataError(f"empty response text in batch row {i} (prompt {prompts[i]!r})")
+            resps.append(self.response_ids(r))
+        resps = fit_responses(
+            [len(p) for p in prompt_ids],
+            resps,
+            self.max_length,
+            self.truncation,
+            self.truncation_stats,
+            lambda i: f"batch row {i} (prompt {prompts[i][:60]!r}, response {responses[i][:60]!r})",
+        )
+        fills = {k: RESPONSE_TOKEN_TYPE.get((self.model_type, k), 0) for k in per_token}
+        text = pad_rows(prompt_ids, resps, per_token, self.tokenizer.pad_token_id, fills)
+        return {**text, **vision}
+
+    def collate_pairs(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        chosen: Sequence[str],
+        rejected: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """Chosen rows first, rejected rows second: one forward serves both."""
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected responses")
+        for i, (c, r) in enumerate(zip(chosen, rejected)):
+            if " ".join(c.split()) == " ".join(r.split()):
+                raise DataError(
+                    f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
+                    f"rejected are identical ({c!r}); a pair needs two different responses"
+                )
+        n = len(chosen)
+        try:
+            batch = self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
+        except OverBudget as e:  # rows → the pairs they belong to
+            raise OverBudget(str(e), sorted({i % n for i in e.rows})) from None
+        check_pair_labels(
+            batch["labels"],
+            n,
+            lambda i: f"preference pair {i} of the batch (prompt {prompts[i]!r})",
+        )
+        return batch
+
+    # ------------------------------------------------------------------ generation
+    def generation_inputs(
+        self, images: Sequence[ImageInput], prompts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded image + prompt rows on the model's device, as `generate` feeds them."""
+        per_sample, texts = self._processor_inputs(images, prompts)
+        old = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = old
+        drop = set(PER_TOKEN_KEYS) - set(self.per_token_keys) | {"labels"}
+        return {k: v.to(self.device) for k, v in enc.items() if k not in drop}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_return_sequences: int = 1,
+        shared_prefill: bool = True,
+    ) -> list[str]:
+        """Batched generation with KV cache (left padding). Returns n·B strings, row-major.
+        n > 1 with `shared_prefill`: image + prompt prefilled once per record (model.sampling)."""
+        enc = self.generation_inputs(images, prompts)
+        with eval_mode(self.model):
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+            kw.update(
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.stop_token_ids,
+            )
+            if do_sample:
+                kw.update(temperature=temperature, top_p=top_p, top_k=0)
+            out = sample_ids(self.model, enc, num_return_sequences, shared_prefill, **kw)
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Save policy weights (merged if LoRA) + processor: loadable by from_pretrained."""
+        model = self.model
+        if self.lora is not None:
+            model = copy.deepcopy(self.model).merge_and_unload()
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)

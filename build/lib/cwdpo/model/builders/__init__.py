@@ -1,0 +1,1 @@
+"""The tiny family builders, one module per model family (registered in cwdpo.model.families)."""

@@ -1,0 +1,67 @@
+"""Response log-probs of a VLM: the forward pass DPO-style objectives read.
+
+`LogProbs` is a mixin of `cwdpo.model.backbone.VLMBackbone` (it needs `self.model` and
+`self._reference_ctx()`): logits only from the first response position on, per-sequence
+sums / means under the policy or the reference, and the shared-prefix pair path.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from cwdpo.batch import IGNORE_INDEX
+from cwdpo.losses.sequence import SeqLogps, sequence_logps
+
+
+class LogProbs:
+    """Policy / reference log-probs of collated batches (a `VLMBackbone` mixin)."""
+
+    def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Logits only from the first response position on (skips the LM head on image tokens)."""
+        labels = batch["labels"]
+        is_resp = labels != IGNORE_INDEX
+        first = int(is_resp.float().argmax(-1).min().item()) if is_resp.any() else 1
+        start = max(first - 1, 0)
+        keep = labels.shape[1] - start
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
+        return out.logits, start
+
+    def logps(self, batch: dict[str, torch.Tensor], reference: bool = False) -> SeqLogps:
+        """Per-sequence response log-probs under the policy (or the reference, no grad)."""
+        ctx = self._reference_ctx() if reference else nullcontext(self.model)
+        with ctx as model, torch.no_grad() if reference else nullcontext():
+            logits, start = self._logits(model, batch)
+        labels = batch["labels"][:, start + 1 :]
+        return sequence_logps(logits[:, :-1], labels)
+
+    def logps_and_logits(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[SeqLogps, torch.Tensor, torch.Tensor]:
+        """Policy log-probs plus the aligned (logits, labels) for smoothing / calibration."""
+        logits, start = self._logits(self.model, batch)
+        labels = batch["labels"][:, start + 1 :]
+        logits = logits[:, :-1]
+        return sequence_logps(logits, labels), logits, labels
+
+    def pair_logps(
+        self,
+        batch: dict[str, torch.Tensor],
+        n: int,
+        reference: bool = False,
+        prefix_sharing: bool = False,
+    ) -> SeqLogps:
+        """Log-probs of a `collate_pairs` batch (n pairs, 2n rows). prefix_sharing=True runs
+        image + prompt once per pair (`cwdpo.model.prefix`: one packed row per pair, gradient
+        checkpointing included) where the model supports it, else the plain `logps` path."""
+        if prefix_sharing:
+            from cwdpo.model.prefix import shared_prefix_logps, supports_prefix_sharing
+
+            ctx = self._reference_ctx() if reference else nullcontext(self.model)
+            with ctx as model, torch.no_grad() if reference else nullcontext():
+                if supports_prefix_sharing(model, batch):
+                    return shared_prefix_logps(model, batch, n)
+        return self.logps(batch, reference=reference)
