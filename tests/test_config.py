@@ -98,6 +98,7 @@ def test_null_default_groups_take_both_spellings(group, option, tmp_path):
         compose("train", overrides=[f"+{group}={option}"])
 
 
+@pytest.mark.subprocess
 def test_cli_takes_experiment_with_and_without_plus(tmp_path):
     import os
     import subprocess

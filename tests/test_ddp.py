@@ -267,6 +267,7 @@ def _load_script(script: Path):
     return mod
 
 
+@pytest.mark.dist
 def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
     """Global batch 4: 1 process × 4 pairs vs 2 gloo processes × 2 pairs, 3 AdamW steps.
     The DDP run also uses the prefix-shared forward and the reference cache."""
@@ -346,6 +347,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
     """Each rank generates for its own shard of the images; after the gather every rank holds
     the negatives of every image, and the kept count is global."""
@@ -436,6 +438,7 @@ PROBE_RULES_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
     """2 gloo processes under Lightning's DDP: a stop rule that holds on rank 1 only stops both
     ranks at the same step (a rank-local stop would leave rank 0 waiting in its next all-reduce)."""

@@ -23,6 +23,8 @@ from cwdpo.model.backbone import VLMBackbone
 from cwdpo.model.checks import end_token_text, reference_token_logps, row_token_logps
 from cwdpo.model.families import FAMILIES, ensure_family
 
+pytestmark = pytest.mark.families  # `make test-fast` skips the matrix
+
 NAMES = list(FAMILIES)
 #: max |Δ log-prob| per family vs the per-row reference (written for the closing note when
 #: CWDPO_FAMILY_REPORT names a file)
@@ -578,6 +580,7 @@ def test_doctor_fails_where_a_long_run_would_compute_something_wrong(
     assert "FAIL" in (tmp_path / "doctor.md").read_text()
 
 
+@pytest.mark.subprocess
 def test_doctor_cli(tmp_path, family_dirs, tiny_cache_dir):
     import subprocess
     import sys
