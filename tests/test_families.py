@@ -496,30 +496,41 @@ REAL_MODELS = {  # conf/model entry → the family it loads as
 def test_real_model_entry_composes_and_its_settings_load(
     entry, tmp_path, family_dirs, tiny_cache_dir
 ):
-    """Each conf/model entry composes, points at a local directory, and every key it sets is
-    accepted by the backbone: loaded against the tiny build of its family (fp32 for speed)."""
+    """Each conf/model entry composes, points at a local directory, and every setting it makes
+    takes effect on the backbone it builds (loaded against the tiny build of its family): the
+    dtype, attention kernel and gradient checkpointing reach the model, and the LoRA preset
+    wraps the language model only."""
     import hydra
     from omegaconf import OmegaConf
 
+    from cwdpo.model.backbone import module_group
     from tests.helpers import compose_cfg
 
     cfg = compose_cfg([f"model={entry}"], tmp_path, tmp_path)
     m = OmegaConf.to_container(cfg.model, resolve=True)
     assert m["path"].startswith(cfg.paths.models_dir + "/"), m["path"]
-    assert m["dtype"] == "bfloat16" and m["attn_implementation"] and m["gradient_checkpointing"]
-    assert m["lora"]["target_modules"] == "language"
     if entry.startswith("qwen"):
         px = m["processor_kwargs"]
         assert 0 < px["min_pixels"] < px["max_pixels"]
     path = family_path(REAL_MODELS[entry], family_dirs, tiny_cache_dir)
-    over = {"path": str(path), "dtype": None, "gradient_checkpointing": False}
+    over: dict = {"path": str(path)}
     if entry.startswith("qwen"):  # the tiny builds use 8-pixel patches: keep their budget
         over["processor_kwargs"] = {"min_pixels": 32 * 32, "max_pixels": 32 * 32}
     if entry.startswith(("smolvlm", "idefics3")):
         over["processor_kwargs"] = {"size": {"longest_edge": 32}}
     bb = hydra.utils.instantiate({**m, **over})
-    assert bb.model.config.model_type == FAMILIES[REAL_MODELS[entry]].model_type
-    assert any(hasattr(mod, "lora_A") for mod in bb.model.modules())
+    model = bb.model.get_base_model() if hasattr(bb.model, "get_base_model") else bb.model
+    assert model.config.model_type == FAMILIES[REAL_MODELS[entry]].model_type
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert dtypes == {getattr(torch, m["dtype"])}, dtypes
+    assert model.config._attn_implementation == m["attn_implementation"]
+    checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5
+    checkpointing = "is_activation_checkpointing" if checkpointing else "is_gradient_checkpointing"
+    assert getattr(model, checkpointing) == bool(m["gradient_checkpointing"])
+    wrapped = {module_group(n) for n, mod in bb.model.named_modules() if hasattr(mod, "lora_A")}
+    assert wrapped and "vision" not in wrapped, (entry, wrapped)
+    if m["lora"]["target_modules"] == "language":
+        assert wrapped == {"language"}, (entry, wrapped)
 
 
 def test_qwen_min_max_pixels_bound_the_image_token_count(rows, family_dirs, tiny_cache_dir):
