@@ -11,7 +11,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 #: names whose use means "starts another process"
-SPAWNS = {"subprocess", "Popen", "executable", "start_processes", "spawn", "NotebookClient"}
+SPAWNS = {"subprocess", "Popen", "executable", "start_processes", "spawn", "fork", "NotebookClient"}
 FAST = "not slow and not dist and not families and not subprocess"
 
 
