@@ -497,7 +497,7 @@ def test_real_model_entry_composes_and_its_settings_load(
     import hydra
     from omegaconf import OmegaConf
 
-    from cwdpo.model.backbone import module_group
+    from cwdpo.model.loading import module_group
     from tests.helpers import compose_cfg
 
     cfg = compose_cfg([f"model={entry}"], tmp_path, tmp_path)
