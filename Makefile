@@ -38,7 +38,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
 
-## test: the default (fast) test suite — what CI runs
+## test: the whole default suite (every test but `slow`) — what CI runs
 test:
 	$(PYTHON) -m pytest -q
 
