@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install lock lock-upgrade test test-latest test-slow lint format train train-ablation bench gpu-check experiments testbed report clean
+.PHONY: install lock lock-upgrade test test-fast test-latest test-slow lint format train train-ablation bench gpu-check experiments testbed report clean
 
 ## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras, at the locked versions
 install:
@@ -38,9 +38,14 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
 
-## test: the default (fast) test suite — what CI runs
+## test: the whole default suite (every test but `slow`) — what CI runs
 test:
 	$(PYTHON) -m pytest -q
+
+## test-fast: the inner loop: `make test` less the multi-process (`dist`), per-family matrix
+## (`families`) and process-starting (`subprocess`) tests; `make test` still runs them all
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow and not dist and not families and not subprocess"
 
 ## test-slow: long experiment-style tests (marker `slow`)
 test-slow:

@@ -30,7 +30,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @dataclass
-class PairBatch:
+class TextPairs:
+    """Raw preference pairs (images and texts, before collation) — not `cwdpo.batch.PairBatch`,
+    the collated tensors the modules train on."""
+
     images: list[Image.Image]
     prompts: list[str]
     chosen: list[str]
@@ -70,8 +73,8 @@ def shapes_pairs():
 
 
 @pytest.fixture
-def pair_batch(shapes_pairs) -> PairBatch:
-    return PairBatch(
+def pair_batch(shapes_pairs) -> TextPairs:
+    return TextPairs(
         images=[p.image.load() for p in shapes_pairs],
         prompts=[p.prompt for p in shapes_pairs],
         chosen=[p.chosen for p in shapes_pairs],

@@ -91,7 +91,9 @@ def test_response_longer_than_max_length_is_truncated_never_the_image(backbone):
     from cwdpo.batch import IGNORE_INDEX
 
     img, prompt = make_image(1), "Describe the image."
-    prompt_ids, _ = backbone._encode_prompts([img], [prompt])
+    short = backbone.collate([img], [prompt], ["a red square ."])  # fits: the untruncated prompt
+    prompt_len = int((short["labels"][0] == IGNORE_INDEX).sum())
+    prompt_ids = [short["input_ids"][0, :prompt_len].tolist()]
     image_id = backbone.model.config.image_token_id
     n_image = prompt_ids[0].count(image_id)
     assert n_image > 0

@@ -151,6 +151,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_two_gloo_processes_equal_one(tmp_path, tiny_vlm_path):
     """Each rank generates its shard; the gathered answers and scores equal one process's."""
     import socket
@@ -261,6 +262,7 @@ def _families():
     return list(FAMILIES)
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("name", _families())
 def test_every_family_runs_each_benchmark(name, tmp_path, tiny_cache_dir):
     """POPE (1 question per split), MMMU (1), MMBench (question 0: 4 rotations) from
@@ -307,6 +309,7 @@ def test_pipeline_puts_the_curves_in_results_json(tmp_path, tiny_cache_dir):
     assert any(r.get("bench/pope/all/accuracy") for r in logged)
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("name", _families())
 def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
     """The in-training curve on each family's tiny build: one SFT step, POPE / MMMU / MMBench
@@ -341,6 +344,7 @@ def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
 
 
 # ------------------------------------------------------------------ torchrun-style cwdpo.eval
+@pytest.mark.dist
 def test_cwdpo_eval_on_two_processes_equals_one_and_writes_once(tmp_path, tiny_vlm_path):
     """`cwdpo.eval` launched as 2 ranks (torchrun's env: WORLD_SIZE, RANK, MASTER_*) joins a
     gloo group, shards generation and writes eval.json / predictions once, equal to 1 process."""

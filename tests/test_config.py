@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,28 +48,61 @@ def test_ablation_cooling_turns_cooling_off_only(tmp_path):
     assert a == b
 
 
-def test_debug_and_hparams_groups_compose(tmp_path):
-    cfg = compose_cfg(["+debug=fast"], tmp_path, tmp_path)
-    assert cfg.stage.cw_dpo.steps == 2
+def test_debug_fast_shortens_every_stage_and_changes_no_loss_setting(tmp_path):
+    """`+debug=fast` is a smoke run of the same method: every stage and the evaluation shrink,
+    every other stage setting (the losses, their knobs) is the default run's."""
+    base = compose_cfg([], tmp_path, tmp_path)
+    fast = compose_cfg(["+debug=fast"], tmp_path, tmp_path)
+    for name in base.stage.run:
+        assert 0 < fast.stage[name].steps < base.stage[name].steps, name
+        rest = {k: v for k, v in base.stage[name].items() if k != "steps"}
+        assert {k: v for k, v in fast.stage[name].items() if k != "steps"} == rest, name
+    assert 0 < fast.eval.n_records < base.eval.n_records
+    assert sum(fast.data.source.sizes.values()) < sum(base.data.source.sizes.values())
 
 
-def test_unknown_key_fails_naming_it(tmp_path):
-    with pytest.raises(ConfigCompositionException, match="stage.cw_dpo.betta"):
-        compose_cfg(["stage.cw_dpo.betta=0.2"], tmp_path, tmp_path)
+@pytest.mark.parametrize(
+    "key",
+    ["stage.cw_dpo.betta", "data.source.sizes.trian", "trainer.devics", "model.lora.rr", "sed"],
+)
+def test_unknown_key_fails_naming_it(key, tmp_path):
+    """Every node is closed (struct), nested ones too: a typo at any depth names the full key."""
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{re.escape(key)}'"):
+        compose_cfg([f"{key}=1"], tmp_path, tmp_path)
 
 
-def test_unknown_group_option_fails_naming_group(tmp_path):
-    with pytest.raises(ConfigCompositionException, match="model"):
-        compose_cfg(["model=nope"], tmp_path, tmp_path)
+@pytest.mark.parametrize("group", GROUPS)
+def test_unknown_group_option_fails_naming_group_and_options(group, tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg([f"{group}=nope"], tmp_path, tmp_path)
+    msg = str(err.value)
+    assert f"Could not find '{group}/nope'" in msg, msg
+    listed = msg.split(f"Available options in '{group}':")[1].split("Config search path")[0]
+    assert listed.split() == options(group), msg
 
 
-def test_every_loss_knob_is_a_config_value(tmp_path):
+def test_every_loss_knob_the_readme_names_is_a_config_value(tmp_path):
+    """README's "Every loss knob is a config value" list: each key it names exists where it
+    says, and a command-line override of it lands in the composed config."""
+    readme = " ".join((CONF.parent / "README.md").read_text().split())
+    said = readme.split("Every loss knob is a config value:")[1].split(";")[0]
+    knobs = [
+        f"{node}.{k.strip()}"
+        for node, ks in re.findall(r"`(stage\.\w+)\.\{([\w, ]+)\}`", said)
+        for k in ks.split(",")
+    ]
+    assert {k.rsplit(".", 1)[0] for k in knobs} == {"stage.sft_c", "stage.cw_dpo"}, said
     cfg = compose_cfg([], tmp_path, tmp_path)
-    for k in ("lam", "margin_c", "reduction", "label_smoothing", "constraint"):
-        assert k in cfg.stage.sft_c
-    for k in ("beta", "cooling", "floor", "tau", "filter_threshold", "loss_type", "rpo_alpha"):
-        assert k in cfg.stage.cw_dpo
-    assert 0.0 <= cfg.negatives.dataset_fraction <= 1.0
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5}
+    changed = {}
+    for knob in knobs:
+        value = OmegaConf.select(cfg, knob, throw_on_missing=True)
+        changed[knob] = 0.5 if value is None else other.get(type(value), lambda v: v + "_x")(value)
+    overrides = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()]
+    moved = compose_cfg(overrides, tmp_path, tmp_path)
+    assert {k: OmegaConf.select(moved, k) for k in knobs} == changed
+    mixed = compose_cfg(["negatives=mixed", "negatives.dataset_fraction=0.25"], tmp_path, tmp_path)
+    assert mixed.negatives.dataset_fraction == 0.25
 
 
 @pytest.mark.parametrize(
@@ -98,6 +132,7 @@ def test_null_default_groups_take_both_spellings(group, option, tmp_path):
         compose("train", overrides=[f"+{group}={option}"])
 
 
+@pytest.mark.subprocess
 def test_cli_takes_experiment_with_and_without_plus(tmp_path):
     import os
     import subprocess

@@ -147,6 +147,7 @@ def test_eval_config_is_validated(tmp_path):
         validate_config(cfg, "eval")
 
 
+@pytest.mark.subprocess
 def test_cli_prints_one_line_before_any_model_loads(tmp_path):
     """`python -m cwdpo.train stage.cw_dpo.beta=-1`: rc 1, the error on one line, no traceback
     (HYDRA_FULL_ERROR=1 shows it), and the tiny VLM was never built (no model loaded)."""

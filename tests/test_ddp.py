@@ -193,13 +193,24 @@ def test_trainer_configs_compose():
             if name in ("ddp", "ddp_cpu", "fsdp", "fsdp2", "fsdp_cpu", "multinode"):
                 strategy = hydra.utils.instantiate(t.strategy)  # constructible without GPUs
                 assert type(strategy).__name__ in ("DDPStrategy", "FSDPStrategy", "FSDP2Strategy")
+        # the wrap policy reaches FSDP as a working size rule: a block at the threshold is its
+        # own shard unit, one parameter less stays with its parent
         t = compose("train", overrides=["trainer=fsdp"]).trainer
-        fsdp = hydra.utils.instantiate(t.strategy)
-        assert callable(fsdp.kwargs["auto_wrap_policy"])
-        assert fsdp.kwargs["use_orig_params"] is True
-        assert compose("train", overrides=["trainer=deepspeed"]).trainer.strategy.stage == 2
-        ddp_cpu = compose("train", overrides=["trainer=ddp_cpu"]).trainer
-        assert ddp_cpu.strategy.process_group_backend == "gloo" and ddp_cpu.devices == 2
+        policy = hydra.utils.instantiate(t.strategy).kwargs["auto_wrap_policy"]
+        at = t.strategy.auto_wrap_policy.min_num_params
+        block = torch.nn.Linear(1, 1)
+        assert policy(module=block, recurse=False, nonwrapped_numel=at)
+        assert not policy(module=block, recurse=False, nonwrapped_numel=at - 1)
+        # the CPU trainers build as Lightning sees them: 2 CPU processes on a backend this
+        # torch has (what the gloo tests below launch)
+        for name, kind in (("ddp_cpu", "DDPStrategy"), ("fsdp_cpu", "FSDP2Strategy")):
+            trainer = hydra.utils.instantiate(
+                compose("train", overrides=[f"trainer={name}"]).trainer, logger=False
+            )
+            assert type(trainer.strategy).__name__ == kind, name
+            assert type(trainer.accelerator).__name__ == "CPUAccelerator", name
+            assert trainer.num_devices == 2 and trainer.world_size == 2, name
+            assert torch.distributed.is_backend_available(trainer.strategy.process_group_backend)
 
 
 def test_multinode_reads_slurm_and_torchrun_env(monkeypatch):
@@ -267,6 +278,7 @@ def _load_script(script: Path):
     return mod
 
 
+@pytest.mark.dist
 def test_two_process_ddp_equals_single_process(script, tiny_vlm_path, tmp_path):
     """Global batch 4: 1 process × 4 pairs vs 2 gloo processes × 2 pairs, 3 AdamW steps.
     The DDP run also uses the prefix-shared forward and the reference cache."""
@@ -346,6 +358,7 @@ ON_POLICY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
     """Each rank generates for its own shard of the images; after the gather every rank holds
     the negatives of every image, and the kept count is global."""
@@ -436,6 +449,7 @@ PROBE_RULES_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_probe_rules_fire_on_every_rank_under_real_ddp(tmp_path):
     """2 gloo processes under Lightning's DDP: a stop rule that holds on rank 1 only stops both
     ranks at the same step (a rank-local stop would leave rank 0 waiting in its next all-reduce)."""

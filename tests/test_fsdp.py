@@ -47,6 +47,7 @@ def script(tmp_path_factory) -> Path:
     return p
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(
     ("lora", "prefix"),
     [(False, False), (True, False), (False, True)],
@@ -78,6 +79,7 @@ def test_two_process_fsdp_equals_single_process(script, tiny_vlm_path, tmp_path,
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.dist
 def test_fsdp_checkpoint_resumes_to_the_uninterrupted_run(script, tiny_vlm_path, tmp_path):
     """4 steps over 2 epochs of 2 steps: stop after epoch 0 (step 2), resume from that FSDP
     checkpoint to step 4; the weights equal a 4-step run without the stop."""
@@ -99,6 +101,7 @@ def test_fsdp_checkpoint_resumes_to_the_uninterrupted_run(script, tiny_vlm_path,
         torch.testing.assert_close(w_res[k], w_full[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.subprocess
 def test_fsdp1_cannot_run_on_cpu_which_is_why_fsdp_cpu_is_fsdp2(tmp_path):
     """`trainer=fsdp` (Lightning's FSDPStrategy) is torch's FSDP1, which refuses CPU devices;
     FSDP2 does not, so the CPU tests run `trainer=fsdp_cpu` (FSDP2). If torch ever lifts this,
@@ -118,6 +121,7 @@ def test_fsdp1_cannot_run_on_cpu_which_is_why_fsdp_cpu_is_fsdp2(tmp_path):
     assert "refused: FSDP needs a non-CPU accelerator device" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.dist
 def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_vlm_path, tmp_path):
     """`python -m cwdpo.train trainer=fsdp_cpu` (2 gloo processes): both stages train sharded,
     and what the pipeline saves and evaluates after each stage is the full trained policy (the
@@ -203,6 +207,7 @@ os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate ca
 """
 
 
+@pytest.mark.dist
 def test_a_rank_without_images_does_not_hang_fsdp2_and_gradients_stay_exact(
     tiny_vlm_path, tmp_path
 ):

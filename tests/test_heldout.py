@@ -140,16 +140,29 @@ def test_bad_settings_are_refused_naming_the_key(kw, match):
         HeldoutCurve(**kw)
 
 
-def test_default_config_builds_the_curve():
+def test_default_config_curves_inside_its_stages_as_the_readme_says():
+    """The default run's curve has points inside each stage it curves (not only its start and
+    end), covers records the split has, uses the end-of-stage evaluation's token budget, and
+    the README's description of it names the configured numbers."""
+    import re
+
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from cwdpo.run.config import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cb = instantiate(compose("train").callbacks.heldout)
-    assert isinstance(cb, HeldoutCurve)
-    assert (cb.every_n_steps, cb.n_items, cb.split, cb.stages) == (20, 64, "val", ["cw_dpo"])
+        cfg = compose("train")
+    cb = instantiate(cfg.callbacks.heldout)
+    assert isinstance(cb, HeldoutCurve) and cb.stages
+    for stage in cb.stages:
+        assert stage in cfg.stage.run and stage not in cfg.stage.skip, stage
+        assert 0 < cb.every_n_steps < cfg.stage[stage].steps, (stage, cb.every_n_steps)
+    assert cb.n_items <= cfg.data.source.sizes[cb.split]
+    assert cb.max_new_tokens == cfg.eval.max_new_tokens
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    said = re.search(r"greedy captions of (\d+) (\w+) images judged every (\d+) steps", readme)
+    assert said and said.groups() == (str(cb.n_items), cb.split, str(cb.every_n_steps))
 
 
 # ---------------------------------------------------------------- steps to a held-out target

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 import hydra
@@ -94,20 +93,22 @@ def test_images_are_decoded_in_a_bounded_pool(monkeypatch):
     from cwdpo.data.records import ImageRef
 
     active, peak, lock = [0], [0], threading.Lock()
+    together = threading.Barrier(4, timeout=60)  # passes only when 4 probes run at once
 
-    def slow_probe(ref):
+    def probe(ref):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.01)
+        together.wait()  # no sleep: the pool must hold 4 decodes in flight to get past here
         with lock:
             active[0] -= 1
         return "bad" if ref.name == "r7" else None
 
-    monkeypatch.setattr(image_check, "probe_image", slow_probe)
+    monkeypatch.setattr(image_check, "probe_image", probe)
+    monkeypatch.setattr(image_check.os, "cpu_count", lambda: 8)  # the bound, not the machine
     refs = [ImageRef(path=f"/x/{i}.jpg", name=f"r{i}") for i in range(40)]
     assert image_check.unreadable_images(refs, max_workers=4) == {7: "bad"}
-    assert 1 < peak[0] <= 4
+    assert peak[0] == 4  # 4 in parallel, never a 5th
 
 
 def test_trl_pair_images_are_checked_too(tmp_path):

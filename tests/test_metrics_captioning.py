@@ -160,6 +160,7 @@ def _ddp_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_real_ddp_gather_matches_single_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

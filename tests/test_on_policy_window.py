@@ -221,6 +221,7 @@ with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
 """
 
 
+@pytest.mark.dist
 def test_each_ddp_rank_samples_what_it_trains_on(tiny_vlm_path, tmp_path):
     """A real 2-process DDP stage (gloo): each rank samples exactly the records its own next
     batches draw (2 steps × batch 2 per refresh), no pair falls back to a dataset negative, and

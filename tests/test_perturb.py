@@ -449,6 +449,7 @@ def test_an_output_of_another_input_or_a_corrupt_line_is_refused(tmp_path, llm):
 
 
 # ------------------------------------------------------------------------- a kill, then resume
+@pytest.mark.subprocess
 def test_killed_mid_run_then_resumed_loses_and_repeats_nothing(tmp_path, llm):
     """The CLI in a subprocess: 3 rows are answered, every later request blocks; the process is
     SIGKILLed once the file holds 3 rows, a torn half line is appended as a crash mid-write would

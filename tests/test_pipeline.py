@@ -87,6 +87,7 @@ def test_bad_stage_order_is_rejected(tmp_path, tiny_cache_dir):
         run_pipeline(cfg)
 
 
+@pytest.mark.subprocess
 def test_cli_entry_point(tmp_path, tiny_cache_dir):
     env = {**os.environ, "CWDPO_CACHE": str(tiny_cache_dir)}
     cmd = [

@@ -133,6 +133,7 @@ def test_plots_in_the_run_dir_and_overlays(pipeline_run, tmp_path):
         _non_empty_png(p)
 
 
+@pytest.mark.subprocess
 def test_review_notebook_executes(pipeline_run, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

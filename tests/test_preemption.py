@@ -81,6 +81,7 @@ def preempted(tmp_path_factory, tiny_vlm_path) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.subprocess
 def test_sigterm_mid_stage_exits_nonzero_with_a_checkpoint_at_that_step(preempted):
     p = preempted
     assert p["rc"] == 128 + signal.SIGTERM, p["stdout"][-3000:]
@@ -95,6 +96,7 @@ def test_sigterm_mid_stage_exits_nonzero_with_a_checkpoint_at_that_step(preempte
     assert "stopped: SIGTERM" in last and "stage cw_dpo" in last and m["resume"] in last, last
 
 
+@pytest.mark.subprocess
 def test_resuming_a_preempted_run_ends_with_the_uninterrupted_weights(preempted):
     from safetensors.torch import load_file
 
@@ -123,6 +125,7 @@ def _last_line(path: Path) -> str:
     return [ln for ln in lines if not ln.startswith("Set the environment variable HYDRA")][-1]
 
 
+@pytest.mark.subprocess
 def test_a_changed_training_value_on_resume_is_refused_in_one_line(preempted):
     p = preempted
     out = (p["root"] / "changed.out").read_text()
@@ -135,6 +138,7 @@ def test_a_changed_training_value_on_resume_is_refused_in_one_line(preempted):
     assert not (p["run"] / "config_history").exists()  # the refused attempt recorded nothing
 
 
+@pytest.mark.subprocess
 def test_a_truncated_checkpoint_names_its_path_and_what_to_do(preempted):
     p = preempted
     out = (p["root"] / "broken.out").read_text()

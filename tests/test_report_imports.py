@@ -9,6 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # every test starts a fresh interpreter
+
 
 def _modules_after(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints a JSON object, returned here."""

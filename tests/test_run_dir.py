@@ -44,6 +44,7 @@ def cli(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.
     )
 
 
+@pytest.mark.subprocess
 def test_simultaneous_starts_get_their_own_run_dirs(tmp_path):
     """The issue's `for s in 1 2; do python -m cwdpo.train seed=$s & done`: with a timestamp
     that is the same for both (`${now:%Y}`), each run still gets its own directory."""
@@ -65,6 +66,7 @@ def test_simultaneous_starts_get_their_own_run_dirs(tmp_path):
     assert not [d for d in dirs if (d / LOCK_NAME).exists()]  # released at exit
 
 
+@pytest.mark.subprocess
 def test_simultaneous_multiruns_get_their_own_sweep_dirs(tmp_path):
     pattern = str(tmp_path / "sweeps" / "${now:%Y}")
     procs = [
@@ -89,6 +91,7 @@ def test_claim_fresh_dir_never_returns_an_existing_dir(tmp_path):
     assert [p.name for p in got] == [base.name, f"{base.name}_1", f"{base.name}_2"]
 
 
+@pytest.mark.subprocess
 def test_a_live_run_dir_is_refused_before_anything_is_written(tmp_path):
     run = tmp_path / "shared"
     holder = subprocess.Popen(
@@ -131,6 +134,7 @@ def test_lock_is_reentrant_and_released(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.subprocess
 def test_read_only_run_dir_is_one_clear_line(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only directories")
@@ -145,6 +149,7 @@ def test_read_only_run_dir_is_one_clear_line(tmp_path):
     assert p.returncode == 1 and "is not writable" in err and "Traceback" not in err, err
 
 
+@pytest.mark.subprocess
 def test_unwritable_run_dir_and_cache_are_one_clear_line_each(tmp_path):
     """Also as root (where chmod does not bite): a path below a regular file cannot be created."""
     blocker = tmp_path / "a-file"
@@ -164,6 +169,7 @@ def test_unwritable_run_dir_and_cache_are_one_clear_line_each(tmp_path):
     assert "InterpolationResolutionError" not in err
 
 
+@pytest.mark.subprocess
 def test_resume_true_without_a_run_to_resume_is_an_error(tmp_path):
     logs = tmp_path / "logs"
     p = cli(["resume=true", f"paths.log_dir={logs}"], tmp_path)

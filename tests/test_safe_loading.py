@@ -102,6 +102,7 @@ def test_weights_are_safetensors_only(tiny_vlm_path, backbone, tmp_path):
     assert _weight_files(tmp_path / "saved") == ["model.safetensors"]
 
 
+@pytest.mark.subprocess  # forks CLI runs (test_resume.pipeline_runs)
 def test_pipeline_stage_outputs_are_safetensors_only(runs):
     for run in (runs["ref"], runs["run"]):
         for hf in (run / "checkpoints").glob("*_hf"):
@@ -182,6 +183,7 @@ def runs(tmp_path_factory, tiny_vlm_path):
     return pipeline_runs(tmp_path_factory, Path(tiny_vlm_path).parent)
 
 
+@pytest.mark.subprocess  # forks CLI runs (test_resume.pipeline_runs)
 def test_api_keys_from_the_environment_reach_no_file_of_a_run(runs):
     """Every pipeline run of tests/test_resume.py had OPENAI_API_KEY / WANDB_API_KEY / HF_TOKEN
     set: no file it wrote (configs, .hydra, logs, CSV, results, checkpoints) contains it."""

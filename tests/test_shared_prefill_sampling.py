@@ -22,6 +22,8 @@ from tests import test_families as families
 #: the family matrix's fixtures (one tiny build per family per session) and loader, reused
 fam, family_dirs, rows, load = families.fam, families.family_dirs, families.rows, families.load
 
+pytestmark = pytest.mark.families  # every family: `make test-fast` skips them
+
 K = 3
 #: fp32 logits, cached vs full-width computation (≤ 4e-6 measured on every family, |logits| ≤ 6)
 ATOL = 2e-5

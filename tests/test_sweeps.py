@@ -33,6 +33,7 @@ def _train(args: list[str], cache: Path, timeout: int = 900) -> subprocess.Compl
     return proc
 
 
+@pytest.mark.subprocess
 def test_two_job_multirun_and_report(tmp_path, tiny_cache_dir):
     sweep = tmp_path / "sweep"
     _train(
@@ -208,6 +209,7 @@ def test_win_rate_against_the_baseline_run_of_the_same_seed(tmp_path):
     assert strict == {"reached": 0, "of": 2}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("launcher", ["local_parallel", "slurm"])
 def test_launcher_and_optuna_configs_compose(launcher, tmp_path):
     env = {**os.environ, "CWDPO_CACHE": str(tmp_path)}

@@ -266,11 +266,23 @@ def test_easy_mix_swaps_that_share_of_rejected_for_easy_negatives():
         NegativeConfig(kind="dataset", easy_mix=0.2)
 
 
-def test_testbed_config_composes_and_builds(tmp_path):
+def test_testbed_config_shifts_the_rule_exactly_where_stage_two_rows_start(tmp_path):
+    """What the pipeline hands each stage (`stage_records`) under `data=shapes_cooc`: the base
+    SFT its own images, stage 1 rows at `cooc_prob`, stage 2 rows at `cooc_prob_shift` (the
+    world's shift lines up with data.stage_split), and the negatives node builds."""
+    from cwdpo.run.pipeline import stage_records
+
     cfg = compose_cfg(["data=shapes_cooc", "negatives=self_judged"], tmp_path, tmp_path)
     src = hydra.utils.instantiate(cfg.data.source)
-    assert src.world.shift_from == 0.75 and src.world.cooc_trigger == ("red", "circle")
-    assert src.base_records() is not None and len(src.captions("train")) == 1600
+    rec = stage_records(cfg, src, ["base_sft", "sft_c", "cw_dpo"])
+    w = cfg.data.source.world
+    assert w.cooc_prob - w.cooc_prob_shift >= 0.2  # a shift the tests below can see
+    scenes = {k: [r.meta["scene"] for r in rec[k]] for k in ("all", "sft_c", "cw_dpo")}
+    for part, p in (("all", w.cooc_prob), ("sft_c", w.cooc_prob), ("cw_dpo", w.cooc_prob_shift)):
+        trig = [sc for sc in scenes[part] if _has(sc, tuple(w.cooc_trigger))]
+        rate = sum(_has(sc, tuple(w.cooc_companion)) for sc in trig) / len(trig)
+        assert _within(rate, p, len(trig)), (part, rate, p, len(trig))
+    assert not {r.image_id for r in rec["all"]} & {r.image_id for r in src.captions("train")}
     NegativeConfig(**{k: v for k, v in cfg.negatives.items()})
 
 

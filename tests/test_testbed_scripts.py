@@ -111,10 +111,50 @@ def test_figures_are_drawn_from_reports_and_runs(tmp_path, monkeypatch):
         f"0.3={report}",
     ]
     monkeypatch.setattr(sys, "argv", argv)
+    drawn = {}  # figure name → its data, read off the figure before it is saved and closed
+
+    def save(fig, path):
+        drawn[path.stem] = [_lines(ax) for ax in fig.axes]
+        return real_save(fig, path)
+
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", save)
     plots.main()
     for name in ("paired", "tuning", "heldout", "companion"):
-        png = out / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, name
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # paired: per metric, the CI [1, 2] as a segment, the mean 1.5, the seeds' differences
+    for ax in drawn["paired"]:
+        assert ax["lines"][:3] == [([1.0, 2.0], [0, 0]), ([1.5], [0]), ([1.0, 2.0], [0.18] * 2)]
+        assert ax["yticks"] == ["CW-DPO − DPO"]
+    # tuning: one panel per knob; val F1 = the mean over the two tuning seeds; ★ at the best
+    beta, lr = drawn["tuning"]
+    assert lr["lines"] == [([1e-4, 2e-4], [80.5, 82.5]), ([2e-4], [82.5])]
+    assert beta["lines"] == [([0.5], [60.0]), ([0.5], [60.0])]
+    # heldout: change from the start, mean over seeds (F1 +1.5, companion −2 at step 20)
+    f1, comp = drawn["heldout"]
+    assert f1["lines"][0] == ([0, 20], [0.0, 1.5]) and comp["lines"][0] == ([0, 20], [0.0, -2.0])
+    assert f1["legend"] == ["CW-DPO (n=2)"]
+    # companion: the two default settings at h = 0 and 0.3 (offset a little apart), each as
+    # its mean 40 and the error-bar caps at mean ± std 5
+    (ax,) = drawn["companion"]
+    assert ax["legend"] == ["SFT-C", "CW-DPO"]
+    assert [ys for _, ys in ax["lines"]] == [[40.0, 40.0], [35.0, 35.0], [45.0, 45.0]] * 2
+    assert [round(x, 3) for x in ax["lines"][0][0]] == [-0.006, 0.294]
+
+
+def _lines(ax) -> dict:
+    """What a reader sees on `ax`: each line's (x, y), the y tick labels and the legend."""
+    legend = ax.get_legend()
+    lines = [
+        ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
+        for ln in ax.get_lines()
+    ]
+    rules = [(xs, ys) for xs, ys in lines if [0, 1] in (xs, ys)]  # axhline / axvline
+    return {
+        "lines": [line for line in lines if line not in rules],
+        "yticks": [t.get_text() for t in ax.get_yticklabels()],
+        "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+    }
 
 
 def test_mean_wc_is_the_mean_over_runs_of_each_runs_mean(tmp_path):

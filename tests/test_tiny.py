@@ -170,3 +170,23 @@ def test_special_tokens(loaded):
         assert len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]) == t
     assert tok.eos_token == "<|end|>" and tok.pad_token == "<pad>"
     assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_the_llava_family_is_the_default_tiny_vlm(loaded, tiny_vlm_path, tmp_path):
+    """The registered `llava` builder builds (it used to only raise): the same weights and
+    tokenizer as the embedded tiny VLM, and `ensure_family` hands out that cached directory."""
+    from cwdpo.model.families import FAMILIES, build_family, ensure_family
+
+    assert ensure_family("llava", tiny_vlm_path.parent) == tiny_vlm_path
+    out = build_family("llava", tmp_path / "llava")
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert (
+        type(model) is type(loaded[0]) and model.config.model_type == FAMILIES["llava"].model_type
+    )
+    ref = loaded[0].state_dict()
+    assert model.state_dict().keys() == ref.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    assert (
+        AutoProcessor.from_pretrained(out).tokenizer.get_vocab() == loaded[1].tokenizer.get_vocab()
+    )

@@ -227,6 +227,7 @@ def test_results_count_the_budget_per_stage(tmp_path):
 
 
 # ------------------------------------------------------------------------------ every family
+@pytest.mark.families
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_blank_image_count_equals_the_processor_on_real_images(name, tiny_cache_dir):
     """The preflight's cached count (blank images of the same sizes) is the real one."""

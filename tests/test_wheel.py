@@ -12,6 +12,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +23,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.subprocess
 def test_wheel_in_a_fresh_venv_runs_the_main_job(tmp_path, tiny_cache_dir):
     dist = tmp_path / "dist"
     _run(

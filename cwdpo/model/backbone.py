@@ -56,8 +56,6 @@ from cwdpo.utils.modes import eval_mode
 RESPONSE_TOKEN_TYPE = {("paligemma", "token_type_ids"): 1}
 #: `<image k>` placeholders (MMMU) put image k where the question refers to it.
 IMAGE_PLACEHOLDER = re.compile(r"<image (\d+)>")
-#: Families whose processor/model take one image per sample only.
-SINGLE_IMAGE_MODEL_TYPES: frozenset[str] = frozenset()
 
 ImageInput = Image.Image | Sequence[Image.Image]
 
@@ -249,20 +247,10 @@ class VLMBackbone(LogProbs, nn.Module):
             ims = list(im) if isinstance(im, list | tuple) else [im]
             if not ims:
                 raise DataError(f"batch row {i} (prompt {p[:60]!r}) has no image")
-            if len(ims) > 1 and self.model_type in SINGLE_IMAGE_MODEL_TYPES:
-                raise DataError(
-                    f"batch row {i} (prompt {p[:60]!r}) has {len(ims)} images but "
-                    f"{self.model_type} takes one image per sample; keep one image per row"
-                )
             _, order = self.prompt_parts(p, len(ims))
             per_sample.append([ims[k] for k in order])
             texts.append(self.prompt_text(p, len(ims)))
         return per_sample, texts
-
-    def _encode_prompts(self, images: Sequence[ImageInput], prompts: Sequence[str]):
-        """(prompt ids per row, vision inputs) — `_encode` without the per-token inputs."""
-        ids, _, vision = self._encode(images, prompts)
-        return ids, vision
 
     def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
         """Prompt ids per row (unpadded), per-token inputs per row, vision inputs."""

@@ -48,15 +48,19 @@ class Family:
     multi_image: bool = True  # can one sample hold several images
 
 
-def _build_llava(spec: FamilySpec):
-    """LLaVA-1.5: the embedded tiny LLaVA (cwdpo.model.tiny), unchanged."""
-    raise NotImplementedError  # built by cwdpo.model.tiny.build_tiny_vlm (see build_family)
+def build_llava(spec: FamilySpec) -> tuple[Any, Any]:
+    """LLaVA-1.5: the embedded tiny LLaVA (`cwdpo.model.tiny`, its own sizes; `spec.seed`),
+    so the matrix's `llava` is the model every default run trains (`ensure_family` returns
+    its cached directory)."""
+    from cwdpo.model.tiny import TinySpec, tiny_vlm_parts
+
+    return tiny_vlm_parts(TinySpec(seed=spec.seed))
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llava", _build_llava, "llava"),
+        Family("llava", build_llava, "llava"),
         Family("llava_next", build_llava_next, "llava_next"),
         Family("llava_onevision", build_llava_onevision, "llava_onevision"),
         Family("qwen2_vl", build_qwen2_vl, "qwen2_vl"),
@@ -77,10 +81,6 @@ def build_family(name: str, out_dir: str | Path, spec: FamilySpec = DEFAULT_SPEC
     if name not in FAMILIES:
         raise KeyError(f"unknown VLM family {name!r}; known: {sorted(FAMILIES)}")
     out_dir = Path(out_dir)
-    if name == "llava":
-        from cwdpo.model.tiny import build_tiny_vlm
-
-        return build_tiny_vlm(out_dir)
     torch.manual_seed(spec.seed)
     model, processor = FAMILIES[name].build(spec)
 
@@ -96,11 +96,12 @@ def build_family(name: str, out_dir: str | Path, spec: FamilySpec = DEFAULT_SPEC
 def ensure_family(
     name: str, cache_dir: str | Path | None = None, spec: FamilySpec = DEFAULT_SPEC
 ) -> Path:
-    """Path of the cached tiny build of family `name`, building it on first use."""
+    """Path of the cached tiny build of family `name`, building it on first use (`llava`: the
+    embedded tiny VLM's own cache entry, shared with every default run)."""
     if name == "llava":
-        from cwdpo.model.tiny import ensure_tiny_vlm
+        from cwdpo.model.tiny import TinySpec, ensure_tiny_vlm
 
-        return ensure_tiny_vlm(cache_dir)
+        return ensure_tiny_vlm(cache_dir, TinySpec(seed=spec.seed))
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"tiny-{name}-{spec.key(name)}"
     if not (path / "cwdpo_family.json").is_file():

@@ -185,8 +185,8 @@ def _tiny_config(spec: TinySpec, tokenizer: Any):
     )
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Build the tiny LLaVA and its processor into `out_dir` (atomically: temp dir + swap)."""
+def tiny_vlm_parts(spec: TinySpec = TinySpec()) -> tuple[Any, Any]:
+    """(model, processor) of the tiny LLaVA, in memory (the `llava` family's builder too)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -198,6 +198,12 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def build_tiny_vlm(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Build the tiny LLaVA and its processor into `out_dir` (atomically: temp dir + swap)."""
+    model, processor = tiny_vlm_parts(spec)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
