@@ -52,7 +52,7 @@ def train(
     path, tmp_path, callbacks: list[L.Callback], steps: int = 3, enable_checkpointing: bool = False
 ) -> tuple[L.Trainer, Any]:
     from cwdpo.model.backbone import VLMBackbone
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO
 
     torch.manual_seed(0)
     backbone = VLMBackbone.from_pretrained(path, max_length=128)
@@ -101,7 +101,7 @@ def test_skip_policy_catches_a_nonfinite_gradient_with_a_finite_loss(tiny_vlm_pa
 
 
 def test_stop_policy_saves_a_checkpoint_and_names_the_fault(tiny_vlm_path, tmp_path):
-    from cwdpo.utils.checkpoint import safe_torch_load
+    from cwdpo.utils.checkpoint_io import safe_torch_load
 
     snaps = Snapshots()
     with pytest.raises(NonFiniteError) as err:

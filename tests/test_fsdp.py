@@ -31,7 +31,7 @@ def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
 
 def _ckpt_policy(path: Path) -> dict[str, torch.Tensor]:
     """The policy weights of a Lightning checkpoint (FSDP `state_dict_type=full`: one file)."""
-    from cwdpo.utils.checkpoint import safe_torch_load
+    from cwdpo.utils.checkpoint_io import safe_torch_load
 
     state = safe_torch_load(path)["state_dict"]
     pre = "backbone.model."

@@ -104,7 +104,7 @@ def test_resume_overrides_is_validated(tmp_path):
 # ----------------------------------------------------------------------------- corrupt checkpoint
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_a_truncated_checkpoint_names_its_path_and_what_to_do(tmp_path, keep):
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError
 
     path = tmp_path / "checkpoints" / "cw_dpo" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"w": torch.arange(10_000.0)}, path)
@@ -148,7 +148,7 @@ def _disk_fills(monkeypatch, room: int) -> None:
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO, safe_torch_load
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO, safe_torch_load
     from cwdpo.utils.io import DiskFullError
 
     path = tmp_path / "checkpoints" / "sft_c" / "last.ckpt"

@@ -55,7 +55,7 @@ def preempted(tmp_path_factory, tiny_vlm_path) -> dict[str, Any]:
     out["marker"] = json.loads(marker.read_text()) if marker.is_file() else None
     ckpt = run / "checkpoints" / "cw_dpo" / "last.ckpt"
     if ckpt.is_file():
-        from cwdpo.utils.checkpoint import safe_torch_load
+        from cwdpo.utils.checkpoint_io import safe_torch_load
 
         out["ckpt_step"] = safe_torch_load(ckpt)["global_step"]
     if out["marker"] is None:
@@ -159,7 +159,7 @@ def _fit(path, root: Path, sig: str, steps: int = 3) -> tuple[L.Trainer, BaseExc
     from cwdpo.callbacks.faults import KillAt
     from cwdpo.callbacks.preemption import PreemptionCheckpoint
     from cwdpo.model.backbone import VLMBackbone
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO
     from cwdpo.utils.signals import install_signal_handlers
     from tests.helpers import cpu_trainer, shapes_sft
 
@@ -183,7 +183,7 @@ def _fit(path, root: Path, sig: str, steps: int = 3) -> tuple[L.Trainer, BaseExc
 def test_requeue_signal_and_ctrl_c_stop_at_the_step_end_with_a_checkpoint(
     sig, tiny_vlm_path, tmp_path
 ):
-    from cwdpo.utils.checkpoint import safe_torch_load
+    from cwdpo.utils.checkpoint_io import safe_torch_load
     from cwdpo.utils.signals import interruption
 
     trainer, err = _fit(tiny_vlm_path, tmp_path, sig)

@@ -134,7 +134,7 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     ckpt_path = run / "checkpoints" / "cw_dpo" / "last.ckpt"
     killed_ckpt = None
     if ckpt_path.is_file():
-        from cwdpo.utils.checkpoint import safe_torch_load
+        from cwdpo.utils.checkpoint_io import safe_torch_load
 
         killed_ckpt = safe_torch_load(ckpt_path)
     s_ref = wait(p_ref)
@@ -362,7 +362,7 @@ def test_resumed_probe_deltas_match_the_uninterrupted_run(runs):
 
 # ----------------------------------------------------------------------------- building blocks
 def test_sampler_restarts_mid_epoch_and_reshuffles_per_epoch():
-    from cwdpo.utils.checkpoint import ResumableSampler
+    from cwdpo.data.sampler import ResumableSampler
 
     s = ResumableSampler(10, seed=3, batch_size=4)
     epoch0 = list(s)
@@ -377,7 +377,8 @@ def test_sampler_restarts_mid_epoch_and_reshuffles_per_epoch():
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from cwdpo.utils import checkpoint as ck
+    from cwdpo.run.run_state import RunState
+    from cwdpo.utils import checkpoint_io as ck
 
     io_ = ck.AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -395,7 +396,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
     # A temp file left behind by a SIGKILL mid-write is never what resume reads.
-    state = ck.RunState(tmp_path / "run")
+    state = RunState(tmp_path / "run")
     state.stage_ckpt_dir("sft_c").mkdir(parents=True)
     (state.stage_ckpt_dir("sft_c") / ".last.ckpt.abc.tmp").write_bytes(b"garbage")
     assert state.last_checkpoint("sft_c") is None
@@ -431,7 +432,7 @@ def test_result_and_directory_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_stage_marker_needs_the_saved_policy_and_fresh_runs_drop_stale_state(tmp_path):
-    from cwdpo.utils.checkpoint import RunState, resume_dir
+    from cwdpo.run.run_state import RunState, resume_dir
 
     st = RunState(tmp_path)
     st.mark_done("sft_c", {"x": 1.0}, ["a"])
@@ -454,7 +455,7 @@ def test_csv_logger_keeps_rows_before_the_resume_step_and_fresh_runs_drop_them(t
     duplicated), earlier ones kept, headers merged; a fresh run drops the old file."""
     import csv
 
-    from cwdpo.utils.checkpoint import RunState
+    from cwdpo.run.run_state import RunState
     from cwdpo.utils.csv_logger import ResumableCSVLogger
 
     first = ResumableCSVLogger(tmp_path, name="csv", version="cw_dpo")

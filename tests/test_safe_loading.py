@@ -71,7 +71,7 @@ class _Payload:
 
 
 def test_checkpoint_loader_refuses_pickled_code(tmp_path):
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO, UnsafeCheckpointError
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO, UnsafeCheckpointError
 
     payload = _Payload()
     payload.marker = str(tmp_path / "pwned")
@@ -84,7 +84,7 @@ def test_checkpoint_loader_refuses_pickled_code(tmp_path):
 
 def test_pipeline_trainers_use_the_safe_checkpoint_io(tmp_path):
     from cwdpo.run.pipeline import build_trainer
-    from cwdpo.utils.checkpoint import AtomicCheckpointIO
+    from cwdpo.utils.checkpoint_io import AtomicCheckpointIO
 
     cfg = train_cfg(["debug=fast", f"paths.output_dir={tmp_path}"])
     trainer = build_trainer("sft_c", cfg, tmp_path, [])

@@ -269,7 +269,7 @@ def reliability_callbacks(stage: str, cfg: Any) -> list[L.Callback]:
     """The callbacks every stage gets: non-finite guard, global RNG state for resume, the
     checkpoint on a stop signal, and (tests only) the kill switch."""
     from cwdpo.callbacks.preemption import PreemptionCheckpoint
-    from cwdpo.utils.checkpoint import GlobalRNGState
+    from cwdpo.callbacks.rng_state import GlobalRNGState
 
     f = cfg.get("faults") or {}
     cbs: list[L.Callback] = [

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch, negative_flags
 from cwdpo.data.negative_config import NegativeConfig, NegativeStats
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
+from cwdpo.data.sampler import ResumableSampler, train_position
 from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.data.upcoming import upcoming_indices
 from cwdpo.errors import OverBudget
-from cwdpo.utils.checkpoint import ResumableSampler, train_position
 from cwdpo.utils.dist import rank_world
 
 #: `VLMBackbone.collate(images, prompts, responses)` / `collate_pairs(images, prompts, chosen,

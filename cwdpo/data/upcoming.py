@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DistributedSampler
 
-from cwdpo.utils.checkpoint import ResumableSampler
+from cwdpo.data.sampler import ResumableSampler
 
 
 def upcoming_indices(

@@ -225,7 +225,7 @@ def stage2_cost(
 
     from cwdpo.run.config import CONFIG_DIR
     from cwdpo.run.pipeline import RunContext, run_stage, stage_records
-    from cwdpo.utils.checkpoint import RunState
+    from cwdpo.run.run_state import RunState
     from cwdpo.utils.overrides import plain_group_overrides
 
     key = f"size{size}"

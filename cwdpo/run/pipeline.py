@@ -28,16 +28,13 @@ from cwdpo.data.datamodules import (
 )
 from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.run.attempts import begin_attempt
 from cwdpo.run.config_schema import STAGES, check_stage_order, stage_knobs
 from cwdpo.run.evaluation import evaluate_captioning
 from cwdpo.run.results import finish_results, new_results, stage_results, token_budget_summary
+from cwdpo.run.run_state import RunState, resume_dir
 from cwdpo.run.token_budget import check_token_budgets
-from cwdpo.utils.checkpoint import (
-    AtomicCheckpointIO,
-    RunState,
-    begin_attempt,
-    resume_dir,
-)
+from cwdpo.utils.checkpoint_io import AtomicCheckpointIO
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_save_dir, atomic_write_json, atomic_write_text
 from cwdpo.utils.safe_log import FAILURES, guard_logger

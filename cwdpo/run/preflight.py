@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,6 @@ def check_config_changes(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]
     loads; refused (one line listing each change) unless `resume_overrides=allow`, since half a
     stage at one value and half at another, silently, is no experiment. Run identity (`paths.*`,
     `resume`, output dirs, values that differ only by those paths) is not a change."""
-    from cwdpo.utils.checkpoint import config_changes
-
     old_path = run_dir / "config.json"
     if not old_path.is_file():
         return {}
@@ -127,6 +126,27 @@ def check_config_changes(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]
     return changes
 
 
+def config_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str = "",
+    ignore: tuple[str, ...] = ("resume",),
+) -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts (`check_config_changes`'s
+    diff; `ignore`: dotted keys left out, with everything under them)."""
+    out: list[str] = []
+    for k in sorted(set(old) | set(new), key=str):
+        key = f"{prefix}{k}"
+        if key in ignore:
+            continue
+        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_changes(a, b, key + ".", ignore)
+        elif a != b:
+            out.append(key)
+    return out
+
+
 def _show(v: Any) -> str:
     return json.dumps(v) if isinstance(v, str | list | dict) else str(v)
 
@@ -136,8 +156,8 @@ def record_config_changes(run_dir: Path, cfg: DictConfig, changes: dict[str, lis
     (n: the last attempt that trained with it), this attempt's changes as
     `config_history/attempt_<n+1>.changes.json` (results.json gathers them), and config.yaml /
     config.json say what the run trains with from now on."""
+    from cwdpo.run.attempts import ATTEMPTS
     from cwdpo.run.pipeline import dump_config
-    from cwdpo.utils.checkpoint import ATTEMPTS
     from cwdpo.utils.io import atomic_write_json, atomic_write_text
 
     try:

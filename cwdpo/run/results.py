@@ -22,9 +22,9 @@ from cwdpo.callbacks.faults import NonFiniteGuard
 from cwdpo.callbacks.probes import probe_summary
 from cwdpo.data.datamodules import PreferenceDataModule
 from cwdpo.model.backbone import VLMBackbone
+from cwdpo.run.attempts import end_attempt
 from cwdpo.run.config_schema import ConfigError
 from cwdpo.run.evaluation import preference_calibration
-from cwdpo.utils.checkpoint import end_attempt
 from cwdpo.utils.dist import is_rank_zero
 from cwdpo.utils.io import atomic_write_json, atomic_write_text
 from cwdpo.utils.safe_log import FAILURES

@@ -4,7 +4,7 @@ Every stage of a run writes its curves into the same `<run>/`. This module is th
 knows the files the stages share: `stages.json` (each stage's run-wide step offset, length
 and stop reason, so later stages continue the run's step axis), and how the long-format CSVs
 (`probes.csv`, `dynamics.csv`, …) are appended. The callbacks name their own files; none of
-them touches `stages.json` but through this module. (`RunState`, in `utils/checkpoint.py`,
+them touches `stages.json` but through this module. (`RunState`, in `run/run_state.py`,
 owns the other half of a run directory: the per-stage "done" markers and checkpoints.)
 
 Under DDP every rank computes the same rows; rank zero alone writes.
