@@ -24,7 +24,7 @@ PROMPT = "Describe the image."
 
 
 def prompt_len(bb, image, prompt: str) -> int:
-    ids, _ = bb._encode_prompts([image], [prompt])
+    ids = bb.prompt_ids([image], [prompt])
     return len(ids[0])
 
 
@@ -244,7 +244,7 @@ def test_blank_image_count_equals_the_processor_on_real_images(name, tiny_cache_
         rows.append([(48, 24), (24, 60)])
     for sizes in rows:
         ims = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
-        ids, _ = bb._encode_prompts([ims[0] if len(ims) == 1 else ims], [PROMPT])
+        ids = bb.prompt_ids([ims[0] if len(ims) == 1 else ims], [PROMPT])
         assert counter.prompt(tuple(sizes), PROMPT) == len(ids[0]), (name, sizes)
 
 
@@ -299,9 +299,9 @@ def test_real_vision_settings_give_the_real_qwen2_vl_count(tiny_cache_dir):
     bb = VLMBackbone.from_pretrained(
         ensure_family(fam, tiny_cache_dir), processor_kwargs={**kw, **px}
     )
-    ids, _ = bb._encode_prompts([Image.new("RGB", (1024, 768))], [PROMPT])
+    ids = bb.prompt_ids([Image.new("RGB", (1024, 768))], [PROMPT])
     assert ids[0].count(bb.model.config.image_token_id) == 999  # issue 24, real processor
-    ids, _ = bb._encode_prompts([Image.new("RGB", (1280, 960))], [PROMPT])
+    ids = bb.prompt_ids([Image.new("RGB", (1280, 960))], [PROMPT])
     assert ids[0].count(bb.model.config.image_token_id) == 1230
 
 
@@ -337,7 +337,7 @@ def test_collate_keeps_every_image_token_under_warn(tiny_cache_dir):
 
     bb = VLMBackbone.from_pretrained(ensure_family("qwen2_vl", tiny_cache_dir), truncation="warn")
     img = Image.new("RGB", (64, 64))
-    ids, _ = bb._encode_prompts([img], [PROMPT])
+    ids = bb.prompt_ids([img], [PROMPT])
     p, image_id = len(ids[0]), bb.model.config.image_token_id
     bb.max_length = p + 2
     out = bb.collate([img], [PROMPT], ["a red square on the left ."])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,21 +26,12 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.mark.subprocess
 def test_wheel_in_a_fresh_venv_runs_the_main_job(tmp_path, tiny_cache_dir):
-    dist = tmp_path / "dist"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            str(REPO),
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(dist),
-        ]
-    )
+    src, dist = tmp_path / "src", tmp_path / "dist"  # built from a copy: pip builds in-tree
+    shutil.copytree(REPO / "cwdpo", src / "cwdpo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    wheel_cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w"]
+    _run([*wheel_cmd, str(dist), "--no-build-isolation"])
     wheel = next(dist.glob("cwdpo-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for cfg in (

@@ -252,6 +252,10 @@ class VLMBackbone(LogProbs, nn.Module):
             texts.append(self.prompt_text(p, len(ims)))
         return per_sample, texts
 
+    def prompt_ids(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> list[list[int]]:
+        """The prompt tokens of each row (image tokens included), as `collate` lays them out."""
+        return self._encode(images, prompts)[0]
+
     def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
         """Prompt ids per row (unpadded), per-token inputs per row, vision inputs."""
         per_sample, texts = self._processor_inputs(images, prompts)

@@ -1,1 +1,0 @@
-"""The tiny family builders, one module per model family (registered in cwdpo.model.families)."""
