@@ -40,10 +40,12 @@ def test_every_experiment_composes(name, tmp_path):
 def test_ablation_cooling_turns_cooling_off_only(tmp_path):
     base = compose_cfg([], tmp_path, tmp_path)
     abl = compose_cfg(["+experiment=ablation_cooling"], tmp_path, tmp_path)
-    assert base.stage.cw_dpo.cooling is True and abl.stage.cw_dpo.cooling is False
+    assert (
+        base.stage.cw_dpo.objective.cooling is True and abl.stage.cw_dpo.objective.cooling is False
+    )
     a = OmegaConf.to_container(base.stage, resolve=False)
     b = OmegaConf.to_container(abl.stage, resolve=False)
-    b["cw_dpo"]["cooling"] = True
+    b["cw_dpo"]["objective"]["cooling"] = True
     assert a == b
 
 
@@ -65,9 +67,9 @@ def test_unknown_group_option_fails_naming_group(tmp_path):
 def test_every_loss_knob_is_a_config_value(tmp_path):
     cfg = compose_cfg([], tmp_path, tmp_path)
     for k in ("lam", "margin_c", "reduction", "label_smoothing", "constraint"):
-        assert k in cfg.stage.sft_c
+        assert k in cfg.stage.sft_c.objective
     for k in ("beta", "cooling", "floor", "tau", "filter_threshold", "loss_type", "rpo_alpha"):
-        assert k in cfg.stage.cw_dpo
+        assert k in cfg.stage.cw_dpo.objective
     assert 0.0 <= cfg.negatives.dataset_fraction <= 1.0
 
 
@@ -147,7 +149,7 @@ def test_stages_name_their_module_and_data_module(tmp_path):
     cfg = compose_cfg([], tmp_path, tmp_path)
     for name in ("base_sft", "sft_c", "cw_dpo"):
         st = cfg.stage[name]
-        assert get_class(st._target_).__name__ == (
+        assert get_class(st.module._target_).__name__ == (
             "CWDPOModule" if name == "cw_dpo" else "SFTCModule"
         )
         assert get_class(st.datamodule._target_).__name__ == (

@@ -20,7 +20,8 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cwdpo.run.config_rules import (
+from cwdpo.losses.config import PreferenceConfig, SFTCConfig, objective_rules
+from cwdpo.utils.config_rules import (
     Rule,
     about,
     boolean,
@@ -57,38 +58,63 @@ def check_stage_order(run: list[str]) -> None:
         )
 
 
-# Keys of `stage.<name>` the pipeline reads itself; every other key is an argument of the
-# stage's LightningModule (`_target_`).
-PLUMBING = {"_target_", "datamodule", "steps", "optimizer", "scheduler", "gentle_negatives"}
+#: The shape of a stage node (conf/stage/pipeline.yaml): the optimisation, the objective (a
+#: dataclass of cwdpo.losses.config), the LightningModule and the LightningDataModule.
+STAGE_KEYS = ("steps", "optimizer", "scheduler", "objective", "module", "datamodule")
 
 
-def stage_knobs(name: str, cfg: DictConfig) -> dict[str, Any]:
-    """The loss knobs of `stage.<name>` (its keys minus `PLUMBING`), as module arguments.
-
-    A key the stage's module (`stage.<name>._target_`) does not accept — a typo, even one
-    added with `+` — raises `ConfigError` naming it and the accepted keys, before any model
-    loads (the module class is imported, not built).
-    """
-    import inspect
-
+def _target(name: str, part: str, node: Any) -> type:
+    """The class `stage.<name>.<part>._target_` names (imported, not built)."""
     from hydra.utils import get_class
 
-    st = OmegaConf.to_container(cfg.stage[name], resolve=True)
-    target = st.get("_target_")
+    target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str) or not target:
-        raise ConfigError(f"stage.{name}._target_: expected the stage's LightningModule class")
+        raise ConfigError(f"stage.{name}.{part}._target_: expected a class path")
     try:
-        cls = get_class(target)
+        return get_class(target)
     except Exception as e:  # a misspelt class path
-        raise ConfigError(f"stage.{name}._target_={target!r}: {str(e).splitlines()[0]}") from None
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    knobs = {k: v for k, v in st.items() if k not in PLUMBING}
-    unknown = sorted(set(knobs) - accepted)
-    if unknown:
         raise ConfigError(
-            f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
-        )
-    return knobs
+            f"stage.{name}.{part}._target_={target!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _init_keys(cls: type) -> set[str]:
+    """Every keyword `cls(...)` takes: its `__init__`'s named parameters, and those of the base
+    classes its `**kwargs` are handed to (a dataclass: its fields)."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+    keys: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        keys |= {k for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return keys - {"self"}
+
+
+def _unknown(where: str, given: Any, accepted: set[str]) -> None:
+    unknown = sorted(set(given) - accepted - {"_target_", "_partial_", "_convert_"})
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+
+
+def check_stage_node(name: str, cfg: DictConfig) -> dict[str, type]:
+    """`stage.<name>` has the node shape (`STAGE_KEYS`), and its objective / module /
+    datamodule nodes name importable classes and only keys those take. A typo, even one added
+    with `+`, raises `ConfigError` naming the key and the accepted ones before any model loads
+    (the classes are imported, not built). Returns {part: class}."""
+    st = OmegaConf.to_container(cfg.stage[name], resolve=False)
+    _unknown(f"stage.{name}", st, set(STAGE_KEYS))
+    classes = {}
+    for part in ("objective", "module", "datamodule"):
+        cls = classes[part] = _target(name, part, st.get(part))
+        _unknown(f"stage.{name}.{part}", st[part], _init_keys(cls))
+    return classes
 
 
 STEPS = integer(0)
@@ -103,30 +129,20 @@ STAGE_COMMON: dict[str, Rule] = {
     "optimizer.eps": positive(),
     "scheduler.warmup_steps": STEPS,
     "scheduler.min_ratio": fraction(),
-    "gentle_negatives": boolean(),
+    "datamodule.gentle_negatives": boolean(),
+    "module.prefix_sharing": boolean(),
+    "module.ref_cache": string(nullable=True),
+    "module.disable_dropout": boolean(),
 }
-SFT_KNOBS: dict[str, Rule] = {  # base_sft and sft_c (SFTCModule)
-    "lam": about(real(0), "λ, weight of the negatives' hinge; 0 = plain SFT"),
-    "margin_c": about(real(0), "C, the NLL bound of the negatives"),
-    "reduction": choice("mean", "sum"),
-    "label_smoothing": about(real(0, 1, hi_open=True), "ε on the positive term"),
-    "constraint": choice("soft", "hard"),
-}
-CW_DPO_KNOBS: dict[str, Rule] = {
-    "beta": about(positive(), "β, the DPO inverse temperature"),
-    "cooling": boolean(),
-    "floor": about(either(real(), choice("mean")), "ℓ_floor"),
-    "tau": about(positive(), "τ, the cooling temperature"),
-    "filter_threshold": real(hi=0, nullable=True),  # ℓ̄ is a mean log-prob: <= 0
-    "loss_type": choice("sigmoid", "ipo", "sft"),
-    "rpo_alpha": real(0),
-    "loser_weight": about(real(0, 1, nullable=True), "constant w_c (0 = chosen only)"),
-    "shuffle_weights": boolean(),
-    "prefix_sharing": boolean(),
-    "ref_cache": string(nullable=True),
-    "disable_dropout": boolean(),
-}
-STAGE_KNOBS = {"base_sft": SFT_KNOBS, "sft_c": SFT_KNOBS, "cw_dpo": CW_DPO_KNOBS}
+#: each stage's objective dataclass: the rules of `stage.<name>.objective.*` are its fields'
+STAGE_OBJECTIVE = {"base_sft": SFTCConfig, "sft_c": SFTCConfig, "cw_dpo": PreferenceConfig}
+
+
+def objective_keys(name: str, cls: type | None = None) -> dict[str, Rule]:
+    """{`objective.<field>`: Rule} of stage `name` (of `cls`, the class its node names)."""
+    rules = objective_rules(cls or STAGE_OBJECTIVE[name])
+    return {f"objective.{k}": r for k, r in rules.items()}
+
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(),
@@ -284,13 +300,26 @@ def _stage_warnings(cfg: DictConfig, name: str) -> list[str]:
             f"stage {name}: expect {'a diverged or collapsed model' if lr > hi else 'no learning'}"
         )
     if name == "cw_dpo":
-        beta = _select(cfg, p + "beta")
+        beta = _select(cfg, p + "objective.beta")
         if is_real(beta) and beta > 0 and not USUAL_BETA[0] <= beta <= USUAL_BETA[1]:
             out.append(
-                f"{p}beta={beta:g} is far outside the usual range "
+                f"{p}objective.beta={beta:g} is far outside the usual range "
                 f"[{USUAL_BETA[0]:g}, {USUAL_BETA[1]:g}]"
             )
     return out
+
+
+def _objective_error(name: str, cfg: DictConfig) -> str | None:
+    """Build `stage.<name>.objective` (a small dataclass, no model): its `__post_init__` also
+    checks what no single-key rule can (e.g. shuffle_weights needs cooling)."""
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(cfg.stage[name].objective)
+    except Exception as e:  # Hydra wraps the dataclass's ValueError
+        msg = str(e.__cause__ or e).splitlines()[0]
+        return msg if msg.startswith(f"stage.{name}.") else f"stage.{name}.objective: {msg}"
+    return None
 
 
 def _cross_checks(cfg: DictConfig) -> list[str]:
@@ -340,15 +369,18 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
         configured, run = _stage_names(cfg)
         if run:
             check_stage_order(run)
+        classes = {}
         for name in run:  # unknown keys (typos), before any model loads
             try:
-                stage_knobs(name, cfg)
+                classes[name] = check_stage_node(name, cfg)["objective"]
             except ConfigError as e:
                 errors.append(str(e))
         for name in configured:
-            rules = {**STAGE_COMMON, **STAGE_KNOBS[name]}
+            rules = {**STAGE_COMMON, **objective_keys(name, classes.get(name))}
             errors += _check(cfg, rules, prefix=f"stage.{name}.")
         errors += _cross_checks(cfg)
+        if not errors:
+            errors += [e for name in run if (e := _objective_error(name, cfg))]
         if not errors:
             for name in run:
                 warnings += _stage_warnings(cfg, name)
@@ -377,6 +409,6 @@ def rules_for(task: str = "train") -> Iterable[str]:
     if task == "eval":
         return list(EVAL_RULES)
     keys = list(TRAIN_RULES)
-    for name, knobs in STAGE_KNOBS.items():
-        keys += [f"stage.{name}.{k}" for k in {**STAGE_COMMON, **knobs}]
+    for name in STAGE_OBJECTIVE:
+        keys += [f"stage.{name}.{k}" for k in {**STAGE_COMMON, **objective_keys(name)}]
     return keys
