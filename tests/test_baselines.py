@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cwdpo.batch import PairBatch
 from cwdpo.losses.objectives import cw_dpo_loss
@@ -117,7 +118,7 @@ def test_baseline_experiments_compose_and_change_only_their_knob(name, key, want
     assert cfg.experiment_name == name and cfg.stage.cw_dpo.objective[key] == want
     assert cfg.stage.cw_dpo.steps == base.stage.cw_dpo.steps  # the same step budget
     assert cfg.negatives.kind == {"rft": "self_judged"}.get(name, "dataset")
-    b, c = base.stage.cw_dpo, cfg.stage.cw_dpo
-    changed = {k for k in b.objective if b.objective[k] != c.objective[k]}
-    assert all(b[k] == c[k] for k in b if k != "objective")
+    b, c = (OmegaConf.to_container(x.stage.cw_dpo, resolve=False) for x in (base, cfg))
+    changed = {k for k in b["objective"] if b["objective"][k] != c["objective"][k]}
+    assert all(b[k] == c[k] for k in b if k != "objective")  # module, datamodule, optimisation
     assert changed <= {key, "cooling"}, changed

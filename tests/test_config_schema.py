@@ -132,7 +132,8 @@ def test_schema_covers_every_loss_knob():
     import dataclasses
 
     from cwdpo.losses.config import PreferenceConfig, SFTCConfig, objective_rules
-    from cwdpo.run.config_schema import STAGE_COMMON, objective_keys
+    from cwdpo.run.config_schema import STAGE_COMMON
+    from cwdpo.run.stage_nodes import objective_keys
 
     keys = set(rules_for("train"))
     for name, cls in (

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cwdpo.run.config import CONFIG_DIR
-from cwdpo.run.config_schema import check_stage_node
 from cwdpo.run.pipeline import stages_to_run
+from cwdpo.run.stage_nodes import check_stage_node
 from cwdpo.utils.overrides import plain_group_overrides
 
 ROOT = Path(__file__).resolve().parent.parent

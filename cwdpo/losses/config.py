@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cwdpo.utils.config_rules import (
+from cwdpo.rules import (
     Rule,
     about,
     boolean,

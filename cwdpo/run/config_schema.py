@@ -20,8 +20,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cwdpo.losses.config import PreferenceConfig, SFTCConfig, objective_rules
-from cwdpo.utils.config_rules import (
+from cwdpo.rules import (
     Rule,
     about,
     boolean,
@@ -58,65 +57,6 @@ def check_stage_order(run: list[str]) -> None:
         )
 
 
-#: The shape of a stage node (conf/stage/pipeline.yaml): the optimisation, the objective (a
-#: dataclass of cwdpo.losses.config), the LightningModule and the LightningDataModule.
-STAGE_KEYS = ("steps", "optimizer", "scheduler", "objective", "module", "datamodule")
-
-
-def _target(name: str, part: str, node: Any) -> type:
-    """The class `stage.<name>.<part>._target_` names (imported, not built)."""
-    from hydra.utils import get_class
-
-    target = node.get("_target_") if isinstance(node, dict) else None
-    if not isinstance(target, str) or not target:
-        raise ConfigError(f"stage.{name}.{part}._target_: expected a class path")
-    try:
-        return get_class(target)
-    except Exception as e:  # a misspelt class path
-        raise ConfigError(
-            f"stage.{name}.{part}._target_={target!r}: {str(e).splitlines()[0]}"
-        ) from None
-
-
-def _init_keys(cls: type) -> set[str]:
-    """Every keyword `cls(...)` takes: its `__init__`'s named parameters, and those of the base
-    classes its `**kwargs` are handed to (a dataclass: its fields)."""
-    import dataclasses
-    import inspect
-
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls) if f.init}
-    keys: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        keys |= {k for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            break
-    return keys - {"self"}
-
-
-def _unknown(where: str, given: Any, accepted: set[str]) -> None:
-    unknown = sorted(set(given) - accepted - {"_target_", "_partial_", "_convert_"})
-    if unknown:
-        raise ConfigError(f"{where} has unknown key(s) {unknown}; accepted: {sorted(accepted)}")
-
-
-def check_stage_node(name: str, cfg: DictConfig) -> dict[str, type]:
-    """`stage.<name>` has the node shape (`STAGE_KEYS`), and its objective / module /
-    datamodule nodes name importable classes and only keys those take. A typo, even one added
-    with `+`, raises `ConfigError` naming the key and the accepted ones before any model loads
-    (the classes are imported, not built). Returns {part: class}."""
-    st = OmegaConf.to_container(cfg.stage[name], resolve=False)
-    _unknown(f"stage.{name}", st, set(STAGE_KEYS))
-    classes = {}
-    for part in ("objective", "module", "datamodule"):
-        cls = classes[part] = _target(name, part, st.get(part))
-        _unknown(f"stage.{name}.{part}", st[part], _init_keys(cls))
-    return classes
-
-
 STEPS = integer(0)
 COUNT = integer(1)
 
@@ -134,16 +74,6 @@ STAGE_COMMON: dict[str, Rule] = {
     "module.ref_cache": string(nullable=True),
     "module.disable_dropout": boolean(),
 }
-#: each stage's objective dataclass: the rules of `stage.<name>.objective.*` are its fields'
-STAGE_OBJECTIVE = {"base_sft": SFTCConfig, "sft_c": SFTCConfig, "cw_dpo": PreferenceConfig}
-
-
-def objective_keys(name: str, cls: type | None = None) -> dict[str, Rule]:
-    """{`objective.<field>`: Rule} of stage `name` (of `cls`, the class its node names)."""
-    rules = objective_rules(cls or STAGE_OBJECTIVE[name])
-    return {f"objective.{k}": r for k, r in rules.items()}
-
-
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(),
     "num_threads": integer(1, nullable=True),
@@ -309,19 +239,6 @@ def _stage_warnings(cfg: DictConfig, name: str) -> list[str]:
     return out
 
 
-def _objective_error(name: str, cfg: DictConfig) -> str | None:
-    """Build `stage.<name>.objective` (a small dataclass, no model): its `__post_init__` also
-    checks what no single-key rule can (e.g. shuffle_weights needs cooling)."""
-    from hydra.utils import instantiate
-
-    try:
-        instantiate(cfg.stage[name].objective)
-    except Exception as e:  # Hydra wraps the dataclass's ValueError
-        msg = str(e.__cause__ or e).splitlines()[0]
-        return msg if msg.startswith(f"stage.{name}.") else f"stage.{name}.objective: {msg}"
-    return None
-
-
 def _cross_checks(cfg: DictConfig) -> list[str]:
     errors = []
     split = _select(cfg, "data.stage_split")
@@ -365,6 +282,8 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
     errors: list[str] = []
     warnings: list[str] = []
     if task == "train":
+        from cwdpo.run.stage_nodes import check_stage_node, objective_error, objective_keys
+
         errors += _check(cfg, TRAIN_RULES)
         configured, run = _stage_names(cfg)
         if run:
@@ -380,7 +299,7 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
             errors += _check(cfg, rules, prefix=f"stage.{name}.")
         errors += _cross_checks(cfg)
         if not errors:
-            errors += [e for name in run if (e := _objective_error(name, cfg))]
+            errors += [e for name in run if (e := objective_error(name, cfg))]
         if not errors:
             for name in run:
                 warnings += _stage_warnings(cfg, name)
@@ -408,6 +327,8 @@ def rules_for(task: str = "train") -> Iterable[str]:
     """Every key the schema checks (for docs and tests)."""
     if task == "eval":
         return list(EVAL_RULES)
+    from cwdpo.run.stage_nodes import STAGE_OBJECTIVE, objective_keys
+
     keys = list(TRAIN_RULES)
     for name in STAGE_OBJECTIVE:
         keys += [f"stage.{name}.{k}" for k in {**STAGE_COMMON, **objective_keys(name)}]

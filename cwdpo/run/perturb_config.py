@@ -13,8 +13,8 @@ from string import Formatter
 from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.data.perturb_items import FORMATS
+from cwdpo.rules import Rule, choice, integer, positive, real, string
 from cwdpo.run.config_schema import ConfigError
-from cwdpo.utils.config_rules import Rule, choice, integer, positive, real, string
 
 RULES: dict[str, Rule] = {
     "input.format": choice(*FORMATS),

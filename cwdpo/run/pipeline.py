@@ -24,9 +24,10 @@ from cwdpo.callbacks.wandb_logger import finish_run
 from cwdpo.data.datamodules import PreferenceDataModule, split_records
 from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
-from cwdpo.run.config_schema import STAGES, check_stage_node, check_stage_order
+from cwdpo.run.config_schema import STAGES, check_stage_order
 from cwdpo.run.evaluation import evaluate_captioning
 from cwdpo.run.results import finish_results, new_results, stage_results
+from cwdpo.run.stage_nodes import check_stage_node
 from cwdpo.utils.checkpoint import (
     AtomicCheckpointIO,
     RunState,
