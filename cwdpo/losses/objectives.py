@@ -123,7 +123,7 @@ def resolve_floor(
 ) -> torch.Tensor:
     """ℓ_floor as a float32 scalar tensor: the ℓ̄ at which the cooling weight w_c is ½.
 
-    `stage.cw_dpo.floor` is this one quantity; only where its value comes from differs:
+    `stage.cw_dpo.objective.floor` is this one quantity; only where its value comes from differs:
     - a number (the config's default, -2.0): a fixed ℓ_floor in nats per token;
     - "mean": the batch mean of ℓ̄_θ(y_l|x) over the negatives that survive
       `filter_threshold` (all of them when none survive or no filter is set), so w_c
