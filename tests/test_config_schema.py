@@ -226,3 +226,21 @@ def test_unknown_stage_key_is_refused_before_any_model_loads(tmp_path):
         validate_config(cfg_of(["+stage.cw_dpo.betaa=0.2"], tmp_path))
     with pytest.raises(ConfigError, match=r"stage\.sft_c\.module\._target_='cwdpo\.stages\.Nope'"):
         validate_config(cfg_of(["stage.sft_c.module._target_=cwdpo.stages.Nope"], tmp_path))
+    # each node of the stage takes the keys of the class it names, nothing else
+    for override, message in (
+        ("+stage.cw_dpo.objective.betaa=0.2", r"stage\.cw_dpo\.objective has unknown key\(s\) \['betaa'\]"),
+        ("+stage.cw_dpo.module.beta=0.2", r"stage\.cw_dpo\.module has unknown key\(s\) \['beta'\]"),
+        ("+stage.sft_c.datamodule.gentle=true", r"stage\.sft_c\.datamodule has unknown key\(s\) \['gentle'\]"),
+        ("stage.cw_dpo.objective._target_=cwdpo.Nope", r"stage\.cw_dpo\.objective\._target_='cwdpo\.Nope'"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            validate_config(cfg_of([override], tmp_path))
+    # what no single-key rule sees: the objective's own check, also before any model loads
+    with pytest.raises(
+        ConfigError, match=r"stage\.cw_dpo\.objective\.shuffle_weights needs cooling"
+    ):
+        validate_config(
+            cfg_of(
+                ["+experiment=cw_dpo_shuffled", "stage.cw_dpo.objective.cooling=false"], tmp_path
+            )
+        )
