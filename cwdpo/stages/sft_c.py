@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -11,6 +12,9 @@ from cwdpo.losses.config import SFTCConfig
 from cwdpo.losses.objectives import sft_c_objective
 from cwdpo.losses.sequence import logps_with_vocab_mean, nll_of
 from cwdpo.stages.base import StageModule
+
+#: the loose knobs `SFTCModule(..., lam=...)` accepts: the fields of `SFTCConfig`
+SFTC_FIELDS = tuple(f.name for f in dataclasses.fields(SFTCConfig))
 
 
 class SFTCModule(StageModule):
@@ -51,6 +55,3 @@ class SFTCModule(StageModule):
                 nll_neg=out.neg_nll, violated=out.violated, ell_neg=lp.mean[n:].mean().detach()
             )
         return out.loss, metrics
-
-
-SFTC_FIELDS = ("lam", "margin_c", "reduction", "label_smoothing", "constraint")
