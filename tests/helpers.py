@@ -29,28 +29,12 @@ def compose_cfg(
 
 
 def bare_cw_dpo_module(pair_logps, **knobs):
-    """A `CWDPOModule` without a backbone (no `__init__`): the loss knobs set directly
-    (defaults: CW-DPO at β=0.1) and `pair_logps` replaced by `pair_logps(batch)`, so
-    `compute` runs on literal log-prob tensors."""
-    import torch
-
+    """A `CWDPOModule` built by its own `__init__` without a backbone: `knobs` (objective
+    fields or module arguments; defaults: CW-DPO at β=0.1) are checked as in a run, and
+    `pair_logps` is replaced by `pair_logps(batch)`, so `compute` runs on literal log-probs."""
     from cwdpo.stages import CWDPOModule
 
-    m = CWDPOModule.__new__(CWDPOModule)
-    torch.nn.Module.__init__(m)
-    defaults = dict(
-        beta=0.1,
-        cooling=True,
-        floor=-2.0,
-        tau=0.5,
-        filter_threshold=None,
-        loss_type="sigmoid",
-        rpo_alpha=0.0,
-        loser_weight=None,
-        shuffle_weights=False,
-    )
-    for k, v in {**defaults, **knobs}.items():
-        setattr(m, k, v)
+    m = CWDPOModule(None, optimizer=None, **{"beta": 0.1, **knobs})
     m.pair_logps = pair_logps
     return m
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cwdpo.batch import PairBatch
 from cwdpo.losses.objectives import cw_dpo_loss
@@ -95,9 +96,9 @@ def test_module_rejects_inconsistent_baseline_knobs(backbone):
     from cwdpo.stages import CWDPOModule
 
     opt = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
-    with pytest.raises(ValueError, match="stage.cw_dpo.shuffle_weights"):
+    with pytest.raises(ValueError, match="stage.cw_dpo.objective.shuffle_weights"):
         CWDPOModule(backbone, optimizer=opt, cooling=False, shuffle_weights=True)
-    with pytest.raises(ValueError, match="stage.cw_dpo.loss_type"):
+    with pytest.raises(ValueError, match="stage.cw_dpo.objective.loss_type"):
         CWDPOModule(backbone, optimizer=opt, loss_type="kto")
 
 
@@ -114,8 +115,10 @@ def test_module_rejects_inconsistent_baseline_knobs(backbone):
 def test_baseline_experiments_compose_and_change_only_their_knob(name, key, want, tmp_path):
     base = compose_cfg([], tmp_path, tmp_path)
     cfg = compose_cfg([f"+experiment={name}", "data=shapes_cooc"], tmp_path, tmp_path)
-    assert cfg.experiment_name == name and cfg.stage.cw_dpo[key] == want
+    assert cfg.experiment_name == name and cfg.stage.cw_dpo.objective[key] == want
     assert cfg.stage.cw_dpo.steps == base.stage.cw_dpo.steps  # the same step budget
     assert cfg.negatives.kind == {"rft": "self_judged"}.get(name, "dataset")
-    changed = {k for k in base.stage.cw_dpo if base.stage.cw_dpo[k] != cfg.stage.cw_dpo[k]}
+    b, c = (OmegaConf.to_container(x.stage.cw_dpo, resolve=False) for x in (base, cfg))
+    changed = {k for k in b["objective"] if b["objective"][k] != c["objective"][k]}
+    assert all(b[k] == c[k] for k in b if k != "objective")  # module, datamodule, optimisation
     assert changed <= {key, "cooling"}, changed

@@ -41,10 +41,12 @@ def test_every_experiment_composes(name, tmp_path):
 def test_ablation_cooling_turns_cooling_off_only(tmp_path):
     base = compose_cfg([], tmp_path, tmp_path)
     abl = compose_cfg(["+experiment=ablation_cooling"], tmp_path, tmp_path)
-    assert base.stage.cw_dpo.cooling is True and abl.stage.cw_dpo.cooling is False
+    assert (
+        base.stage.cw_dpo.objective.cooling is True and abl.stage.cw_dpo.objective.cooling is False
+    )
     a = OmegaConf.to_container(base.stage, resolve=False)
     b = OmegaConf.to_container(abl.stage, resolve=False)
-    b["cw_dpo"]["cooling"] = True
+    b["cw_dpo"]["objective"]["cooling"] = True
     assert a == b
 
 
@@ -182,7 +184,7 @@ def test_stages_name_their_module_and_data_module(tmp_path):
     cfg = compose_cfg([], tmp_path, tmp_path)
     for name in ("base_sft", "sft_c", "cw_dpo"):
         st = cfg.stage[name]
-        assert get_class(st._target_).__name__ == (
+        assert get_class(st.module._target_).__name__ == (
             "CWDPOModule" if name == "cw_dpo" else "SFTCModule"
         )
         assert get_class(st.datamodule._target_).__name__ == (

@@ -29,8 +29,14 @@ def cfg_of(overrides: list[str], tmp_path: Path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["stage.cw_dpo.beta=-1"], r"stage\.cw_dpo\.beta=-1: expected a number > 0 \(β"),
-        (["stage.cw_dpo.tau=0"], r"stage\.cw_dpo\.tau=0: expected a number > 0 \(τ"),
+        (
+            ["stage.cw_dpo.objective.beta=-1"],
+            r"stage\.cw_dpo\.objective\.beta=-1: expected a number > 0 \(β",
+        ),
+        (
+            ["stage.cw_dpo.objective.tau=0"],
+            r"stage\.cw_dpo\.objective\.tau=0: expected a number > 0 \(τ",
+        ),
         (
             ["negatives=mixed", "negatives.dataset_fraction=1.5"],
             r"negatives\.dataset_fraction=1\.5: expected a number in \[0, 1\]",
@@ -38,8 +44,8 @@ def cfg_of(overrides: list[str], tmp_path: Path):
         (["stage.cw_dpo.steps=-3"], r"stage\.cw_dpo\.steps=-3: expected an integer >= 0"),
         (["data.batch_size=0"], r"data\.batch_size=0: expected an integer >= 1"),
         (
-            ["stage.sft_c.label_smoothing=1.0"],
-            r"stage\.sft_c\.label_smoothing=1\.0: expected a number in \[0, 1\)",
+            ["stage.sft_c.objective.label_smoothing=1.0"],
+            r"stage\.sft_c\.objective\.label_smoothing=1\.0: expected a number in \[0, 1\)",
         ),
         (["stage.sft_c.optimizer.lr=0"], r"stage\.sft_c\.optimizer\.lr=0: expected a number > 0"),
         (
@@ -47,20 +53,20 @@ def cfg_of(overrides: list[str], tmp_path: Path):
             r"negatives\.easy_mix=1\.5: expected a number in \[0, 1\]",
         ),
         (
-            ["stage.cw_dpo.loser_weight=-0.5"],
-            r"stage\.cw_dpo\.loser_weight=-0\.5: expected a number in \[0, 1\]",
+            ["stage.cw_dpo.objective.loser_weight=-0.5"],
+            r"stage\.cw_dpo\.objective\.loser_weight=-0\.5: expected a number in \[0, 1\]",
         ),
         (
             ["data=shapes_cooc", "data.source.judge=gpt"],
             r"data\.source\.judge='gpt': expected one of",
         ),
         (
-            ["stage.cw_dpo.loss_type=hinge"],
-            r"stage\.cw_dpo\.loss_type='hinge': expected one of \['sigmoid', 'ipo', 'sft'\]",
+            ["stage.cw_dpo.objective.loss_type=hinge"],
+            r"stage\.cw_dpo\.objective\.loss_type='hinge': expected one of \['sigmoid', 'ipo', 'sft'\]",
         ),
         (
-            ["stage.cw_dpo.floor=median"],
-            r"stage\.cw_dpo\.floor='median': expected a number, or one of \['mean'\]",
+            ["stage.cw_dpo.objective.floor=median"],
+            r"stage\.cw_dpo\.objective\.floor='median': expected a number, or one of \['mean'\]",
         ),
         (["stage.base_sft.steps=2.5"], r"stage\.base_sft\.steps=2\.5: expected an integer >= 0"),
         (["faults.policy=ignore"], r"faults\.policy='ignore'"),
@@ -79,8 +85,10 @@ def test_bad_values_are_refused_naming_key_value_and_range(override, message, tm
 
 def test_all_errors_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg_of(["stage.cw_dpo.beta=-1", "data.batch_size=0"], tmp_path))
-    assert "stage.cw_dpo.beta=-1" in str(err.value) and "data.batch_size=0" in str(err.value)
+        validate_config(cfg_of(["stage.cw_dpo.objective.beta=-1", "data.batch_size=0"], tmp_path))
+    assert "stage.cw_dpo.objective.beta=-1" in str(err.value) and "data.batch_size=0" in str(
+        err.value
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,21 +127,50 @@ def test_every_shipped_group_option_is_valid(group, tmp_path):
 
 
 def test_schema_covers_every_loss_knob():
+    """The schema's objective keys are the objective dataclasses' fields, with their rules:
+    derived from the dataclass, so a new field is checked before a model loads."""
+    import dataclasses
+
+    from cwdpo.losses.config import PreferenceConfig, SFTCConfig, objective_rules
+    from cwdpo.run.config_schema import STAGE_COMMON
+    from cwdpo.run.stage_nodes import objective_keys
+
     keys = set(rules_for("train"))
-    for k in (
-        "beta",
-        "tau",
-        "floor",
-        "filter_threshold",
-        "loss_type",
-        "rpo_alpha",
-        "steps",
-        "optimizer.lr",
+    for name, cls in (
+        ("base_sft", SFTCConfig),
+        ("sft_c", SFTCConfig),
+        ("cw_dpo", PreferenceConfig),
     ):
-        assert f"stage.cw_dpo.{k}" in keys
-    for k in ("lam", "margin_c", "reduction", "label_smoothing", "constraint", "steps"):
-        assert f"stage.sft_c.{k}" in keys
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields and fields == set(objective_rules(cls))  # every field carries a rule
+        assert {f"stage.{name}.objective.{f}" for f in fields} <= keys
+        assert {f"stage.{name}.{k}" for k in STAGE_COMMON} <= keys
+        assert objective_keys(name) == {
+            f"objective.{k}": r for k, r in objective_rules(cls).items()
+        }
     assert {"data.batch_size", "negatives.dataset_fraction", "negatives.easy_fraction"} <= keys
+
+
+@pytest.mark.parametrize("cls_name", ["PreferenceConfig", "SFTCConfig"])
+def test_schema_and_dataclass_refuse_the_same_values(cls_name, tmp_path):
+    """One rule per knob: each value the schema refuses under `stage.<name>.objective.<k>`
+    the dataclass refuses too, naming the same field (and a legal value passes both)."""
+    import cwdpo.losses.config as lc
+    from cwdpo.losses.config import objective_rules
+
+    cls = getattr(lc, cls_name)
+    stage = "cw_dpo" if cls_name == "PreferenceConfig" else "sft_c"
+    bad = {"beta": 0, "tau": -1.0, "loser_weight": 1.5, "filter_threshold": 0.5, "rpo_alpha": -1,
+           "loss_type": "kto", "floor": "median", "cooling": "yes", "shuffle_weights": 1,
+           "lam": -0.1, "margin_c": -1.0, "reduction": "none", "label_smoothing": 1.0,
+           "constraint": "medium"}  # fmt: skip
+    for k in objective_rules(cls):
+        with pytest.raises(ValueError, match=rf"stage\.\w+\.objective\.{k}="):
+            cls(**{k: bad[k]})
+        override = f"stage.{stage}.objective.{k}={bad[k]}"
+        with pytest.raises(ConfigError, match=rf"stage\.{stage}\.objective\.{k}="):
+            validate_config(cfg_of([override], tmp_path))
+    assert validate_config(cfg_of([], tmp_path)) == []
 
 
 def test_eval_config_is_validated(tmp_path):
@@ -149,7 +186,7 @@ def test_eval_config_is_validated(tmp_path):
 
 @pytest.mark.subprocess
 def test_cli_prints_one_line_before_any_model_loads(tmp_path):
-    """`python -m cwdpo.train stage.cw_dpo.beta=-1`: rc 1, the error on one line, no traceback
+    """`python -m cwdpo.train stage.cw_dpo.objective.beta=-1`: rc 1, the error on one line, no traceback
     (HYDRA_FULL_ERROR=1 shows it), and the tiny VLM was never built (no model loaded)."""
     cache = tmp_path / "cache"
     env = {**os.environ, "CWDPO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
@@ -158,16 +195,19 @@ def test_cli_prints_one_line_before_any_model_loads(tmp_path):
         sys.executable,
         "-m",
         "cwdpo.train",
-        "stage.cw_dpo.beta=-1",
+        "stage.cw_dpo.objective.beta=-1",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1
     lines = [
-        ln for ln in proc.stderr.splitlines() if "stage.cw_dpo.beta" in ln and "expected" in ln
+        ln
+        for ln in proc.stderr.splitlines()
+        if "stage.cw_dpo.objective.beta" in ln and "expected" in ln
     ]
     assert lines == [
-        "config error: stage.cw_dpo.beta=-1: expected a number > 0 (β, the DPO inverse temperature)"
+        "config error: stage.cw_dpo.objective.beta=-1: expected a number > 0 "
+        "(β, the DPO inverse temperature)"
     ]
     assert "Traceback" not in proc.stderr
     assert not cache.exists() or not any(cache.iterdir())
@@ -185,5 +225,23 @@ def test_cli_prints_one_line_before_any_model_loads(tmp_path):
 def test_unknown_stage_key_is_refused_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"stage\.cw_dpo has unknown key\(s\) \['betaa'\]"):
         validate_config(cfg_of(["+stage.cw_dpo.betaa=0.2"], tmp_path))
-    with pytest.raises(ConfigError, match=r"stage\.sft_c\._target_='cwdpo\.stages\.Nope'"):
-        validate_config(cfg_of(["stage.sft_c._target_=cwdpo.stages.Nope"], tmp_path))
+    with pytest.raises(ConfigError, match=r"stage\.sft_c\.module\._target_='cwdpo\.stages\.Nope'"):
+        validate_config(cfg_of(["stage.sft_c.module._target_=cwdpo.stages.Nope"], tmp_path))
+    # each node of the stage takes the keys of the class it names, nothing else
+    for override, message in (
+        ("+stage.cw_dpo.objective.betaa=0.2", r"stage\.cw_dpo\.objective has unknown key\(s\) \['betaa'\]"),
+        ("+stage.cw_dpo.module.beta=0.2", r"stage\.cw_dpo\.module has unknown key\(s\) \['beta'\]"),
+        ("+stage.sft_c.datamodule.gentle=true", r"stage\.sft_c\.datamodule has unknown key\(s\) \['gentle'\]"),
+        ("stage.cw_dpo.objective._target_=cwdpo.Nope", r"stage\.cw_dpo\.objective\._target_='cwdpo\.Nope'"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            validate_config(cfg_of([override], tmp_path))
+    # what no single-key rule sees: the objective's own check, also before any model loads
+    with pytest.raises(
+        ConfigError, match=r"stage\.cw_dpo\.objective\.shuffle_weights needs cooling"
+    ):
+        validate_config(
+            cfg_of(
+                ["+experiment=cw_dpo_shuffled", "stage.cw_dpo.objective.cooling=false"], tmp_path
+            )
+        )

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cwdpo.run.config import CONFIG_DIR
-from cwdpo.run.config_schema import stage_knobs
 from cwdpo.run.pipeline import stages_to_run
+from cwdpo.run.stage_nodes import check_stage_node
 from cwdpo.utils.overrides import plain_group_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,4 +116,4 @@ def test_documented_command_composes(doc, entry, args, tmp_path, tiny_cache_dir,
         OmegaConf.to_container(job, resolve=True, throw_on_missing=True)  # no ??? left, all resolve
         if entry == "train":
             for name in stages_to_run(cfg):
-                stage_knobs(name, cfg)
+                check_stage_node(name, cfg)

@@ -11,6 +11,7 @@ import csv
 import math
 from functools import partial
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -138,9 +139,10 @@ def test_gradient_split_on_the_tiny_vlm(backbone, pair_batch):
     enc = backbone.collate_pairs(
         pair_batch.images, pair_batch.prompts, pair_batch.chosen, pair_batch.rejected
     )
-    loss, _ = module.compute(PairBatch(inputs=enc, n=n))
+    res, pol = module.forward_loss(PairBatch(inputs=enc, n=n))
+    loss = res.loss
     params = [p for p in backbone.model.parameters() if p.requires_grad]
-    split = gradient_split(loss, [module.last_logps.token], params, n, return_grads=True)
+    split = gradient_split(loss, [pol.token], params, n, return_grads=True)
     loss.backward()
     num = den = 0.0
     for p, a, b in zip(params, split.grads_w, split.grads_l):
@@ -183,6 +185,13 @@ def _cw_dpo_trainer(backbone, root, steps, callbacks, loggers):
     return trainer, module, dm
 
 
+class _LastOutputs(L.Callback):
+    """What `training_step` handed the callbacks at the last batch."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs = outputs
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -213,7 +222,8 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
     loggers = [CSVLogger(str(tmp_path), name="csv", version="cw_dpo"), wb]
     for obj in (dyn, probe, wb):
         obj.set_stage("cw_dpo", tmp_path, first=True)
-    trainer, module, dm = _cw_dpo_trainer(backbone, tmp_path, steps, [probe, dyn], loggers)
+    last = _LastOutputs()
+    trainer, module, dm = _cw_dpo_trainer(backbone, tmp_path, steps, [probe, dyn, last], loggers)
     trainer.fit(module, datamodule=dm)
     finish_run(tmp_path, {"stages": {"cw_dpo": {"steps": steps}}})
 
@@ -235,8 +245,12 @@ def test_monitor_and_wandb_offline_run(backbone, tmp_path, monkeypatch):
     w = _rows(tmp_path / "cooling_weights.csv")
     assert len(w) == 4 * steps and all(0.0 <= float(r["w"]) <= 1.0 for r in w)
     # the per-step weights are the module's own cooling weights
-    last = [float(r["w"]) for r in w if r["step"] == str(steps - 1)]
-    np.testing.assert_allclose(last, module.last_output.weights.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(r["w"]) for r in w if r["step"] == str(steps - 1)],
+        last.outputs["terms"].weights.numpy(),
+        rtol=1e-6,
+    )
+    assert module.step_in_flight is None  # nothing of the step is left on the module
 
     # CSV logger always on
     csv_keys = set(_rows(tmp_path / "csv" / "cw_dpo" / "metrics.csv")[0])

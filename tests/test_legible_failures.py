@@ -50,11 +50,13 @@ def test_a_changed_training_value_is_refused_naming_old_and_new(tmp_path, tiny_c
     from cwdpo.run.preflight import check_config_changes
 
     run = _started(tmp_path, tiny_cache_dir)
-    cfg = _resumed(tmp_path, run, ["stage.cw_dpo.beta=0.5", "data.batch_size=2"], tiny_cache_dir)
+    cfg = _resumed(
+        tmp_path, run, ["stage.cw_dpo.objective.beta=0.5", "data.batch_size=2"], tiny_cache_dir
+    )
     with pytest.raises(ConfigError) as err:
         check_config_changes(cfg, run)
     msg = str(err.value)
-    assert "stage.cw_dpo.beta: 0.1 → 0.5" in msg and "data.batch_size: 16 → 2" in msg
+    assert "stage.cw_dpo.objective.beta: 0.1 → 0.5" in msg and "data.batch_size: 16 → 2" in msg
     assert "resume_overrides=allow" in msg and str(run) in msg
     assert "paths" not in msg.replace(str(run), "")  # other dirs are no change
     assert isinstance(err.value, CompactHydraException)  # the CLI prints this one line
@@ -73,24 +75,24 @@ def test_allowed_changes_are_recorded_in_config_history_and_results(tmp_path, ti
     from cwdpo.run.results import finish_results
 
     run = _started(tmp_path, tiny_cache_dir)
-    overrides = ["stage.cw_dpo.beta=0.5", "resume_overrides=allow"]
+    overrides = ["stage.cw_dpo.objective.beta=0.5", "resume_overrides=allow"]
     cfg = _resumed(tmp_path, run, overrides, tiny_cache_dir)
     changes = check_config_changes(cfg, run)
-    assert changes == {"stage.cw_dpo.beta": [0.1, 0.5]}
+    assert changes == {"stage.cw_dpo.objective.beta": [0.1, 0.5]}
     record_config_changes(run, cfg, changes)
     # The config files say what the run trains with now; the old one is kept, per attempt.
     assert json.loads((run / "config.json").read_text())["stage"]["cw_dpo"]["beta"] == 0.5
-    assert OmegaConf.load(run / "config.yaml").stage.cw_dpo.beta == 0.5
+    assert OmegaConf.load(run / "config.yaml").stage.cw_dpo.objective.beta == 0.5
     hist = run / "config_history"
-    assert OmegaConf.load(hist / "attempt_1.yaml").stage.cw_dpo.beta == 0.1
+    assert OmegaConf.load(hist / "attempt_1.yaml").stage.cw_dpo.objective.beta == 0.1
     assert json.loads((hist / "attempt_2.changes.json").read_text()) == {
         "attempt": 2,
-        "changes": {"stage.cw_dpo.beta": [0.1, 0.5]},
+        "changes": {"stage.cw_dpo.objective.beta": [0.1, 0.5]},
     }
     results = {"stages": {"start": {"fact_accuracy": 1.0}}}
     finish_results(results, run, 0.0, [1.0])
     saved = json.loads((run / "results.json").read_text())
-    assert saved["config_changes"] == {"2": {"stage.cw_dpo.beta": [0.1, 0.5]}}
+    assert saved["config_changes"] == {"2": {"stage.cw_dpo.objective.beta": [0.1, 0.5]}}
 
 
 def test_resume_overrides_is_validated(tmp_path):

@@ -65,7 +65,9 @@ def preempted(tmp_path_factory, tiny_vlm_path) -> dict[str, Any]:
     args = cmd[3:]
     # A changed training value is refused before anything loads (and changes nothing).
     out["changed_rc"] = cli(
-        [*args, "stage.cw_dpo.beta=0.5", f"hydra.run.dir={root / 'r0'}"], {}, root / "changed.out"
+        [*args, "stage.cw_dpo.objective.beta=0.5", f"hydra.run.dir={root / 'r0'}"],
+        {},
+        root / "changed.out",
     )
     # A truncated last.ckpt (a partial copy): one line naming it and what to do.
     broken = root / "broken"
@@ -131,7 +133,7 @@ def test_a_changed_training_value_on_resume_is_refused_in_one_line(preempted):
     out = (p["root"] / "changed.out").read_text()
     assert p["changed_rc"] == 1, out[-3000:]
     msg = _last_line(p["root"] / "changed.out")
-    assert "stage.cw_dpo.beta: 0.1 → 0.5" in msg and "resume_overrides=allow" in msg
+    assert "stage.cw_dpo.objective.beta: 0.1 → 0.5" in msg and "resume_overrides=allow" in msg
     assert "paths." not in msg and "hydra." not in msg  # run identity is no change
     assert "Traceback" not in out
     assert "Seed set" not in out  # refused before the pipeline starts (seeds, then the model)

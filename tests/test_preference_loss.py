@@ -1,6 +1,6 @@
 """Stage-2 dispatcher (`objectives.preference_loss`) on literal tensors: each `LossType` returns
 what its own function returns and what the formula gives; RPO adds α·NLL on any loss type;
-`resolve_floor`'s three sources; one vulnerable region for train/ and dynamics/vulnerable_frac."""
+`resolve_floor`'s three sources; what a training step logs and hands to callbacks."""
 
 from __future__ import annotations
 
@@ -121,21 +121,46 @@ def test_resolve_floor_sources():
         resolve_floor("median", ell)
 
 
-def _module():
-    return bare_cw_dpo_module(lambda batch: (POL, REF, N), beta=BETA)
+def _module(**kw):
+    return bare_cw_dpo_module(lambda batch: (POL, REF, N), beta=BETA, **kw)
 
 
-def test_train_and_dynamics_vulnerable_frac_use_the_configured_region():
-    from cwdpo.callbacks.dynamics import DynamicsMonitor
+def _train_step(module):
+    """`training_step` with its logged train/ metrics captured (no trainer needed)."""
+    logged = {}
+    module.log_metrics = lambda prefix, m, n: logged.update(
+        {f"{prefix}/{k}": v for k, v in m.items()}
+    )
+    return module.training_step(PairBatch({}, N), 0), logged
 
+
+def test_training_step_hands_callbacks_its_terms_and_logs_floor_and_rpo_nll():
     # a = σ(β·logits) ≈ [0.719, 0.555]: none in the default [0.8, 0.99], one in [0.7, 0.99]
-    default = _module()
-    _, m = default.compute(PairBatch({}, N))
-    assert float(m["vulnerable_frac"]) == 0.0
-    module, monitor = _module(), DynamicsMonitor(vulnerable_region=(0.7, 0.99))
-    monitor.setup(None, module, "fit")
-    assert module.vulnerable_region == (0.7, 0.99)
-    loss, metrics = module.compute(PairBatch({}, N))
-    dyn = monitor.batch_metrics(module.last_output, module.beta, {})
-    assert float(metrics["vulnerable_frac"]) == dyn["dynamics/vulnerable_frac"] == 0.5
-    assert float(loss) == pytest.approx(float(preference_loss(POL, REF, N, _cfg()).loss))
+    out, logged = _train_step(_module(rpo_alpha=0.3))
+    assert float(out["vulnerable_frac"]) == 0.0 and out["beta"] == BETA
+    want = preference_loss(POL, REF, N, _cfg(rpo_alpha=0.3))
+    assert torch.equal(out["loss"], want.loss) and out["terms"].weights.tolist() == pytest.approx(
+        WC
+    )
+    assert out["logps"] is POL  # the policy log-probs the gradient split differentiates
+    # ℓ_floor as used and RPO's NLL are logged; the vulnerable fraction is not (the dynamics
+    # callback logs it once, as dynamics/vulnerable_frac, from `out`)
+    assert float(logged["train/floor"]) == -2.0
+    assert float(logged["train/rpo_nll"]) == pytest.approx((4.0 + 6.0) / (10 + 5))
+    assert "train/vulnerable_frac" not in logged and "train/cooling/min" in logged
+    region, _ = _train_step(_module(vulnerable_region=(0.7, 0.99)))
+    assert float(region["vulnerable_frac"]) == 0.5
+    floor_mean, logged = _train_step(_module(floor="mean"))
+    assert float(logged["train/floor"]) == pytest.approx(-2.0)  # mean ℓ̄ of the rejected
+    assert "train/rpo_nll" not in logged  # rpo_alpha = 0: no RPO term
+
+
+def test_the_module_checks_its_objective_once_at_build():
+    from cwdpo.losses.config import PreferenceConfig
+
+    module = _module(tau=0.25)
+    assert module.objective == PreferenceConfig(beta=BETA, tau=0.25)
+    with pytest.raises(ValueError, match=r"stage\.cw_dpo\.objective\.tau=0"):
+        _module(tau=0)
+    with pytest.raises(ValueError, match="not both"):
+        _module(objective=PreferenceConfig())

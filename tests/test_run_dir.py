@@ -23,7 +23,7 @@ from cwdpo.utils.run_dir import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BAD = "stage.cw_dpo.beta=-1"  # stops the CLI right after the run-dir checks, before any model
+BAD = "stage.cw_dpo.objective.beta=-1"  # stops the CLI right after the run-dir checks, before any model
 
 
 def cli(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.Popen:
@@ -52,7 +52,7 @@ def test_simultaneous_starts_get_their_own_run_dirs(tmp_path):
     procs = [cli([f"seed={s}", BAD, f"hydra.run.dir={pattern}"], tmp_path) for s in (1, 2)]
     for p in procs:
         _, err = p.communicate(timeout=120)
-        assert p.returncode == 1 and "stage.cw_dpo.beta=-1" in err, err
+        assert p.returncode == 1 and BAD in err, err
     dirs = sorted((tmp_path / "runs").iterdir())
     year = time.strftime("%Y")
     assert [d.name for d in dirs] == [year, f"{year}_1"]
@@ -75,7 +75,7 @@ def test_simultaneous_multiruns_get_their_own_sweep_dirs(tmp_path):
     ]
     for p in procs:
         _, err = p.communicate(timeout=120)
-        assert p.returncode == 1 and "stage.cw_dpo.beta=-1" in err, err
+        assert p.returncode == 1 and BAD in err, err
     year = time.strftime("%Y")
     sweeps = sorted((tmp_path / "sweeps").iterdir())
     assert [d.name for d in sweeps] == [year, f"{year}_1"]
@@ -122,7 +122,7 @@ def test_a_live_run_dir_is_refused_before_anything_is_written(tmp_path):
     # The holder died without releasing (SIGKILL): its lock is stale and is taken over.
     third = cli([f"hydra.run.dir={run}", BAD], tmp_path)
     _, err = third.communicate(timeout=120)
-    assert third.returncode == 1 and "stage.cw_dpo.beta=-1" in err and "in use" not in err, err
+    assert third.returncode == 1 and BAD in err and "in use" not in err, err
     assert "taking over the lock of a run that is gone" in (run / "train.log").read_text()
     assert (run / ".hydra").is_dir()
 

@@ -17,9 +17,10 @@ MAX_FUNCTION_LINES = 60
 ALLOWED: dict[str, set[str]] = {
     "batch": set(),
     "errors": set(),
+    "rules": set(),  # what a config value may be: the objectives' dataclasses and the schema
     "utils": {"batch", "errors"},
     "data": {"batch", "errors", "utils"},
-    "losses": {"batch"},
+    "losses": {"batch", "rules"},
     # the embedded tiny model's tokenizer is trained on ShapesWorld's words (cwdpo.data.shapes)
     "model": {"batch", "errors", "utils", "losses", "data"},
     "metrics": {"batch", "errors", "utils", "data", "losses", "model"},
@@ -27,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "callbacks": {"batch", "errors", "utils", "data", "losses", "model", "metrics"},
     "analysis": {"batch", "errors", "utils", "data", "metrics"},
     "run": {
-        *("batch", "errors", "utils", "data", "losses", "model", "metrics"),
+        *("batch", "errors", "rules", "utils", "data", "losses", "model", "metrics"),
         *("stages", "callbacks", "analysis"),
     },
     "perf": {"batch", "errors", "utils", "data", "losses", "model", "stages", "run"},

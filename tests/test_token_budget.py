@@ -182,14 +182,18 @@ def test_response_budget_follows_the_policy_before_training(tmp_path):
     rows = pair_rows()
     rows[1]["rejected"] = "a blue circle " * 80  # a stage-1 row's negative cannot fit
     path = write_pairs(tmp_path, rows)
-    cfg = trl_cfg(tmp_path, path, "stage.sft_c.gentle_negatives=true")
+    cfg = trl_cfg(tmp_path, path, "stage.sft_c.datamodule.gentle_negatives=true")
     with pytest.raises(DataError, match=rf"{path}: row 1 .*prompt \d+ \+ rejected \d+ tokens"):
         check_token_budgets(cfg, *budget_of(cfg))
-    cfg = trl_cfg(tmp_path, path, "stage.sft_c.gentle_negatives=true", "model.truncation=drop_pair")
+    cfg = trl_cfg(
+        tmp_path, path, "stage.sft_c.datamodule.gentle_negatives=true", "model.truncation=drop_pair"
+    )
     out, _, report = check_token_budgets(cfg, *budget_of(cfg))
     assert report["sft_c"]["dropped_over_length"] == 1
     assert all(r.meta["row"] != 1 for r in out["sft_c"])
-    cfg = trl_cfg(tmp_path, path, "stage.sft_c.gentle_negatives=true", "model.truncation=warn")
+    cfg = trl_cfg(
+        tmp_path, path, "stage.sft_c.datamodule.gentle_negatives=true", "model.truncation=warn"
+    )
     out, _, report = check_token_budgets(cfg, *budget_of(cfg))
     assert report["sft_c"]["cut_over_length"] == 1 and report["sft_c"]["dropped_over_length"] == 0
     rows[1]["chosen"] = rows[1]["rejected"] + "and a red square ."  # the same first 160 words

@@ -1,10 +1,12 @@
 """Per-step CW-DPO dynamics: cooling weights, the vulnerable region, and the gradient split.
 
-Reads what `CWDPOModule` leaves behind for diagnostics (`last_output`: the detached loss
-terms; `last_logps`: the policy's per-token log-probs with their graph) and logs
+Reads what `CWDPOModule.training_step` returns (`outputs` of `on_train_batch_end`: the
+detached loss terms, β, the vulnerable fraction; before backward, the policy's per-token
+log-probs with their graph from the step in flight) and logs
 - the cooling-weight distribution of every batch (stats each step, W&B histograms every
   `histogram_every_n_steps`, all weights in `<run>/cooling_weights.csv` for the plots);
-- the fraction of pairs with a = σ(β(Δ_w − w_c Δ_l)) in DPO's vulnerable region;
+- the fraction of pairs with a = σ(β(Δ_w − w_c Δ_l)) in DPO's vulnerable region (the module
+  computes it, with its `vulnerable_region`; it is logged here only, not under train/);
 - every `grad_split_every_n_steps` steps, ‖g_w‖, ‖g_l‖, ‖g‖ and cos(g_w, g_l): the gradient
   through the chosen responses vs through the rejected ones (`diagnostics.gradient_split`,
   two extra vector–Jacobian products on those steps only), plus the relative residual
@@ -22,13 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cwdpo.losses.diagnostics import (
-    VULNERABLE_REGION,
-    GradSplit,
-    gradient_split,
-    group_stats,
-    vulnerable_fraction,
-)
+from cwdpo.losses.diagnostics import GradSplit, gradient_split, group_stats
 from cwdpo.utils.run_files import StageAware, append_csv, record_stage, stage_offset
 from cwdpo.utils.safe_log import log_scalars, never_fatal, wandb_histogram
 
@@ -42,14 +38,12 @@ class DynamicsMonitor(StageAware, L.Callback):
     def __init__(
         self,
         grad_split_every_n_steps: int = 25,
-        vulnerable_region: Sequence[float] = VULNERABLE_REGION,
         record_every_n_steps: int = 1,
         histogram_every_n_steps: int = 5,
         check_residual: bool = True,
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
     ) -> None:
         self.grad_split_every_n_steps = int(grad_split_every_n_steps)  # 0 disables
-        self.vulnerable_region = tuple(float(x) for x in vulnerable_region)
         self.record_every_n_steps = max(1, int(record_every_n_steps))
         self.histogram_every_n_steps = int(histogram_every_n_steps)
         self.check_residual = check_residual
@@ -62,11 +56,6 @@ class DynamicsMonitor(StageAware, L.Callback):
         self._resumed = False
 
     # ------------------------------------------------------------ hooks
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # one configured region: the stage's own train/vulnerable_frac counts this one too
-        if hasattr(pl_module, "vulnerable_region"):
-            pl_module.vulnerable_region = self.vulnerable_region
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.resolve_stage(trainer, pl_module)
         if self.first and not self._resumed:
@@ -86,7 +75,8 @@ class DynamicsMonitor(StageAware, L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        pol = getattr(pl_module, "last_logps", None)
+        step = getattr(pl_module, "step_in_flight", None)
+        pol = step.get("logps") if isinstance(step, dict) else None
         if not self._split_due() or pol is None or not pol.token.requires_grad:
             return
         self._params = [p for p in pl_module.backbone.model.parameters() if p.requires_grad]
@@ -128,11 +118,12 @@ class DynamicsMonitor(StageAware, L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        out = getattr(pl_module, "last_output", None)
+        out = outputs.get("terms") if isinstance(outputs, dict) else None
         if out is None or getattr(out, "weights", None) is None:
-            return
-        step = self._step
-        metrics = self.batch_metrics(out, float(getattr(pl_module, "beta", 0.1)), batch)
+            return  # not a DPO-style step (SFT, SFT-C)
+        step, beta = self._step, float(outputs["beta"])
+        metrics = self.batch_metrics(out, beta, batch)
+        metrics["dynamics/vulnerable_frac"] = float(outputs["vulnerable_frac"])
         split, self._split = self._split, None
         if split is not None:
             sd = {f"gradsplit/{k}": v for k, v in split.as_dict().items()}
@@ -150,7 +141,7 @@ class DynamicsMonitor(StageAware, L.Callback):
                 self.out_dir / DYNAMICS_CSV,
                 [{**base, "metric": k, "value": v} for k, v in metrics.items()],
             )
-            w, a = out.weights.float().cpu(), self._a(out, pl_module).cpu()
+            w, a = out.weights.float().cpu(), self._a(out, beta).cpu()
             easy = getattr(batch, "neg_is_easy", None)  # a PairBatch's negatives, if known
             sources = getattr(batch, "sources", None) or None
             append_csv(
@@ -168,7 +159,7 @@ class DynamicsMonitor(StageAware, L.Callback):
             )
         k = self.histogram_every_n_steps
         if k > 0 and step % k == 0:
-            self.log_histograms(trainer, out, pl_module, step)
+            self.log_histograms(trainer, out, beta, step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"offset": self.offset}
@@ -182,19 +173,17 @@ class DynamicsMonitor(StageAware, L.Callback):
 
     # ------------------------------------------------------------ pieces
     @staticmethod
-    def _a(out: Any, pl_module: L.LightningModule) -> torch.Tensor:
-        return torch.sigmoid(float(getattr(pl_module, "beta", 0.1)) * out.logits.float())
+    def _a(out: Any, beta: float) -> torch.Tensor:
+        return torch.sigmoid(beta * out.logits.float())
 
     def batch_metrics(self, out: Any, beta: float, batch: Any) -> dict[str, float]:
-        """Cooling-weight stats, mean a, and the vulnerable fraction of one batch."""
+        """Cooling-weight distribution (its min / max are the stage's train/cooling/*) and the
+        mean a of one batch."""
         w = out.weights.detach().float().cpu()
         a = torch.sigmoid(beta * out.logits.detach().float().cpu())
         m = {f"dynamics/cooling/{k}": v for k, v in group_stats(w, self.quantiles).items()}
         m["dynamics/cooling/std"] = float(w.std(unbiased=False))
-        m["dynamics/cooling/min"], m["dynamics/cooling/max"] = float(w.min()), float(w.max())
         m["dynamics/a_mean"] = float(a.mean())
-        logits, region = out.logits.detach().float().cpu(), self.vulnerable_region
-        m["dynamics/vulnerable_frac"] = float(vulnerable_fraction(logits, beta, region))
         easy = getattr(batch, "neg_is_easy", None)
         if easy is not None and len(easy) == len(w):
             easy = easy.bool().cpu()
@@ -205,9 +194,7 @@ class DynamicsMonitor(StageAware, L.Callback):
         return m
 
     @never_fatal("dynamics histograms")
-    def log_histograms(
-        self, trainer: L.Trainer, out: Any, pl_module: L.LightningModule, step: int
-    ) -> None:
+    def log_histograms(self, trainer: L.Trainer, out: Any, beta: float, step: int) -> None:
         """W&B histograms on the project's own bins: at the first CW-DPO step every
         a = σ(β·margin) is ≈ 0.5, a range numpy's 20 float32 bins cannot split."""
         from cwdpo.callbacks.wandb_logger import has_wandb, log_media
@@ -218,7 +205,7 @@ class DynamicsMonitor(StageAware, L.Callback):
             trainer,
             {
                 "dynamics/cooling_weights": wandb_histogram(out.weights.float().cpu().numpy()),
-                "dynamics/dpo_a": wandb_histogram(self._a(out, pl_module).cpu().numpy()),
+                "dynamics/dpo_a": wandb_histogram(self._a(out, beta).cpu().numpy()),
             },
             step,
         )

@@ -270,9 +270,13 @@ class PreferenceDataModule(_Base):
     to be positives are never used as negatives.
     """
 
-    def __init__(self, *args: Any, negatives: NegativeConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, negatives: NegativeConfig | dict | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.neg = negatives or NegativeConfig()
+        # a dict: the `negatives` config group, as `stage.cw_dpo.datamodule.negatives` gives it
+        self.neg = NegativeConfig(**negatives) if isinstance(negatives, dict) else negatives
+        self.neg = self.neg or NegativeConfig()
         self.buffer: dict[str, list[str]] = {}  # self_judged: [best, worst] or [best] (no gap)
         self.stats = NegativeStats()
         self.self_judged = self.neg.kind == "self_judged"

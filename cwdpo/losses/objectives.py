@@ -13,12 +13,12 @@ objective, as open-instruct's `dpo_utils` dispatches on its loss enum).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from cwdpo.losses.config import LossType, PreferenceConfig, SFTCConfig
 from cwdpo.losses.sequence import SeqLogps, sequence_logps, smoothed_nll, token_logps
 
 #: the log-prob primitives live in `cwdpo.losses.sequence`; they stay importable from here
@@ -29,10 +29,12 @@ __all__ = [
     "PairLogps",
     "PreferenceConfig",
     "PreferenceOutput",
+    "SFTCConfig",
     "SFTCOutput",
     "SeqLogps",
     "cooling_weight",
     "cw_dpo_loss",
+    "cw_dpo_terms",
     "dpo_loss",
     "ipo_objective",
     "preference_loss",
@@ -40,6 +42,7 @@ __all__ = [
     "rpo_nll",
     "sequence_logps",
     "sft_c_loss",
+    "sft_c_objective",
     "sft_objective",
     "sigmoid_objective",
     "smoothed_nll",
@@ -63,14 +66,21 @@ def sft_c_loss(
     margin_c: float,
     constraint: Literal["soft", "hard"] = "soft",
 ) -> SFTCOutput:
-    """Constrained SFT: fit positives subject to E[NLL(y⁻)] ≥ C.
+    """`sft_c_objective` from loose knobs (checked here, once, by building `SFTCConfig`)."""
+    cfg = SFTCConfig(lam=lam, margin_c=margin_c, constraint=constraint)
+    return sft_c_objective(pos_nll, neg_nll, cfg)
+
+
+def sft_c_objective(
+    pos_nll: torch.Tensor, neg_nll: torch.Tensor | None, cfg: SFTCConfig
+) -> SFTCOutput:
+    """Constrained SFT: fit positives subject to E[NLL(y⁻)] ≥ C (`cfg`: a checked config).
 
     soft: the Lagrangian form L = E[NLL⁺] + λ·ReLU(C − E[NLL⁻]); λ = 0 is plain SFT.
     hard: feasibility first — while the constraint is violated the step only restores it
           (L = C − E[NLL⁻]), otherwise L = E[NLL⁺]. This is the paper's "w/o soft penalty".
     """
-    if constraint not in ("soft", "hard"):
-        raise ValueError(f"constraint must be 'soft' or 'hard', got {constraint!r}")
+    lam, margin_c = cfg.lam, cfg.margin_c
     pos = pos_nll.mean()
     zero = pos.new_zeros(())
     if neg_nll is None or neg_nll.numel() == 0:
@@ -78,12 +88,12 @@ def sft_c_loss(
     neg = neg_nll.mean()
     gap = margin_c - neg
     violated = (gap > 0).to(pos.dtype)
-    if constraint == "soft" and lam == 0:  # exactly plain SFT, but still report the constraint
+    if cfg.constraint == "soft" and lam == 0:  # exactly plain SFT, but still report it
         return SFTCOutput(pos, pos.detach(), neg.detach(), zero, violated.detach())
-    if constraint == "soft":
+    if cfg.constraint == "soft":
         penalty = lam * F.relu(gap)
         loss = pos + penalty
-    elif constraint == "hard":
+    else:  # hard
         penalty = F.relu(gap)
         loss = torch.where(gap > 0, penalty, pos)
     return SFTCOutput(loss, pos.detach(), neg.detach(), penalty.detach(), violated.detach())
@@ -99,7 +109,11 @@ def cooling_weight(
     """
     if tau <= 0:
         raise ValueError(f"cooling temperature tau must be > 0, got {tau}")
-    return torch.sigmoid((neg_mean_logps.detach().float() - floor) / tau)
+    return _cooling(neg_mean_logps, floor, tau)
+
+
+def _cooling(ell: torch.Tensor, floor: float | torch.Tensor, tau: float) -> torch.Tensor:
+    return torch.sigmoid((ell.detach().float() - floor) / tau)
 
 
 def resolve_floor(
@@ -109,7 +123,7 @@ def resolve_floor(
 ) -> torch.Tensor:
     """ℓ_floor as a float32 scalar tensor: the ℓ̄ at which the cooling weight w_c is ½.
 
-    `stage.cw_dpo.floor` is this one quantity; only where its value comes from differs:
+    `stage.cw_dpo.objective.floor` is this one quantity; only where its value comes from differs:
     - a number (the config's default, -2.0): a fixed ℓ_floor in nats per token;
     - "mean": the batch mean of ℓ̄_θ(y_l|x) over the negatives that survive
       `filter_threshold` (all of them when none survive or no filter is set), so w_c
@@ -198,37 +212,68 @@ def cw_dpo_loss(
     loser_weight: float | None = None,
     permutation: torch.Tensor | None = None,
 ) -> CWDPOOutput:
+    """`cw_dpo_terms` from loose knobs, checked here once by building a `PreferenceConfig`."""
+    cfg = PreferenceConfig(
+        loss_type=loss_type,
+        beta=beta,
+        cooling=cooling,
+        floor=floor,
+        tau=tau,
+        filter_threshold=filter_threshold,
+        loser_weight=loser_weight,
+    )
+    if permutation is not None and (loser_weight is not None or not cooling):
+        raise ValueError(
+            "a w_c permutation needs cooling=True and no loser_weight (got cooling="
+            f"{cooling}, loser_weight={loser_weight})"
+        )
+    return cw_dpo_terms(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        policy_rejected_mean,
+        cfg,
+        cfg.loss_type.value,
+        permutation,
+    )
+
+
+def cw_dpo_terms(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    policy_rejected_mean: torch.Tensor,
+    cfg: PreferenceConfig,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    permutation: torch.Tensor | None = None,
+) -> CWDPOOutput:
     """CW-DPO: −log σ(β(Δ_w − w_c·Δ_l)), w_c from the policy's ℓ̄ on the negative.
 
-    `floor` is ℓ_floor, the centre of the cooling sigmoid, in one of three forms (see
+    `cfg.floor` is ℓ_floor, the centre of the cooling sigmoid, in one of three forms (see
     `resolve_floor`): a number, "mean" (batch mean of ℓ̄ over the kept negatives), or a tensor
     a caller computed (e.g. a running mean). cooling=False sets w_c ≡ 1: exactly vanilla DPO.
     filter_threshold drops pairs whose negative has ℓ̄ < threshold (already-easy negatives).
     Controls for "is it the cooling?": `loser_weight=c` sets w_c ≡ c for every pair (0 = chosen
     only, CW-DPO's mean w_c = DPO with the same average loser weight); `permutation` reorders
     the cooling weights within the batch (same distribution, not tied to the pair's ℓ̄).
+    `cfg` was checked when it was built: nothing is checked again here, every step.
     """
-    if loser_weight is not None and (loser_weight < 0 or permutation is not None):
-        raise ValueError(
-            f"loser_weight must be >= 0 and not combined with a permutation, got "
-            f"{loser_weight} (permutation given: {permutation is not None})"
-        )
-    if permutation is not None and not cooling:
-        raise ValueError("a w_c permutation needs cooling=True (w_c ≡ 1 has nothing to shuffle)")
     ell = policy_rejected_mean.detach()
-    kept = None if filter_threshold is None else ell >= filter_threshold
-    floor_t = resolve_floor(floor, ell, kept)
-    weights = cooling_weight(ell, floor_t, tau) if cooling else None
+    kept = None if cfg.filter_threshold is None else ell >= cfg.filter_threshold
+    floor_t = resolve_floor(cfg.floor, ell, kept)
+    weights = _cooling(ell, floor_t, cfg.tau) if cfg.cooling else None
     if weights is not None and permutation is not None:
         weights = weights[permutation]
-    if loser_weight is not None:
-        weights = torch.full_like(ell, float(loser_weight), dtype=torch.float32)
+    if cfg.loser_weight is not None:
+        weights = torch.full_like(ell, float(cfg.loser_weight), dtype=torch.float32)
     out = dpo_loss(
         policy_chosen,
         policy_rejected,
         ref_chosen,
         ref_rejected,
-        beta,
+        cfg.beta,
         weights=weights,
         loss_type=loss_type,
         mask=kept,
@@ -237,35 +282,12 @@ def cw_dpo_loss(
 
 
 # ---------------------------------------------------------------- stage-2 objectives
-class LossType(str, Enum):
-    """`stage.cw_dpo.loss_type`: the objective stage 2 trains on."""
-
-    SIGMOID = "sigmoid"  # (CW-)DPO on sequence log-ratios
-    IPO = "ipo"  # IPO's squared loss on per-token average log-ratios (as TRL)
-    SFT = "sft"  # NLL of the chosen only (RFT / SFT-continuation baselines)
-
-
 class PairLogps(Protocol):
     """What the objectives read of the policy's `SeqLogps` over 2n rows (chosen, then rejected)."""
 
     sum: torch.Tensor  # [2n] log π_θ(y|x)
     mean: torch.Tensor  # [2n] ℓ̄_θ(y|x)
     count: torch.Tensor  # [2n] response tokens L
-
-
-@dataclass(frozen=True)
-class PreferenceConfig:
-    """The stage-2 knobs the objectives read (`stage.cw_dpo.*`, see `cw_dpo_loss`)."""
-
-    loss_type: LossType | str = LossType.SIGMOID
-    beta: float = 0.1
-    cooling: bool = True
-    floor: float | str | torch.Tensor = -2.0  # ℓ_floor, see `resolve_floor`
-    tau: float = 0.5
-    filter_threshold: float | None = None
-    rpo_alpha: float = 0.0  # RPO: + α · token-mean NLL of the chosen, on any loss type
-    loser_weight: float | None = None  # baseline: w_c ≡ loser_weight
-    shuffle_weights: bool = False  # baseline: w_c permuted within the batch
 
 
 @dataclass
@@ -285,20 +307,8 @@ def _cw_terms(
     permutation: torch.Tensor | None,
 ) -> CWDPOOutput:
     """`cw_dpo_loss` on 2n rows (chosen, then rejected) of policy / reference log-probs."""
-    return cw_dpo_loss(
-        logps[:n],
-        logps[n:],
-        ref[:n],
-        ref[n:],
-        policy_mean[n:],
-        beta=cfg.beta,
-        cooling=cfg.cooling,
-        floor=cfg.floor,
-        tau=cfg.tau,
-        filter_threshold=cfg.filter_threshold,
-        loss_type=loss_type,
-        loser_weight=cfg.loser_weight,
-        permutation=permutation,
+    return cw_dpo_terms(
+        logps[:n], logps[n:], ref[:n], ref[n:], policy_mean[n:], cfg, loss_type, permutation
     )
 
 
@@ -357,9 +367,10 @@ def preference_loss(
     """Stage 2's loss: the objective of `cfg.loss_type`, plus RPO's α·NLL when rpo_alpha > 0.
 
     `policy` holds 2n rows (n chosen, then n rejected), `ref` the reference's sequence sums.
-    `shuffle_weights` draws the w_c permutation here (torch.randperm, the global RNG).
+    `shuffle_weights` draws the w_c permutation here (torch.randperm, the global RNG). `cfg`
+    was checked when it was built (`PreferenceConfig.__post_init__`), not again here.
     """
-    objective = OBJECTIVES[LossType(cfg.loss_type)]
+    objective = OBJECTIVES[cfg.loss_type]
     perm = torch.randperm(n, device=policy.sum.device) if cfg.shuffle_weights else None
     loss, terms = objective(policy, ref, n, cfg, perm)
     nll = None

@@ -66,10 +66,14 @@ class LogProbs:
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[SeqLogps, torch.Tensor, torch.Tensor]:
         """Policy log-probs plus the aligned (logits, labels) for smoothing / calibration."""
-        logits, start = response_logits(self.model, batch)
-        labels = batch["labels"][:, start + 1 :]
-        logits = logits[:, :-1]
+        logits, labels = self.aligned_logits(batch)
         return sequence_logps(logits, labels), logits, labels
+
+    def aligned_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's response logits and their labels, shifted once (logits[t] predicts
+        labels[t]), not yet normalised: for callers that take one log-softmax themselves."""
+        logits, start = response_logits(self.model, batch)
+        return logits[:, :-1], batch["labels"][:, start + 1 :]
 
     def pair_logps(
         self,

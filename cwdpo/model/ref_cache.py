@@ -147,7 +147,7 @@ def select_pairs(
 
 
 def open_ref_cache(ref_cache: str | Path | RefLogpCache | None) -> RefLogpCache | None:
-    """`stage.cw_dpo.ref_cache` as configured: a directory (a new cache there), a RefLogpCache
+    """`stage.cw_dpo.module.ref_cache` as configured: a directory (a new cache there), a RefLogpCache
     (used as it is), or None (no cache: reference log-probs are computed every step)."""
     return RefLogpCache(ref_cache) if isinstance(ref_cache, str | Path) else ref_cache
 

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cwdpo.run.config_rules import (
+from cwdpo.rules import (
     Rule,
     about,
     boolean,
@@ -57,40 +57,6 @@ def check_stage_order(run: list[str]) -> None:
         )
 
 
-# Keys of `stage.<name>` the pipeline reads itself; every other key is an argument of the
-# stage's LightningModule (`_target_`).
-PLUMBING = {"_target_", "datamodule", "steps", "optimizer", "scheduler", "gentle_negatives"}
-
-
-def stage_knobs(name: str, cfg: DictConfig) -> dict[str, Any]:
-    """The loss knobs of `stage.<name>` (its keys minus `PLUMBING`), as module arguments.
-
-    A key the stage's module (`stage.<name>._target_`) does not accept — a typo, even one
-    added with `+` — raises `ConfigError` naming it and the accepted keys, before any model
-    loads (the module class is imported, not built).
-    """
-    import inspect
-
-    from hydra.utils import get_class
-
-    st = OmegaConf.to_container(cfg.stage[name], resolve=True)
-    target = st.get("_target_")
-    if not isinstance(target, str) or not target:
-        raise ConfigError(f"stage.{name}._target_: expected the stage's LightningModule class")
-    try:
-        cls = get_class(target)
-    except Exception as e:  # a misspelt class path
-        raise ConfigError(f"stage.{name}._target_={target!r}: {str(e).splitlines()[0]}") from None
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    knobs = {k: v for k, v in st.items() if k not in PLUMBING}
-    unknown = sorted(set(knobs) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"stage.{name} has unknown key(s) {unknown}; accepted: {sorted(accepted | PLUMBING)}"
-        )
-    return knobs
-
-
 STEPS = integer(0)
 COUNT = integer(1)
 
@@ -103,31 +69,11 @@ STAGE_COMMON: dict[str, Rule] = {
     "optimizer.eps": positive(),
     "scheduler.warmup_steps": STEPS,
     "scheduler.min_ratio": fraction(),
-    "gentle_negatives": boolean(),
+    "datamodule.gentle_negatives": boolean(),
+    "module.prefix_sharing": boolean(),
+    "module.ref_cache": string(nullable=True),
+    "module.disable_dropout": boolean(),
 }
-SFT_KNOBS: dict[str, Rule] = {  # base_sft and sft_c (SFTCModule)
-    "lam": about(real(0), "λ, weight of the negatives' hinge; 0 = plain SFT"),
-    "margin_c": about(real(0), "C, the NLL bound of the negatives"),
-    "reduction": choice("mean", "sum"),
-    "label_smoothing": about(real(0, 1, hi_open=True), "ε on the positive term"),
-    "constraint": choice("soft", "hard"),
-}
-CW_DPO_KNOBS: dict[str, Rule] = {
-    "beta": about(positive(), "β, the DPO inverse temperature"),
-    "cooling": boolean(),
-    "floor": about(either(real(), choice("mean")), "ℓ_floor"),
-    "tau": about(positive(), "τ, the cooling temperature"),
-    "filter_threshold": real(hi=0, nullable=True),  # ℓ̄ is a mean log-prob: <= 0
-    "loss_type": choice("sigmoid", "ipo", "sft"),
-    "rpo_alpha": real(0),
-    "loser_weight": about(real(0, 1, nullable=True), "constant w_c (0 = chosen only)"),
-    "shuffle_weights": boolean(),
-    "prefix_sharing": boolean(),
-    "ref_cache": string(nullable=True),
-    "disable_dropout": boolean(),
-}
-STAGE_KNOBS = {"base_sft": SFT_KNOBS, "sft_c": SFT_KNOBS, "cw_dpo": CW_DPO_KNOBS}
-
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(),
     "num_threads": integer(1, nullable=True),
@@ -295,10 +241,10 @@ def _stage_warnings(cfg: DictConfig, name: str) -> list[str]:
             f"stage {name}: expect {'a diverged or collapsed model' if lr > hi else 'no learning'}"
         )
     if name == "cw_dpo":
-        beta = _select(cfg, p + "beta")
+        beta = _select(cfg, p + "objective.beta")
         if is_real(beta) and beta > 0 and not USUAL_BETA[0] <= beta <= USUAL_BETA[1]:
             out.append(
-                f"{p}beta={beta:g} is far outside the usual range "
+                f"{p}objective.beta={beta:g} is far outside the usual range "
                 f"[{USUAL_BETA[0]:g}, {USUAL_BETA[1]:g}]"
             )
     return out
@@ -349,19 +295,24 @@ def validate_config(cfg: DictConfig, task: str = "train") -> list[str]:
     errors: list[str] = []
     warnings: list[str] = []
     if task == "train":
+        from cwdpo.run.stage_nodes import check_stage_node, objective_error, objective_keys
+
         errors += _check(cfg, TRAIN_RULES)
         configured, run = _stage_names(cfg)
         if run:
             check_stage_order(run)
+        classes = {}
         for name in run:  # unknown keys (typos), before any model loads
             try:
-                stage_knobs(name, cfg)
+                classes[name] = check_stage_node(name, cfg)["objective"]
             except ConfigError as e:
                 errors.append(str(e))
         for name in configured:
-            rules = {**STAGE_COMMON, **STAGE_KNOBS[name]}
+            rules = {**STAGE_COMMON, **objective_keys(name, classes.get(name))}
             errors += _check(cfg, rules, prefix=f"stage.{name}.")
         errors += _cross_checks(cfg)
+        if not errors:
+            errors += [e for name in run if (e := objective_error(name, cfg))]
         if not errors:
             for name in run:
                 warnings += _stage_warnings(cfg, name)
@@ -389,7 +340,9 @@ def rules_for(task: str = "train") -> Iterable[str]:
     """Every key the schema checks (for docs and tests)."""
     if task == "eval":
         return list(EVAL_RULES)
+    from cwdpo.run.stage_nodes import STAGE_OBJECTIVE, objective_keys
+
     keys = list(TRAIN_RULES)
-    for name, knobs in STAGE_KNOBS.items():
-        keys += [f"stage.{name}.{k}" for k in {**STAGE_COMMON, **knobs}]
+    for name in STAGE_OBJECTIVE:
+        keys += [f"stage.{name}.{k}" for k in {**STAGE_COMMON, **objective_keys(name)}]
     return keys

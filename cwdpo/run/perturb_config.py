@@ -13,7 +13,7 @@ from string import Formatter
 from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.data.perturb_items import FORMATS
-from cwdpo.run.config_rules import Rule, choice, integer, positive, real, string
+from cwdpo.rules import Rule, choice, integer, positive, real, string
 from cwdpo.run.config_schema import ConfigError
 
 RULES: dict[str, Rule] = {

@@ -21,18 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from cwdpo.callbacks.faults import reliability_callbacks
 from cwdpo.callbacks.wandb_logger import finish_run
-from cwdpo.data.datamodules import (
-    NegativeConfig,
-    PreferenceDataModule,
-    split_records,
-)
+from cwdpo.data.datamodules import PreferenceDataModule, split_records
 from cwdpo.errors import DataError
 from cwdpo.model.backbone import VLMBackbone
 from cwdpo.run.attempts import begin_attempt
-from cwdpo.run.config_schema import STAGES, check_stage_order, stage_knobs
+from cwdpo.run.config_schema import STAGES, check_stage_order
 from cwdpo.run.evaluation import evaluate_captioning
 from cwdpo.run.results import finish_results, new_results, stage_results, token_budget_summary
 from cwdpo.run.run_state import RunState, resume_dir
+from cwdpo.run.stage_nodes import check_stage_node
 from cwdpo.run.token_budget import check_token_budgets
 from cwdpo.utils.checkpoint_io import AtomicCheckpointIO
 from cwdpo.utils.dist import is_rank_zero
@@ -52,61 +49,38 @@ def stages_to_run(cfg: DictConfig) -> list[str]:
 def build_datamodule(
     name: str, cfg: DictConfig, source: Any, records: dict[str, list], backbone: VLMBackbone
 ) -> L.LightningDataModule:
-    """The stage's LightningDataModule: `stage.<name>.datamodule._target_`, given the source,
-    the stage's train rows and the loader settings of `data`."""
-    common = {
-        "collate": backbone.collate,
-        "collate_pairs": backbone.collate_pairs,
-        "batch_size": cfg.data.batch_size,
-        "num_workers": cfg.data.num_workers,
-        "seed": cfg.seed,
-        "val_records": records["val"],
-    }
-    st = cfg.stage[name]
-    datamodule = hydra.utils.instantiate(st.datamodule)  # the class, as a partial
-    if name == "cw_dpo":
-        neg = NegativeConfig(**OmegaConf.to_container(cfg.negatives, resolve=True))
-        return datamodule(source, records["cw_dpo"], negatives=neg, **common)
-    train = records["all"] if name == "base_sft" else records["sft_c"]
+    """The stage's LightningDataModule: `stage.<name>.datamodule` (a partial), given the
+    source, the stage's train rows and the loader settings of `data`."""
+    datamodule = hydra.utils.instantiate(cfg.stage[name].datamodule)
     return datamodule(
-        source, train, gentle_negatives=bool(st.get("gentle_negatives", False)), **common
+        source,
+        records[name],
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        val_records=records["val"],
     )
 
 
 def build_module(name: str, cfg: DictConfig, backbone: VLMBackbone) -> L.LightningModule:
-    """The stage's LightningModule: `stage.<name>._target_`, with every other key of
-    `stage.<name>` that is not pipeline plumbing as a module argument (`stage_knobs` has
-    refused unknown ones, naming them)."""
-    st = cfg.stage[name]
-    module = hydra.utils.instantiate({"_target_": st._target_, "_partial_": True})
-    return module(
-        backbone,
-        optimizer=hydra.utils.instantiate(st.optimizer),
-        scheduler=hydra.utils.instantiate(st.scheduler) if st.get("scheduler") else None,
-        total_steps=int(st.steps),
-        **stage_knobs(name, cfg),
-    )
+    """The stage's LightningModule: `stage.<name>.module` as Hydra builds it (its optimizer,
+    scheduler, objective and total_steps point at the stage's nodes), given the backbone."""
+    return hydra.utils.instantiate(cfg.stage[name].module, backbone=backbone)
 
 
 def build_trainer(name: str, cfg: DictConfig, out_dir: Path, extra_callbacks: list) -> L.Trainer:
-    loggers = (
-        [  # a failing logger write is a counted warning, never a stopped run
-            guard_logger(
-                hydra.utils.instantiate(
-                    lg, **({"version": name} if "CSVLogger" in lg._target_ else {})
-                )
-            )
-            for lg in cfg.logger.values()
-        ]
-        if cfg.get("logger")
-        else []
-    )
+    loggers = [  # a failing logger write is a counted warning, never a stopped run
+        guard_logger(hydra.utils.instantiate(lg)) for lg in (cfg.get("logger") or {}).values()
+    ]
     callbacks = [hydra.utils.instantiate(cb) for cb in (cfg.get("callbacks") or {}).values()]
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
             cb.dirpath = str(out_dir / "checkpoints" / name)
     first = name == stages_to_run(cfg)[0]
-    for obj in loggers + callbacks:  # probes / dynamics / W&B: stage name, run dir, first stage?
+    # probes / dynamics / W&B / the CSV logger (its version): stage name, run dir, first stage?
+    for obj in loggers + callbacks:
         if hasattr(obj, "set_stage"):
             obj.set_stage(name, out_dir, first)
     return hydra.utils.instantiate(
@@ -129,7 +103,7 @@ def stage_callbacks(name: str, cfg: DictConfig, dm: L.LightningDataModule) -> li
     )
     if cfg.trainer.get("enable_progress_bar", True) and not own_bar:
         cbs.append(stage_progress_bar(name))  # "<stage> · epoch e … step s/max_steps"
-    if name == "cw_dpo" and isinstance(dm, PreferenceDataModule) and dm.needs_on_policy:
+    if isinstance(dm, PreferenceDataModule) and dm.needs_on_policy:
         cbs.append(OnPolicyNegatives(every_n_steps=dm.neg.refresh_every_n_steps))
     return cbs
 
@@ -203,14 +177,14 @@ class RunContext:
 
 
 def stage_records(cfg: DictConfig, source: Any, run: list[str]) -> dict[str, list]:
-    """Train rows per stage (`all` for base SFT, `data.stage_split` parts for the others) and
+    """Train rows per stage (all of them for base SFT, `data.stage_split` parts for the others) and
     `val`; fails before any training, naming the stage that would get no rows."""
     train = source.captions("train")
     parts = split_records(train, dict(cfg.data.stage_split))
     base = getattr(source, "base_records", lambda: None)()  # a disjoint base-SFT split, if any
-    records = {"all": train if base is None else base, "val": source.captions("val"), **parts}
+    records = {"base_sft": train if base is None else base, "val": source.captions("val"), **parts}
     for name in run:
-        if not records.get("all" if name == "base_sft" else name):
+        if not records.get(name):
             raise DataError(
                 f"stage {name} gets no training rows: data.stage_split="
                 f"{dict(cfg.data.stage_split)} of {len(train)} train rows"
@@ -223,7 +197,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict[str, Any
     run = stages_to_run(cfg)
     check_stage_order(run)
     for name in run:  # config typos fail before any model is loaded
-        stage_knobs(name, cfg)
+        check_stage_node(name, cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(max(1, int(cfg.get("num_threads") or torch.get_num_threads())))
 
@@ -275,10 +249,10 @@ def run_stage(
     L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
     ts, failures_before = time.time(), FAILURES.snapshot()
     cut_before = backbone.truncation_stats.cut_rows
-    if name == "cw_dpo" and not backbone.has_reference:
-        backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
     dm = build_datamodule(name, cfg, ctx.source, ctx.records, backbone)
     module = build_module(name, cfg, backbone)
+    if getattr(module, "needs_reference", False) and not backbone.has_reference:
+        backbone.snapshot_reference()  # π_ref ← π_θ (on resume: the sft_c output, not a ckpt)
     trainer = build_trainer(
         name, cfg, ctx.out_dir, stage_callbacks(name, cfg, dm) + reliability_callbacks(name, cfg)
     )

@@ -95,7 +95,7 @@ def stage_results(
     out.update(benchmark_summary(trainer))  # the benchmark curve's last bench/<task>/... values
     out["logging_failures"] = FAILURES.since(failures_before)
     if isinstance(dm, PreferenceDataModule):
-        out.update(preference_calibration(backbone, dm, float(cfg.stage[name].beta)))
+        out.update(preference_calibration(backbone, dm, float(cfg.stage[name].objective.beta)))
         out["negatives"] = negatives_summary(dm)
     return out
 
@@ -170,9 +170,10 @@ def config_changes_by_attempt(out_dir: Path) -> dict[str, dict[str, list[Any]]]:
 def objective_name(stage: str, cfg: DictConfig) -> str:
     """The loss a stage trained with, from its knobs: sft, sft_c (soft|hard), cw_dpo, dpo,
     ipo, cw_ipo, rpo, ... (+filter with negative filtering)."""
-    st = cfg.stage[stage]
+    st = cfg.stage[stage].objective
     if stage != "cw_dpo":
-        if not float(st.get("lam", 0.0)) or not st.get("gentle_negatives", stage == "sft_c"):
+        gentle = cfg.stage[stage].datamodule.get("gentle_negatives", False)
+        if not float(st.get("lam", 0.0)) or not gentle:
             return "sft"
         return "sft_c" + ("(hard)" if st.get("constraint") == "hard" else "")
     name = "ipo" if st.get("loss_type") == "ipo" else "dpo"

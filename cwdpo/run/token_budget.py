@@ -207,7 +207,7 @@ class BudgetCheck:
 def stage_candidates(name: str, cfg: DictConfig, check: BudgetCheck, pool: list[Any]):
     """`extra(rec)` of stage `name`: the negatives it can pair a row with (module docstring)."""
     neg = cfg.get("negatives") or {}
-    pairs = name == "cw_dpo" or bool(cfg.stage[name].get("gentle_negatives", False))
+    pairs = name == "cw_dpo" or bool(cfg.stage[name].datamodule.get("gentle_negatives", False))
     dataset = pairs and (name != "cw_dpo" or float(neg.get("dataset_fraction", 1.0)) > 0)
     on_policy = name == "cw_dpo" and (
         float(neg.get("dataset_fraction", 1.0)) < 1.0 or neg.get("kind") == "self_judged"
@@ -240,16 +240,15 @@ def check_token_budgets(
     counts per group (each stage of `run`, `val`, `eval`); raises before any training."""
     check_position_limit(backbone)
     skip = bool(cfg.data.get("skip_unfit_rows", False))
-    groups = {name: "all" if name == "base_sft" else name for name in run}
-    every = [r for key in {*groups.values(), "val"} for r in records[key]] + list(test)
+    every = [r for key in {*run, "val"} for r in records[key]] + list(test)
     check = BudgetCheck(backbone, source, skip, image_sizes(every))
     out, report = dict(records), {}
-    for name, key in groups.items():
-        extra = stage_candidates(name, cfg, check, records[key])
-        out[key], report[name] = check.group(f"stage {name}", records[key], extra)
-        if not out[key]:
+    for name in run:
+        extra = stage_candidates(name, cfg, check, records[name])
+        out[name], report[name] = check.group(f"stage {name}", records[name], extra)
+        if not out[name]:
             raise DataError(f"stage {name} has no rows left after the token budget: {report[name]}")
-    val_extra = [stage_candidates(n, cfg, check, records[k]) for n, k in groups.items()]
+    val_extra = [stage_candidates(n, cfg, check, records[n]) for n in run]
     out["val"], report["val"] = check.group(
         "validation", records["val"], lambda r: [c for f in val_extra for c in f(r)]
     )

@@ -2,44 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from cwdpo.batch import PairBatch
+from cwdpo.losses.config import PreferenceConfig
 from cwdpo.losses.diagnostics import VULNERABLE_REGION, vulnerable_fraction
-from cwdpo.losses.objectives import CWDPOOutput, LossType, PreferenceConfig, preference_loss
+from cwdpo.losses.objectives import CWDPOOutput, PreferenceOutput, preference_loss
 from cwdpo.model.ref_cache import cached_reference_logps, open_ref_cache, reference_signature
 from cwdpo.stages.base import StageModule
 from cwdpo.utils.reference_checkpoint import ReferenceCheckpoint, drops_reference
 
+#: the loose knobs `CWDPOModule(..., beta=...)` accepts: the fields of `PreferenceConfig`
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(PreferenceConfig))
+
 
 class CWDPOModule(StageModule):
-    """−log σ(β(Δ_w − w_c·Δ_l)); reference log-probs from the backbone's reference policy."""
+    """−log σ(β(Δ_w − w_c·Δ_l)); reference log-probs from the backbone's reference policy.
+
+    `objective` is the checked `PreferenceConfig` (`stage.cw_dpo.objective`); loose knobs
+    (`beta=..., cooling=...`) build one, so a direct caller gets the same checks.
+    `training_step` returns the step's terms for callbacks (`step_output`; Lightning passes
+    it to `on_train_batch_end` as `outputs`).
+    """
 
     stage_name = "cw_dpo"
-    #: a ∈ [lo, hi] of `train/vulnerable_frac`; the dynamics callback sets its configured
-    #: `callbacks.dynamics.vulnerable_region` here, so both metrics count the same region
-    vulnerable_region: tuple[float, float] = VULNERABLE_REGION
+    #: π_ref ← π_θ before this stage starts, unless the backbone already holds one
+    needs_reference = True
 
     def __init__(
         self,
         *args: Any,
-        beta: float = 0.1,
-        cooling: bool = True,
-        floor: float | str = -2.0,
-        tau: float = 0.5,
-        filter_threshold: float | None = None,
-        loss_type: Literal["sigmoid", "ipo", "sft"] = "sigmoid",
-        rpo_alpha: float = 0.0,
-        loser_weight: float | None = None,
-        shuffle_weights: bool = False,
+        objective: PreferenceConfig | None = None,
         prefix_sharing: bool = False,
         ref_cache: Any = None,
         disable_dropout: bool = True,
+        vulnerable_region: Sequence[float] = VULNERABLE_REGION,
         **kwargs: Any,
     ) -> None:
+        knobs = {k: kwargs.pop(k) for k in OBJECTIVE_FIELDS if k in kwargs}
         super().__init__(*args, **kwargs)
+        if objective is not None and knobs:
+            raise ValueError(
+                f"give CWDPOModule an objective or its knobs {sorted(knobs)}, not both"
+            )
+        self.objective = objective if objective is not None else PreferenceConfig(**knobs)
         self.disable_dropout = disable_dropout
         # Speed (docs/scaling.md): run image + prompt once per pair (cwdpo.model.prefix), and reuse
         # reference log-probs of dataset pairs across epochs (cwdpo.model.ref_cache: a directory or
@@ -48,27 +58,8 @@ class CWDPOModule(StageModule):
         self.ref_cache = open_ref_cache(ref_cache)
         # π_ref in checkpoints: its signature, not its frozen copy (utils/reference_checkpoint.py)
         self.reference_checkpoint = ReferenceCheckpoint()
-        self.beta, self.cooling, self.floor, self.tau = beta, cooling, floor, tau
-        self.filter_threshold, self.loss_type, self.rpo_alpha = (
-            filter_threshold,
-            loss_type,
-            rpo_alpha,
-        )
-        # baselines (issue 17): w_c ≡ loser_weight, w_c shuffled in the batch, or loss_type="sft":
-        # NLL of the chosen only (RFT on self-judged pairs, SFT continuation on dataset pairs)
-        if loss_type not in {t.value for t in LossType}:
-            raise ValueError(f"stage.cw_dpo.loss_type must be sigmoid|ipo|sft, got {loss_type!r}")
-        if loser_weight is not None and loser_weight < 0:
-            raise ValueError(f"stage.cw_dpo.loser_weight must be >= 0 or null, got {loser_weight}")
-        if shuffle_weights and (not cooling or loser_weight is not None):
-            raise ValueError(
-                "stage.cw_dpo.shuffle_weights needs cooling=true and loser_weight=null "
-                f"(got cooling={cooling}, loser_weight={loser_weight})"
-            )
-        self.loser_weight, self.shuffle_weights = loser_weight, shuffle_weights
-        self.last_output = None  # for diagnostics callbacks
-        # policy SeqLogps with graph: the gradient split (callbacks/dynamics)
-        self.last_logps = None
+        #: a = σ(β·logits) ∈ [lo, hi] counts as DPO's vulnerable region (`vulnerable_frac`)
+        self.vulnerable_region = tuple(float(x) for x in vulnerable_region)
 
     def on_fit_start(self) -> None:
         if not self.backbone.has_reference:
@@ -115,31 +106,51 @@ class CWDPOModule(StageModule):
             ref = self.backbone.pair_logps(enc, n, reference=True, prefix_sharing=shared).sum
         return pol, ref, n
 
-    @property
-    def objective(self) -> PreferenceConfig:
-        """The loss knobs as `objectives.preference_loss` reads them."""
-        return PreferenceConfig(
-            loss_type=self.loss_type,
-            beta=self.beta,
-            cooling=self.cooling,
-            floor=self.floor,
-            tau=self.tau,
-            filter_threshold=self.filter_threshold,
-            rpo_alpha=self.rpo_alpha,
-            loser_weight=self.loser_weight,
-            shuffle_weights=self.shuffle_weights,
-        )
+    def training_step(self, batch: PairBatch, batch_idx: int) -> dict[str, Any]:
+        """The loss for Lightning, and what callbacks read: see `step_output`. The vulnerable
+        fraction is handed out, not logged under train/: the dynamics callback logs it once,
+        as `dynamics/vulnerable_frac`, beside the weights it comes from."""
+        res, pol = self.forward_loss(batch)
+        metrics = self.step_metrics(pol, batch.n, res, batch)
+        vulnerable = metrics.pop("vulnerable_frac")
+        self.log_metrics("train", {"loss": res.loss, **metrics}, batch.n)
+        self.step_in_flight = self.step_output(res, pol, vulnerable)
+        return self.step_in_flight
+
+    def step_output(self, res: PreferenceOutput, pol: Any, vulnerable: torch.Tensor) -> dict:
+        """`loss`; `terms` (the detached `CWDPOOutput`: w_c, logits, kept, ℓ_floor); `logps`
+        (the policy's `SeqLogps`, 2n rows, with their graph); `beta`, so a callback computes
+        a = σ(β·logits) as the loss did; `vulnerable_frac` (a in `vulnerable_region`)."""
+        return {
+            "loss": res.loss,
+            "terms": res.terms,
+            "logps": pol,
+            "beta": self.objective.beta,
+            "vulnerable_frac": vulnerable,
+        }
+
+    #: the dict `training_step` returned, until the batch ends. The one hand-off that is not
+    #: `outputs`: the gradient split runs in `on_before_backward`, where Lightning passes a
+    #: callback only the loss, and it needs the policy log-probs with their graph.
+    step_in_flight: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_in_flight = None  # callbacks had it as `outputs`; free the graph
+
+    def forward_loss(self, batch: PairBatch) -> tuple[PreferenceOutput, Any]:
+        pol, ref, n = self.pair_logps(batch)
+        return preference_loss(pol, ref, n, self.objective), pol
 
     def compute(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pol, ref, n = self.pair_logps(batch)
-        res = preference_loss(pol, ref, n, self.objective)
-        self.last_output, self.last_logps = res.terms, pol
-        return res.loss, self.step_metrics(pol, n, res.terms, batch)
+        res, pol = self.forward_loss(batch)
+        return res.loss, self.step_metrics(pol, batch.n, res, batch)
 
     def step_metrics(
-        self, pol: Any, n: int, out: CWDPOOutput, batch: PairBatch
+        self, pol: Any, n: int, res: PreferenceOutput, batch: PairBatch
     ) -> dict[str, torch.Tensor]:
-        """TRL-named reward / log-prob metrics, cooling-weight stats, the vulnerable fraction."""
+        """TRL-named reward / log-prob metrics, cooling-weight stats, ℓ_floor as used, RPO's
+        NLL, the vulnerable fraction."""
+        out: CWDPOOutput = res.terms
         w = out.weights
         metrics = {
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -153,8 +164,13 @@ class CWDPOModule(StageModule):
             "cooling/mean": w.mean(),
             "cooling/min": w.min(),
             "cooling/max": w.max(),
-            "vulnerable_frac": vulnerable_fraction(out.logits, self.beta, self.vulnerable_region),
+            "floor": out.floor,
+            "vulnerable_frac": vulnerable_fraction(
+                out.logits, self.objective.beta, self.vulnerable_region
+            ),
         }
+        if res.rpo_nll is not None:
+            metrics["rpo_nll"] = res.rpo_nll.detach()
         if out.kept is not None:
             metrics["filtered_frac"] = 1.0 - out.kept.float().mean()
         if batch.neg_is_dataset is not None:

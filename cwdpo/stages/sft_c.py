@@ -2,54 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any
 
 import torch
 
 from cwdpo.batch import Batch, PairBatch
-from cwdpo.losses.objectives import sft_c_loss, smoothed_nll
+from cwdpo.losses.config import SFTCConfig
+from cwdpo.losses.objectives import sft_c_objective
+from cwdpo.losses.sequence import logps_with_vocab_mean, nll_of
 from cwdpo.stages.base import StageModule
+
+#: the loose knobs `SFTCModule(..., lam=...)` accepts: the fields of `SFTCConfig`
+SFTC_FIELDS = tuple(f.name for f in dataclasses.fields(SFTCConfig))
 
 
 class SFTCModule(StageModule):
-    """L = E[NLL_ε(y⁺)] + λ·ReLU(C − E[NLL(y⁻)]) — see `cwdpo.losses.objectives.sft_c_loss`."""
+    """L = E[NLL_ε(y⁺)] + λ·ReLU(C − E[NLL(y⁻)]) — see `cwdpo.losses.objectives.sft_c_objective`.
+
+    `objective` is the checked `SFTCConfig` (`stage.<name>.objective`); loose knobs
+    (`lam=...`) build one, so a direct caller gets the same checks.
+    """
 
     stage_name = "sft_c"
 
-    def __init__(
-        self,
-        *args: Any,
-        lam: float = 0.0,
-        margin_c: float = 1.0,
-        reduction: Literal["sum", "mean"] = "mean",
-        label_smoothing: float = 0.0,
-        constraint: Literal["soft", "hard"] = "soft",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, objective: SFTCConfig | None = None, **kwargs: Any) -> None:
+        knobs = {k: kwargs.pop(k) for k in SFTC_FIELDS if k in kwargs}
         super().__init__(*args, **kwargs)
-        self.lam, self.margin_c = lam, margin_c
-        self.reduction, self.label_smoothing, self.constraint = (
-            reduction,
-            label_smoothing,
-            constraint,
-        )
+        if objective is not None and knobs:
+            raise ValueError(f"give SFTCModule an objective or its knobs {sorted(knobs)}, not both")
+        self.objective = objective if objective is not None else SFTCConfig(**knobs)
 
     def compute(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         paired = isinstance(batch, PairBatch)  # gentle negatives: rows n.. are the rejected
-        lp, logits, labels = self.backbone.logps_and_logits(batch.inputs)
-        n = batch.n
-        pos_slice = slice(0, n)
-        pos_nll = smoothed_nll(
-            logits[pos_slice], labels[pos_slice], self.label_smoothing, self.reduction
-        )
+        cfg, n = self.objective, batch.n
+        logits, labels = self.backbone.aligned_logits(batch.inputs)
+        lp, vocab_mean = logps_with_vocab_mean(logits, labels)  # the one log-softmax
+        pos = slice(0, n)
+        pos_nll = nll_of(lp.rows(pos), vocab_mean[pos], cfg.label_smoothing, cfg.reduction)
         neg_nll = None
         if paired:
-            neg_nll = smoothed_nll(logits[n:], labels[n:], 0.0, self.reduction)
-        out = sft_c_loss(pos_nll, neg_nll, self.lam, self.margin_c, self.constraint)
+            neg = slice(n, None)
+            neg_nll = nll_of(lp.rows(neg), vocab_mean[neg], 0.0, cfg.reduction)
+        out = sft_c_objective(pos_nll, neg_nll, cfg)
         metrics = {
             "nll_pos": out.pos_nll,
             "penalty": out.penalty,
-            "ell_pos": lp.mean[pos_slice].mean().detach(),
+            "ell_pos": lp.mean[pos].mean().detach(),
         }
         if paired:
             metrics.update(

@@ -61,7 +61,14 @@ class ResumableExperimentWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """`lightning.pytorch.loggers.CSVLogger` with `ResumableExperimentWriter` (see module doc)."""
+    """`lightning.pytorch.loggers.CSVLogger` with `ResumableExperimentWriter` (see module doc).
+
+    One per stage: the pipeline's `set_stage` names its version after the stage, so each
+    stage's rows go to `<save_dir>/<name>/<stage>/metrics.csv`."""
+
+    def set_stage(self, stage: str, out_dir: Any = None, first: bool | None = None) -> None:
+        if self._experiment is None:  # before the first write, while log_dir can still move
+            self._version = stage
 
     @property
     @rank_zero_experiment

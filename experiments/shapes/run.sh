@@ -31,7 +31,7 @@ for sw in $SWEEPS; do
     # the paper's stability claim: a 5x larger stage-2 learning rate, DPO vs CW-DPO
     highlr) sweep highlr +experiment=cw_dpo,ablation_cooling stage.cw_dpo.optimizer.lr=1e-3 ;;
     mix) sweep mix +experiment=ablation_mix negatives.dataset_fraction=0,0.25,0.5,1 ;;
-    gentle) sweep gentle +experiment=ablation_gentle_weight stage.sft_c.lam=0,0.5,2 ;;
+    gentle) sweep gentle +experiment=ablation_gentle_weight stage.sft_c.objective.lam=0,0.5,2 ;;
     # the harder testbed: 90% trivially wrong negatives instead of 50% (stage 1 and stage 2)
     easy90) sweep easy90 +experiment=cw_dpo,ablation_cooling,dpo,sft_only negatives.easy_fraction=0.9 ;;
     # both stressors at once: 90% trivially wrong negatives and the 5x stage-2 learning rate

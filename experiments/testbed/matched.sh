@@ -14,5 +14,5 @@ echo "loser_weight = mean w_c of cw_dpo = $W"
 for s in ${SEEDS//,/ }; do
   dir="$PWD/$OUT/seed$s/dpo_matched"
   [ -f "$dir/results.json" ] && continue
-  echo "$PY -m cwdpo.train +experiment=dpo_matched negatives=self_judged stage.cw_dpo.loser_weight=$W $COMMON model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s hydra.run.dir=$dir"
+  echo "$PY -m cwdpo.train +experiment=dpo_matched negatives=self_judged stage.cw_dpo.objective.loser_weight=$W $COMMON model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s hydra.run.dir=$dir"
 done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'

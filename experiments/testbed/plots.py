@@ -74,7 +74,7 @@ def label(setting: str) -> str:
     for o in over:
         if o.startswith("stage.cw_dpo.optimizer.lr="):
             text += f", lr {o.split('=')[1]}"
-        elif o.startswith("stage.cw_dpo.beta="):
+        elif o.startswith(("stage.cw_dpo.objective.beta=", "stage.cw_dpo.beta=")):  # new, old runs
             text += f", β {o.split('=')[1]}"
         elif o.startswith("negatives.easy_mix="):
             text += f", easy {o.split('=')[1]}"

@@ -31,7 +31,7 @@ for s in 0 1 2 3 4; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
   sj="negatives=self_judged"
   for spec in "cw_dpo_shuffled $sj stage.cw_dpo.optimizer.lr=$CW|cw_dpo_shuffled_lr$CW" \
-              "dpo_matched $sj stage.cw_dpo.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW|dpo_matched_lr$CW" \
+              "dpo_matched $sj stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW|dpo_matched_lr$CW" \
               "cw_dpo $sj negatives.easy_mix=0.5 stage.cw_dpo.optimizer.lr=$CW|cw_dpo_easy50_lr$CW" \
               "ablation_cooling $sj negatives.easy_mix=0.5 stage.cw_dpo.optimizer.lr=$DPO|ablation_cooling_easy50_lr$DPO" \
               "rpo $sj stage.cw_dpo.optimizer.lr=$DPO|rpo_lr$DPO"; do
@@ -39,7 +39,7 @@ for s in 0 1 2 3 4; do
     [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$dir"
   done
 done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-SEEDS=0,1,2,3,4 METHODS=ipo PARAM=stage.cw_dpo.beta TAG=beta VALUES="0.1 0.5 1 2 5 10" \
+SEEDS=0,1,2,3,4 METHODS=ipo PARAM=stage.cw_dpo.objective.beta TAG=beta VALUES="0.1 0.5 1 2 5 10" \
   bash experiments/testbed/tune.sh
 
 # the null control: the clean world (data=shapes: no rule, no annotator noise) with the same

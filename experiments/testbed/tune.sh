@@ -7,7 +7,7 @@
 # (run it first), and the report keeps only the val-selected setting of each tuned method
 # (`python -m cwdpo.report --select`). Values tuned earlier (same TAG) take part in the choice.
 #   NAME=cooc_c0.12 EXTRA="data.source.world.companion_contrast=0.12" bash experiments/testbed/tune.sh
-#   METHODS=ipo PARAM=stage.cw_dpo.beta TAG=beta VALUES="0.1 0.5 1 2 5" NAME=... bash experiments/testbed/tune.sh
+#   METHODS=ipo PARAM=stage.cw_dpo.objective.beta TAG=beta VALUES="0.1 0.5 1 2 5" NAME=... bash experiments/testbed/tune.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NAME=${NAME:-cooc_c0.12}
