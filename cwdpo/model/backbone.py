@@ -21,7 +21,7 @@ from torch import nn
 
 from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.errors import DataError, OverBudget
-from cwdpo.model.collation import prompt_parts, repeat_pairs, text_rows
+from cwdpo.model.collation import check_pair_columns, prompt_parts, repeat_pairs, text_rows
 from cwdpo.model.loading import (
     LORA_PRESETS,
     PROJECTOR_MODULES,
@@ -303,17 +303,7 @@ class VLMBackbone(LogProbs, nn.Module):
          'pixel_values': tensor(…)}  # [4, 3, 32, 32]: red, blue, red, blue; a red image is
                                      # (1, -1, -1) on every pixel (CLIP, mean = std = 0.5)
         """
-        if not (len(images) == len(prompts) == len(chosen) == len(rejected)):
-            raise ValueError(
-                f"images, prompts, chosen and rejected must have the same length: {len(images)}, "
-                f"{len(prompts)}, {len(chosen)}, {len(rejected)}"
-            )
-        for i, (c, r) in enumerate(zip(chosen, rejected)):
-            if " ".join(c.split()) == " ".join(r.split()):
-                raise DataError(
-                    f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
-                    f"rejected are identical ({c!r}); a pair needs two different responses"
-                )
+        check_pair_columns(images, prompts, chosen, rejected)
         n = len(chosen)
         prompt_ids, per_token, vision = self._encode(images, prompts)  # once per pair
         twice = {k: v * 2 for k, v in per_token.items()}

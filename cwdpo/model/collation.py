@@ -56,6 +56,23 @@ def prompt_parts(prompt: str, n_images: int = 1) -> tuple[list[dict[str, Any]], 
     return [{"type": "image"} for _ in lead] + parts, lead + order
 
 
+def check_pair_columns(
+    images: Sequence[Any], prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]
+) -> None:
+    """One image entry, prompt, chosen and rejected text per pair, and two different texts."""
+    if not (len(images) == len(prompts) == len(chosen) == len(rejected)):
+        raise ValueError(
+            f"images, prompts, chosen and rejected must have the same length: {len(images)}, "
+            f"{len(prompts)}, {len(chosen)}, {len(rejected)}"
+        )
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        if " ".join(c.split()) == " ".join(r.split()):
+            raise DataError(
+                f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
+                f"rejected are identical ({c!r}); a pair needs two different responses"
+            )
+
+
 def text_rows(
     backbone: Any,
     prompt_ids: list[list[int]],
