@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.errors import DataError, OverBudget
+from cwdpo.model.collation import check_pair_columns, prompt_parts, repeat_pairs, text_rows
 from cwdpo.model.loading import (
     LORA_PRESETS,
     PROJECTOR_MODULES,
@@ -38,24 +38,8 @@ from cwdpo.model.loading import (
 from cwdpo.model.logprobs import LogProbs
 from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
 from cwdpo.model.sampling import sample_ids
-from cwdpo.model.truncation import (
-    TruncationStats,
-    check_pair_labels,
-    check_policy,
-    fit_responses,
-    pad_rows,
-)
+from cwdpo.model.truncation import TruncationStats, check_pair_labels, check_policy
 from cwdpo.utils.modes import eval_mode
-
-#: PER_TOKEN_KEYS (Gemma3's / PaliGemma's token_type_ids: bidirectional image / prefix
-#: attention; Qwen's mm_token_type_ids: M-RoPE) come from the processor at prompt width;
-#: `collate` extends them over the response.
-#: Value of a per-token key on response (and padding) tokens. PaliGemma marks its causal
-#: suffix with token_type_ids = 1 (its processor does so for `suffix=`); everywhere else the
-#: response is plain text (0).
-RESPONSE_TOKEN_TYPE = {("paligemma", "token_type_ids"): 1}
-#: `<image k>` placeholders (MMMU) put image k where the question refers to it.
-IMAGE_PLACEHOLDER = re.compile(r"<image (\d+)>")
 
 ImageInput = Image.Image | Sequence[Image.Image]
 
@@ -191,29 +175,9 @@ class VLMBackbone(LogProbs, nn.Module):
     def prompt_parts(
         self, prompt: str, n_images: int = 1
     ) -> tuple[list[dict[str, Any]], list[int]]:
-        """User-turn content parts and the order in which the images fill them. `<image k>`
-        placeholders (MMMU) put image k where the text refers to it (the text around them is
-        kept verbatim); images the text does not place come first (the usual "image, then
-        question" layout)."""
-        parts: list[dict[str, Any]] = []
-        order: list[int] = []
-        pos = 0
-        for m in IMAGE_PLACEHOLDER.finditer(prompt):
-            k = int(m.group(1)) - 1
-            if not 0 <= k < n_images:
-                raise DataError(
-                    f"prompt {prompt[:80]!r} refers to <image {k + 1}> but its row has "
-                    f"{n_images} image(s)"
-                )
-            if prompt[pos : m.start()].strip():
-                parts.append({"type": "text", "text": prompt[pos : m.start()]})
-            parts.append({"type": "image"})
-            order.append(k)
-            pos = m.end()
-        if prompt[pos:].strip() or not parts:
-            parts.append({"type": "text", "text": prompt[pos:]})
-        lead = [k for k in range(n_images) if k not in order]
-        return [{"type": "image"} for _ in lead] + parts, lead + order
+        """User-turn content parts and the order in which the images fill them
+        (`cwdpo.model.collation.prompt_parts`)."""
+        return prompt_parts(prompt, n_images)
 
     def prompt_text(self, prompt: str, n_images: int = 1) -> str:
         """The chat-templated user turn + generation prompt, with exactly one BOS."""
@@ -288,22 +252,7 @@ class VLMBackbone(LogProbs, nn.Module):
         if not (len(images) == len(prompts) == len(responses)):
             raise ValueError("images, prompts and responses must have the same length")
         prompt_ids, per_token, vision = self._encode(images, prompts)
-        resps = []
-        for i, r in enumerate(responses):
-            if not r or not r.strip():
-                raise DataError(f"empty response text in batch row {i} (prompt {prompts[i]!r})")
-            resps.append(self.response_ids(r))
-        resps = fit_responses(
-            [len(p) for p in prompt_ids],
-            resps,
-            self.max_length,
-            self.truncation,
-            self.truncation_stats,
-            lambda i: f"batch row {i} (prompt {prompts[i][:60]!r}, response {responses[i][:60]!r})",
-        )
-        fills = {k: RESPONSE_TOKEN_TYPE.get((self.model_type, k), 0) for k in per_token}
-        text = pad_rows(prompt_ids, resps, per_token, self.tokenizer.pad_token_id, fills)
-        return {**text, **vision}
+        return {**text_rows(self, prompt_ids, per_token, prompts, responses), **vision}
 
     def collate_pairs(
         self,
@@ -312,26 +261,53 @@ class VLMBackbone(LogProbs, nn.Module):
         chosen: Sequence[str],
         rejected: Sequence[str],
     ) -> dict[str, torch.Tensor]:
-        """Chosen rows first, rejected rows second: one forward serves both."""
-        if len(chosen) != len(rejected):
-            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected responses")
-        for i, (c, r) in enumerate(zip(chosen, rejected)):
-            if " ".join(c.split()) == " ".join(r.split()):
-                raise DataError(
-                    f"preference pair {i} of the batch (prompt {prompts[i]!r}): chosen and "
-                    f"rejected are identical ({c!r}); a pair needs two different responses"
-                )
+        """n preference pairs → 2n rows, the n chosen rows then the n rejected rows (row n+i is
+        pair i's rejected response): one forward serves both. Each pair's image(s) + prompt go
+        through the processor once (TRL's collator shape: prompt once, chosen and rejected
+        ids); both rows get those prompt ids and vision inputs (`collation.repeat_pairs`), and
+        the shared-prefix path (`cwdpo.model.prefix`) folds a pair back into one row.
+
+        - `input_ids` [2n, T]: prompt (image tokens, prompt text, chat template) + response +
+          turn-end token, right-padded with the pad id; rows i and n+i share the prompt;
+        - `attention_mask` [2n, T]: 1 on real tokens; `labels` [2n, T]: the response and its
+          turn-end token, IGNORE_INDEX (-100) on image, prompt and padding (unshifted);
+        - per-token keys (token_type_ids, mm_token_type_ids) [2n, T] where the family has them;
+        - vision keys as the processor lays them out for the 2n rows (per row, image or patch
+          along dim 0: Qwen's pixel_values + image_grid_thw, Idefics3's pixel_attention_mask,
+          LLaVA-NeXT's image_sizes), the rejected half a copy of the chosen half.
+
+        On the embedded tiny LLaVA (`5` <|user|>, 64 image tokens `4`, `3` <|end|>, `6`
+        <|assistant|>, pad `0`; pinned by tests/test_collate_pairs.py):
+
+        >>> bb.collate_pairs([red_32x32, blue_48x32], ["Describe.", "Colour?"],
+        ...                  ["a red square", "blue"], ["a blue circle", "a green circle"])
+        {'input_ids': tensor([[5, 4, …, 4, 440, 21, 3, 6,  72, 337, 291, 3,   0,   0, 0, 0],
+                              [5, 4, …, 4, 42, 86, 83, 86, 318, 38, 3, 6, 485,   3, 0, 0],
+                              [5, 4, …, 4, 440, 21, 3, 6,  72, 322, 300, 3,   0,   0, 0, 0],
+                              [5, 4, …, 4, 42, 86, 83, 86, 318, 38, 3, 6,  72, 335, 300, 3]]),
+         'attention_mask': tensor([[1, …, 1, 0, 0, 0, 0], [1, …, 1, 0, 0],
+                                   [1, …, 1, 0, 0, 0, 0], [1, …, 1]]),
+         'labels': tensor([[-100, …, -100, 72, 337, 291, 3, -100, -100, -100, -100],
+                           [-100, …, -100, 485, 3, -100, -100],
+                           [-100, …, -100, 72, 322, 300, 3, -100, -100, -100, -100],
+                           [-100, …, -100, 72, 335, 300, 3]]),
+         'pixel_values': tensor(…)}  # [4, 3, 32, 32]: red, blue, red, blue; a red image is
+                                     # (1, -1, -1) on every pixel (CLIP, mean = std = 0.5)
+        """
+        check_pair_columns(images, prompts, chosen, rejected)
         n = len(chosen)
+        prompt_ids, per_token, vision = self._encode(images, prompts)  # once per pair
+        twice = {k: v * 2 for k, v in per_token.items()}
         try:
-            batch = self.collate(list(images) * 2, list(prompts) * 2, list(chosen) + list(rejected))
+            text = text_rows(self, prompt_ids * 2, twice, list(prompts) * 2, [*chosen, *rejected])
         except OverBudget as e:  # rows → the pairs they belong to
             raise OverBudget(str(e), sorted({i % n for i in e.rows})) from None
         check_pair_labels(
-            batch["labels"],
+            text["labels"],
             n,
             lambda i: f"preference pair {i} of the batch (prompt {prompts[i]!r})",
         )
-        return batch
+        return {**text, **repeat_pairs(vision)}
 
     # ------------------------------------------------------------------ generation
     def generation_inputs(

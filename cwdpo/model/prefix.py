@@ -274,7 +274,9 @@ def _block_mask(
 def _pair_vision_inputs(
     batch: dict[str, torch.Tensor], n: int, per_tok: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Vision inputs of the n chosen rows; ValueError unless rows n+i hold the same."""
+    """Vision inputs of the n chosen rows; ValueError unless rows n+i hold the same.
+    `collate_pairs` processes each pair's images once and copies them to row n+i, so on its
+    batches this only compares memory; it guards batches built any other way."""
     rows = batch["input_ids"].shape[0]
     packed = is_packed(batch)
     inputs: dict[str, torch.Tensor] = {}
