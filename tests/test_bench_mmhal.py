@@ -129,5 +129,9 @@ def test_release_layout_under_path(tmp_path, judge):
     write_mmhal(tmp_path)  # response_template.json and images/ in one folder, as released
     bench = MmhalBenchmark(judge=RatingJudge(judge.url, "m"), path=str(tmp_path))
     assert len(bench.read()) == len(ROWS)
+    unjudged = MmhalBenchmark(path=str(tmp_path))  # the runner sets `judge` from mmhal.judge
+    with pytest.raises(ValueError, match="mmhal: no judge to rate the answers; set mmhal.judge"):
+        unjudged.score(unjudged.read()[:1], {"0": "GOOD red"})
+    assert judge.requests == []
     with pytest.raises(ValueError, match=r"mmhal: give template= \(a file\) or path="):
         MmhalBenchmark(judge=RatingJudge(judge.url, "m"), images_dir=".")

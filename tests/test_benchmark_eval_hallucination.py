@@ -115,6 +115,9 @@ def test_eval_hallucination_tasks_end_to_end_and_rescoring(
         for t in TASKS
     }
     assert ids == {"chair": ["1", "2"], "amber": ["1", "2", "1005", "1006"], "mmhal": ["0", "1"]}
+    # the judge's replies next to the answers, for auditing a rating
+    audit = [json.loads(x) for x in (out / "mmhal.judge.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["rating"]) for r in audit] == [("0", 5), ("1", 5)]  # the fake's default
     # re-score without a model (a bad model path proves none is loaded); the judge rates again
     again = _eval(
         ["eval.tasks=[chair,amber,mmhal]", f"eval.predictions={_mapping(out, TASKS)}", *over],

@@ -196,6 +196,11 @@ def run_benchmark(
         res[f"{name}/predictions"] = str(predictions)
     elif out_dir is not None and rank_world()[0] == 0:
         write_predictions(Path(out_dir) / f"{name}.predictions.jsonl", items, answers)
+    replies = getattr(bench, "replies", None)  # MMHal's judge replies (rank 0 scored)
+    if replies and out_dir is not None and rank_world()[0] == 0:
+        rows = [{"id": k, "reply": r, "rating": g} for k, (r, g) in replies.items()]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_text(Path(out_dir) / f"{name}.judge.jsonl", text)
     return res
 
 
