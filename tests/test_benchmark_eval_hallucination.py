@@ -279,6 +279,26 @@ def test_callback_logs_hallucination_curves(backbone, tmp_path, judge):
     assert len(chair_s) == 3 and "bench/amber/discriminative/f1" in logged[0]
 
 
+def test_pipeline_logs_chair_amber_mmhal_from_the_config(tmp_path, tiny_cache_dir, judge):
+    """`cwdpo.train` with callbacks.benchmarks.tasks=[chair,amber,mmhal]: the nodes (MMHal's
+    judge instantiated from its `_target_`) reach the callback; curves in results.json."""
+    from cwdpo.callbacks.benchmarks import BENCH_CSV
+    from cwdpo.run.pipeline import run_pipeline
+    from cwdpo.utils.run_files import read_csv
+
+    over = ["+debug=fast", "eval.meteor=false", "callbacks.benchmarks.tasks=[chair,amber,mmhal]"]
+    over += ["callbacks.benchmarks.every_n_steps=2", "callbacks.benchmarks.n_items=1"]
+    over += hallucination_overrides(tmp_path / "data", judge.url)
+    res = run_pipeline(compose_cfg(over, tmp_path / "run", tiny_cache_dir))
+    rows = read_csv(tmp_path / "run" / BENCH_CSV)
+    assert sorted({r["task"] for r in rows}) == sorted(TASKS)
+    last = {r["metric"]: float(r["value"]) for r in rows if r["step"] == "2"}
+    stage = res["stages"]["cw_dpo"]
+    for key in ("chair/chair_i", "amber/generative/cover", "mmhal/score"):
+        assert stage[f"bench/{key}"] == last[key], key
+    assert len(judge.requests) == 2  # cw_dpo: start + step 2, one MMHal question each
+
+
 def callback_configs(root: Path, url: str, max_new_tokens: int = 4) -> dict[str, dict]:
     """The three tasks' nodes as plain dicts (the callback's `configs`)."""
     from cwdpo.metrics.benchmarks.mmhal import RatingJudge
