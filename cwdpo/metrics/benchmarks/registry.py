@@ -70,7 +70,8 @@ def build_task(name: str, node: Mapping[str, Any]) -> Benchmark:
 def judge_missing_message(name: str) -> str:
     return (
         f"benchmark {name} is scored by a judge and {name}.judge is not set; e.g. "
-        f"{name}.judge.url=<OpenAI-compatible base URL> {name}.judge.model=<model name>"
+        f"'{name}.judge={{_target_: cwdpo.metrics.benchmarks.mmhal.RatingJudge, "
+        "url: <OpenAI-compatible base URL>, model: <name>, api_key_env: OPENAI_API_KEY}'"
     )
 
 
