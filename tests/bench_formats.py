@@ -1,12 +1,16 @@
 """Benchmark fixtures in the official on-disk formats (POPE JSONL + COCO image files, lmms-lab
-POPE parquet, MMMU validation parquet, MMBench TSV with base64 images and circular copies),
-each with hand-written answers that exercise the parsing rules. Expected scores are computed by
-hand in tests/test_benchmarks.py."""
+POPE parquet, MMMU validation parquet, MMBench TSV with base64 images and circular copies, COCO
+instances + captions for CHAIR, AMBER's repository files, MMHal-Bench's response template and a
+fake OpenAI-compatible rater), each with hand-written answers that exercise the parsing rules.
+Expected scores are computed by hand in tests/test_benchmarks.py and tests/test_bench_*.py."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +187,217 @@ def mmbench_answers() -> dict[str, str]:
 def write_predictions(path: Path, answers: dict[str, str]) -> Path:
     path.write_text("".join(json.dumps({"id": k, "answer": v}) + "\n" for k, v in answers.items()))
     return path
+
+
+# ------------------------------------------------------------------------------- CHAIR (COCO)
+CAT_IDS = {"person": 1, "dog": 18, "hot dog": 58, "dining table": 67, "teddy bear": 88}
+
+
+def write_coco(root: Path, *, instances: dict | None = None, captions: dict | None = None) -> dict:
+    """Four val images: (1) dog + person, (2) hot dog + table, (3) teddy bear, (4) nothing."""
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (1, 2, 3, 4)]
+    for img in images:
+        write_image(root / "val2014" / img["file_name"], img["id"])
+    boxes = [
+        (1, "dog"),
+        (1, "person"),
+        (1, "person"),
+        (2, "hot dog"),
+        (2, "dining table"),
+        (3, "teddy bear"),
+    ]
+    inst = instances or {
+        "images": images,
+        "annotations": [
+            {"id": k, "image_id": i, "category_id": CAT_IDS[c], "bbox": [0, 0, 1, 1]}
+            for k, (i, c) in enumerate(boxes)
+        ],
+        "categories": [{"id": v, "name": k, "supercategory": "x"} for k, v in CAT_IDS.items()],
+    }
+    caps = captions or {
+        "images": images,
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "A man and his dog on a couch."},
+            {"id": 11, "image_id": 2, "caption": "Hot dogs on a table."},
+            {"id": 12, "image_id": 3, "caption": "A teddy bear sits on a bed."},
+            {"id": 13, "image_id": 4, "caption": "A view of the sky."},
+            {"id": 14, "image_id": 99, "caption": "A giraffe."},  # an image not asked about
+        ],
+    }
+    paths = {
+        "instances": root / "instances_val2014.json",
+        "captions": root / "captions_val2014.json",
+    }
+    paths["instances"].write_text(json.dumps(inst))
+    paths["captions"].write_text(json.dumps(caps))
+    return {
+        "instances": str(paths["instances"]),
+        "captions": str(paths["captions"]),
+        "images_dir": str(root / "val2014"),
+    }
+
+
+CHAIR_ANSWERS = {
+    # plural + synonym ("dogs", "sofa" = couch): 3 mentions, none hallucinated, all 3 GT covered
+    "1": "Two dogs and a man are sitting on a sofa.",
+    # two-word plural object ("hot dogs") + a hallucinated cat
+    "2": "Hot dogs on a plate next to a cat.",
+    # "baby bird" is a bird (hallucinated), not a person; "teddy bear" is one object
+    "3": "A baby bird is perched on a teddy bear.",
+    # no objects at all
+    "4": "The sky is blue and clear.",
+}
+
+
+# -------------------------------------------------------------------------------------- AMBER
+AMBER_RELATION = {
+    "dog": ["puppy", "pet"],
+    "cat": ["kitten"],
+    "grass": ["lawn"],
+    "person": ["man", "woman", "child"],
+    "car": ["vehicle"],
+    "tree": [],
+    "bench": [],
+    "background": [],
+    "animal": ["hound", "kitty"],
+    "orange": [],
+}
+AMBER_GENERATIVE = [  # (id, truth, hallu, response)
+    # puppy → dog (Cover), lawn → grass (Cover), cats: hallucinated (Cog cat), background: safe
+    (1, ["dog", "grass", "person"], ["cat", "car"],
+     "A puppy plays on the lawn with two cats in the background."),
+    # "Trees" is capitalized: the official scorer never matches it; bench covered
+    (2, ["tree", "bench"], ["person", "dog"], "Trees stand behind an empty bench."),
+    # vehicle → car (Cover); man and woman: hallucinated people (Cog person once)
+    (3, ["car"], ["person"], "A blue vehicle parked near a man and a woman."),
+]  # fmt: skip
+AMBER_DISCRIMINATIVE = [  # (id, type, truth, response, read by yes_word, read by exact)
+    (1005, "discriminative-hallucination", "yes", "Yes, there is a dog.", "Yes", None),
+    (1006, "discriminative-hallucination", "no", "No.", "No", None),
+    (1007, "discriminative-attribute-state", "no", "There is no cat.", "No", None),
+    (1008, "discriminative-attribute-number", "yes", "No", "No", "No"),
+    (1009, "discriminative-relation", "no", "Yes", "Yes", "Yes"),
+    (1010, "discriminative-attribute-action", "yes", "I don't know.", "No", None),
+    (1011, "discriminative-hallucination", "no", "The eyes are closed.", "No", None),
+    (1012, "discriminative-hallucination", "yes", " Yes ", "Yes", "Yes"),
+]
+
+
+def write_amber(root: Path) -> dict:
+    ids = [g[0] for g in AMBER_GENERATIVE] + [d[0] for d in AMBER_DISCRIMINATIVE]
+    for i in ids:
+        write_image(root / "image" / f"AMBER_{i}.jpg", i)
+    annotations = [
+        {"id": i, "type": "generative", "truth": t, "hallu": h} for i, t, h, _ in AMBER_GENERATIVE
+    ]
+    annotations += [{"id": i, "type": k, "truth": t} for i, k, t, *_ in AMBER_DISCRIMINATIVE]
+    gen_q = [
+        {"id": i, "image": f"AMBER_{i}.jpg", "query": "Describe this image."}
+        for i, *_ in AMBER_GENERATIVE
+    ]
+    dis_q = [
+        {"id": i, "image": f"AMBER_{i}.jpg", "query": f"Question {i}?"}
+        for i, *_ in AMBER_DISCRIMINATIVE
+    ]
+    files = {
+        "annotations": ("annotations.json", annotations),
+        "relation": ("relation.json", AMBER_RELATION),
+        "gen": ("query_generative.json", gen_q),
+        "dis": ("query_discriminative.json", dis_q),
+    }
+    paths = {}
+    for key, (name, data) in files.items():
+        paths[key] = str(root / name)
+        Path(paths[key]).write_text(json.dumps(data, indent=1))
+    (root / "safe_words.txt").write_text("background\nscene\n")
+    return {
+        "annotations": paths["annotations"],
+        "relation": paths["relation"],
+        "safe_words": str(root / "safe_words.txt"),
+        "images_dir": str(root / "image"),
+        "queries": [paths["gen"], paths["dis"]],
+    }
+
+
+AMBER_GEN_ANSWERS = {str(i): r for i, _, _, r in AMBER_GENERATIVE}
+AMBER_DIS_ANSWERS = {str(i): r for i, _, _, r, _, _ in AMBER_DISCRIMINATIVE}
+
+
+# -------------------------------------------------------------------------------- MMHal-Bench
+MMHAL_SECRET = "sk-test-MMHAL-123"
+# (question_type, model answer, the fake judge's reply, the score it is worth)
+MMHAL_ROWS = [
+    ("attribute", "GOOD red", "The answer matches.\nRating: 6", 6),
+    ("attribute", "OK", "Correct but terse. **Rating:** 4", 4),
+    ("counting", "BAD", "It invents a third dog. Rating: 1", 1),
+    ("counting", "GARBAGE", "I cannot decide.", 0),  # unparsed: no rating → 0
+    ("adversarial", "TWO", "Rating: 2, or maybe Rating: 5", 0),  # unparsed: two ratings → 0
+    ("holistic", "SAME", "Rating: 3. Final Rating: 3", 3),  # the same rating twice is one
+]
+
+
+class FakeRatingJudge:
+    """/v1/chat/completions answering by the model answer shown in the rubric prompt."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.fail_with: int | None = None
+        replies = {answer: reply for _, answer, reply, _ in MMHAL_ROWS}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"auth": self.headers.get("Authorization"), "body": body})
+                if server.fail_with:
+                    return self._send(server.fail_with, {"error": "down"})
+                prompt = body["messages"][-1]["content"]
+                answer = re.search(r"^Model's answer: (.*)$", prompt, re.M).group(1)
+                message = {"role": "assistant", "content": replies.get(answer, "Rating: 5")}
+                self._send(200, {"choices": [{"message": message}]})
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_mmhal(root: Path) -> dict:
+    rows = []
+    for i, (kind, *_rest) in enumerate(MMHAL_ROWS):
+        name = f"{1000 + i}_abc_o.jpg"
+        rows.append(
+            {
+                "question_type": kind,
+                "question_topic": "animal",
+                "image_id": f"id{i}",
+                "image_src": f"https://c1.staticflickr.com/5/{name}",
+                "image_content": ["Dog", "Grass"],
+                "question": f"Question {i}: what colour is the dog?",
+                "gt_answer": f"Truth {i}",
+                "model_answer": "",
+            }
+        )
+        # row 5's image is stored under its image_id (the fallback name)
+        file = f"id{i}.jpg" if i == 5 else name
+        write_image(root / "images" / file, i)
+    path = root / "response_template.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return {"template": str(path), "images_dir": str(root / "images")}

@@ -7,83 +7,15 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks import amber as amber_module
 from cwdpo.metrics.benchmarks.amber import AmberBenchmark, read_yes_no
-
-RELATION = {
-    "dog": ["puppy", "pet"],
-    "cat": ["kitten"],
-    "grass": ["lawn"],
-    "person": ["man", "woman", "child"],
-    "car": ["vehicle"],
-    "tree": [],
-    "bench": [],
-    "background": [],
-    "animal": ["hound", "kitty"],
-    "orange": [],
-}
-GENERATIVE = [  # (id, truth, hallu, response)
-    # puppy → dog (Cover), lawn → grass (Cover), cats: hallucinated (Cog cat), background: safe
-    (1, ["dog", "grass", "person"], ["cat", "car"],
-     "A puppy plays on the lawn with two cats in the background."),
-    # "Trees" is capitalized: the official scorer never matches it; bench covered
-    (2, ["tree", "bench"], ["person", "dog"], "Trees stand behind an empty bench."),
-    # vehicle → car (Cover); man and woman: hallucinated people (Cog person once)
-    (3, ["car"], ["person"], "A blue vehicle parked near a man and a woman."),
-]  # fmt: skip
-DISCRIMINATIVE = [  # (id, type, truth, response, read by yes_word, read by exact)
-    (1005, "discriminative-hallucination", "yes", "Yes, there is a dog.", "Yes", None),
-    (1006, "discriminative-hallucination", "no", "No.", "No", None),
-    (1007, "discriminative-attribute-state", "no", "There is no cat.", "No", None),
-    (1008, "discriminative-attribute-number", "yes", "No", "No", "No"),
-    (1009, "discriminative-relation", "no", "Yes", "Yes", "Yes"),
-    (1010, "discriminative-attribute-action", "yes", "I don't know.", "No", None),
-    (1011, "discriminative-hallucination", "no", "The eyes are closed.", "No", None),
-    (1012, "discriminative-hallucination", "yes", " Yes ", "Yes", "Yes"),
-]
-
-
-def write_amber(root: Path) -> dict:
-    (root / "image").mkdir(exist_ok=True)
-    ids = [g[0] for g in GENERATIVE] + [d[0] for d in DISCRIMINATIVE]
-    for i in ids:
-        Image.new("RGB", (4, 4), (i % 255, 0, 0)).save(root / "image" / f"AMBER_{i}.jpg")
-    annotations = [
-        {"id": i, "type": "generative", "truth": t, "hallu": h} for i, t, h, _ in GENERATIVE
-    ]
-    annotations += [{"id": i, "type": k, "truth": t} for i, k, t, *_ in DISCRIMINATIVE]
-    gen_q = [
-        {"id": i, "image": f"AMBER_{i}.jpg", "query": "Describe this image."}
-        for i, *_ in GENERATIVE
-    ]
-    dis_q = [
-        {"id": i, "image": f"AMBER_{i}.jpg", "query": f"Question {i}?"} for i, *_ in DISCRIMINATIVE
-    ]
-    files = {
-        "annotations": ("annotations.json", annotations),
-        "relation": ("relation.json", RELATION),
-        "gen": ("query_generative.json", gen_q),
-        "dis": ("query_discriminative.json", dis_q),
-    }
-    paths = {}
-    for key, (name, data) in files.items():
-        paths[key] = str(root / name)
-        Path(paths[key]).write_text(json.dumps(data, indent=1))
-    (root / "safe_words.txt").write_text("background\nscene\n")
-    return {
-        "annotations": paths["annotations"],
-        "relation": paths["relation"],
-        "safe_words": str(root / "safe_words.txt"),
-        "images_dir": str(root / "image"),
-        "queries": [paths["gen"], paths["dis"]],
-    }
-
-
-GEN_ANSWERS = {str(i): r for i, _, _, r in GENERATIVE}
-DIS_ANSWERS = {str(i): r for i, _, _, r, _, _ in DISCRIMINATIVE}
+from tests.bench_formats import AMBER_DIS_ANSWERS as DIS_ANSWERS
+from tests.bench_formats import AMBER_DISCRIMINATIVE as DISCRIMINATIVE
+from tests.bench_formats import AMBER_GEN_ANSWERS as GEN_ANSWERS
+from tests.bench_formats import AMBER_GENERATIVE as GENERATIVE
+from tests.bench_formats import write_amber
 
 
 def test_yes_no_reading_rules():
@@ -100,7 +32,7 @@ def test_discriminative_scores_by_hand(tmp_path):
     bench = AmberBenchmark(**paths)  # similarity="spacy" is not needed without generative items
     items = bench.read()
     assert [it.id for it in items] == [str(d[0]) for d in DISCRIMINATIVE]
-    assert items[0].prompt == "Question 1005?" and items[0].images[0].load().size == (4, 4)
+    assert items[0].prompt == "Question 1005?" and items[0].images[0].load().size == (24, 24)
     got = bench.score(items, DIS_ANSWERS)
     # yes_word: right 1005 1006 1007 1011 1012 = 5/8; predicted No: 1006 1007 1008 1010 1011,
     # of which truly no 3 → P 60; true no 1006 1007 1009 1011 → R 3/4; F1 = 2·60·75/135

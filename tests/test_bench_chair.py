@@ -8,11 +8,12 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.chair import SYNONYMS_FILE, ChairBenchmark, CocoObjects
 from cwdpo.metrics.benchmarks.words import singularize
+from tests.bench_formats import CHAIR_ANSWERS as ANSWERS
+from tests.bench_formats import write_coco
 
 ROOT = Path(__file__).resolve().parent.parent
 # the 80 COCO detection categories (instances_val2014.json "categories", in id order)
@@ -100,68 +101,6 @@ COCO_80 = [
 ]
 
 
-CAT_IDS = {"person": 1, "dog": 18, "hot dog": 58, "dining table": 67, "teddy bear": 88}
-
-
-def write_coco(root: Path, *, instances: dict | None = None, captions: dict | None = None) -> dict:
-    """Four val images: (1) dog + person, (2) hot dog + table, (3) teddy bear, (4) nothing."""
-    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (1, 2, 3, 4)]
-    (root / "val2014").mkdir(exist_ok=True)
-    for img in images:
-        Image.new("RGB", (4, 4), (i := img["id"] * 40, i, i)).save(
-            root / "val2014" / img["file_name"]
-        )
-    boxes = [
-        (1, "dog"),
-        (1, "person"),
-        (1, "person"),
-        (2, "hot dog"),
-        (2, "dining table"),
-        (3, "teddy bear"),
-    ]
-    inst = instances or {
-        "images": images,
-        "annotations": [
-            {"id": k, "image_id": i, "category_id": CAT_IDS[c], "bbox": [0, 0, 1, 1]}
-            for k, (i, c) in enumerate(boxes)
-        ],
-        "categories": [{"id": v, "name": k, "supercategory": "x"} for k, v in CAT_IDS.items()],
-    }
-    caps = captions or {
-        "images": images,
-        "annotations": [
-            {"id": 10, "image_id": 1, "caption": "A man and his dog on a couch."},
-            {"id": 11, "image_id": 2, "caption": "Hot dogs on a table."},
-            {"id": 12, "image_id": 3, "caption": "A teddy bear sits on a bed."},
-            {"id": 13, "image_id": 4, "caption": "A view of the sky."},
-            {"id": 14, "image_id": 99, "caption": "A giraffe."},  # an image not asked about
-        ],
-    }
-    paths = {
-        "instances": root / "instances_val2014.json",
-        "captions": root / "captions_val2014.json",
-    }
-    paths["instances"].write_text(json.dumps(inst))
-    paths["captions"].write_text(json.dumps(caps))
-    return {
-        "instances": str(paths["instances"]),
-        "captions": str(paths["captions"]),
-        "images_dir": str(root / "val2014"),
-    }
-
-
-ANSWERS = {
-    # plural + synonym ("dogs", "sofa" = couch): 3 mentions, none hallucinated, all 3 GT covered
-    "1": "Two dogs and a man are sitting on a sofa.",
-    # two-word plural object ("hot dogs") + a hallucinated cat
-    "2": "Hot dogs on a plate next to a cat.",
-    # "baby bird" is a bird (hallucinated), not a person; "teddy bear" is one object
-    "3": "A baby bird is perched on a teddy bear.",
-    # no objects at all
-    "4": "The sky is blue and clear.",
-}
-
-
 def test_chair_scores_the_fixture_as_computed_by_hand(tmp_path):
     bench = ChairBenchmark(**write_coco(tmp_path), n_images=0)
     items = bench.read()
@@ -175,7 +114,7 @@ def test_chair_scores_the_fixture_as_computed_by_hand(tmp_path):
         "4": [],
     }
     assert items[0].prompt == "Please describe this image in detail."
-    assert items[0].images[0].load().size == (4, 4)
+    assert items[0].images[0].load().size == (24, 24)
     got = bench.score(items, ANSWERS)
     # mentions 3 + 2 + 2 + 0 = 7, hallucinated: cat, bird = 2 in 2 of 4 descriptions;
     # GT 3 + 2 + 2 + 0 = 7, covered 3 + 1 + 1 = 5; words 10 + 9 + 9 + 6 = 34

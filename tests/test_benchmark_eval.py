@@ -431,7 +431,7 @@ def test_config_errors_before_any_model(tmp_path, tiny_cache_dir, monkeypatch):
     from cwdpo.run.config_schema import ConfigError, validate_config
 
     cfg = compose_cfg(["callbacks.benchmarks.tasks=[pope,mme]"], tmp_path, tiny_cache_dir)
-    with pytest.raises(ConfigError, match=r"unknown benchmark 'mme'.*pope.path is not set"):
+    with pytest.raises(ConfigError, match=r"unknown benchmark .mme..*set pope.path="):
         validate_config(cfg, "train")
     path = write_mmbench(tmp_path / "d")
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)

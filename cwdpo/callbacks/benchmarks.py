@@ -1,13 +1,13 @@
-"""`BenchmarkCurve`: real benchmarks (POPE, MMMU, MMBench, ... — any name in
-`cwdpo.metrics.benchmarks.registry`) on a fixed subset, during training, scored by the same
-official rules as `cwdpo.eval`, so the POPE / MMBench curves sit next to the held-out curve and
-the Δlogp probes on the dashboards.
+"""`BenchmarkCurve`: real benchmarks (POPE, CHAIR, AMBER, MMHal-Bench, MMMU, MMBench — any
+name in `cwdpo.metrics.benchmarks.registry`) on a fixed subset, during training, scored by the
+same official rules as `cwdpo.eval`, so the POPE / CHAIR curves sit next to the held-out curve
+and the Δlogp probes on the dashboards.
 
 At the start of each stage in `stages`, every `every_n_steps` optimizer steps and at its end,
-each task's first `n_items` questions (per POPE split; an MMBench question with all its
-rotations) are answered greedily — each DDP rank its shard, answers gathered, so every rank
-scores the same — and logged as `bench/<task>/<metric>` and appended to `<run>/benchmarks.csv`
-(long format: stage, step, run_step, task, n, metric, value). The last values also go into the
+each task's first `n_items` questions (per POPE split and AMBER task; an MMBench question with
+all its rotations) are answered greedily — each DDP rank its shard, answers gathered, scored
+on rank 0 (a judge is asked once per answer) and the numbers broadcast — and logged as
+`bench/<task>/<metric>` and appended to `<run>/benchmarks.csv` (long format: stage, step, run_step, task, n, metric, value). The last values also go into the
 stage's results.json entry (`bench/...`). A failing task is a counted warning; training goes on.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 
 from cwdpo.callbacks.heldout import check_count
-from cwdpo.metrics.benchmarks.generate import generate_answers
+from cwdpo.metrics.benchmarks.generate import generate_answers, score_answers
 from cwdpo.metrics.benchmarks.registry import BENCHMARKS, build_task, subset
 from cwdpo.utils.run_files import StageAware, append_csv, stage_offset
 from cwdpo.utils.safe_log import FAILURES, log_scalars
@@ -106,7 +106,7 @@ class BenchmarkCurve(StageAware, L.Callback):
                 answers = generate_answers(
                     pl_module.backbone, items, self.batch_size, bench.max_new_tokens, shard
                 )
-                scores = {k: float(v) for k, v in bench.score(items, answers).items()}
+                scores = {k: float(v) for k, v in score_answers(bench, items, answers).items()}
                 rows = [
                     {**meta, "task": task, "n": len(items), "metric": k, "value": v}
                     for k, v in scores.items()

@@ -1,4 +1,5 @@
-"""`cwdpo.eval`'s benchmark tasks (POPE, MMMU, MMBench, ... — `metrics.benchmarks.registry`):
+"""`cwdpo.eval`'s benchmark tasks (POPE, CHAIR, AMBER, MMHal-Bench, MMMU, MMBench —
+`metrics.benchmarks.registry`):
 read the task's local files, generate (each DDP rank its shard) or load a saved predictions
 file, score by the benchmark's official rules, save `<out>/<task>.predictions.jsonl`.
 
@@ -18,8 +19,16 @@ from typing import Any
 
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem
-from cwdpo.metrics.benchmarks.generate import generate_answers
-from cwdpo.metrics.benchmarks.registry import BENCHMARKS, build_task, subset
+from cwdpo.metrics.benchmarks.generate import generate_answers, score_answers
+from cwdpo.metrics.benchmarks.registry import (
+    BENCHMARKS,
+    build_benchmark,
+    build_task,
+    files_configured,
+    judge_missing_message,
+    no_files_message,
+    subset,
+)
 from cwdpo.utils.dist import rank_world
 from cwdpo.utils.io import atomic_write_text
 
@@ -95,8 +104,39 @@ def needs_model(cfg: Any, tasks: Sequence[str]) -> bool:
     return any(t not in BENCHMARKS or not predictions_for(cfg, t, tasks) for t in tasks)
 
 
+def judge_errors(name: str, node: Mapping[str, Any]) -> list[str]:
+    """A task's `judge` node, checked before any model loads: present when the benchmark needs
+    one (MMHal-Bench), `url` / `model` set, its `api_key_env` exported."""
+    judge = node.get("judge")
+    if not judge:
+        return [judge_missing_message(name)] if BENCHMARKS[name].needs_judge else []
+    if not isinstance(judge, Mapping):  # an object passed from Python
+        return []
+    unset = [] if judge.get("_target_") else ["_target_"]
+    unset += [k for k in ("url", "model") if k in judge and judge[k] in (None, "")]
+    errors = [f"{name}.judge.{k} is not set" for k in unset]
+    key_env = judge.get("api_key_env")
+    if key_env and not os.environ.get(key_env):
+        errors.append(
+            f"{name}.judge: the environment variable {key_env} (api_key_env) is not set; "
+            "export it, or set api_key_env=null for a server without auth"
+        )
+    return errors
+
+
+def check_task(name: str, node: Mapping[str, Any]) -> None:
+    """What would stop task `name` after the model loaded, raised now: no files, a bad key, a
+    missing file or optional dependency (`Benchmark.check`), a judge not configured."""
+    if not files_configured(name, node):
+        raise ValueError(no_files_message(name))
+    build_benchmark(name, node).check()
+    errors = judge_errors(name, node)
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
 def callback_config_errors(cfg: Any) -> list[str]:
-    """`callbacks.benchmarks.tasks` of a train config: known names, each with its files set."""
+    """`callbacks.benchmarks.tasks` of a train config: known names, each configured."""
     from omegaconf import OmegaConf
 
     tasks = OmegaConf.select(cfg, "callbacks.benchmarks.tasks")
@@ -107,30 +147,24 @@ def callback_config_errors(cfg: Any) -> list[str]:
         for t in tasks
         if t not in BENCHMARKS
     ]
-    return errors + [
-        f"callbacks.benchmarks.tasks has {t} but {t}.path is not set"
-        for t in tasks
-        if t in BENCHMARKS and not OmegaConf.select(cfg, f"{t}.path")
-    ]
+    for t in tasks:
+        if t in BENCHMARKS:
+            try:
+                check_task(t, task_node(cfg, t))
+            except (ValueError, RuntimeError) as e:  # DataError is a ValueError
+                errors.append(f"callbacks.benchmarks.tasks has {t}: {e}")
+    return errors
 
 
 def check_tasks(cfg: Any, tasks: Sequence[str]) -> None:
-    """Every benchmark task configured and its files present, before a model loads."""
+    """Every benchmark task configured, its files present, its optional dependencies and
+    judge (API key) ready — before a model loads."""
     for name in tasks:
         if name in BENCHMARKS:
-            node = task_node(cfg, name)
-            build_task(name, {**node, "judge": None})
-            if not Path(str(node["path"])).exists():
-                raise DataError(f"{name}.path={node['path']}: no such file or directory")
+            check_task(name, task_node(cfg, name))
             pred = predictions_for(cfg, name, tasks)
             if pred and not Path(pred).is_file():
                 raise DataError(f"{name}: predictions file not found: {pred}")
-            key_env = (node.get("judge") or {}).get("api_key_env")
-            if not pred and key_env and not os.environ.get(key_env):
-                raise ValueError(
-                    f"{name}.judge: the environment variable {key_env} (api_key_env) is not "
-                    "set; export it, or set api_key_env=null for a server without auth"
-                )
 
 
 def run_benchmark(
@@ -155,12 +189,18 @@ def run_benchmark(
         answers = generate_answers(
             backbone, items, int(node.get("batch_size") or batch_size), bench.max_new_tokens
         )
-    res: dict[str, Any] = dict(bench.score(items, answers))
-    res[f"{name}/protocol"] = GENERATE_LABEL
+    res: dict[str, Any] = dict(score_answers(bench, items, answers))
+    note = bench.protocol_note()
+    res[f"{name}/protocol"] = f"{GENERATE_LABEL}; {note}" if note else GENERATE_LABEL
     if predictions:
         res[f"{name}/predictions"] = str(predictions)
     elif out_dir is not None and rank_world()[0] == 0:
         write_predictions(Path(out_dir) / f"{name}.predictions.jsonl", items, answers)
+    replies = getattr(bench, "replies", None)  # MMHal's judge replies (rank 0 scored)
+    if replies and out_dir is not None and rank_world()[0] == 0:
+        rows = [{"id": k, "reply": r, "rating": g} for k, (r, g) in replies.items()]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_text(Path(out_dir) / f"{name}.judge.jsonl", text)
     return res
 
 

@@ -154,6 +154,10 @@ EVAL_RULES: dict[str, Rule] = {
     "mmmu.scoring": choice("generate", "loglik"),
     "mmbench.scoring": choice("generate", "loglik"),
     **{f"{t}.limit": integer(1, nullable=True) for t in ("pope", "mmmu", "mmbench")},
+    **{f"{t}.limit": integer(1, nullable=True) for t in ("chair", "amber", "mmhal")},
+    "amber.similarity": choice("spacy", "exact"),
+    "amber.answer_rule": choice("yes_word", "exact"),
+    "chair.n_images": integer(0),
     "data.source.skip_bad_images": boolean(),
     "data.source.check_images": boolean(),
 }

@@ -76,8 +76,8 @@ def read_yes_no(text: str, rule: str = "yes_word") -> str | None:
     raise ValueError(f"amber: answer_rule must be one of {ANSWER_RULES}, got {rule!r}")
 
 
-def spacy_similarity(model: str = "en_core_web_lg") -> Similarity:
-    """The official near-synonym test's similarity: spaCy Doc vectors' cosine, docs cached."""
+def require_spacy(model: str = "en_core_web_lg") -> None:
+    """spaCy and its `model` installed (looked up, not loaded), else the clear message."""
     if importlib.util.find_spec("spacy") is None or importlib.util.find_spec(model) is None:
         raise RuntimeError(
             f"amber: the official generative scorer compares words with spaCy's {model!r} "
@@ -85,6 +85,11 @@ def spacy_similarity(model: str = "en_core_web_lg") -> Similarity:
             f"download {model}; or set similarity=exact (exact matches only: not comparable "
             "with published AMBER numbers)"
         )
+
+
+def spacy_similarity(model: str = "en_core_web_lg") -> Similarity:
+    """The official near-synonym test's similarity: spaCy Doc vectors' cosine, docs cached."""
+    require_spacy(model)
     import spacy
 
     nlp = spacy.load(model)
@@ -137,6 +142,7 @@ class AmberBenchmark(Benchmark):
     """AMBER's discriminative and generative tasks over the given query files."""
 
     name = "amber"
+    file_keys = ("annotations", "queries", "images_dir")
 
     def __init__(
         self,
@@ -175,6 +181,28 @@ class AmberBenchmark(Benchmark):
         self.vocabulary: set[str] = set()
         self.safe: set[str] = set()
         self._sim: Similarity | None = None
+
+    def check(self) -> None:
+        """The files exist and, when a generative query is asked with `similarity="spacy"`,
+        spaCy's word vectors are installed — before any model loads (the query and annotation
+        files are small; the images are checked by `read`)."""
+        for what, path in (("annotations", self.annotations), ("images_dir", self.images_dir)):
+            if not Path(path).exists():
+                raise DataError(f"amber: {what} not found: {path}")
+        if self.similarity != "spacy":
+            return
+        rows = self._annotation_rows()
+        for qfile in self.queries:
+            for q in _load_json(qfile, "query", list):
+                row = rows.get(q.get("id") if isinstance(q, dict) else None)
+                if row is not None and row["type"] == GENERATIVE:
+                    require_spacy(self.spacy_model)
+                    return
+
+    def protocol_note(self) -> str:
+        if self.similarity == "exact":
+            return "similarity=exact: no word-vector step, not comparable to published AMBER"
+        return ""
 
     # ------------------------------------------------------------------------------ reading
     def _annotation_rows(self) -> dict[int, dict]:
@@ -244,6 +272,8 @@ class AmberBenchmark(Benchmark):
                     raise DataError(f"amber: {where}: image file not found: {path}")
                 row = rows[qid]
                 meta = {"type": row["type"], "truth": row["truth"]}
+                # `limit=N` (runner) / `n_items` (callback): the first N of each task
+                meta["split"] = "generative" if row["type"] == GENERATIVE else "discriminative"
                 if row["type"] == GENERATIVE:
                     meta["hallu"] = row["hallu"]
                 items.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from cwdpo.data.records import ImageRef
@@ -51,6 +52,10 @@ class Benchmark(ABC):
     #: optional judge for answers the official rules cannot parse (MMBench's LLM matcher);
     #: the runner sets it from the node's `judge` entry, None = rules only
     judge: Any = None
+    #: whether scoring cannot work without `judge` (MMHal-Bench's rater)
+    needs_judge: ClassVar[bool] = False
+    #: config keys that may name the files instead of `path` (the release folder)
+    file_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> Benchmark:
@@ -62,6 +67,17 @@ class Benchmark(ABC):
             return cls(**kwargs)
         except TypeError as e:  # a typo'd key names the benchmark and its keys
             raise ValueError(f"{cls.name}: bad config key(s) {sorted(kwargs)}: {e}") from e
+
+    def check(self) -> None:
+        """Cheap checks before any model loads (files exist, optional dependencies installed);
+        `read()` validates the rows later. Default: the `path` attribute exists."""
+        path = getattr(self, "path", None)
+        if path and not Path(str(path)).exists():
+            raise DataError(f"{self.name}.path={path}: no such file or directory")
+
+    def protocol_note(self) -> str:
+        """What makes this run's numbers differ from the published protocol ("" when nothing)."""
+        return ""
 
     @abstractmethod
     def read(self) -> list[BenchItem]:

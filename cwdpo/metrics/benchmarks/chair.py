@@ -141,6 +141,7 @@ class ChairBenchmark(Benchmark):
     """
 
     name = "chair"
+    file_keys = ("instances", "captions", "images_dir")
 
     def __init__(
         self,
@@ -169,6 +170,11 @@ class ChairBenchmark(Benchmark):
         self.image_ids = None if image_ids is None else [int(i) for i in image_ids]
         self.max_new_tokens = max_new_tokens
         self.objects = CocoObjects(load_synonyms(synonyms) if synonyms else None)
+
+    def check(self) -> None:
+        for key in self.file_keys:
+            if not Path(getattr(self, key)).exists():
+                raise DataError(f"chair: {key} not found: {getattr(self, key)}")
 
     def _choose(self, files: dict[int, str]) -> list[int]:
         if self.image_ids is not None:

@@ -8,7 +8,8 @@ release folder) they default to `response_template.json` and `images/` there.
 
 Scoring: every answer is rated by the project's rubric (`DEFAULT_RUBRIC`, replaceable:
 `rubric=` with the placeholders {image_content}, {question}, {gt_answer}, {response}) through the
-OpenAI-compatible HTTP judge (`http_judge.HttpJudge`'s requests and retries). The rating is read
+OpenAI-compatible HTTP judge (`RatingJudge`: `http_judge.HttpJudge`'s requests, key handling and
+retries), configured as `mmhal.judge` like MMBench's optional matcher. The rating is read
 as the official `eval_gpt4.py` reads it: "Rating: k" (k in 0..6; markdown bold around it
 allowed), and a reply with no rating or with two different ones is unparsed: counted in
 `mmhal/unparsed` and scored 0 — as the official script does — which also counts it as a
@@ -100,38 +101,40 @@ def check_rubric(rubric: str) -> str:
 
 
 class MmhalBenchmark(Benchmark):
-    """MMHal-Bench answers rated 0–6 by an LLM judge behind `judge_url` (OpenAI-compatible)."""
+    """MMHal-Bench answers rated 0–6 by an LLM judge: `judge` is a `RatingJudge` (or anything
+    with `ask(prompt) -> reply`), set as every benchmark's judge is — the config's
+    `mmhal.judge: {_target_: cwdpo.metrics.benchmarks.mmhal.RatingJudge, url, model, ...}`,
+    built by the runner — or passed here from Python."""
 
     name = "mmhal"
+    needs_judge = True
+    file_keys = ("template", "images_dir")
 
     def __init__(
         self,
-        judge_url: str,
-        judge_model: str,
         path: str | None = None,
         template: str | None = None,
         images_dir: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        rubric: str = DEFAULT_RUBRIC,
-        timeout: float = 60,
-        max_retries: int = 2,
-        request_options: dict[str, Any] | None = None,
+        rubric: str | None = None,
         max_new_tokens: int = 512,
+        judge: Any = None,
     ) -> None:
         self.template = local_file("mmhal", "template", template, path, "response_template.json")
         self.images_dir = local_file("mmhal", "images_dir", images_dir, path, "images")
-        self.rubric = check_rubric(rubric)
-        self.judge = RatingJudge(
-            judge_url,
-            judge_model,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            request_options=request_options,
-        )
+        self.rubric = check_rubric(DEFAULT_RUBRIC if rubric is None else rubric)
+        self.judge = judge
         self.max_new_tokens = max_new_tokens
         #: {item id: (judge reply, rating or None)} of the last `score` call, for auditing
         self.replies: dict[str, tuple[str, int | None]] = {}
+
+    def check(self) -> None:
+        for what, path in (("template", self.template), ("images_dir", self.images_dir)):
+            if not Path(path).exists():
+                raise DataError(f"mmhal: {what} not found: {path}")
+
+    def protocol_note(self) -> str:
+        model = getattr(self.judge, "model", type(self.judge).__name__)
+        return f"rated by {model} with the project's rubric (the paper: GPT-4, its own prompt)"
 
     def _image(self, row: dict, where: str) -> ImageRef:
         src = row["image_src"].rstrip("/").rsplit("/", 1)[-1]
@@ -186,6 +189,8 @@ class MmhalBenchmark(Benchmark):
     def score(self, items: Sequence[BenchItem], answers: Mapping[str, str]) -> dict[str, float]:
         if not items:
             raise ValueError("mmhal: no items to score")
+        if self.judge is None:
+            raise ValueError("mmhal: no judge to rate the answers; set mmhal.judge (a RatingJudge)")
         texts = require_answers(self.name, items, answers)
         self.replies = {it.id: self.rate(it, text) for it, text in zip(items, texts)}
         scores = [rating or 0 for _, rating in self.replies.values()]
