@@ -10,8 +10,9 @@ import torch
 
 from cwdpo.batch import IGNORE_INDEX
 from cwdpo.data.records import DataError
-from cwdpo.losses.objectives import sequence_logps
-from cwdpo.model.backbone import LoRASettings, ModelLoadError, VLMBackbone, load_model_and_processor
+from cwdpo.losses.sequence import sequence_logps
+from cwdpo.model.backbone import VLMBackbone
+from cwdpo.model.loading import LoRASettings, ModelLoadError, load_model_and_processor
 
 LORA = LoRASettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
@@ -323,7 +324,8 @@ def test_trust_remote_code_defaults_to_false(tiny_vlm_path, monkeypatch):
 def test_processor_without_chat_template_needs_model_chat_template(tiny_vlm_path, tmp_path):
     import shutil
 
-    from cwdpo.model.backbone import ModelLoadError, VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.loading import ModelLoadError
 
     d = tmp_path / "no-template"
     shutil.copytree(tiny_vlm_path, d)

@@ -135,7 +135,8 @@ def test_missing_mandatory_dataset_root_is_named():
 
 # ----------------------------------------------------------------------------- paths
 def test_model_path_without_a_processor_is_named(tmp_path, tiny_vlm_path):
-    from cwdpo.model.backbone import ModelLoadError, VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.loading import ModelLoadError
 
     weights_only = tmp_path / "weights-only"
     weights_only.mkdir()

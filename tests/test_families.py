@@ -285,7 +285,7 @@ def test_lora_short_form_from_a_dictconfig(fam):
 
 @pytest.mark.parametrize("frozen", [("vision",), ("projector",), ("vision", "projector")])
 def test_freeze_vision_tower_and_projector(fam, rows, frozen):
-    from cwdpo.model.backbone import module_group
+    from cwdpo.model.loading import module_group
 
     name, path = fam
     bb = load(path, freeze_vision="vision" in frozen, freeze_projector="projector" in frozen)
@@ -311,7 +311,7 @@ def test_lora_language_preset_targets_only_the_language_model(fam):
     bb = load(path, lora={"r": 2, "alpha": 4, "target_modules": "language"}, freeze_vision=True)
     wrapped = [n for n, m in bb.model.named_modules() if hasattr(m, "lora_A")]
     assert wrapped, name
-    from cwdpo.model.backbone import module_group
+    from cwdpo.model.loading import module_group
 
     assert {module_group(n) for n in wrapped} == {"language"}, name
     allin = load(path, lora={"r": 2, "alpha": 4}, freeze_vision=True)

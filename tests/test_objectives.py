@@ -10,15 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cwdpo.batch import IGNORE_INDEX
-from cwdpo.losses.objectives import (
-    cooling_weight,
-    cw_dpo_loss,
-    dpo_loss,
-    sequence_logps,
-    sft_c_loss,
-    smoothed_nll,
-    token_logps,
-)
+from cwdpo.losses.objectives import cooling_weight, cw_dpo_loss, dpo_loss, sft_c_loss
+from cwdpo.losses.sequence import sequence_logps, smoothed_nll, token_logps
 
 
 def _logits_labels(b=3, t=7, v=11, seed=0, dtype=torch.float32):

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from cwdpo.batch import PairBatch
+from cwdpo.losses.config import LossType, PreferenceConfig
 from cwdpo.losses.objectives import (
     OBJECTIVES,
-    LossType,
-    PreferenceConfig,
     ipo_objective,
     preference_loss,
     resolve_floor,

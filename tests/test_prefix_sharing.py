@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cwdpo.batch import PairBatch
-from cwdpo.model.backbone import LoRASettings
+from cwdpo.model.loading import LoRASettings
 from cwdpo.model.prefix import shared_prefix_logps, split_pairs, supports_prefix_sharing
 
 LORA = LoRASettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "linear_1"])

@@ -293,7 +293,8 @@ def text_only_dir(tmp_path_factory, tiny_vlm_path):
 
 
 def test_text_only_model_is_refused_first_for_what_it_is(text_only_dir, tmp_path):
-    from cwdpo.model.backbone import ModelLoadError, VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.loading import ModelLoadError
 
     for kwargs in ({}, {"chat_template": "{{ messages }}"}):  # first try and second try
         with pytest.raises(ModelLoadError) as e:

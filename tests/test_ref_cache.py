@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from cwdpo.batch import PairBatch
-from cwdpo.model.backbone import LoRASettings
+from cwdpo.model.loading import LoRASettings
 from cwdpo.model.ref_cache import (
     RefLogpCache,
     cached_reference_logps,

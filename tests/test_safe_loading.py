@@ -113,7 +113,8 @@ def test_pipeline_stage_outputs_are_safetensors_only(runs):
 def test_trust_remote_code_is_off_unless_configured(monkeypatch, tiny_vlm_path):
     import transformers
 
-    from cwdpo.model.backbone import VLMBackbone, load_model_and_processor
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.loading import load_model_and_processor
 
     for f in sorted((Path(CONFIG_DIR) / "model").glob("*.yaml")):
         assert yaml.safe_load(f.read_text()).get("trust_remote_code") is False, f.name

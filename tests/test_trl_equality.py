@@ -27,7 +27,8 @@ from trl import DPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head, selective_log_softmax  # noqa: E402
 
 from cwdpo.batch import IGNORE_INDEX  # noqa: E402
-from cwdpo.losses.objectives import dpo_loss, sequence_logps  # noqa: E402
+from cwdpo.losses.objectives import dpo_loss  # noqa: E402
+from cwdpo.losses.sequence import sequence_logps  # noqa: E402
 
 BETA = 0.1
 

@@ -19,35 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from cwdpo.losses.config import LossType, PreferenceConfig, SFTCConfig
-from cwdpo.losses.sequence import SeqLogps, sequence_logps, smoothed_nll, token_logps
-
-#: the log-prob primitives live in `cwdpo.losses.sequence`; they stay importable from here
-__all__ = [
-    "CWDPOOutput",
-    "DPOOutput",
-    "LossType",
-    "PairLogps",
-    "PreferenceConfig",
-    "PreferenceOutput",
-    "SFTCConfig",
-    "SFTCOutput",
-    "SeqLogps",
-    "cooling_weight",
-    "cw_dpo_loss",
-    "cw_dpo_terms",
-    "dpo_loss",
-    "ipo_objective",
-    "preference_loss",
-    "resolve_floor",
-    "rpo_nll",
-    "sequence_logps",
-    "sft_c_loss",
-    "sft_c_objective",
-    "sft_objective",
-    "sigmoid_objective",
-    "smoothed_nll",
-    "token_logps",
-]
 
 
 @dataclass

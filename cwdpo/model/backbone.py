@@ -23,17 +23,12 @@ from cwdpo.batch import PER_TOKEN_KEYS, TEXT_KEYS
 from cwdpo.errors import DataError, OverBudget
 from cwdpo.model.collation import check_pair_columns, prompt_parts, repeat_pairs, text_rows
 from cwdpo.model.loading import (
-    LORA_PRESETS,
-    PROJECTOR_MODULES,
-    VISION_MODULES,
     LoRASettings,
-    ModelLoadError,
     add_lora,
     disable_dropout_,
     freeze_groups,
     load_model_and_processor,
     lora_settings,
-    module_group,
 )
 from cwdpo.model.logprobs import LogProbs
 from cwdpo.model.processing import render_prompt, strip_duplicate_bos, turn_end_token_id
@@ -42,19 +37,6 @@ from cwdpo.model.truncation import TruncationStats, check_pair_labels, check_pol
 from cwdpo.utils.modes import eval_mode
 
 ImageInput = Image.Image | Sequence[Image.Image]
-
-#: Loading, LoRA and freezing live in `cwdpo.model.loading`; these names stay importable here.
-__all__ = [
-    "LORA_PRESETS",
-    "PROJECTOR_MODULES",
-    "VISION_MODULES",
-    "LoRASettings",
-    "ModelLoadError",
-    "VLMBackbone",
-    "load_model_and_processor",
-    "lora_settings",
-    "module_group",
-]
 
 
 class VLMBackbone(LogProbs, nn.Module):

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from cwdpo.batch import IGNORE_INDEX
-from cwdpo.model.backbone import VLMBackbone, module_group
+from cwdpo.model.backbone import VLMBackbone
+from cwdpo.model.loading import module_group
 from cwdpo.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)

@@ -86,7 +86,8 @@ def _composition(bb, batch) -> dict[str, Any]:
 
 def _our_backbone(args, path, device, lora: bool):
     """The backbone (reference snapshot taken, train mode) and one AdamW over its trainables."""
-    from cwdpo.model.backbone import LoRASettings, VLMBackbone
+    from cwdpo.model.backbone import VLMBackbone
+    from cwdpo.model.loading import LoRASettings
 
     torch.manual_seed(args.seed)
     settings = LoRASettings() if lora else None
