@@ -391,6 +391,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_two_gloo_processes_equal_one_and_the_judge_rates_each_answer_once(
     tmp_path, tiny_vlm_path, judge
 ):

@@ -81,7 +81,9 @@ def test_allowed_changes_are_recorded_in_config_history_and_results(tmp_path, ti
     assert changes == {"stage.cw_dpo.objective.beta": [0.1, 0.5]}
     record_config_changes(run, cfg, changes)
     # The config files say what the run trains with now; the old one is kept, per attempt.
-    assert json.loads((run / "config.json").read_text())["stage"]["cw_dpo"]["beta"] == 0.5
+    assert (
+        json.loads((run / "config.json").read_text())["stage"]["cw_dpo"]["objective"]["beta"] == 0.5
+    )
     assert OmegaConf.load(run / "config.yaml").stage.cw_dpo.objective.beta == 0.5
     hist = run / "config_history"
     assert OmegaConf.load(hist / "attempt_1.yaml").stage.cw_dpo.objective.beta == 0.1

@@ -277,12 +277,16 @@ def test_testbed_config_shifts_the_rule_exactly_where_stage_two_rows_start(tmp_p
     rec = stage_records(cfg, src, ["base_sft", "sft_c", "cw_dpo"])
     w = cfg.data.source.world
     assert w.cooc_prob - w.cooc_prob_shift >= 0.2  # a shift the tests below can see
-    scenes = {k: [r.meta["scene"] for r in rec[k]] for k in ("all", "sft_c", "cw_dpo")}
-    for part, p in (("all", w.cooc_prob), ("sft_c", w.cooc_prob), ("cw_dpo", w.cooc_prob_shift)):
+    scenes = {k: [r.meta["scene"] for r in rec[k]] for k in ("base_sft", "sft_c", "cw_dpo")}
+    for part, p in (
+        ("base_sft", w.cooc_prob),
+        ("sft_c", w.cooc_prob),
+        ("cw_dpo", w.cooc_prob_shift),
+    ):
         trig = [sc for sc in scenes[part] if _has(sc, tuple(w.cooc_trigger))]
         rate = sum(_has(sc, tuple(w.cooc_companion)) for sc in trig) / len(trig)
         assert _within(rate, p, len(trig)), (part, rate, p, len(trig))
-    assert not {r.image_id for r in rec["all"]} & {r.image_id for r in src.captions("train")}
+    assert not {r.image_id for r in rec["base_sft"]} & {r.image_id for r in src.captions("train")}
     NegativeConfig(**{k: v for k, v in cfg.negatives.items()})
 
 

@@ -107,7 +107,7 @@ def check_config_changes(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]
     changes = {
         k: [value(old, k), value(new, k)]
         for k in config_changes(old, new, ignore=RUN_IDENTITY)
-        if not _path_only(value(old, k), value(new, k), moves)
+        if not _path_only(value(old, k), value(new, k), moves) and not _follows(cfg, k)
     }
     if changes and str(cfg.get("resume_overrides") or "refuse") != "allow":
         shown = "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, (a, b) in changes.items())
@@ -124,6 +124,21 @@ def check_config_changes(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]
             "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, (a, b) in changes.items()),
         )
     return changes
+
+
+def _follows(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` (or a node above it) is an interpolation in `cfg`: it follows another key
+    (`stage.cw_dpo.module.objective: ${..objective}`), whose change is reported there."""
+    from omegaconf import OmegaConf
+
+    node: Any = cfg
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return False
+        if OmegaConf.is_interpolation(node, part):
+            return True
+        node = node._get_node(part)
+    return False
 
 
 def config_changes(
