@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 
 from cwdpo.callbacks.heldout import check_count
+from cwdpo.callbacks.schedule import EveryNSteps
 from cwdpo.metrics.benchmarks.generate import generate_answers, score_answers
 from cwdpo.metrics.benchmarks.registry import BENCHMARKS, build_task, subset
 from cwdpo.utils.run_files import StageAware, append_csv, stage_offset
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 BENCH_CSV = "benchmarks.csv"
 
 
-class BenchmarkCurve(StageAware, L.Callback):
+class BenchmarkCurve(StageAware, EveryNSteps):
     """Benchmarks `tasks` (their nodes in `configs`, e.g. `{pope: {path: ...}}`) every
     `every_n_steps` steps on `n_items` questions each; `every_n_steps=0` or no tasks: off."""
 
@@ -79,21 +80,8 @@ class BenchmarkCurve(StageAware, L.Callback):
         if self.items and not resumed:
             self.evaluate(trainer, pl_module)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        if self.items and step % self.every_n_steps == 0 and step != self.last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.items and trainer.global_step != self.last_step:
-            self.evaluate(trainer, pl_module)
+    def has_work(self) -> bool:
+        return bool(self.items)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step, self.last_step = trainer.global_step, trainer.global_step

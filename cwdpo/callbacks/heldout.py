@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 
+from cwdpo.callbacks.schedule import EveryNSteps
 from cwdpo.metrics.generation import generate_captions
 from cwdpo.utils.run_files import StageAware, append_csv, stage_offset
 from cwdpo.utils.safe_log import FAILURES, log_scalars
@@ -51,7 +52,7 @@ def score_outputs(source: Any, records: Sequence[Any], outputs: Sequence[str]) -
     return row
 
 
-class HeldoutCurve(StageAware, L.Callback):
+class HeldoutCurve(StageAware, EveryNSteps):
     """Greedy-caption the first `n_items` records of `split` at the start of each stage in
     `stages`, every `every_n_steps` optimizer steps and at its end; score, append to
     `<run>/heldout.csv` and log `heldout/<metric>`. `every_n_steps=0` turns it off.
@@ -95,21 +96,8 @@ class HeldoutCurve(StageAware, L.Callback):
         if self.records and not resumed:
             self.evaluate(trainer, pl_module)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        if self.records and step % self.every_n_steps == 0 and step != self.last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.records and trainer.global_step != self.last_step:
-            self.evaluate(trainer, pl_module)
+    def has_work(self) -> bool:
+        return bool(self.records)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step, t = trainer.global_step, time.perf_counter()
