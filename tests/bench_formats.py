@@ -9,11 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.fake_openai import FakeChatServer, chat_reply
 from tests.formats import image_bytes, write_image
 
 # ------------------------------------------------------------------------------------- POPE
@@ -336,47 +335,22 @@ MMHAL_ROWS = [
 ]
 
 
-class FakeRatingJudge:
+class FakeRatingJudge(FakeChatServer):
     """/v1/chat/completions answering by the model answer shown in the rubric prompt."""
 
     def __init__(self):
         self.requests: list[dict] = []
         self.fail_with: int | None = None
-        replies = {answer: reply for _, answer, reply, _ in MMHAL_ROWS}
-        server = self
+        self.replies = {answer: reply for _, answer, reply, _ in MMHAL_ROWS}
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"auth": self.headers.get("Authorization"), "body": body})
-                if server.fail_with:
-                    return self._send(server.fail_with, {"error": "down"})
-                prompt = body["messages"][-1]["content"]
-                answer = re.search(r"^Model's answer: (.*)$", prompt, re.M).group(1)
-                message = {"role": "assistant", "content": replies.get(answer, "Rating: 5")}
-                self._send(200, {"choices": [{"message": message}]})
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def reply(self, body, headers, path):
+        self.requests.append({"auth": headers.get("Authorization"), "body": body})
+        if self.fail_with:
+            return self.fail_with, {"error": "down"}
+        prompt = body["messages"][-1]["content"]
+        answer = re.search(r"^Model's answer: (.*)$", prompt, re.M).group(1)
+        return chat_reply(self.replies.get(answer, "Rating: 5"))
 
 
 def write_mmhal(root: Path) -> dict:

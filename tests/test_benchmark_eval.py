@@ -22,6 +22,7 @@ from tests.bench_formats import (
     write_pope,
     write_predictions,
 )
+from tests.fake_openai import FakeChatServer, chat_reply
 from tests.helpers import compose_cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,39 +388,24 @@ def test_cwdpo_eval_on_two_processes_equals_one_and_writes_once(tmp_path, tiny_v
 def test_option_judge_over_http(tmp_path, monkeypatch):
     """OptionJudge posts our matcher prompt to an OpenAI-compatible endpoint (key from the env)
     and reads the one-letter reply; MMBench asks it only for the unreadable answers."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from cwdpo.metrics.benchmarks.mmbench import MMBench, OptionJudge
 
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, self.headers.get("Authorization"), body))
+    class Judge(FakeChatServer):
+        def reply(self, body, headers, path):
+            seen.append((path, headers.get("Authorization"), body))
             prompt = body["messages"][-1]["content"]
-            reply = "B" if "Model answer: A or B" in prompt else "Z"
-            data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            return chat_reply("B" if "Model answer: A or B" in prompt else "Z")
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = Judge()
     try:
         monkeypatch.setenv("MMB_KEY", "secret")
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
         bench = MMBench(path=str(write_mmbench(tmp_path)))
-        bench.judge = OptionJudge(url=url, model="m", api_key_env="MMB_KEY")
+        bench.judge = OptionJudge(url=server.url, model="m", api_key_env="MMB_KEY")
         res = bench.score(bench.read(), mmbench_answers())
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        server.close()
     assert [s[0] for s in seen] == ["/v1/chat/completions"] * 2
     assert seen[0][1] == "Bearer secret" and seen[0][2]["model"] == "m"
     assert "Options:\nA. cat\nB. dog\nC. bird" in seen[0][2]["messages"][0]["content"]

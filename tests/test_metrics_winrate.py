@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from cwdpo.metrics import FactsJudge, HttpJudge, ReferenceJudge, ScoreJudge, WinRate
 from cwdpo.metrics.winrate import HttpJudgeError, bootstrap_win_rate_ci, parse_verdict
+from tests.fake_openai import FakeChatServer, chat_reply
 
 HAS_JAVA = shutil.which("java") is not None
 SECRET = "sk-test-SECRET-0123456789"
@@ -153,60 +151,28 @@ def test_parse_verdict():
 
 
 # ---------------------------------------------------------------------------------- HttpJudge
-class FakeJudgeServer:
+class FakeJudgeServer(FakeChatServer):
     """OpenAI-style /chat/completions: prefers the caption containing GOOD; checks the API key."""
 
     def __init__(self):
         self.requests: list[dict] = []
         self.fail_with: int | None = None
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(
-                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-                )
-                if self.headers.get("Authorization") != f"Bearer {SECRET}":
-                    return self._send(401, {"error": "bad key"})
-                if server.fail_with:
-                    return self._send(server.fail_with, {"error": "boom"})
-                prompt = body["messages"][-1]["content"]
-                first = re.search(r"^Caption A: (.*)$", prompt, re.M).group(1)
-                second = re.search(r"^Caption B: (.*)$", prompt, re.M).group(1)
-                if "GARBAGE" in first + second:
-                    answer = "Hmm, hard to say."
-                elif "GOOD" in first and "GOOD" in second:
-                    answer = "tie"
-                elif "GOOD" in first:
-                    answer = "**A**"
-                else:
-                    answer = "Answer: B"
-                self._send(
-                    200, {"choices": [{"message": {"role": "assistant", "content": answer}}]}
-                )
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def reply(self, body, headers, path):
+        self.requests.append({"path": path, "auth": headers.get("Authorization"), "body": body})
+        if headers.get("Authorization") != f"Bearer {SECRET}":
+            return 401, {"error": "bad key"}
+        if self.fail_with:
+            return self.fail_with, {"error": "boom"}
+        prompt = body["messages"][-1]["content"]
+        first = re.search(r"^Caption A: (.*)$", prompt, re.M).group(1)
+        second = re.search(r"^Caption B: (.*)$", prompt, re.M).group(1)
+        if "GARBAGE" in first + second:
+            return chat_reply("Hmm, hard to say.")
+        if "GOOD" in first and "GOOD" in second:
+            return chat_reply("tie")
+        return chat_reply("**A**" if "GOOD" in first else "Answer: B")
 
 
 @pytest.fixture()

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from cwdpo.errors import DataError
 from cwdpo.metrics.http_judge import HttpChatError
 from cwdpo.run.config_schema import ConfigError
 from cwdpo.run.perturb import run_perturb
+from tests.fake_openai import FakeChatServer, chat_reply
 from tests.formats import UNICODE_CAPTION, write_karpathy, write_trl_jsonl
 from tests.helpers import compose_cfg
 
@@ -127,74 +127,46 @@ def default_answer(caption: str) -> str:
     return " ".join(words) + "."
 
 
-class FakeLLM:
+class FakeLLM(FakeChatServer):
     """OpenAI-style /chat/completions. `script[caption]` lists what the n-th request for that
     caption gets: a text, an int (HTTP status), {"status", "retry_after"} (a status with a
     Retry-After header), ("sleep", s, text) or "block" (wait for
     `release`); past the list (or unscripted) a valid `default_answer`. Checks the key."""
 
     def __init__(self, key: str | None = SECRET):
+        self.key = key
         self.script: dict[str, list] = {}
         self.requests: list[dict] = []
         self.seen: Counter[str] = Counter()
         self.release = threading.Event()
         self.lock = threading.Lock()
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                try:
-                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                    if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
-                        return self._send(401, {"error": "bad key"})
-                    caption = CAPTION.search(body["messages"][1]["content"]).group(1)
-                    with server.lock:
-                        n = server.seen[caption]
-                        server.seen[caption] += 1
-                        server.requests.append(
-                            {"caption": caption, "n": n, "body": body, "t": time.monotonic()}
-                        )
-                    steps = server.script.get(caption, [])
-                    step = steps[n] if n < len(steps) else default_answer(caption)
-                    if step == "block":
-                        server.release.wait(60)
-                        step = default_answer(caption)
-                    if isinstance(step, tuple):
-                        time.sleep(step[1])
-                        step = step[2]
-                    if isinstance(step, int):
-                        return self._send(step, {"error": f"status {step}"})
-                    if isinstance(step, dict):  # a status with a Retry-After header
-                        headers = {"Retry-After": step["retry_after"]}
-                        return self._send(step["status"], {"error": "slow down"}, headers)
-                    message = {"role": "assistant", "content": step}
-                    self._send(200, {"choices": [{"index": 0, "message": message}]})
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up
-
-            def _send(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+    def reply(self, body, headers, path):
+        if self.key is not None and headers.get("Authorization") != f"Bearer {self.key}":
+            return 401, {"error": "bad key"}
+        caption = CAPTION.search(body["messages"][1]["content"]).group(1)
+        with self.lock:
+            n = self.seen[caption]
+            self.seen[caption] += 1
+            self.requests.append({"caption": caption, "n": n, "body": body, "t": time.monotonic()})
+        steps = self.script.get(caption, [])
+        step = steps[n] if n < len(steps) else default_answer(caption)
+        if step == "block":
+            self.release.wait(60)
+            step = default_answer(caption)
+        if isinstance(step, tuple):
+            time.sleep(step[1])
+            step = step[2]
+        if isinstance(step, int):
+            return step, {"error": f"status {step}"}
+        if isinstance(step, dict):  # a status with a Retry-After header
+            return step["status"], {"error": "slow down"}, {"Retry-After": step["retry_after"]}
+        return chat_reply(step)
 
     def close(self):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
 
 @pytest.fixture()
