@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from cwdpo.run.checkpoint_eval import run_eval
 from tests.bench_formats import (
     mmbench_answers,
+    run_benchmarks,
     write_mmbench,
     write_mmmu,
     write_pope,
@@ -121,70 +121,16 @@ def test_loglik_protocol_is_labelled(tmp_path, tiny_cache_dir, tiny_vlm_path):
     assert "not comparable to published tables" in (tmp_path / "out" / "eval.md").read_text()
 
 
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import torch.distributed as dist
-    from cwdpo.metrics.benchmarks.generate import generate_answers
-    from cwdpo.metrics.benchmarks.registry import build_benchmark
-    from cwdpo.model.backbone import VLMBackbone
-
-    rank, world, port, out, model, nodes = sys.argv[1:7]
-    rank, world = int(rank), int(world)
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-    bb = VLMBackbone.from_pretrained(model, max_length=512)
-    res = {}
-    for name, node in json.loads(nodes).items():
-        bench = build_benchmark(name, node)
-        items = bench.read()
-        answers = generate_answers(bb, items, batch_size=2, max_new_tokens=4)
-        res[name] = {"answers": answers, "scores": bench.score(items, answers)}
-    with open(out, "w") as f:
-        json.dump(res, f)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    """
-)
-
-
 @pytest.mark.dist
 def test_two_gloo_processes_equal_one(tmp_path, tiny_vlm_path):
     """Each rank generates its shard; the gathered answers and scores equal one process's."""
-    import socket
-
     pope, images = write_pope(tmp_path / "pope")
     nodes = {
         "pope": {"path": str(pope / "coco_pope_random.json"), "image_root": str(images)},
         "mmbench": {"path": str(write_mmbench(tmp_path / "mmb"))},
     }
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-    def launch(rank, world):
-        args = [str(rank), str(world), port, str(tmp_path / f"r{world}_{rank}.json")]
-        return subprocess.Popen(
-            [sys.executable, str(script), *args, str(tiny_vlm_path), json.dumps(nodes)],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-
-    for procs in ([launch(0, 1)], [launch(0, 2), launch(1, 2)]):
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err.decode()[-3000:]
-    one = json.loads((tmp_path / "r1_0.json").read_text())
-    for rank in (0, 1):
-        two = json.loads((tmp_path / f"r2_{rank}.json").read_text())
-        assert two == one
+    (one,) = run_benchmarks(tmp_path, tiny_vlm_path, nodes, world=1)
+    assert run_benchmarks(tmp_path, tiny_vlm_path, nodes, world=2) == [one, one]
     assert len(one["mmbench"]["answers"]) == 9 and len(one["pope"]["answers"]) == 4
 
 

@@ -7,11 +7,6 @@ answer (rank 0 scores, the numbers are broadcast)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ from tests.bench_formats import (
     mmbench_answers,
     mmmu_answers,
     pope_answers,
+    run_benchmarks,
     write_amber,
     write_coco,
     write_mmbench,
@@ -360,37 +356,6 @@ def test_every_family_runs_the_hallucination_tasks(name, tmp_path, tiny_cache_di
 
 
 # --------------------------------------------------------------------------------------- DDP
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import torch.distributed as dist
-    from cwdpo.metrics.benchmarks.generate import generate_answers, score_answers
-    from cwdpo.metrics.benchmarks.registry import build_task
-    from cwdpo.model.backbone import VLMBackbone
-
-    rank, world, port, out, model, nodes = sys.argv[1:7]
-    rank, world = int(rank), int(world)
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-    bb = VLMBackbone.from_pretrained(model, max_length=512)
-    res = {}
-    for name, node in json.loads(nodes).items():
-        bench = build_task(name, node)
-        items = bench.read()
-        answers = generate_answers(bb, items, batch_size=2, max_new_tokens=4)
-        res[name] = {"answers": answers, "scores": score_answers(bench, items, answers)}
-    with open(out, "w") as f:
-        json.dump(res, f)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    """
-)
-
-
 @pytest.mark.dist
 def test_two_gloo_processes_equal_one_and_the_judge_rates_each_answer_once(
     tmp_path, tiny_vlm_path, judge
@@ -406,31 +371,11 @@ def test_two_gloo_processes_equal_one_and_the_judge_rates_each_answer_once(
         "amber": {**amber, "similarity": "exact"},
         "mmhal": {**write_mmhal(_mkdir(tmp_path / "mmhal")), "judge": judge_cfg},
     }
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-    def launch(rank, world):
-        args = [str(rank), str(world), port, str(tmp_path / f"r{world}_{rank}.json")]
-        return subprocess.Popen(
-            [sys.executable, str(script), *args, str(tiny_vlm_path), json.dumps(nodes)],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-
-    for world in (1, 2):
-        procs = [launch(r, world) for r in range(world)]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err.decode()[-3000:]
-        # one request per answer in each run (6 after one process, 6 more after two): a rank
-        # that scored too would add 6
-        assert len(judge.requests) == len(MMHAL_ROWS) * world
-    one = json.loads((tmp_path / "r1_0.json").read_text())
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"r2_{rank}.json").read_text()) == one
+    (one,) = run_benchmarks(tmp_path, tiny_vlm_path, nodes, world=1)
+    # one request per answer in each run (6 after one process, 6 more after two): a rank that
+    # scored too would add 6
+    assert len(judge.requests) == len(MMHAL_ROWS)
+    assert run_benchmarks(tmp_path, tiny_vlm_path, nodes, world=2) == [one, one]
+    assert len(judge.requests) == len(MMHAL_ROWS) * 2
     assert len(one["chair"]["answers"]) == 4 and len(one["amber"]["answers"]) == 11
     assert one["chair"]["scores"]["chair/length"] >= 0.0
