@@ -40,16 +40,16 @@ vocabulary is lowercase), a capitalized word ("Trees" opening a sentence) is not
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
-from cwdpo.metrics.benchmarks.layout import local_file
+from cwdpo.metrics.benchmarks.layout import local_file, read_json, row_field
 from cwdpo.metrics.benchmarks.words import singularize, tokenize
 
 GENERATIVE = "generative"
@@ -104,24 +104,8 @@ def spacy_similarity(model: str = "en_core_web_lg") -> Similarity:
     return similarity
 
 
-def _load_json(path: str | Path, what: str, kind: type) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"amber: {what} file not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"amber: {p} is not valid JSON: {e}") from None
-    if not isinstance(data, kind):
-        raise DataError(f"amber: {p}: expected a JSON {kind.__name__} ({what})")
-    return data
-
-
-def _field(row: Any, key: str, where: str, kind: type) -> Any:
-    value = row.get(key) if isinstance(row, dict) else None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise DataError(f"amber: {where}: field {key!r} is {value!r}; expected {kind.__name__}")
-    return value
+_load_json = partial(read_json, "amber")
+_field = partial(row_field, "amber")
 
 
 def _expand(objects: Sequence[str], relation: Mapping[str, list[str]]) -> tuple[list, list]:

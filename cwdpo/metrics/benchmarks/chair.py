@@ -23,16 +23,16 @@ fire "train".
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
-from cwdpo.metrics.benchmarks.layout import local_file
+from cwdpo.metrics.benchmarks.layout import local_file, read_json, row_field
 from cwdpo.metrics.benchmarks.words import is_word, singularize, tokenize
 
 SYNONYMS_FILE = Path(__file__).with_name("coco_synonyms.txt")
@@ -107,24 +107,14 @@ class CocoObjects:
 
 
 def _load(path: str | Path, keys: Sequence[str]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"chair: annotation file not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"chair: {p} is not valid JSON: {e}") from None
+    data = read_json("chair", path, "annotation")
     for key in keys:
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise DataError(f"chair: {p}: expected a top-level {key!r} list (COCO format)")
+            raise DataError(f"chair: {path}: expected a top-level {key!r} list (COCO format)")
     return data
 
 
-def _field(row: Any, key: str, where: str, kind: type) -> Any:
-    value = row.get(key) if isinstance(row, dict) else None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise DataError(f"chair: {where}: field {key!r} is {value!r}; expected {kind.__name__}")
-    return value
+_field = partial(row_field, "chair")
 
 
 class ChairBenchmark(Benchmark):
