@@ -35,19 +35,29 @@ TARGET_VS_TRL = 1.5
 PATHS = ("plain", "prefix", "prefix+cache")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole bench with `args` (`cwdpo.bench.parse_args`); returns what it wrote to args.out."""
-    t_start = time.time()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """`--device`: auto is CUDA where there is one, else the CPU."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(auto if args.device == "auto" else args.device)
+
+
+@contextlib.contextmanager
+def bench_threads(args: argparse.Namespace):
+    """`--threads` torch threads while measuring (0: as they are), restored afterwards."""
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, device, t_start)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole bench with `args` (`cwdpo.bench.parse_args`); returns what it wrote to args.out."""
+    t_start = time.time()
+    with bench_threads(args):
+        return _run(args, bench_device(args), t_start)
 
 
 def _run(args: argparse.Namespace, device: torch.device, t_start: float) -> dict[str, Any]:

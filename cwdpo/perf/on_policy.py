@@ -272,22 +272,15 @@ def stage2_cost(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The on-policy section alone (`cwdpo.bench --on-policy`): measured, written to args.out."""
     from cwdpo.model.families import FAMILIES
-    from cwdpo.perf.benchmark import setup
+    from cwdpo.perf.benchmark import bench_device, bench_threads, setup
     from cwdpo.utils.io import atomic_write_json
 
     if args.on_policy_models is None:  # every tiny family and the issue's target shape
         args.on_policy_models = [*FAMILIES, TARGET_MODEL]
     t_start = time.time()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    device = bench_device(args)
+    with bench_threads(args):
         res = run_on_policy(args, device)
-    finally:
-        torch.set_num_threads(threads)
     res["setup"] = setup(args, device, "see sampling.*.model", None, None, t_start)
     atomic_write_json(Path(args.out), res)
     res["setup"]["json"] = str(args.out)
