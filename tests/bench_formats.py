@@ -444,3 +444,23 @@ def run_benchmarks(tmp: Path, model: Path, nodes: dict, world: int) -> list[dict
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]
     return [json.loads(out.read_text()) for out in outs]
+
+
+def one_step_curve(backbone, tasks: list[str], configs: dict, root: Path) -> list[tuple[str, str]]:
+    """The sorted (task, step) points the benchmark callback writes to benchmarks.csv over one
+    SFT step of `backbone` on a tiny ShapesWorld (every step, one item per task)."""
+    import lightning as L
+
+    from cwdpo.callbacks.benchmarks import BENCH_CSV, BenchmarkCurve
+    from cwdpo.utils.run_files import read_csv
+    from tests.helpers import cpu_trainer, shapes_sft
+
+    curve = BenchmarkCurve(
+        tasks=tasks, configs=configs, every_n_steps=1, n_items=1, stages=["sft_c"]
+    )
+    L.seed_everything(0)
+    module, dm = shapes_sft(
+        backbone, {"train": 4, "val": 2, "test": 2, "probe": 2}, 1, batch_size=2
+    )
+    cpu_trainer(root, 1, [curve]).fit(module, datamodule=dm)
+    return sorted({(r["task"], r["step"]) for r in read_csv(root / BENCH_CSV)})

@@ -16,6 +16,7 @@ import pytest
 from cwdpo.run.checkpoint_eval import run_eval
 from tests.bench_formats import (
     mmbench_answers,
+    one_step_curve,
     run_benchmarks,
     write_mmbench,
     write_mmmu,
@@ -261,13 +262,9 @@ def test_pipeline_puts_the_curves_in_results_json(tmp_path, tiny_cache_dir):
 def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
     """The in-training curve on each family's tiny build: one SFT step, POPE / MMMU / MMBench
     scored at the start and after the step."""
-    import lightning as L
 
-    from cwdpo.callbacks.benchmarks import BENCH_CSV, BenchmarkCurve
     from cwdpo.model.backbone import VLMBackbone
     from cwdpo.model.families import ensure_family
-    from cwdpo.utils.run_files import read_csv
-    from tests.helpers import cpu_trainer, shapes_sft
 
     pope, images = write_pope(tmp_path / "pope")
     configs = {
@@ -278,14 +275,7 @@ def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
     for node in configs.values():
         node["max_new_tokens"] = 3
     bb = VLMBackbone.from_pretrained(ensure_family(name, tiny_cache_dir), max_length=384)
-    curve = BenchmarkCurve(
-        tasks=list(TASKS), configs=configs, every_n_steps=1, n_items=1, stages=["sft_c"]
-    )
-    L.seed_everything(0)
-    module, dm = shapes_sft(bb, {"train": 4, "val": 2, "test": 2, "probe": 2}, 1, batch_size=2)
-    cpu_trainer(tmp_path / "run", 1, [curve]).fit(module, datamodule=dm)
-    rows = read_csv(tmp_path / "run" / BENCH_CSV)
-    assert sorted({(r["task"], r["step"]) for r in rows}) == [
+    assert one_step_curve(bb, list(TASKS), configs, tmp_path / "run") == [
         (t, s) for t in sorted(TASKS) for s in ("0", "1")
     ]
 

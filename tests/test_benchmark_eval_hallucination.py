@@ -20,6 +20,7 @@ from tests.bench_formats import (
     FakeRatingJudge,
     mmbench_answers,
     mmmu_answers,
+    one_step_curve,
     pope_answers,
     run_benchmarks,
     write_amber,
@@ -321,13 +322,9 @@ def _families():
 def test_every_family_runs_the_hallucination_tasks(name, tmp_path, tiny_cache_dir, judge):
     """From `cwdpo.eval` (1 CHAIR image, 1 + 1 AMBER queries, 1 MMHal question; re-scoring the
     saved answers gives the same) and as the in-training callback (start + one SFT step)."""
-    import lightning as L
 
-    from cwdpo.callbacks.benchmarks import BENCH_CSV, BenchmarkCurve
     from cwdpo.model.backbone import VLMBackbone
     from cwdpo.model.families import ensure_family
-    from cwdpo.utils.run_files import read_csv
-    from tests.helpers import cpu_trainer, shapes_sft
 
     path = ensure_family(name, tiny_cache_dir)
     over = ["eval.tasks=[chair,amber,mmhal]", "eval.batch_size=2"]
@@ -343,14 +340,7 @@ def test_every_family_runs_the_hallucination_tasks(name, tmp_path, tiny_cache_di
 
     configs = callback_configs(tmp_path / "cb", judge.url, max_new_tokens=3)
     bb = VLMBackbone.from_pretrained(path, max_length=384)
-    curve = BenchmarkCurve(
-        tasks=list(TASKS), configs=configs, every_n_steps=1, n_items=1, stages=["sft_c"]
-    )
-    L.seed_everything(0)
-    module, dm = shapes_sft(bb, {"train": 4, "val": 2, "test": 2, "probe": 2}, 1, batch_size=2)
-    cpu_trainer(tmp_path / "run", 1, [curve]).fit(module, datamodule=dm)
-    rows = read_csv(tmp_path / "run" / BENCH_CSV)
-    assert sorted({(r["task"], r["step"]) for r in rows}) == [
+    assert one_step_curve(bb, list(TASKS), configs, tmp_path / "run") == [
         (t, s) for t in sorted(TASKS) for s in ("0", "1")
     ]
 
