@@ -19,7 +19,6 @@ mean score per question type.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 from cwdpo.data.records import ImageRef
 from cwdpo.errors import DataError
 from cwdpo.metrics.benchmarks.base import BenchItem, Benchmark, require_answers
-from cwdpo.metrics.benchmarks.layout import local_file
+from cwdpo.metrics.benchmarks.layout import local_file, read_json
 from cwdpo.metrics.http_judge import HttpJudge, HttpJudgeError
 
 DEFAULT_RUBRIC = """\
@@ -150,12 +149,7 @@ class MmhalBenchmark(Benchmark):
 
     def read(self) -> list[BenchItem]:
         path = Path(self.template)
-        if not path.is_file():
-            raise DataError(f"mmhal: template file not found: {path}")
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"mmhal: {path} is not valid JSON: {e}") from None
+        rows = read_json("mmhal", path, "template")
         if not isinstance(rows, list) or not rows:
             raise DataError(f"mmhal: {path}: expected a non-empty JSON list of questions")
         items = []
