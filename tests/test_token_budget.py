@@ -82,6 +82,35 @@ def test_drop_pair_drops_the_pair_in_the_data_module_and_counts_it(backbone, pai
     assert batch.image_ids == [recs[0].image_id, recs[2].image_id]
 
 
+def test_pairs_dropped_at_collate_time_are_not_counted_as_trained(backbone):
+    """Under drop_pair the stage's counts (pairs trained, negatives by source, hence
+    samples per pair and the dataset fraction) are of the pairs that train, not those dropped."""
+    from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
+    from cwdpo.data.records import load_images
+    from cwdpo.data.sources import ShapesSource
+
+    src = ShapesSource(sizes={"train": 4, "val": 2, "test": 2})
+    recs = src.captions("train")
+    dm = PreferenceDataModule(
+        src,
+        recs,
+        collate=backbone.collate,
+        collate_pairs=backbone.collate_pairs,
+        batch_size=4,
+        negatives=NegativeConfig(kind="mixed", dataset_fraction=1.0),
+    )
+    backbone.truncation = "drop_pair"
+    backbone.max_length = prompt_len(backbone, load_images(recs[0]), src.prompt) + 40
+    long = " ".join(["a red square on the left ."] * 20)
+    script = iter(
+        [("a blue circle .", "easy"), (long, "easy"), ("a green square .", "hard:colour")]
+    )
+    dm._negative = lambda rec, chosen, rng: next(script)
+    batch = dm.on_before_batch_transfer(([0, 1, 2], [load_images(r) for r in recs[:3]]), 0)
+    assert batch.n == 2 and dm.dropped_over_budget == 1
+    assert dm.stats.pairs == 2 and dm.stats.counts == {"easy": 1, "hard:colour": 1}
+
+
 # ------------------------------------------------------------------------------ before training
 def write_pairs(root: Path, rows: list[dict], sizes: dict[int, tuple[int, int]] | None = None):
     """A TRL JSONL of `rows` (prompt/chosen/rejected), one PNG per row (24² unless `sizes`)."""

@@ -377,11 +377,12 @@ class PreferenceDataModule(_Base):
             chosen, negs = [t[0] for t in trip], [(t[1], t[2]) for t in trip]
         else:
             negs = [self._negative(r, c, rng) for r, c in zip(rows, chosen)]
-        if self._training():
-            self.stats.pairs += len(rows)
-            for _, src in negs:
+        batch = self._pair_batch(rows, images, prompts, chosen, negs)
+        if self._training():  # what trains: pairs `truncation=drop_pair` dropped are not counted
+            self.stats.pairs += batch.n
+            for src in batch.sources:
                 self.stats.counts[src] += 1
-        return self._pair_batch(rows, images, prompts, chosen, negs)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "buffer": self.buffer, "stats": self.stats.to_state()}
