@@ -190,7 +190,9 @@ class Verdict:
 
 def _match(mentions: list[Mention], scene: Scene) -> tuple[int, int]:
     """Optimal one-to-one matching (DP over used-object bitmasks; ≤ 4 objects): maximises
-    (correct stated attributes, exactly described objects) and returns both."""
+    (correct stated attributes, exactly described objects) and returns both. Any mention may stay
+    unmatched (a hallucination), not only once every object is taken: else a hallucinated
+    mention before the true one would take its object."""
     objs = scene.objects
     best: dict[int, tuple[int, int]] = {0: (0, 0)}
     for m in mentions:
@@ -200,7 +202,7 @@ def _match(mentions: list[Mention], scene: Scene) -> tuple[int, int]:
         ]
         nxt: dict[int, tuple[int, int]] = {}
         for used, (c, e) in best.items():
-            for i in [k for k in range(len(objs)) if not used >> k & 1] or [None]:
+            for i in [k for k in range(len(objs)) if not used >> k & 1] + [None]:
                 key = used if i is None else used | 1 << i
                 val = (c, e) if i is None else (c + row[i], e + (row[i] == len(ATTRS)))
                 if val > nxt.get(key, (-1, -1)):
@@ -243,6 +245,78 @@ def mentions_object(text: str | Parse, colour: str, shape: str) -> bool:
     """Does the caption (as parsed) mention an object of this colour and shape?"""
     p = parse(text) if isinstance(text, str) else text
     return any(m.identity() == (colour, shape) for m in p.mentions)
+
+
+def _mention_ranges(p: Parse) -> list[tuple[int, int]]:
+    """[start, end) token range of each mention of a parse, in order (article to position)."""
+    out, i = [], 0
+    for m in p.mentions:
+        while i < len(p.tokens):
+            got = _object_at(p.tokens, i)
+            if got is not None and got[0] == m:
+                out.append((i, got[1]))
+                i = got[1]
+                break
+            i += 1
+    return out
+
+
+def _rebuild(p: Parse, mentions: list[list[str]]) -> str:
+    """A well-formed caption's header, then `mentions` joined by "and", then its "."; a stated
+    count (`there are N shapes :`) restated for the new number of objects."""
+    ranges = _mention_ranges(p)
+    head, tail = p.tokens[: ranges[0][0]], p.tokens[ranges[-1][1] :]
+    n = len(mentions)
+    if p.header == "count":
+        head = [
+            "there",
+            "is" if n == 1 else "are",
+            S.NUMBERS[n],
+            "shape" if n == 1 else "shapes",
+            ":",
+        ]
+    body = [t for i, m in enumerate(mentions) for t in (["and"] if i else []) + m]
+    return " ".join(head + body + tail)
+
+
+def drop_object(text: str, colour: str, shape: str) -> str | None:
+    """`text` with every mention of a (colour, shape) object deleted (and its "and"), a stated
+    count lowered to match, every other token kept. None when the caption is malformed, never
+    names the object, or names nothing else.
+
+    Why: a pair that differs only in one object's mention contrasts exactly that fact (the
+    testbed's companion), where best-vs-worst samples differ in many."""
+    p = parse(text)
+    if p.malformed:
+        return None
+    ranges = _mention_ranges(p)
+    keep = [
+        p.tokens[s:e] for m, (s, e) in zip(p.mentions, ranges) if m.identity() != (colour, shape)
+    ]
+    if len(keep) in (0, len(p.mentions)):
+        return None
+    return _rebuild(p, keep)
+
+
+def add_object(text: str, obj: S.Obj) -> str | None:
+    """`text` with "a <size> <colour> <shape> on the <position>" inserted as a new mention —
+    before the first mention whose position comes later in the world's canonical order (left,
+    right, top, bottom), else last — a stated count raised to match, every other token kept.
+    None when the caption is malformed or already states five objects."""
+    p = parse(text)
+    if p.malformed or len(p.mentions) + 1 >= len(S.NUMBERS):
+        return None
+    order = {pos: i for i, pos in enumerate(S.POSITIONS)}
+    spans = [p.tokens[s:e] for s, e in _mention_ranges(p)]
+    at = next(
+        (
+            i
+            for i, m in enumerate(p.mentions)
+            if m.position is not None and order[m.position] > order[obj.position]
+        ),
+        len(spans),
+    )
+    return _rebuild(p, [*spans[:at], ["a", *obj.phrase().split()], *spans[at:]])
 
 
 def minimal_negative(
