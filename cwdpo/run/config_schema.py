@@ -76,6 +76,7 @@ STAGE_COMMON: dict[str, Rule] = {
 }
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(),
+    "stage_seed_offset": integer(0),
     "num_threads": integer(1, nullable=True),
     "resume_overrides": choice("refuse", "allow"),
     "faults.policy": choice("skip", "stop", "off"),
@@ -104,6 +105,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "negatives.kind": choice("dataset", "on_policy", "mixed", "self_judged"),
     "negatives.min_gap": real(0, 1),
     "negatives.easy_mix": fraction(),
+    "negatives.pair_rule": choice("best_worst", "companion_edit"),
+    "negatives.greedy_candidate": boolean(),
     "data.source.judge": choice("precision", "verifier"),
     "data.source.minimal_negatives": boolean(),
     "negatives.dataset_fraction": about(fraction(), "share of dataset negatives"),

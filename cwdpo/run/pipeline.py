@@ -46,6 +46,11 @@ def stages_to_run(cfg: DictConfig) -> list[str]:
     return [s for s in cfg.stage.run if s not in skip]
 
 
+def stage_seed(cfg: DictConfig) -> int:
+    """The seed of the stages' randomness, seed + stage_seed_offset (the data follows `seed`)."""
+    return int(cfg.seed) + int(cfg.get("stage_seed_offset") or 0)
+
+
 def build_datamodule(
     name: str, cfg: DictConfig, source: Any, records: dict[str, list], backbone: VLMBackbone
 ) -> L.LightningDataModule:
@@ -59,7 +64,7 @@ def build_datamodule(
         collate_pairs=backbone.collate_pairs,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
+        seed=stage_seed(cfg),
         val_records=records["val"],
     )
 
@@ -246,7 +251,7 @@ def run_stage(
     resuming), HF save, evaluation (win-rate against the previous stage's `outputs`), marker.
     Returns the (possibly re-created) backbone, the stage's metrics and its test captions."""
     cfg, state = ctx.cfg, ctx.state
-    L.seed_everything(cfg.seed + STAGES.index(name), workers=True)  # per stage: resumable
+    L.seed_everything(stage_seed(cfg) + STAGES.index(name), workers=True)  # per stage: resumable
     ts, failures_before = time.time(), FAILURES.snapshot()
     cut_before = backbone.truncation_stats.cut_rows
     dm = build_datamodule(name, cfg, ctx.source, ctx.records, backbone)
