@@ -45,21 +45,27 @@ def sample_captions(
     generate: Generate, records: Sequence[CaptionRecord], prompt: str, neg: NegativeConfig
 ) -> list[list[str]]:
     """`neg.num_samples` sampled captions per record (in record order),
-    `neg.generation_batch_size` images at a time."""
+    `neg.generation_batch_size` images at a time; with `neg.greedy_candidate` the record's
+    greedy caption comes first."""
     n, bs = neg.num_samples, neg.generation_batch_size
     out: list[list[str]] = []
     for s in range(0, len(records), bs):
         chunk = records[s : s + bs]
+        images = [load_images(r) for r in chunk]
+        prompts = [record_prompt(r, prompt) for r in chunk]
         texts = generate(
-            [load_images(r) for r in chunk],
-            [record_prompt(r, prompt) for r in chunk],
+            images,
+            prompts,
             max_new_tokens=neg.max_new_tokens,
             do_sample=True,
             temperature=neg.temperature,
             top_p=neg.top_p,
             num_return_sequences=n,
         )
-        out.extend(list(texts[j * n : (j + 1) * n]) for j in range(len(chunk)))
+        greedy: list[list[str]] = [[] for _ in chunk]
+        if neg.greedy_candidate:
+            greedy = [[t] for t in generate(images, prompts, max_new_tokens=neg.max_new_tokens)]
+        out.extend(greedy[j] + list(texts[j * n : (j + 1) * n]) for j in range(len(chunk)))
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch, negative_flags
+from cwdpo.data.companion_pairs import companion_pair
 from cwdpo.data.negative_config import NegativeConfig, NegativeStats
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sampler import ResumableSampler, train_position
@@ -278,8 +279,15 @@ class PreferenceDataModule(_Base):
         self.neg = NegativeConfig(**negatives) if isinstance(negatives, dict) else negatives
         self.neg = self.neg or NegativeConfig()
         self.buffer: dict[str, list[str]] = {}  # self_judged: [best, worst] or [best] (no gap)
+        self.pair_source: dict[str, str] = {}  # self_judged: image id → how its pair was made
         self.stats = NegativeStats()
         self.self_judged = self.neg.kind == "self_judged"
+        if self.neg.pair_rule == "companion_edit" and getattr(self.source, "cooc", None) is None:
+            raise DataError(
+                "negatives.pair_rule=companion_edit needs a source with a planted co-occurrence "
+                f"(data=shapes_cooc: world.cooc_trigger / cooc_companion); "
+                f"{type(self.source).__name__} has none"
+            )
 
     @property
     def needs_on_policy(self) -> bool:
@@ -294,12 +302,16 @@ class PreferenceDataModule(_Base):
         be positives are dropped; self_judged keeps [best, worst] by the judge. An image with
         several records keeps the samples of its last one. Returns the counts to log."""
         buffer: dict[str, list[str]] = {}
-        kept = dropped = 0
+        self.pair_source = {}
+        kept = dropped = edits = 0
         for index, texts in samples:
             rec = self.train_records[index]
             image_id, texts = rec.image_id, [t for t in texts if t.strip()]
             if self.self_judged:
-                buffer[image_id] = self._judge(texts, rec)
+                buffer[image_id], src = self._judge(texts, rec)
+                if src != "self:worst":
+                    self.pair_source[image_id] = src
+                    edits += 1
                 kept += len(buffer[image_id]) == 2
                 dropped += len(buffer[image_id]) < 2
                 continue
@@ -310,12 +322,17 @@ class PreferenceDataModule(_Base):
         self.buffer = buffer
         self.stats.refresh_steps.append(step)
         if self.self_judged:
-            return {"self_judged/pairs": float(kept), "self_judged/no_gap": float(dropped)}
+            out = {"self_judged/pairs": float(kept), "self_judged/no_gap": float(dropped)}
+            if self.neg.pair_rule == "companion_edit":
+                out["self_judged/companion_edits"] = float(edits)
+            return out
         self.stats.rejected_as_positive += dropped
         return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
 
-    def _judge(self, samples: list[str], rec: CaptionRecord) -> list[str]:
-        """[best, worst] by the source's judge when the gap is ≥ min_gap, else [best] (or [])."""
+    def _judge(self, samples: list[str], rec: CaptionRecord) -> tuple[list[str], str]:
+        """([best, worst] by the source's judge when the gap is ≥ min_gap, else [best] (or []),
+        "self:worst"); with `pair_rule=companion_edit`, on a trigger image, ([chosen, rejected],
+        "self:companion:<edit>") from the best candidate (`cwdpo.data.companion_pairs`)."""
         scored = [(self.source.score(t, rec), t) for t in samples]
         if any(sc is None for sc, _ in scored):
             raise DataError(
@@ -323,16 +340,25 @@ class PreferenceDataModule(_Base):
                 f"(ShapesWorld); {type(self.source).__name__} returns None"
             )
         if not scored:
-            return []
+            return [], "self:worst"
         best = max(scored, key=lambda x: x[0])  # first of the ties: deterministic
         worst = min(scored, key=lambda x: x[0])
-        return [best[1], worst[1]] if best[0] - worst[0] >= self.neg.min_gap else [best[1]]
+        if self.neg.pair_rule == "companion_edit":
+            trigger, companion = self.source.cooc
+            world = self.source.world
+            pair = companion_pair(best[1], rec.meta["scene"], trigger, companion, world.positions)
+            if pair is not None:
+                return [pair[0], pair[1]], f"self:companion:{pair[2]}"
+        if best[0] - worst[0] >= self.neg.min_gap:
+            return [best[1], worst[1]], "self:worst"
+        return [best[1]], "self:worst"
 
     def _self_pair(self, rec: CaptionRecord, ref: str, rng: random.Random) -> tuple[str, str, str]:
         """(chosen, rejected, source) of a self-judged pair; held-out rows use the reference."""
         own = self.buffer.get(rec.image_id, []) if self._training() else []
         if len(own) == 2:
-            chosen, (rejected, src) = own[0], (own[1], "self:worst")
+            src = self.pair_source.get(rec.image_id, "self:worst")
+            chosen, (rejected, src) = own[0], (own[1], src)
         else:
             chosen = own[0] if own else ref
             rejected, src = self._gentle_negative(rec, rng, chosen)  # a one-fact edit of it
@@ -385,10 +411,16 @@ class PreferenceDataModule(_Base):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buffer": self.buffer, "stats": self.stats.to_state()}
+        return {
+            **super().state_dict(),
+            "buffer": self.buffer,
+            "pair_source": self.pair_source,
+            "stats": self.stats.to_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "stats" in state:
             self.stats = NegativeStats.from_state(state["stats"])
         self.buffer = dict(state.get("buffer", {}))
+        self.pair_source = dict(state.get("pair_source", {}))

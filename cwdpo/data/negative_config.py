@@ -35,6 +35,10 @@ class NegativeConfig:
     generation_batch_size: int = 32
     min_gap: float = 0.1  # self_judged: least judge-score gap between best and worst sample
     easy_mix: float = 0.0  # self_judged: share of rejected swapped for an easy negative
+    # self_judged: `best_worst`, or `companion_edit` — on the testbed's trigger images the best
+    # candidate and a one-phrase companion edit of it (cwdpo.data.companion_pairs)
+    pair_rule: str = "best_worst"
+    greedy_candidate: bool = False  # self_judged: the greedy caption joins the K samples
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dataset_fraction <= 1.0:
@@ -53,6 +57,15 @@ class NegativeConfig:
             raise ValueError(
                 f"negatives.easy_mix={self.easy_mix} only applies to negatives=self_judged "
                 "(dataset negatives use negatives.easy_fraction)"
+            )
+        if self.pair_rule not in ("best_worst", "companion_edit"):
+            raise ValueError(
+                f"negatives.pair_rule must be best_worst|companion_edit, got {self.pair_rule!r}"
+            )
+        if (self.pair_rule != "best_worst" or self.greedy_candidate) and self.kind != "self_judged":
+            raise ValueError(
+                f"negatives.pair_rule={self.pair_rule} / greedy_candidate="
+                f"{self.greedy_candidate} only apply to negatives=self_judged (got {self.kind})"
             )
         if self.kind == "self_judged" and self.num_samples < 2:
             raise ValueError(
