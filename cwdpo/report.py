@@ -7,6 +7,8 @@ held-out target from its held-out curve (heldout.csv); the win-rate against a
 baseline experiment (default `sft_only`) re-judges each run's saved test captions against the
 baseline run of the same seed and test data (a sweep that also ran the baseline under its own
 setting is compared with that one). A value a run cannot give is left out and counted: "(k/n)".
+`--compare A:B` adds paired per-seed differences with small-sample inference for n ≈ 5 seeds
+(t-interval, t-test, Holm across the table, sign-flip test, MDE; `cwdpo.analysis.inference`).
 The work is done in `cwdpo.analysis` (`cwdpo.analysis.report.write_report`).
 """
 
@@ -46,7 +48,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="A:B",
-        help="paired per-seed differences A − B with bootstrap 95%% CIs (repeatable)",
+        help="paired per-seed differences A − B on every --metric, for any two settings: mean, "
+        "t 95%% CI, paired t-test p, Holm p (over every row of the table), exact sign-flip p, "
+        "MDE at 80%% power, wins; caption-level exact McNemar for per-caption rates "
+        "(companion_halluc, chair_s, malformed) where the runs' saved captions are readable; "
+        "bootstrap CIs in report.json (repeatable)",
     )
     ap.add_argument(
         "--metric",

@@ -29,7 +29,8 @@ def write_report(
     """Aggregate the runs below `dirs` into `out` (default: the first dir); returns report.md.
 
     `comparisons`: `A:B` settings for paired per-seed differences on `metrics` (default the
-    primary); `select`: val runs whose best setting per experiment (on the first metric) is the
+    primary), with t-interval, t / Holm / sign-flip p, MDE and caption-level McNemar
+    (`cwdpo.analysis.stats.compare`); `select`: val runs whose best setting per experiment (on the first metric) is the
     only one kept; `heldout_gain`: the held-out curve's target, start + gain."""
     runs = find_runs(dirs)
     metrics = list(metrics) or [PRIMARY]

@@ -1,5 +1,6 @@
-"""Runs grouped by setting: mean ± std over seeds, paired per-seed differences with bootstrap
-CIs, and the choice of one setting per experiment on val runs."""
+"""Runs grouped by setting: mean ± std over seeds, paired per-seed differences (t-interval,
+t-test, sign-flip test, Holm across the table, MDE, bootstrap CI; caption-level McNemar for
+per-caption rates), and the choice of one setting per experiment on val runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from typing import Any
 import numpy as np
 
 from cwdpo.analysis.baseline import win_vs_baseline
+from cwdpo.analysis.caption_tests import row_mcnemar
+from cwdpo.analysis.inference import (
+    holm,
+    mde_paired_t,
+    paired_t_interval,
+    paired_t_pvalue,
+    sign_flip_pvalue,
+)
 from cwdpo.analysis.runs import Loaded, load_run
 from cwdpo.analysis.tables import COLUMNS, STEP_COLUMNS
 
@@ -69,11 +78,17 @@ def aggregate_loaded(loaded: Sequence[Loaded]) -> dict[str, dict[str, Any]]:
 
 def group_rows(loaded: Sequence[Loaded]) -> dict[str, list[dict[str, float]]]:
     """Setting name (experiment + overrides not shared by every run) → its runs' rows."""
+    return {k: [row for _, _, row in v] for k, v in group_loaded(loaded).items()}
+
+
+def group_loaded(loaded: Sequence[Loaded]) -> dict[str, list[Loaded]]:
+    """Setting name (experiment + overrides not shared by every run) → its loaded runs."""
     common = set.intersection(*(set(ov) for _, (_, ov), _ in loaded)) if loaded else set()
-    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for _, (name, ov), row in loaded:
+    groups: dict[str, list[Loaded]] = defaultdict(list)
+    for x in loaded:
+        _, (name, ov), _ = x
         extra = [o for o in ov if o not in common]
-        groups[name + (" " + " ".join(extra) if extra else "")].append(row)
+        groups[name + (" " + " ".join(extra) if extra else "")].append(x)
     return dict(groups)
 
 
@@ -92,8 +107,12 @@ def bootstrap_ci(
 def paired_differences(
     groups: dict[str, list[dict[str, float]]], a: str, b: str, key: str, n_boot: int = 10_000
 ) -> dict[str, Any]:
-    """Per-seed A − B on `key` over the seeds both settings ran, mean and bootstrap 95% CI.
-    A bare experiment name stands for its setting when it has exactly one (e.g. after --select)."""
+    """Per-seed A − B on `key` over the seeds both settings ran: mean, t 95% interval
+    (`t_ci95`), paired t-test p (`t_p`), exact sign-flip p (`perm_p`), the effect the paired
+    t-test would detect with 80% power at α = 0.05 given these diffs' sd (`mde80`), the
+    percentile-bootstrap 95% CI (`ci95`, kept for reference: it under-covers at n = 5) and the
+    seeds where A > B. A bare experiment name stands for its setting when it has exactly one
+    (e.g. after --select)."""
 
     def resolve(name: str) -> str:
         if name in groups:
@@ -111,6 +130,7 @@ def paired_differences(
     seeds = sorted(set(va) & set(vb))
     diffs = [va[s] - vb[s] for s in seeds]
     lo, hi = bootstrap_ci(diffs, n_boot)
+    sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
     return {
         "a": a,
         "b": b,
@@ -118,6 +138,10 @@ def paired_differences(
         "seeds": seeds,
         "diffs": diffs,
         "mean": float(np.mean(diffs)) if diffs else math.nan,
+        "t_ci95": list(paired_t_interval(diffs)),
+        "t_p": paired_t_pvalue(diffs),
+        "perm_p": sign_flip_pvalue(diffs),
+        "mde80": mde_paired_t(sd, len(diffs)),
         "ci95": [lo, hi],
         "wins": sum(x > 0 for x in diffs),
     }
@@ -126,8 +150,18 @@ def paired_differences(
 def compare(
     loaded: Sequence[Loaded], specs: Sequence[str], metrics: Sequence[str], n_boot: int = 10_000
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """(paired differences of every `A:B` spec on every metric, why a spec was skipped)."""
-    groups = group_rows(loaded)
+    """(paired differences of every `A:B` spec on every metric, why a spec was skipped).
+
+    Every row also gets `holm_p`: its t-test p Holm-corrected across the table, i.e. over the
+    t-test p-values of ALL rows of this report (every comparison × metric), so reading any row's
+    significance keeps the family-wise error at α. Rows of a per-caption binary rate
+    (`caption_tests.CAPTION_RATES`, e.g. companion_halluc) whose runs' saved captions and scenes
+    are readable get `mcnemar`: {b, c, p}, the exact McNemar test over captions paired by
+    (seed, test image) and pooled over the seeds."""
+    by_setting = group_loaded(loaded)
+    groups = {k: [row for _, _, row in v] for k, v in by_setting.items()}
+    runs_of = {k: {row["seed"]: run for run, _, row in v} for k, v in by_setting.items()}
+    cache: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for spec in specs:
@@ -138,6 +172,11 @@ def compare(
             rows += [paired_differences(groups, a, b, m, n_boot) for m in metrics]
         except KeyError as err:  # e.g. the control ran fewer methods: say so, go on
             skipped.append(str(err.args[0]))
+    for r, p in zip(rows, holm([r["t_p"] for r in rows])):
+        r["holm_p"] = p
+        mc = row_mcnemar(runs_of[r["a"]], runs_of[r["b"]], r["seeds"], r["metric"], cache)
+        if mc is not None:
+            r["mcnemar"] = mc
     return rows, skipped
 
 

@@ -70,24 +70,57 @@ def _cell(stat: dict[str, Any] | None) -> str:
     return text + (f" ({stat['reached']}/{stat['of']})" if "of" in stat else "")
 
 
+PAIRED_NOTE = (
+    "t 95% CI and t p: paired t-test on the per-seed differences; Holm p: the t p "
+    "Holm-corrected over every row of this table; sign-flip p: exact sign-flip permutation test, "
+    "whose smallest possible value is 2^(1−n) (0.0625 at n = 5, so never below 0.05); MDE (80%): "
+    "the effect the paired t-test detects with 80% power at α = 0.05 given the observed sd; "
+    "McNemar: b/c = captions (paired by seed and test image, pooled over seeds) where only A / "
+    "only B has the flag, exact p (pooling ignores clustering by seed); bootstrap CIs in "
+    "report.json."
+)
+
+
+def _p(x: float) -> str:
+    return "–" if x != x else f"{x:.3g}"
+
+
 def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| A − B | metric | seeds | per-seed A − B | mean | bootstrap 95% CI | A > B |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The paired-differences table: per-seed A − B, t-interval, t / Holm / sign-flip p, MDE,
+    wins and (per-caption rates) McNemar; see PAIRED_NOTE, printed under it."""
+    head = (
+        "A − B",
+        "metric",
+        "seeds",
+        "per-seed A − B",
+        "mean",
+        "t 95% CI",
+        "t p",
+        "Holm p",
+        "sign-flip p",
+        "MDE (80%)",
+        "A > B",
+        "McNemar b/c, p",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        name = f"{r['a']} − {r['b']} | {HEADERS.get(r['metric'], r['metric'])}"
         if not r["seeds"]:  # e.g. displacement vs a run without π_ref
-            lines.append(
-                f"| {r['a']} − {r['b']} | {HEADERS.get(r['metric'], r['metric'])} | 0 | – | – | – | – |"
-            )
+            lines.append(f"| {name} | 0 |" + " – |" * (len(head) - 3))
             continue
+        n = len(r["seeds"])
         per = ", ".join(f"{x:+.3g}" for x in r["diffs"])
+        lo, hi = r["t_ci95"]
+        ci = "–" if lo != lo else f"[{lo:+.3g}, {hi:+.3g}]"
+        mc = r.get("mcnemar")
+        mc_cell = f"{mc['b']}/{mc['c']}, {_p(mc['p'])}" if mc else "–"
+        mde = "–" if r["mde80"] != r["mde80"] else f"{r['mde80']:.3g}"
         lines.append(
-            f"| {r['a']} − {r['b']} | {HEADERS.get(r['metric'], r['metric'])} | {len(r['seeds'])} | "
-            f"{per} | {r['mean']:+.3g} | [{r['ci95'][0]:+.3g}, {r['ci95'][1]:+.3g}] | "
-            f"{r['wins']}/{len(r['seeds'])} |"
+            f"| {name} | {n} | {per} | {r['mean']:+.3g} | {ci} | {_p(r['t_p'])} | "
+            f"{_p(r.get('holm_p', float('nan')))} | {_p(r['perm_p'])} | {mde} | "
+            f"{r['wins']}/{n} | {mc_cell} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + PAIRED_NOTE + "\n"
 
 
 def selection_note(metric: str, selection: dict[str, set[str]]) -> str:
