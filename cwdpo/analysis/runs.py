@@ -47,7 +47,8 @@ def run_setting(run: Path, results: dict[str, Any]) -> Setting:
             "model.path",
             "experiment",
             "stage.skip",
-        )  # where it started
+            "callbacks.heldout",
+        )  # where it started; how the held-out curve was measured (not what trained)
         # `+debug=fast` (runs before the groups joined the defaults list) = `debug=fast`
         overrides = plain_group_overrides(
             [

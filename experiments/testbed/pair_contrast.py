@@ -8,7 +8,9 @@ whose scene has the co-occurrence trigger but not the companion:
   - pairs whose rejected names the companion and whose chosen does not (corrective),
     the reverse (anti-corrective), both or neither naming it, and images with no pair;
   - in the anti-corrective pairs, the true objects each side leaves out (why the judge
-    preferred the caption that hallucinates).
+    preferred the caption that hallucinates);
+  - the corrective share of the pairs (issue 28's goal for `negatives=companion_edit`: ≥ 90%),
+    per run and pooled over the runs.
 The draw is a fresh one (seeded with the run's seed), not the training run's own samples.
 
     python experiments/testbed/pair_contrast.py experiments/testbed/runs/cooc_c0.12/seed*/cw_dpo \
@@ -88,12 +90,35 @@ def contrast(run: Path) -> dict[str, float]:
             omitted["rejected"] += verify(pair[1], scene).omitted
     n = counts["images"]
     out = {"run": str(run), "seed": int(cfg.seed), "trigger_no_companion_images": n}
+    out["counts"] = dict(counts)
+    out["own_samples"], out["own_samples_halluc"] = n_samples, halluc
     out["own_samples_halluc_pct"] = 100.0 * halluc / max(n_samples, 1)
     for k in ("corrective", "anti_corrective", "both", "neither", "no_pair"):
         out[f"{k}_pct"] = 100.0 * counts[k] / max(n, 1)
     for side in ("chosen", "rejected"):  # true objects left out, per anti-corrective pair
         out[f"anti_{side}_omitted"] = omitted[side] / max(counts["anti_corrective"], 1)
     out["stage2_images"] = len(dm.train_records)
+    paired = sum(counts[k] for k in ("corrective", "anti_corrective", "both", "neither"))
+    out["corrective_share_of_pairs"] = 100.0 * counts["corrective"] / max(paired, 1)
+    return out
+
+
+def pooled(rows: list[dict]) -> dict[str, float]:
+    """The runs' counts summed: shares over every trigger-without-companion image of all runs."""
+    c: Counter[str] = Counter()
+    for r in rows:
+        c.update(r["counts"])
+    n = c["images"]
+    paired = sum(c[k] for k in ("corrective", "anti_corrective", "both", "neither"))
+    out = {"runs": len(rows), "trigger_no_companion_images": n}
+    out["own_samples_halluc_pct"] = (
+        100.0
+        * sum(r["own_samples_halluc"] for r in rows)
+        / max(sum(r["own_samples"] for r in rows), 1)
+    )
+    for k in ("corrective", "anti_corrective", "both", "neither", "no_pair"):
+        out[f"{k}_pct"] = 100.0 * c[k] / max(n, 1)
+    out["corrective_share_of_pairs"] = 100.0 * c["corrective"] / max(paired, 1)
     return out
 
 
@@ -103,10 +128,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = [contrast(r) for r in args.runs]
-    for row in rows:
+    total = pooled(rows)
+    for row in [*rows, total]:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        args.out.write_text(json.dumps({"runs": rows, "pooled": total}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

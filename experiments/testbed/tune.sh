@@ -19,6 +19,8 @@ PARAM=${PARAM:-stage.cw_dpo.optimizer.lr}   # the tuned knob, its values and its
 VALUES=${VALUES:-$LRS}
 TAG=${TAG:-lr}
 METHODS=${METHODS:-cw_dpo ablation_cooling sft_continue}
+NEG=${NEG:-negatives=self_judged}   # the pair methods' negatives
+START=${START:-sft_only}            # the start run (its sft_c_hf checkpoint) under seed<s>/
 JOBS=${JOBS:-2}
 PY=${PY:-python}
 DATA="data=shapes_cooc data.source.world.hallucination_rate=$H"
@@ -33,14 +35,14 @@ run_all() {  # as in run.sh: lines "<command> hydra.run.dir=<dir>"; skips finish
     [ -f "$dir/results.json" ] || echo "$line"
   done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
 }
-neg_of() { if [ "$1" = sft_continue ] || [ "$1" = rft ]; then echo ""; else echo "negatives=self_judged"; fi; }
+neg_of() { if [ "$1" = sft_continue ] || [ "$1" = rft ]; then echo ""; else echo "$NEG"; fi; }
 
 for s in ${TUNE_SEEDS//,/ }; do   # the tuning seeds' own SFT-C starts
   echo "$PY -m cwdpo.train +experiment=sft_only $COMMON seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/sft_only"
 done | run_all
 
 for s in ${TUNE_SEEDS//,/ }; do
-  from="model.path=$PWD/$TUNE/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
+  from="model.path=$PWD/$TUNE/seed$s/$START/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
   for m in $METHODS; do
     for v in $VALUES; do
       echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from $PARAM=$v eval.split=val seed=$s hydra.run.dir=$PWD/$TUNE/seed$s/${m}_$TAG$v"
@@ -66,7 +68,7 @@ for m in methods:
 EOF
 )
 for s in ${SEEDS//,/ }; do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
+  from="model.path=$PWD/$OUT/seed$s/$START/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
   for pick in $best; do
     m=${pick%%=*}; v=${pick#*=}
     echo "$PY -m cwdpo.train +experiment=$m $(neg_of "$m") $COMMON $from $PARAM=$v seed=$s hydra.run.dir=$PWD/$OUT/seed$s/${m}_$TAG$v"
