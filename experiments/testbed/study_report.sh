@@ -24,11 +24,12 @@ DPOS=$(n ablation_cooling "$(lr_of ablation_cooling)")
 RPOS=$(n rpo "$(lr_of rpo)")
 SMOOTHS=$(n ablation_smooth_sft "$(lr_of ablation_smooth_sft)")
 SC="sft_continue stage.cw_dpo.optimizer.lr=$(lr_of sft_continue)"
+PLAINS="sft_only stage.sft_c.datamodule.gentle_negatives=false stage.sft_c.objective.label_smoothing=0.0 stage.sft_c.objective.lam=0.0"
 MIX() { echo "cw_dpo negatives.dataset_fraction=$1 negatives=mixed stage.cw_dpo.optimizer.lr=$CW"; }
 compares=(
   --compare "$CWS:$DPOS" --compare "$CWS:sft_only" --compare "$CWS:$SC" --compare "$CWS:$RPOS"
   --compare "$DPOS:sft_only" --compare "$SC:sft_only" --compare "$RPOS:sft_only"
-  --compare "$CWS:$SMOOTHS"
+  --compare "$CWS:$SMOOTHS" --compare "sft_only:$PLAINS"
   --compare "$CWS:cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$CW"
   --compare "$CWS:dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW"
   --compare "$CWS:cw_dpo negatives=self_judged stage.cw_dpo.optimizer.lr=$CW"
