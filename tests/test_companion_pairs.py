@@ -228,7 +228,13 @@ def test_best_vs_worst_pairs_are_anti_corrective_and_companion_edits_corrective(
     )
     # every trigger-without-companion image now has a pair (one-object scenes too), all corrective
     assert sum(after.values()) == trig_only > n and after == {"corrective": trig_only}
-    assert policy.greedy_calls > 0 and stats["self_judged/companion_edits"] >= trig_only
+    # every trigger image gets an edit here (≤ 3 objects leave a free position; a drop always
+    # leaves another mention), and only those
+    n_trig = sum(
+        TRIG in {(o.colour, o.shape) for o in r.meta["scene"].objects}
+        for r in src.captions("train")
+    )
+    assert policy.greedy_calls > 0 and stats["self_judged/companion_edits"] == n_trig
     # the trained pairs carry the rule's source tag; non-trigger images keep best-vs-worst
     by_id = {r.image_id: r for r in src.captions("train")}
     seen = set()
@@ -239,7 +245,28 @@ def test_best_vs_worst_pairs_are_anti_corrective_and_companion_edits_corrective(
             assert s.startswith("self:companion:") == trig, (s, c)
             assert verify(c, sc).score > verify(rej, sc).score
             seen.add(s.split(":")[2] if trig else s)
-    assert {"drop", "self:worst"} <= seen
+    assert {"drop", "insert", "self:worst"} <= seen
+
+
+def test_companion_edit_falls_back_to_best_vs_worst_when_no_edit_applies():
+    """The companion as the best caption's only mention cannot be deleted: best-vs-worst."""
+    src = _source(60)
+    rec = next(
+        r
+        for r in src.captions("train")
+        if TRIG in (ids := {(o.colour, o.shape) for o in r.meta["scene"].objects})
+        and COMP not in ids
+    )
+    dm = _dm(src, num_samples=4, pair_rule="companion_edit")
+    only = "a small blue square on the left ."
+    pair, src_tag = dm._judge([only, "banana ."], rec)
+    assert (pair, src_tag) == ([only, "banana ."], "self:worst")
+    # and a malformed best: no edit either
+    junk = RC + " banana ."
+    assert dm._judge([junk, "banana ."], rec)[1] == "self:worst"
+    # a stale edit label of the same image is dropped with the new best-vs-worst pair
+    dm.set_negatives([(src.captions("train").index(rec), [only, "banana ."])], step=0)
+    assert rec.image_id not in dm.pair_source
 
 
 def _draw(dm, n_batches: int):
@@ -344,3 +371,29 @@ def test_verifier_matching_equals_brute_force_with_hallucinations_anywhere():
     sc = _scene(Obj("red", "circle", "small", "top"))
     v = verify("a small blue square on the left and a small red circle on the top .", sc)
     assert (v.correct, v.precision, v.recall) == (4, 0.5, 1.0)
+
+
+def test_stage_seed_offset_keeps_the_data_and_reseeds_the_stage(tmp_path):
+    """The A/A rerun: same records and test set, another batch order (and RNG stream)."""
+    from types import SimpleNamespace
+
+    import hydra
+
+    from cwdpo.run.pipeline import build_datamodule, stage_records, stage_seed
+    from tests.helpers import compose_cfg
+
+    backbone = SimpleNamespace(collate=lambda *a: {}, collate_pairs=lambda *a: {})
+    orders, tests = [], []
+    for offset in (0, 1000):
+        cfg = compose_cfg(["seed=3", f"stage_seed_offset={offset}"], tmp_path, tmp_path)
+        assert stage_seed(cfg) == 3 + offset
+        source = hydra.utils.instantiate(cfg.data.source)
+        records = stage_records(cfg, source, ["sft_c"])
+        tests.append([(r.image_id, r.references) for r in source.captions("test")])
+        dm = build_datamodule("sft_c", cfg, source, records, backbone)
+        dm.trainer = None
+        dm.train_dataloader()
+        orders.append((records["sft_c"], list(iter(dm.train_sampler))[:32]))
+    (recs0, order0), (recs1, order1) = orders
+    assert tests[0] == tests[1] and [r.image_id for r in recs0] == [r.image_id for r in recs1]
+    assert order0 != order1

@@ -187,6 +187,9 @@ def test_report_rows_carry_the_inference(tmp_path):
         assert r["t_p"] == pytest.approx(paired_t_pvalue(d))
         assert r["perm_p"] == pytest.approx(sign_flip_pvalue(d))
         assert r["mde80"] == pytest.approx(mde_paired_t(float(np.std(d, ddof=1)), 5))
+        # Holm's strictest level over the 4 rows: α/4, so a larger effect is needed
+        holm_mde = mde_paired_t(float(np.std(d, ddof=1)), 5, alpha=0.05 / 4)
+        assert r["mde80_holm"] == pytest.approx(holm_mde) and holm_mde > r["mde80"]
         assert len(r["ci95"]) == 2 and "mcnemar" not in r  # f1: not a per-caption rate
     # Holm over all 4 rows of the table, not per comparison. f1 and facts diffs are identical
     # (tied p). ipo − dpo = [1, .5, 1, .5, 1] (t ≈ 6.5) has the smaller p → ×4 for both of its
@@ -198,7 +201,7 @@ def test_report_rows_carry_the_inference(tmp_path):
     # sign flips of |d| = 4,1,1,5,7 (total 18): flipping a set of sum f gives 18 − 2f, and
     # |18 − 2f| ≥ 16 ⇔ f ≤ 1 or f ≥ 17: {}, {1}, {1'} and their 3 complements → 6/32
     assert rows[0]["perm_p"] == 6 / 32
-    for col in ("t 95% CI", "t p", "Holm p", "sign-flip p", "MDE (80%)", "McNemar b/c, p"):
+    for col in ("t 95% CI", "t p", "Holm p", "sign-flip p", "MDE (80%) α / α/m", "McNemar b/c, p"):
         assert f" {col} |" in table
     assert "bootstrap 95% CI" not in table and "2^(1−n)" in table
     lo, hi = rows[0]["t_ci95"]

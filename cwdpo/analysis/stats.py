@@ -154,7 +154,9 @@ def compare(
 
     Every row also gets `holm_p`: its t-test p Holm-corrected across the table, i.e. over the
     t-test p-values of ALL rows of this report (every comparison × metric), so reading any row's
-    significance keeps the family-wise error at α. Rows of a per-caption binary rate
+    significance keeps the family-wise error at α; `mde80_holm` is the MDE at Holm's strictest
+    level α/m (m = rows with a t p), what a claim judged by Holm p < 0.05 needs in the worst
+    case (`mde80` is at α). Rows of a per-caption binary rate
     (`caption_tests.CAPTION_RATES`, e.g. companion_halluc) whose runs' saved captions and scenes
     are readable get `mcnemar`: {b, c, p}, the exact McNemar test over captions paired by
     (seed, test image) and pooled over the seeds."""
@@ -172,8 +174,12 @@ def compare(
             rows += [paired_differences(groups, a, b, m, n_boot) for m in metrics]
         except KeyError as err:  # e.g. the control ran fewer methods: say so, go on
             skipped.append(str(err.args[0]))
+    m = sum(not math.isnan(r["t_p"]) for r in rows)
     for r, p in zip(rows, holm([r["t_p"] for r in rows])):
         r["holm_p"] = p
+        # the effect Holm's first (strictest) step can see: α / m, the row's sd and n
+        sd = float(np.std(r["diffs"], ddof=1)) if len(r["diffs"]) > 1 else math.nan
+        r["mde80_holm"] = mde_paired_t(sd, len(r["diffs"]), alpha=0.05 / max(m, 1))
         mc = row_mcnemar(runs_of[r["a"]], runs_of[r["b"]], r["seeds"], r["metric"], cache)
         if mc is not None:
             r["mcnemar"] = mc

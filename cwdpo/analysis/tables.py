@@ -74,7 +74,8 @@ PAIRED_NOTE = (
     "t 95% CI and t p: paired t-test on the per-seed differences; Holm p: the t p "
     "Holm-corrected over every row of this table; sign-flip p: exact sign-flip permutation test, "
     "whose smallest possible value is 2^(1−n) (0.0625 at n = 5, so never below 0.05); MDE (80%): "
-    "the effect the paired t-test detects with 80% power at α = 0.05 given the observed sd; "
+    "the effect the paired t-test detects with 80% power given the observed sd, at α = 0.05 and "
+    "at Holm's strictest level α/m (m = the rows with a t p: what a Holm p < 0.05 needs at worst); "
     "McNemar: b/c = captions (paired by seed and test image, pooled over seeds) where only A / "
     "only B has the flag, exact p (pooling ignores clustering by seed); bootstrap CIs in "
     "report.json."
@@ -98,7 +99,7 @@ def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
         "t p",
         "Holm p",
         "sign-flip p",
-        "MDE (80%)",
+        "MDE (80%) α / α/m",
         "A > B",
         "McNemar b/c, p",
     )
@@ -115,6 +116,8 @@ def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
         mc = r.get("mcnemar")
         mc_cell = f"{mc['b']}/{mc['c']}, {_p(mc['p'])}" if mc else "–"
         mde = "–" if r["mde80"] != r["mde80"] else f"{r['mde80']:.3g}"
+        holm_mde = r.get("mde80_holm", float("nan"))
+        mde += "" if holm_mde != holm_mde else f" / {holm_mde:.3g}"
         lines.append(
             f"| {name} | {n} | {per} | {r['mean']:+.3g} | {ci} | {_p(r['t_p'])} | "
             f"{_p(r.get('holm_p', float('nan')))} | {_p(r['perm_p'])} | {mde} | "

@@ -39,11 +39,14 @@ def companion_pair(
 ) -> tuple[str, str, str] | None:
     """(chosen, rejected, kind) for a trigger image, from its best candidate caption `best`;
     kind says which edit (`drop` / `insert`) and whether the companion is `absent` / `present`.
+    The sides differ only in the companion's mention — and, under a `there are N shapes :`
+    header, in the stated count, which the edit keeps consistent with the mentions.
     None when the scene lacks the trigger or no edit applies (malformed caption, the companion
     its only mention, no free position); the caller falls back to its usual rule."""
     ids = {(o.colour, o.shape) for o in scene.objects}
     if trigger not in ids:
         return None
+    best = " ".join(parse(best).tokens)  # both sides in the edit's spelling (lowercase tokens)
     present = companion in ids
     names = mentions_object(best, *companion)
     if names:

@@ -312,6 +312,8 @@ class PreferenceDataModule(_Base):
                 if src != "self:worst":
                     self.pair_source[image_id] = src
                     edits += 1
+                else:  # an earlier record of this image may have left an edit's label
+                    self.pair_source.pop(image_id, None)
                 kept += len(buffer[image_id]) == 2
                 dropped += len(buffer[image_id]) < 2
                 continue

@@ -76,8 +76,9 @@ def contrast(run: Path) -> dict[str, float]:
         if trigger not in ids or comp in ids:
             continue
         counts["images"] += 1
-        halluc += sum(mentions_object(t, *comp) for t in own)
-        n_samples += len(own)
+        k_own = own[1:] if dm.neg.greedy_candidate else own  # the K samples, not the greedy one
+        halluc += sum(mentions_object(t, *comp) for t in k_own)
+        n_samples += len(k_own)
         pair = dm.buffer.get(rec.image_id, [])
         if len(pair) < 2:
             counts["no_pair"] += 1

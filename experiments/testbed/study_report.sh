@@ -15,15 +15,23 @@ OUT=experiments/testbed/runs/$NAME
 TUNE=$OUT-tune
 REP=experiments/testbed/$NAME
 NEG=negatives=companion_edit
-lr_of() { grep "^$1: " "$REP/selected.txt" | awk '{print $NF}'; }
-CW=$(lr_of cw_dpo)
-W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr"$CW")
+lr_of() {  # the val-selected value of a method (tune.sh's stderr line), or stop
+  local v
+  v=$(grep "^$1: " "$REP/selected.txt" | awk '{print $NF}')
+  [ -n "$v" ] || { echo "study_report.sh: no '$1: ...' line in $REP/selected.txt" >&2; exit 1; }
+  echo "$v"
+}
+CW=$(lr_of cw_dpo); DPO=$(lr_of ablation_cooling); RPO=$(lr_of rpo)
+SMOOTH=$(lr_of ablation_smooth_sft); SCLR=$(lr_of sft_continue)
+# the constant weight the dpo_matched runs used (read back, not recomputed)
+W=$(grep -ho 'loser_weight=[^ ]*' "$OUT"/seed*/dpo_matched_lr"$CW"/.hydra/overrides.yaml | sort -u | cut -d= -f2)
+[ "$(echo "$W" | wc -w)" = 1 ] || { echo "study_report.sh: dpo_matched runs used weights '$W'" >&2; exit 1; }
 n() { echo "$1 $NEG stage.cw_dpo.optimizer.lr=$2"; }
 CWS=$(n cw_dpo "$CW")
-DPOS=$(n ablation_cooling "$(lr_of ablation_cooling)")
-RPOS=$(n rpo "$(lr_of rpo)")
-SMOOTHS=$(n ablation_smooth_sft "$(lr_of ablation_smooth_sft)")
-SC="sft_continue stage.cw_dpo.optimizer.lr=$(lr_of sft_continue)"
+DPOS=$(n ablation_cooling "$DPO")
+RPOS=$(n rpo "$RPO")
+SMOOTHS=$(n ablation_smooth_sft "$SMOOTH")
+SC="sft_continue stage.cw_dpo.optimizer.lr=$SCLR"
 PLAINS="sft_only stage.sft_c.datamodule.gentle_negatives=false stage.sft_c.objective.label_smoothing=0.0 stage.sft_c.objective.lam=0.0"
 MIX() { echo "cw_dpo negatives.dataset_fraction=$1 negatives=mixed stage.cw_dpo.optimizer.lr=$CW"; }
 compares=(
