@@ -42,6 +42,7 @@ LABELS = {  # setting name (experiment + overrides) → a short label
     "cw_dpo_shuffled": "CW-DPO, w_c shuffled",
     "rpo": "RPO",
     "ipo": "IPO",
+    "ablation_smooth_sft": "CW-DPO after plain SFT",
 }
 METRIC_NAMES = {"f1": "F1 points", "companion_halluc": "companion halluc., points"}
 
@@ -78,6 +79,14 @@ def label(setting: str) -> str:
             text += f", β {o.split('=')[1]}"
         elif o.startswith("negatives.easy_mix="):
             text += f", easy {o.split('=')[1]}"
+        elif o.startswith("negatives.dataset_fraction="):
+            text += f", mixed {o.split('=')[1]}"
+        elif o == "negatives=self_judged":
+            text += ", best-vs-worst pairs"
+        elif o.startswith("stage_seed_offset="):
+            text += " (A/A rerun)"
+        elif o.startswith("stage.sft_c.objective.lam="):
+            text += " (plain SFT)"
     return text
 
 
@@ -89,7 +98,7 @@ def paired(report: Path, out: Path) -> Path:
     for ax, metric in zip(np.atleast_1d(axes), metrics):
         sel = [r for r in rows if r["metric"] == metric]
         for i, r in enumerate(sel):
-            lo, hi = r["ci95"]
+            lo, hi = r.get("t_ci95", r["ci95"])  # reports before issue 28: bootstrap only
             ax.plot([lo, hi], [i, i], color="tab:blue", lw=2)
             ax.plot(r["mean"], i, "o", color="tab:blue")
             ax.plot(r["diffs"], [i + 0.18] * len(r["diffs"]), ".", color="0.55", ms=4)
@@ -97,7 +106,8 @@ def paired(report: Path, out: Path) -> Path:
         ax.set_yticks(range(len(sel)), [f"{label(r['a'])} − {label(r['b'])}" for r in sel])
         ax.invert_yaxis()
         ax.set_xlabel(f"A − B, {METRIC_NAMES[metric]}")
-    fig.suptitle("Paired by seed: mean and bootstrap 95% CI (grey dots: the seeds)", fontsize=10)
+    kind = "t" if all("t_ci95" in r for r in rows) else "bootstrap"
+    fig.suptitle(f"Paired by seed: mean and {kind} 95% CI (grey dots: the seeds)", fontsize=10)
     return save(fig, out / "paired.png")
 
 

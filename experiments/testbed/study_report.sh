@@ -53,3 +53,4 @@ $PY experiments/testbed/pair_contrast.py "$OUT"/seed*/cw_dpo_lr"$CW" --out "$REP
 $PY experiments/testbed/pair_contrast.py "$OUT"/seed*/cw_dpo_bestworst_lr"$CW" \
   --out "$REP/pair_contrast_bestworst.json"
 $PY experiments/testbed/tuning_table.py "$TUNE" > "$REP/tuning.md"
+$PY experiments/testbed/plots.py --out "$REP" --report "$REP/report.json" --tune "$TUNE" --curves "$OUT"
