@@ -64,8 +64,16 @@ def _write_run(d: Path, f1: float, curve: list[tuple[int, float, float]] | None 
 def test_figures_are_drawn_from_reports_and_runs(tmp_path, monkeypatch):
     plots = _script("plots")
     assert (
-        plots.label("cw_dpo negatives=self_judged stage.cw_dpo.optimizer.lr=1e-4")
+        plots.label("cw_dpo negatives=companion_edit stage.cw_dpo.optimizer.lr=1e-4")
         == "CW-DPO, lr 1e-4"
+    )
+    assert (
+        plots.label("cw_dpo negatives=self_judged stage.cw_dpo.optimizer.lr=1e-4")
+        == "CW-DPO, best-vs-worst pairs, lr 1e-4"
+    )
+    assert (
+        plots.label("cw_dpo negatives=companion_edit stage_seed_offset=1000")
+        == "CW-DPO (A/A rerun)"
     )
     assert plots.label("ipo stage.cw_dpo.beta=0.5") == "IPO, β 0.5"
     paired = {
