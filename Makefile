@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install lock lock-upgrade test test-fast test-latest test-slow lint format train train-ablation bench gpu-check experiments testbed report clean
+.PHONY: install lock lock-upgrade test test-fast test-latest test-slow lint format train train-ablation bench gpu-check experiments testbed default-job report clean
 
 ## install: CPU torch (no multi-GB CUDA download) + cwdpo with dev extras, at the locked versions
 install:
@@ -94,7 +94,11 @@ clean:
 experiments:
 	bash experiments/shapes/run.sh
 
-## testbed: the co-occurrence testbed study (issue 17; experiments/testbed/README.md), ≈ 2 h
+## default-job: the default job's stage-2 lr on val, then the job on 5 seeds (issue 28), ≈ 15 min
+default-job:
+	bash experiments/shapes/default_job.sh
+
+## testbed: the co-occurrence testbed study (issue 28; experiments/testbed/README.md), ≈ 1 h
 testbed:
 	bash experiments/testbed/study.sh
 
