@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cwdpo.batch import CaptionBatch, ModelInputs, PairBatch, negative_flags
-from cwdpo.data.companion_pairs import companion_pair
 from cwdpo.data.negative_config import NegativeConfig, NegativeStats
 from cwdpo.data.records import CaptionRecord, DataError, load_images, record_prompt
 from cwdpo.data.sampler import ResumableSampler, train_position
+from cwdpo.data.self_judged import check_pair_rule, judge_samples
 from cwdpo.data.sources import CaptionSource, draw_negative
 from cwdpo.data.upcoming import upcoming_indices
 from cwdpo.errors import OverBudget
@@ -282,12 +282,7 @@ class PreferenceDataModule(_Base):
         self.pair_source: dict[str, str] = {}  # self_judged: image id → how its pair was made
         self.stats = NegativeStats()
         self.self_judged = self.neg.kind == "self_judged"
-        if self.neg.pair_rule == "companion_edit" and getattr(self.source, "cooc", None) is None:
-            raise DataError(
-                "negatives.pair_rule=companion_edit needs a source with a planted co-occurrence "
-                f"(data=shapes_cooc: world.cooc_trigger / cooc_companion); "
-                f"{type(self.source).__name__} has none"
-            )
+        check_pair_rule(self.source, self.neg)
 
     @property
     def needs_on_policy(self) -> bool:
@@ -296,11 +291,10 @@ class PreferenceDataModule(_Base):
     def set_negatives(
         self, samples: Sequence[tuple[int, Sequence[str]]], step: int
     ) -> dict[str, float]:
-        """Take fresh policy samples as the on-policy buffer: (index into `train_records`, that
-        record's sampled captions) for the records the next steps draw (every rank's, merged),
-        as the on-policy callback samples them; the previous buffer is dropped. Each record's samples are judged against that record: those the source judges to
-        be positives are dropped; self_judged keeps [best, worst] by the judge. An image with
-        several records keeps the samples of its last one. Returns the counts to log."""
+        """Take fresh policy samples (index into `train_records`, that record's captions; every
+        rank's, merged) as the buffer, dropping the previous one. Each record's samples are
+        judged against it: positives are dropped; self_judged keeps its pair (`judge_samples`).
+        An image with several records keeps its last one's. Returns the counts to log."""
         buffer: dict[str, list[str]] = {}
         self.pair_source = {}
         kept = dropped = edits = 0
@@ -309,11 +303,9 @@ class PreferenceDataModule(_Base):
             image_id, texts = rec.image_id, [t for t in texts if t.strip()]
             if self.self_judged:
                 buffer[image_id], src = self._judge(texts, rec)
+                self.pair_source.pop(image_id, None)  # an earlier record's edit label
                 if src != "self:worst":
-                    self.pair_source[image_id] = src
-                    edits += 1
-                else:  # an earlier record of this image may have left an edit's label
-                    self.pair_source.pop(image_id, None)
+                    self.pair_source[image_id], edits = src, edits + 1
                 kept += len(buffer[image_id]) == 2
                 dropped += len(buffer[image_id]) < 2
                 continue
@@ -332,28 +324,7 @@ class PreferenceDataModule(_Base):
         return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
 
     def _judge(self, samples: list[str], rec: CaptionRecord) -> tuple[list[str], str]:
-        """([best, worst] by the source's judge when the gap is ≥ min_gap, else [best] (or []),
-        "self:worst"); with `pair_rule=companion_edit`, on a trigger image, ([chosen, rejected],
-        "self:companion:<edit>") from the best candidate (`cwdpo.data.companion_pairs`)."""
-        scored = [(self.source.score(t, rec), t) for t in samples]
-        if any(sc is None for sc, _ in scored):
-            raise DataError(
-                "negatives=self_judged needs a source whose score() judges captions "
-                f"(ShapesWorld); {type(self.source).__name__} returns None"
-            )
-        if not scored:
-            return [], "self:worst"
-        best = max(scored, key=lambda x: x[0])  # first of the ties: deterministic
-        worst = min(scored, key=lambda x: x[0])
-        if self.neg.pair_rule == "companion_edit":
-            trigger, companion = self.source.cooc
-            world = self.source.world
-            pair = companion_pair(best[1], rec.meta["scene"], trigger, companion, world.positions)
-            if pair is not None:
-                return [pair[0], pair[1]], f"self:companion:{pair[2]}"
-        if best[0] - worst[0] >= self.neg.min_gap:
-            return [best[1], worst[1]], "self:worst"
-        return [best[1]], "self:worst"
+        return judge_samples(self.source, self.neg, samples, rec)
 
     def _self_pair(self, rec: CaptionRecord, ref: str, rng: random.Random) -> tuple[str, str, str]:
         """(chosen, rejected, source) of a self-judged pair; held-out rows use the reference."""

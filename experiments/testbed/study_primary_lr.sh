@@ -36,7 +36,7 @@ for m in ("cw_dpo", "ablation_cooling", "rpo"):
 PYEOF
 )
 echo "$pick" > "$REP/selected.txt"
-lr() { for p in $pick; do [ "${p%%=*}" = "$1" ] && echo "${p#*=}"; done; }
+lr() { for p in $pick; do if [ "${p%%=*}" = "$1" ]; then echo "${p#*=}"; fi; done; }
 CW=$(lr cw_dpo); DPO=$(lr ablation_cooling); RPO=$(lr rpo)
 for s in ${SEEDS//,/ }; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
