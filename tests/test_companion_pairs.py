@@ -20,6 +20,7 @@ from cwdpo.data.records import DataError
 from cwdpo.data.shapes import Obj, Scene, WorldConfig, caption
 from cwdpo.data.sources import ShapesSource
 from cwdpo.data.verifier import add_object, drop_object, mentions_object, verify
+from tests.test_testbed import _draw
 
 TRIG, COMP = ("red", "circle"), ("blue", "square")
 POS = ("left", "right", "top", "bottom")
@@ -267,16 +268,6 @@ def test_companion_edit_falls_back_to_best_vs_worst_when_no_edit_applies():
     # a stale edit label of the same image is dropped with the new best-vs-worst pair
     dm.set_negatives([(src.captions("train").index(rec), [only, "banana ."])], step=0)
     assert rec.image_id not in dm.pair_source
-
-
-def _draw(dm, n_batches: int):
-    out = []
-    while len(out) < n_batches:
-        for b in dm.train_dataloader():
-            out.append(dm.on_before_batch_transfer(b, 0))
-            if len(out) == n_batches:
-                break
-    return out
 
 
 def test_greedy_candidate_comes_first_and_the_rule_survives_a_checkpoint():
