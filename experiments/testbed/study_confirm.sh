@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Confirmation of study_primary_lr.sh's exploratory result on fresh seeds 40-44 (declared in the
+# testbed README before these runs): each pair method at the lr val companion hallucination
+# selected (CW-DPO 2e-4, DPO 5e-5, RPO 2e-4), SFT continuation at its val-F1 lr (2e-4), from
+# new SFT-C starts; companion hallucination primary, F1 secondary, Holm over the 8 rows.
+#   bash experiments/testbed/study_confirm.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export NAME=${NAME:-cooc28_confirm}
+export EXTRA=${EXTRA:-data.source.world.companion_contrast=0.12 stage.base_sft.steps=1200 data.source.sizes.val=256 callbacks.heldout.n_items=256}
+SEEDS=${SEEDS:-40,41,42,43,44}
+JOBS=${JOBS:-2} PY=${PY:-python}
+OUT=experiments/testbed/runs/$NAME
+REP=experiments/testbed/$NAME
+NEG=negatives=companion_edit
+COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
+SEEDS=$SEEDS METHODS=" " EASY=" " OUT=$OUT bash experiments/testbed/run.sh
+for s in ${SEEDS//,/ }; do
+  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
+  for spec in "cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4|cw_dpo_lr2e-4" \
+              "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5|ablation_cooling_lr5e-5" \
+              "rpo $NEG stage.cw_dpo.optimizer.lr=2e-4|rpo_lr2e-4" \
+              "sft_continue stage.cw_dpo.optimizer.lr=2e-4|sft_continue_lr2e-4"; do
+    dir=$PWD/$OUT/seed$s/${spec#*|}
+    [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$dir"
+  done
+done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+CWS="cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4"
+$PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
+  --compare "$CWS:sft_only" --compare "$CWS:ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5" \
+  --compare "$CWS:rpo $NEG stage.cw_dpo.optimizer.lr=2e-4" \
+  --compare "$CWS:sft_continue stage.cw_dpo.optimizer.lr=2e-4" \
+  --metric companion_halluc --metric f1
