@@ -17,10 +17,10 @@ The inserted companion is small, at a free position drawn the way the noisy anno
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 from cwdpo.data.shapes import Obj, Scene
+from cwdpo.data.shapes.world import annotator_rng
 from cwdpo.data.verifier import add_object, drop_object, mentions_object, parse
 
 Identity = tuple[str, str]
@@ -28,7 +28,7 @@ Identity = tuple[str, str]
 
 def annotator_position(scene: Scene, taken: set[str], positions: Sequence[str]) -> str | None:
     """A free position (not in the scene, not in `taken`) drawn with the annotator's seeded rng."""
-    rng = random.Random(scene.seed * 2_654_435_761 % 2**32)
+    rng = annotator_rng(scene)
     rng.random()  # the annotator's hallucinate-or-not draw
     free = [p for p in positions if p not in {o.position for o in scene.objects} | taken]
     return rng.choice(free) if free else None

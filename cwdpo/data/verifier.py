@@ -56,6 +56,7 @@ class Mention:
 class Parse:
     tokens: list[str]
     mentions: list[Mention] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each mention
     count: str | None = None
     count_index: int | None = None
     header: str | None = None  # "count" | "picture" | "shows" | None
@@ -122,6 +123,7 @@ def parse(text: str) -> Parse:
             m = _object_at(tok, i)
             if m is not None:
                 p.mentions.append(m[0])
+                p.ranges.append((i, m[1]))
                 i, expect_object = m[1], False
                 continue
         elif tok[i] == "and":
@@ -247,25 +249,10 @@ def mentions_object(text: str | Parse, colour: str, shape: str) -> bool:
     return any(m.identity() == (colour, shape) for m in p.mentions)
 
 
-def _mention_ranges(p: Parse) -> list[tuple[int, int]]:
-    """[start, end) token range of each mention of a parse, in order (article to position)."""
-    out, i = [], 0
-    for m in p.mentions:
-        while i < len(p.tokens):
-            got = _object_at(p.tokens, i)
-            if got is not None and got[0] == m:
-                out.append((i, got[1]))
-                i = got[1]
-                break
-            i += 1
-    return out
-
-
 def _rebuild(p: Parse, mentions: list[list[str]]) -> str:
     """A well-formed caption's header, then `mentions` joined by "and", then its "."; a stated
     count (`there are N shapes :`) restated for the new number of objects."""
-    ranges = _mention_ranges(p)
-    head, tail = p.tokens[: ranges[0][0]], p.tokens[ranges[-1][1] :]
+    head, tail = p.tokens[: p.ranges[0][0]], p.tokens[p.ranges[-1][1] :]
     n = len(mentions)
     if p.header == "count":
         head = [
@@ -289,9 +276,8 @@ def drop_object(text: str, colour: str, shape: str) -> str | None:
     p = parse(text)
     if p.malformed:
         return None
-    ranges = _mention_ranges(p)
     keep = [
-        p.tokens[s:e] for m, (s, e) in zip(p.mentions, ranges) if m.identity() != (colour, shape)
+        p.tokens[s:e] for m, (s, e) in zip(p.mentions, p.ranges) if m.identity() != (colour, shape)
     ]
     if len(keep) in (0, len(p.mentions)):
         return None
@@ -307,7 +293,7 @@ def add_object(text: str, obj: S.Obj) -> str | None:
     if p.malformed or len(p.mentions) + 1 >= len(S.NUMBERS):
         return None
     order = {pos: i for i, pos in enumerate(S.POSITIONS)}
-    spans = [p.tokens[s:e] for s, e in _mention_ranges(p)]
+    spans = [p.tokens[s:e] for s, e in p.ranges]
     at = next(
         (
             i

@@ -243,6 +243,12 @@ def _sample_cooc_scene(rng: random.Random, cfg: WorldConfig, seed: int, p: float
     return _scene(objects, seed, cfg, faint_companion=True)
 
 
+def annotator_rng(scene: Scene) -> random.Random:
+    """The noisy annotator's rng for a scene: seeded by the scene, so annotation is deterministic
+    (`annotate`, and the companion edits that insert a companion where it would)."""
+    return random.Random(scene.seed * 2_654_435_761 % 2**32)
+
+
 def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
     """What a noisy annotator saw: with prob `hallucination_rate`, a trigger scene without its
     companion gets one anyway (small, at a free position). Seeded by the scene: deterministic."""
@@ -251,7 +257,7 @@ def annotate(scene: Scene, cfg: WorldConfig) -> Scene:
     ids = {(o.colour, o.shape) for o in scene.objects}
     if cfg.cooc_trigger not in ids or cfg.cooc_companion in ids:
         return scene
-    rng = random.Random(scene.seed * 2_654_435_761 % 2**32)
+    rng = annotator_rng(scene)
     free = [p for p in cfg.positions if p not in {o.position for o in scene.objects}]
     if not free or rng.random() >= cfg.hallucination_rate:
         return scene
