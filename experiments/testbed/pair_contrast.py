@@ -93,12 +93,20 @@ def contrast(run: Path) -> dict[str, float]:
     out = {"run": str(run), "seed": int(cfg.seed), "trigger_no_companion_images": n}
     out["counts"] = dict(counts)
     out["own_samples"], out["own_samples_halluc"] = n_samples, halluc
-    out["own_samples_halluc_pct"] = 100.0 * halluc / max(n_samples, 1)
-    for k in ("corrective", "anti_corrective", "both", "neither", "no_pair"):
-        out[f"{k}_pct"] = 100.0 * counts[k] / max(n, 1)
+    out.update(shares(counts, halluc, n_samples))
     for side in ("chosen", "rejected"):  # true objects left out, per anti-corrective pair
         out[f"anti_{side}_omitted"] = omitted[side] / max(counts["anti_corrective"], 1)
     out["stage2_images"] = len(dm.train_records)
+    return out
+
+
+def shares(counts: Counter[str], halluc: int, n_samples: int) -> dict[str, float]:
+    """Percentages of the trigger-without-companion images by pair kind, of the own samples
+    that name the companion, and the corrective share of the images that have a pair."""
+    n = counts["images"]
+    out = {"own_samples_halluc_pct": 100.0 * halluc / max(n_samples, 1)}
+    for k in ("corrective", "anti_corrective", "both", "neither", "no_pair"):
+        out[f"{k}_pct"] = 100.0 * counts[k] / max(n, 1)
     paired = sum(counts[k] for k in ("corrective", "anti_corrective", "both", "neither"))
     out["corrective_share_of_pairs"] = 100.0 * counts["corrective"] / max(paired, 1)
     return out
@@ -109,18 +117,13 @@ def pooled(rows: list[dict]) -> dict[str, float]:
     c: Counter[str] = Counter()
     for r in rows:
         c.update(r["counts"])
-    n = c["images"]
-    paired = sum(c[k] for k in ("corrective", "anti_corrective", "both", "neither"))
-    out = {"runs": len(rows), "trigger_no_companion_images": n}
-    out["own_samples_halluc_pct"] = (
-        100.0
-        * sum(r["own_samples_halluc"] for r in rows)
-        / max(sum(r["own_samples"] for r in rows), 1)
-    )
-    for k in ("corrective", "anti_corrective", "both", "neither", "no_pair"):
-        out[f"{k}_pct"] = 100.0 * c[k] / max(n, 1)
-    out["corrective_share_of_pairs"] = 100.0 * c["corrective"] / max(paired, 1)
-    return out
+    halluc = sum(r["own_samples_halluc"] for r in rows)
+    n_samples = sum(r["own_samples"] for r in rows)
+    return {
+        "runs": len(rows),
+        "trigger_no_companion_images": c["images"],
+        **shares(c, halluc, n_samples),
+    }
 
 
 def main() -> None:
