@@ -141,6 +141,7 @@ def paired_differences(
         "t_ci95": list(paired_t_interval(diffs)),
         "t_p": paired_t_pvalue(diffs),
         "perm_p": sign_flip_pvalue(diffs),
+        "sd": sd,
         "mde80": mde_paired_t(sd, len(diffs)),
         "ci95": [lo, hi],
         "wins": sum(x > 0 for x in diffs),
@@ -178,8 +179,7 @@ def compare(
     for r, p in zip(rows, holm([r["t_p"] for r in rows])):
         r["holm_p"] = p
         # the effect Holm's first (strictest) step can see: α / m, the row's sd and n
-        sd = float(np.std(r["diffs"], ddof=1)) if len(r["diffs"]) > 1 else math.nan
-        r["mde80_holm"] = mde_paired_t(sd, len(r["diffs"]), alpha=0.05 / max(m, 1))
+        r["mde80_holm"] = mde_paired_t(r["sd"], len(r["diffs"]), alpha=0.05 / max(m, 1))
         mc = row_mcnemar(runs_of[r["a"]], runs_of[r["b"]], r["seeds"], r["metric"], cache)
         if mc is not None:
             r["mcnemar"] = mc
