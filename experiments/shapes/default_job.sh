@@ -15,12 +15,7 @@ LRS=${LRS:-1.25e-5 5e-5 2e-4}
 JOBS=${JOBS:-2} PY=${PY:-python}
 VAL="data.source.sizes.val=256 callbacks.heldout.n_items=256"
 mkdir -p "$OUT"
-run_all() {  # lines "<command> hydra.run.dir=<dir>"; skips dirs with results.json
-  while read -r line; do
-    dir=${line##*hydra.run.dir=}
-    [ -f "$dir/results.json" ] || echo "$line"
-  done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-}
+source experiments/testbed/run_all.sh
 for s in 30 31; do
   echo "$PY -m cwdpo.train +experiment=sft_only num_threads=1 $VAL seed=$s hydra.run.dir=$PWD/$OUT/tune/seed$s/sft_only"
 done | run_all

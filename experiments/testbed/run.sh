@@ -26,12 +26,7 @@ COMMON="$DATA eval.meteor=false num_threads=1 ${EXTRA:-}"
 PY=${PY:-python}
 mkdir -p "$OUT"
 
-run_all() {  # lines "<command> hydra.run.dir=<dir>" on stdin; skips dirs with results.json
-  while read -r line; do
-    dir=${line##*hydra.run.dir=}
-    [ -f "$dir/results.json" ] || echo "$line"
-  done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-}
+source experiments/testbed/run_all.sh
 
 for s in ${SEEDS//,/ }; do   # the shared starts: base SFT → SFT-C
   echo "$PY -m cwdpo.train +experiment=sft_only $COMMON seed=$s hydra.run.dir=$PWD/$OUT/seed$s/sft_only"

@@ -29,12 +29,7 @@ COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=f
 PLAIN="stage.sft_c.objective.lam=0.0 stage.sft_c.objective.label_smoothing=0.0 stage.sft_c.datamodule.gentle_negatives=false"
 mkdir -p "$OUT" "$TUNE" "$REP"
 
-run_all() {  # lines "<command> hydra.run.dir=<dir>" on stdin; skips dirs with results.json
-  while read -r line; do
-    dir=${line##*hydra.run.dir=}
-    [ -f "$dir/results.json" ] || echo "$line"
-  done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-}
+source experiments/testbed/run_all.sh
 seeds() { echo "${1//,/ }"; }
 
 # 1. the starts: base SFT (1200 steps) → SFT-C per seed (also the "no stage 2" row), then a

@@ -13,6 +13,7 @@ JOBS=${JOBS:-2} PY=${PY:-python}
 OUT=experiments/testbed/runs/$NAME
 REP=experiments/testbed/$NAME
 NEG=negatives=companion_edit
+source experiments/testbed/run_all.sh
 COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
 SEEDS=$SEEDS METHODS=" " EASY=" " OUT=$OUT bash experiments/testbed/run.sh
 for s in ${SEEDS//,/ }; do
@@ -21,10 +22,9 @@ for s in ${SEEDS//,/ }; do
               "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5|ablation_cooling_lr5e-5" \
               "rpo $NEG stage.cw_dpo.optimizer.lr=2e-4|rpo_lr2e-4" \
               "sft_continue stage.cw_dpo.optimizer.lr=2e-4|sft_continue_lr2e-4"; do
-    dir=$PWD/$OUT/seed$s/${spec#*|}
-    [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$dir"
+    echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/${spec#*|}"
   done
-done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+done | run_all
 CWS="cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4"
 $PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
   --compare "$CWS:sft_only" --compare "$CWS:ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5" \

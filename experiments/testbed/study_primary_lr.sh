@@ -17,6 +17,7 @@ OUT=experiments/testbed/runs/$NAME
 TUNE=$OUT-tune
 REP=experiments/testbed/${NAME}_primary_lr
 NEG=negatives=companion_edit
+source experiments/testbed/run_all.sh
 COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
 mkdir -p "$REP"
 pick=$($PY - "$TUNE" <<'PYEOF'
@@ -44,17 +45,15 @@ for s in ${SEEDS//,/ }; do
               "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=$DPO|ablation_cooling_lr$DPO" \
               "rpo $NEG stage.cw_dpo.optimizer.lr=$RPO|rpo_lr$RPO" \
               "cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$CW|cw_dpo_shuffled_lr$CW"; do
-    dir=$PWD/$OUT/seed$s/${spec#*|}
-    [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$dir"
+    echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/${spec#*|}"
   done
-done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+done | run_all
 # DPO with w ≡ CW-DPO's mean w_c at this lr (needs the CW-DPO runs above)
 W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr"$CW")
 for s in ${SEEDS//,/ }; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  dir=$PWD/$OUT/seed$s/dpo_matched_lr$CW
-  [ -f "$dir/results.json" ] || echo "$PY -m cwdpo.train +experiment=dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW $COMMON $from hydra.run.dir=$dir"
-done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  echo "$PY -m cwdpo.train +experiment=dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/dpo_matched_lr$CW"
+done | run_all
 n() { echo "$1 $NEG stage.cw_dpo.optimizer.lr=$2"; }
 CWS=$(n cw_dpo "$CW"); DPOS=$(n ablation_cooling "$DPO"); RPOS=$(n rpo "$RPO")
 $PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \

@@ -29,12 +29,7 @@ OUT=experiments/testbed/runs/$NAME          # evaluation runs (run.sh's director
 TUNE=experiments/testbed/runs/$NAME-tune    # tuning runs, evaluated on val
 mkdir -p "$OUT" "$TUNE"
 
-run_all() {  # as in run.sh: lines "<command> hydra.run.dir=<dir>"; skips finished dirs
-  while read -r line; do
-    dir=${line##*hydra.run.dir=}
-    [ -f "$dir/results.json" ] || echo "$line"
-  done | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-}
+source experiments/testbed/run_all.sh
 neg_of() { if [ "$1" = sft_continue ] || [ "$1" = rft ]; then echo ""; else echo "$NEG"; fi; }
 
 for s in ${TUNE_SEEDS//,/ }; do   # the tuning seeds' own SFT-C starts
