@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.gloo import LEAVE, free_port, run_ranks
+
 REPO = Path(__file__).resolve().parent.parent
 TRAINERS = ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "fsdp2", "fsdp_cpu", "deepspeed", "multinode")
 
@@ -325,8 +327,9 @@ def _initial_weights(path):
     return {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
 
 
-ON_POLICY_SCRIPT = textwrap.dedent(
-    """
+ON_POLICY_SCRIPT = (
+    textwrap.dedent(
+        """
     import json, os, sys
     import torch.distributed as dist
     from cwdpo.callbacks.on_policy import policy_sampler, refresh_negatives
@@ -351,10 +354,9 @@ ON_POLICY_SCRIPT = textwrap.dedent(
     stats = refresh_negatives(dm, policy_sampler(generate), step=0)
     with open(out, "w") as f:
         json.dump({"buffer": dm.buffer, "generated": sum(seen), "kept": stats["on_policy/kept"]}, f)
-    if world > 1:  # a clean teardown: gloo threads alive at interpreter exit can abort the process
-        dist.barrier()
-        dist.destroy_process_group()
     """
+    )
+    + LEAVE
 )
 
 
@@ -362,24 +364,10 @@ ON_POLICY_SCRIPT = textwrap.dedent(
 def test_on_policy_refresh_shards_generation_and_merges_buffers(tmp_path):
     """Each rank generates for its own shard of the images; after the gather every rank holds
     the negatives of every image, and the kept count is global."""
-    import socket
-
     script = tmp_path / "onpolicy.py"
     script.write_text(ON_POLICY_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2", port, str(tmp_path / f"r{r}.json")],
-            env=env,
-            cwd=REPO,
-        )
-        for r in range(2)
-    ]
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], codes
+    port = free_port()
+    run_ranks(script, [[str(r), "2", port, str(tmp_path / f"r{r}.json")] for r in range(2)])
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     assert r0["generated"] == 5 and r1["generated"] == 5  # 10 images split 5 / 5
     assert r0["buffer"] == r1["buffer"] and len(r0["buffer"]) == 10

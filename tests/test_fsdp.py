@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_ddp import _initial_weights, _launcher_env, _load_script, launch
+from tests.gloo import LEAVE, run_ranks
+from tests.test_ddp import _initial_weights, _load_script, launch
 
 
 def _fsdp(script: Path, tmp: Path, tiny: Path, out: Path, **kw) -> None:
@@ -167,7 +168,8 @@ def test_pipeline_under_fsdp_cpu_saves_and_evaluates_the_unsharded_policy(tiny_v
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
 
 
-MIXED_SCRIPT = """
+MIXED_SCRIPT = (
+    """
 import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -200,11 +202,9 @@ for (name, p), q in zip(bb.model.named_parameters(), ref.parameters()):
 if rank == 0:
     with open(out, "w") as f:
         json.dump({"max_grad_diff": worst}, f)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate called ...")
 """
+    + LEAVE
+)
 
 
 @pytest.mark.dist
@@ -217,20 +217,5 @@ def test_a_rank_without_images_does_not_hang_fsdp2_and_gradients_stay_exact(
     script = tmp_path / "mixed.py"
     script.write_text(MIXED_SCRIPT)
     out, init = tmp_path / "mixed.json", f"file://{tmp_path}/pg"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tiny_vlm_path), str(out), init],
-            env=_launcher_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_ranks(script, [[str(r), str(tiny_vlm_path), str(out), init] for r in (0, 1)], 240)
     assert json.loads(out.read_text())["max_grad_diff"] < 1e-5
