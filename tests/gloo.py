@@ -1,11 +1,11 @@
 """Hand-started gloo ranks for the multi-process tests: one launcher and one way to leave.
 
-A gloo child can finish its work, pass the final barrier, destroy its group and still die at
-interpreter exit with "terminate called without an active exception" (native threads torn down
-during finalization: two full-suite CI runs failed so, 72 back-to-back runs here never did).
-So a rank script ends with `LEAVE`: barrier, destroy, flush, `os._exit(0)`. A crash *before* the
-outputs are written still fails the test, and every child runs under `-X faulthandler` so any
-abort names the Python frame it happened in.
+A gloo child can pass its final barrier, destroy its group and still die at interpreter exit
+with "terminate called without an active exception" (native threads torn down during
+finalization: the likely cause of two full-suite CI failures, never reproduced here in 72
+back-to-back runs). So a rank script ends with `LEAVE`: barrier, destroy, flush, `os._exit(0)`.
+A crash *before* the outputs are written still fails the test, and every child runs under
+`-X faulthandler`, so any abort names the Python frame it happened in.
 """
 
 from __future__ import annotations
