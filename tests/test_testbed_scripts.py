@@ -177,3 +177,39 @@ def test_mean_wc_is_the_mean_over_runs_of_each_runs_mean(tmp_path):
     assert _script("mean_wc").mean_wc(runs) == pytest.approx((0.2 + 0.5) / 2)
     with pytest.raises(SystemExit, match="no CW-DPO run"):
         _script("mean_wc").mean_wc([])
+
+
+def _write_stage(d: Path, **metrics: float) -> None:
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"stages": {"cw_dpo": metrics}}))
+
+
+def test_select_on_val_applies_each_rule_to_the_mean_over_tuning_seeds(tmp_path, capsys):
+    """Means over seeds 30, 31 (hand-computed): lr 1e-4 → (halluc 5, F1 80, facts 70),
+    2e-4 → (2, 78, 75), 4e-4 → (2, 79, 60); companion_halluc ties 2e-4 / 4e-4 on the primary
+    and the higher F1 breaks it."""
+    runs = {  # lr → per-seed (companion_halluc, f1, fact_accuracy)
+        "1e-4": [(4.0, 81.0, 71.0), (6.0, 79.0, 69.0)],
+        "2e-4": [(1.0, 77.0, 74.0), (3.0, 79.0, 76.0)],
+        "4e-4": [(2.0, 80.0, 61.0), (2.0, 78.0, 59.0)],
+    }
+    for lr, per_seed in runs.items():
+        for s, (h, f1, facts) in zip((30, 31), per_seed, strict=True):
+            _write_stage(
+                tmp_path / f"seed{s}" / f"cw_dpo_lr{lr}",
+                companion_halluc=h,
+                f1=f1,
+                fact_accuracy=facts,
+            )
+    _write_stage(tmp_path / "seed30" / "cw_dpo_shuffled_lr9e-9", f1=99.0)  # another method
+    sel = _script("select_on_val")
+    assert sel.select(tmp_path, "cw_dpo", "lr", "f1")[0] == "1e-4"
+    assert sel.select(tmp_path, "cw_dpo", "lr", "companion_halluc")[0] == "4e-4"
+    assert sel.select(tmp_path, "cw_dpo", "lr", "fact_accuracy")[0] == "2e-4"
+    assert sel.select(tmp_path, "cw_dpo_shuffled", "lr", "f1")[0] == "9e-9"
+    sel.main([str(tmp_path), "lr", "f1", "cw_dpo", "cw_dpo_shuffled"])
+    out = capsys.readouterr()
+    assert out.out == "cw_dpo=1e-4 cw_dpo_shuffled=9e-9\n"
+    assert "cw_dpo: val f1 by lr {'1e-4': 80.0, '2e-4': 78.0, '4e-4': 79.0} -> 1e-4" in out.err
+    with pytest.raises(SystemExit, match="no rpo_lr<value> runs under"):
+        sel.select(tmp_path, "rpo", "lr", "f1")

@@ -24,17 +24,8 @@ for s in 30 31; do
     echo "$PY -m cwdpo.train num_threads=1 $VAL model.path=$PWD/$OUT/tune/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] stage.cw_dpo.optimizer.lr=$lr eval.split=val seed=$s hydra.run.dir=$PWD/$OUT/tune/seed$s/cw_dpo_lr$lr"
   done
 done | run_all
-BEST=$($PY - "$OUT/tune" <<'PYEOF'
-import json, sys
-from pathlib import Path
-from statistics import mean
-by = {}
-for r in Path(sys.argv[1]).glob("seed*/cw_dpo_lr*/results.json"):
-    lr = r.parent.name[len("cw_dpo_lr"):]
-    by.setdefault(lr, []).append(json.loads(r.read_text())["stages"]["cw_dpo"]["fact_accuracy"])
-print(max(by, key=lambda k: mean(by[k])))
-PYEOF
-)
+BEST=$($PY experiments/testbed/select_on_val.py "$OUT/tune" lr fact_accuracy cw_dpo)
+BEST=${BEST#cw_dpo=}
 echo "val-selected stage-2 lr: $BEST"
 for s in 20 21 22 23 24; do
   echo "$PY -m cwdpo.train num_threads=1 stage.cw_dpo.optimizer.lr=$BEST seed=$s hydra.run.dir=$PWD/$OUT/seed$s"

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -30,6 +31,9 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from select_on_val import select  # noqa: E402
 
 LABELS = {  # setting name (experiment + overrides) → a short label
     "cw_dpo": "CW-DPO",
@@ -127,8 +131,8 @@ def tuning(tune: Path, out: Path) -> Path:
             xs = sorted(vals)
             ys = [mean(vals[x]) for x in xs]
             ax.plot(xs, ys, "o-", label=LABELS.get(method, method))
-            best = xs[int(np.argmax(ys))]
-            ax.plot(best, max(ys), "*", ms=14, color=ax.lines[-1].get_color())
+            best = float(select(tune, method, knob, "f1")[0])  # the rule the studies ran
+            ax.plot(best, mean(vals[best]), "*", ms=14, color=ax.lines[-1].get_color())
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel({"lr": "stage-2 learning rate", "beta": "β"}[knob])

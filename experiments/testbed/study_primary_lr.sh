@@ -20,22 +20,7 @@ NEG=negatives=companion_edit
 source experiments/testbed/run_all.sh
 COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
 mkdir -p "$REP"
-pick=$($PY - "$TUNE" <<'PYEOF'
-import json, sys
-from pathlib import Path
-from statistics import mean
-tune = Path(sys.argv[1])
-for m in ("cw_dpo", "ablation_cooling", "rpo"):
-    by = {}
-    for r in tune.glob(f"seed*/{m}_lr*/results.json"):
-        st = json.loads(r.read_text())["stages"]["cw_dpo"]
-        by.setdefault(r.parent.name[len(m) + 3 :], []).append((st["companion_halluc"], st["f1"]))
-    best = min(by, key=lambda k: (mean(h for h, _ in by[k]), -mean(f for _, f in by[k])))
-    print(f"{m}={best}", end=" ")
-    table = {k: (round(mean(h for h, _ in v), 1), round(mean(f for _, f in v), 2)) for k, v in by.items()}
-    print(f"{m}: val (companion halluc, F1) by lr {table} -> {best}", file=sys.stderr)
-PYEOF
-)
+pick=$($PY experiments/testbed/select_on_val.py "$TUNE" lr companion_halluc cw_dpo ablation_cooling rpo)
 echo "$pick" > "$REP/selected.txt"
 lr() { for p in $pick; do if [ "${p%%=*}" = "$1" ]; then echo "${p#*=}"; fi; done; }
 CW=$(lr cw_dpo); DPO=$(lr ablation_cooling); RPO=$(lr rpo)

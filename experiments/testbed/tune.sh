@@ -46,22 +46,7 @@ for s in ${TUNE_SEEDS//,/ }; do
 done | run_all
 
 # the best value per method on val (mean F1 over the tuning seeds)
-best=$($PY - "$TUNE" "$TAG" $METHODS <<'EOF'
-import json, sys
-from pathlib import Path
-from statistics import mean
-tune, tag, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-for m in methods:
-    by_value = {}
-    for r in tune.glob(f"seed*/{m}_{tag}*/results.json"):
-        by_value.setdefault(r.parent.name[len(f"{m}_{tag}"):], []).append(
-            json.loads(r.read_text())["stages"]["cw_dpo"]["f1"])
-    best = max(by_value, key=lambda k: mean(by_value[k]))
-    print(f"{m}={best}", end=" ")
-    table = {k: round(mean(v), 2) for k, v in sorted(by_value.items(), key=lambda kv: float(kv[0]))}
-    print(f"{m}: val F1 by {tag} {table} -> {best}", file=sys.stderr)
-EOF
-)
+best=$($PY experiments/testbed/select_on_val.py "$TUNE" "$TAG" f1 $METHODS)
 for s in ${SEEDS//,/ }; do
   from="model.path=$PWD/$OUT/seed$s/$START/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c]"
   for pick in $best; do

@@ -17,6 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from select_on_val import select  # noqa: E402
+
 KNOB = re.compile(r"^(?P<method>.+)_(?P<tag>lr|beta)(?P<value>[0-9.e+-]+)$")
 
 
@@ -54,7 +57,7 @@ def tables(tune: Path) -> str:
             f"| {tag} | val F1 | per seed | val companion halluc % | selected |",
             "|---|---|---|---|---|",
         ]
-        best = max(values, key=lambda v: mean(r["f1"] for r in values[v].values()))
+        best = float(select(tune, method, tag, "f1")[0])
         for v, per in sorted(values.items()):
             f1s = [per[s]["f1"] for s in sorted(per)]
             ch = [per[s].get("companion_halluc", float("nan")) for s in sorted(per)]
