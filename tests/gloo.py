@@ -2,7 +2,7 @@
 
 A gloo child can pass its final barrier, destroy its group and still die at interpreter exit
 with "terminate called without an active exception" (native threads torn down during
-finalization: the likely cause of two full-suite CI failures, never reproduced here in 72
+finalization: the likely cause of two full-suite CI failures, never reproduced here in 80
 back-to-back runs). So a rank script ends with `LEAVE`: barrier, destroy, flush, `os._exit(0)`.
 A crash *before* the outputs are written still fails the test, and every child runs under
 `-X faulthandler`, so any abort names the Python frame it happened in.
