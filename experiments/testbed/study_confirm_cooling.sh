@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Confirmation of the exploratory cooling-control result (study_primary_lr.sh: CW-DPO − DPO at
+# w ≡ CW-DPO's mean w_c, −3.45 [−5.52, −1.38] companion hallucination on 5/5 seeds, Holm p 0.13)
+# on study_confirm.sh's fresh seeds 40-44 and SFT-C starts, declared in the testbed README before
+# these runs: both cooling controls at CW-DPO's lr 2e-4 on companion-edit pairs,
+#   - DPO with a constant loser weight w = the mean w_c of this study's CW-DPO runs (mean_wc.py),
+#   - CW-DPO with its cooling weights shuffled within each batch;
+# companion hallucination primary, F1 secondary, Holm over the 4 rows. Run study_confirm.sh first.
+#   bash experiments/testbed/study_confirm_cooling.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export NAME=${NAME:-cooc28_confirm}
+export EXTRA=${EXTRA:-data.source.world.companion_contrast=0.12 stage.base_sft.steps=1200 data.source.sizes.val=256 callbacks.heldout.n_items=256}
+SEEDS=${SEEDS:-40,41,42,43,44}
+JOBS=${JOBS:-2} PY=${PY:-python}
+OUT=experiments/testbed/runs/$NAME
+REP=experiments/testbed/${NAME}_cooling
+NEG=negatives=companion_edit
+LR=2e-4
+source experiments/testbed/run_all.sh
+COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
+W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr$LR)
+echo "loser_weight = mean w_c of cw_dpo = $W"
+for s in ${SEEDS//,/ }; do
+  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
+  echo "$PY -m cwdpo.train +experiment=dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$LR $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/dpo_matched_lr$LR"
+  echo "$PY -m cwdpo.train +experiment=cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$LR $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/cw_dpo_shuffled_lr$LR"
+done | run_all
+CWS="cw_dpo $NEG stage.cw_dpo.optimizer.lr=$LR"
+$PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
+  --compare "$CWS:dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$LR" \
+  --compare "$CWS:cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$LR" \
+  --metric companion_halluc --metric f1
