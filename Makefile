@@ -98,7 +98,7 @@ experiments:
 default-job:
 	bash experiments/shapes/default_job.sh
 
-## testbed: the co-occurrence testbed study (issue 28; experiments/testbed/README.md), ≈ 1 h 20 min
+## testbed: the co-occurrence testbed study (issue 28; experiments/testbed/README.md), ≈ 1 h 25 min
 testbed:
 	bash experiments/testbed/study.sh
 

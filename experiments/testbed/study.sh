@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The co-occurrence testbed study under issue 28's protocol (46 min on 2 CPU cores, measured,
-# then ≈ 15 min for the exploratory step 5 and 19 min for its confirmation, step 6):
+# then ≈ 15 min for the exploratory step 5, 19 min for its confirmation, step 6, and 5 min for
+# the cooling-control confirmation, step 7):
 #   - primary metric, declared before running: companion hallucination on test captions (trigger
 #     present, companion absent, caption names it); F1 is secondary. Each method's stage-2 lr is
 #     selected on val F1 (so selection cannot buy the primary by wrecking the captions);
@@ -80,3 +81,5 @@ bash experiments/testbed/study_report.sh
 bash experiments/testbed/study_primary_lr.sh
 # 6. its confirmation on fresh seeds 40-44 (declared before its runs): ≈ 20 min
 bash experiments/testbed/study_confirm.sh
+# 7. the cooling controls on the same fresh seeds (declared before its runs): ≈ 5 min
+bash experiments/testbed/study_confirm_cooling.sh
