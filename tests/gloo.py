@@ -10,10 +10,12 @@ A crash *before* the outputs are written still fails the test, and every child r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,25 +41,30 @@ def free_port() -> str:
 
 def run_ranks(script: Path, argvs: list[list[str]], timeout: float = 300) -> None:
     """`python -X faulthandler script *argv` for each rank's argv, concurrently, with the repo
-    importable and one intra-op thread; fails naming the rank, its exit code and its output."""
+    importable and one intra-op thread; fails naming the rank, its exit code and its output.
+    Output goes to files, not pipes: a rank blocked on a full pipe would hang the others."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", str(script), *argv],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for argv in argvs
-    ]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
+        paths = [Path(tmp) / f"rank{r}.log" for r in range(len(argvs))]
+        logs = [files.enter_context(path.open("wb")) for path in paths]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-X", "faulthandler", str(script), *argv],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for argv, log in zip(argvs, logs, strict=True)
+        ]
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                p.kill()
+        texts = [path.read_text(errors="replace") for path in paths]
+    for rank, (p, text) in enumerate(zip(procs, texts, strict=True)):
+        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{text[-4000:]}"
