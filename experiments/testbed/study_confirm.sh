@@ -6,15 +6,8 @@
 #   bash experiments/testbed/study_confirm.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export NAME=${NAME:-cooc28_confirm}
-export EXTRA=${EXTRA:-data.source.world.companion_contrast=0.12 stage.base_sft.steps=1200 data.source.sizes.val=256 callbacks.heldout.n_items=256}
-SEEDS=${SEEDS:-40,41,42,43,44}
-JOBS=${JOBS:-2} PY=${PY:-python}
-OUT=experiments/testbed/runs/$NAME
+source experiments/testbed/confirm_setup.sh
 REP=experiments/testbed/$NAME
-NEG=negatives=companion_edit
-source experiments/testbed/run_all.sh
-COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
 SEEDS=$SEEDS METHODS=" " EASY=" " OUT=$OUT bash experiments/testbed/run.sh
 for s in ${SEEDS//,/ }; do
   from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"

@@ -9,16 +9,9 @@
 #   bash experiments/testbed/study_confirm_cooling.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export NAME=${NAME:-cooc28_confirm}
-export EXTRA=${EXTRA:-data.source.world.companion_contrast=0.12 stage.base_sft.steps=1200 data.source.sizes.val=256 callbacks.heldout.n_items=256}
-SEEDS=${SEEDS:-40,41,42,43,44}
-JOBS=${JOBS:-2} PY=${PY:-python}
-OUT=experiments/testbed/runs/$NAME
+source experiments/testbed/confirm_setup.sh
 REP=experiments/testbed/${NAME}_cooling
-NEG=negatives=companion_edit
 LR=2e-4
-source experiments/testbed/run_all.sh
-COMMON="data=shapes_cooc data.source.world.hallucination_rate=0.15 eval.meteor=false num_threads=1 $EXTRA"
 W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr$LR)
 echo "loser_weight = mean w_c of cw_dpo = $W"
 for s in ${SEEDS//,/ }; do
