@@ -60,19 +60,14 @@ W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr"$CW")
 echo "controls at CW-DPO's lr $CW (mean w_c $W)"
 
 # 3. at CW-DPO's lr: the A/A rerun, the cooling controls, the old pairs, the paper's blend
-for s in $(seeds "$SEEDS"); do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  lr="stage.cw_dpo.optimizer.lr=$CW"
-  for spec in "cw_dpo $NEG $lr stage_seed_offset=1000|cw_dpo_aa_lr$CW" \
-              "cw_dpo_shuffled $NEG $lr|cw_dpo_shuffled_lr$CW" \
-              "dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W $lr|dpo_matched_lr$CW" \
-              "cw_dpo negatives=self_judged $lr|cw_dpo_bestworst_lr$CW" \
-              "cw_dpo negatives=mixed negatives.dataset_fraction=0.0 $lr|cw_dpo_mixed0_lr$CW" \
-              "cw_dpo negatives=mixed negatives.dataset_fraction=0.25 $lr|cw_dpo_mixed25_lr$CW" \
-              "cw_dpo negatives=mixed negatives.dataset_fraction=0.5 $lr|cw_dpo_mixed50_lr$CW"; do
-    echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/${spec#*|}"
-  done
-done | run_all
+lr="stage.cw_dpo.optimizer.lr=$CW"
+from_starts "cw_dpo $NEG $lr stage_seed_offset=1000|cw_dpo_aa_lr$CW" \
+            "cw_dpo_shuffled $NEG $lr|cw_dpo_shuffled_lr$CW" \
+            "dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W $lr|dpo_matched_lr$CW" \
+            "cw_dpo negatives=self_judged $lr|cw_dpo_bestworst_lr$CW" \
+            "cw_dpo negatives=mixed negatives.dataset_fraction=0.0 $lr|cw_dpo_mixed0_lr$CW" \
+            "cw_dpo negatives=mixed negatives.dataset_fraction=0.25 $lr|cw_dpo_mixed25_lr$CW" \
+            "cw_dpo negatives=mixed negatives.dataset_fraction=0.5 $lr|cw_dpo_mixed50_lr$CW" | run_all
 
 # 4. the reports (study_report.sh): the claims, the diagnostics, the pair contrast, the tuning
 bash experiments/testbed/study_report.sh

@@ -9,15 +9,10 @@ cd "$(dirname "$0")/../.."
 source experiments/testbed/confirm_setup.sh
 REP=experiments/testbed/$NAME
 SEEDS=$SEEDS METHODS=" " EASY=" " OUT=$OUT bash experiments/testbed/run.sh
-for s in ${SEEDS//,/ }; do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  for spec in "cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4|cw_dpo_lr2e-4" \
-              "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5|ablation_cooling_lr5e-5" \
-              "rpo $NEG stage.cw_dpo.optimizer.lr=2e-4|rpo_lr2e-4" \
-              "sft_continue stage.cw_dpo.optimizer.lr=2e-4|sft_continue_lr2e-4"; do
-    echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/${spec#*|}"
-  done
-done | run_all
+from_starts "cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4|cw_dpo_lr2e-4" \
+            "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5|ablation_cooling_lr5e-5" \
+            "rpo $NEG stage.cw_dpo.optimizer.lr=2e-4|rpo_lr2e-4" \
+            "sft_continue stage.cw_dpo.optimizer.lr=2e-4|sft_continue_lr2e-4" | run_all
 CWS="cw_dpo $NEG stage.cw_dpo.optimizer.lr=2e-4"
 $PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
   --compare "$CWS:sft_only" --compare "$CWS:ablation_cooling $NEG stage.cw_dpo.optimizer.lr=5e-5" \

@@ -14,11 +14,8 @@ REP=experiments/testbed/${NAME}_cooling
 LR=2e-4
 W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr$LR)
 echo "loser_weight = mean w_c of cw_dpo = $W"
-for s in ${SEEDS//,/ }; do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  echo "$PY -m cwdpo.train +experiment=dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$LR $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/dpo_matched_lr$LR"
-  echo "$PY -m cwdpo.train +experiment=cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$LR $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/cw_dpo_shuffled_lr$LR"
-done | run_all
+from_starts "dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$LR|dpo_matched_lr$LR" \
+            "cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$LR|cw_dpo_shuffled_lr$LR" | run_all
 CWS="cw_dpo $NEG stage.cw_dpo.optimizer.lr=$LR"
 $PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
   --compare "$CWS:dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$LR" \

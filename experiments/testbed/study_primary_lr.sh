@@ -24,21 +24,13 @@ pick=$($PY experiments/testbed/select_on_val.py "$TUNE" lr companion_halluc cw_d
 echo "$pick" > "$REP/selected.txt"
 lr() { for p in $pick; do if [ "${p%%=*}" = "$1" ]; then echo "${p#*=}"; fi; done; }
 CW=$(lr cw_dpo); DPO=$(lr ablation_cooling); RPO=$(lr rpo)
-for s in ${SEEDS//,/ }; do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  for spec in "cw_dpo $NEG stage.cw_dpo.optimizer.lr=$CW|cw_dpo_lr$CW" \
-              "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=$DPO|ablation_cooling_lr$DPO" \
-              "rpo $NEG stage.cw_dpo.optimizer.lr=$RPO|rpo_lr$RPO" \
-              "cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$CW|cw_dpo_shuffled_lr$CW"; do
-    echo "$PY -m cwdpo.train +experiment=${spec%|*} $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/${spec#*|}"
-  done
-done | run_all
+from_starts "cw_dpo $NEG stage.cw_dpo.optimizer.lr=$CW|cw_dpo_lr$CW" \
+            "ablation_cooling $NEG stage.cw_dpo.optimizer.lr=$DPO|ablation_cooling_lr$DPO" \
+            "rpo $NEG stage.cw_dpo.optimizer.lr=$RPO|rpo_lr$RPO" \
+            "cw_dpo_shuffled $NEG stage.cw_dpo.optimizer.lr=$CW|cw_dpo_shuffled_lr$CW" | run_all
 # DPO with w ≡ CW-DPO's mean w_c at this lr (needs the CW-DPO runs above)
 W=$($PY experiments/testbed/mean_wc.py "$OUT"/seed*/cw_dpo_lr"$CW")
-for s in ${SEEDS//,/ }; do
-  from="model.path=$PWD/$OUT/seed$s/sft_only/checkpoints/sft_c_hf stage.skip=[base_sft,sft_c] seed=$s"
-  echo "$PY -m cwdpo.train +experiment=dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW $COMMON $from hydra.run.dir=$PWD/$OUT/seed$s/dpo_matched_lr$CW"
-done | run_all
+from_starts "dpo_matched $NEG stage.cw_dpo.objective.loser_weight=$W stage.cw_dpo.optimizer.lr=$CW|dpo_matched_lr$CW" | run_all
 n() { echo "$1 $NEG stage.cw_dpo.optimizer.lr=$2"; }
 CWS=$(n cw_dpo "$CW"); DPOS=$(n ablation_cooling "$DPO"); RPOS=$(n rpo "$RPO")
 $PY -m cwdpo.report "$OUT" --out "$REP" --baseline sft_only \
