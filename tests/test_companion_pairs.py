@@ -17,6 +17,7 @@ from cwdpo.callbacks.on_policy import policy_sampler, refresh_negatives, sample_
 from cwdpo.data.companion_pairs import annotator_position, companion_pair
 from cwdpo.data.datamodules import NegativeConfig, PreferenceDataModule
 from cwdpo.data.records import DataError
+from cwdpo.data.self_judged import judge_samples
 from cwdpo.data.shapes import Obj, Scene, WorldConfig, caption
 from cwdpo.data.sources import ShapesSource
 from cwdpo.data.verifier import add_object, drop_object, mentions_object, verify
@@ -260,11 +261,11 @@ def test_companion_edit_falls_back_to_best_vs_worst_when_no_edit_applies():
     )
     dm = _dm(src, num_samples=4, pair_rule="companion_edit")
     only = "a small blue square on the left ."
-    pair, src_tag = dm._judge([only, "banana ."], rec)
+    pair, src_tag = judge_samples(dm.source, dm.neg, [only, "banana ."], rec)
     assert (pair, src_tag) == ([only, "banana ."], "self:worst")
     # and a malformed best: no edit either
     junk = RC + " banana ."
-    assert dm._judge([junk, "banana ."], rec)[1] == "self:worst"
+    assert judge_samples(dm.source, dm.neg, [junk, "banana ."], rec)[1] == "self:worst"
     # a stale edit label of the same image is dropped with the new best-vs-worst pair
     dm.set_negatives([(src.captions("train").index(rec), [only, "banana ."])], step=0)
     assert rec.image_id not in dm.pair_source

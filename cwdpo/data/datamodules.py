@@ -302,7 +302,7 @@ class PreferenceDataModule(_Base):
             rec = self.train_records[index]
             image_id, texts = rec.image_id, [t for t in texts if t.strip()]
             if self.self_judged:
-                buffer[image_id], src = self._judge(texts, rec)
+                buffer[image_id], src = judge_samples(self.source, self.neg, texts, rec)
                 self.pair_source.pop(image_id, None)  # an earlier record's edit label
                 if src != "self:worst":
                     self.pair_source[image_id], edits = src, edits + 1
@@ -322,9 +322,6 @@ class PreferenceDataModule(_Base):
             return out
         self.stats.rejected_as_positive += dropped
         return {"on_policy/kept": float(kept), "on_policy/dropped_as_positive": float(dropped)}
-
-    def _judge(self, samples: list[str], rec: CaptionRecord) -> tuple[list[str], str]:
-        return judge_samples(self.source, self.neg, samples, rec)
 
     def _self_pair(self, rec: CaptionRecord, ref: str, rng: random.Random) -> tuple[str, str, str]:
         """(chosen, rejected, source) of a self-judged pair; held-out rows use the reference."""
