@@ -24,6 +24,7 @@ from tests.bench_formats import (
     write_predictions,
 )
 from tests.fake_openai import FakeChatServer, chat_reply
+from tests.gloo import free_port
 from tests.helpers import compose_cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,12 +286,8 @@ def test_every_family_runs_the_callback(name, tmp_path, tiny_cache_dir):
 def test_cwdpo_eval_on_two_processes_equals_one_and_writes_once(tmp_path, tiny_vlm_path):
     """`cwdpo.eval` launched as 2 ranks (torchrun's env: WORLD_SIZE, RANK, MASTER_*) joins a
     gloo group, shards generation and writes eval.json / predictions once, equal to 1 process."""
-    import socket
-
     over = bench_overrides(tmp_path / "data", limit=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
 
     def launch(out: Path, rank: int, world: int):
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from cwdpo.metrics import CaptionMetrics
 from cwdpo.metrics import captioning as cap
+from tests.gloo import free_port
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="java not installed")
@@ -162,9 +162,7 @@ def _ddp_worker(rank, world, port, path):
 
 @pytest.mark.dist
 def test_real_ddp_gather_matches_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "out")
     mp.start_processes(_ddp_worker, args=(3, port, path), nprocs=3, start_method="fork")
     single = CaptionMetrics(tokenizer="python", meteor=False)
